@@ -1,0 +1,52 @@
+"""`tinyseek COMMAND ...`: one entry point that hands each command to the module that owns it.
+
+Commands are imported lazily so that `tinyseek info` does not pay for the trainer's imports, and each component
+keeps its own argument parser next to its code.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from tinyseek.errors import UserError
+
+COMMANDS = {
+    "info": ("tinyseek.report", "print a preset's or config file's architecture and parameter report"),
+    "prepare": ("tinyseek.data.cli", "tokenize a corpus into training-ready token files"),
+    "tokenizer": ("tinyseek.data.cli", "train a byte-level BPE tokenizer (`tinyseek tokenizer train ...`)"),
+    "train": ("tinyseek.train.cli", "train a model (the same program as `python train.py`)"),
+    "plot": ("tinyseek.train.plot", "plot a run's training and validation loss"),
+    "generate": ("tinyseek.generate.cli", "continue a prompt with a trained model"),
+    "export": ("tinyseek.generate.export", "write a Hugging Face folder from a run or model"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: tinyseek COMMAND [options]", "", "commands:"]
+    lines += [f"  {name:<10} {help_text}" for name, (_, help_text) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"tinyseek: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[command][0])
+    try:
+        return module.main([command, *rest]) or 0
+    except UserError as error:
+        print(f"tinyseek {command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"tinyseek {command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,266 @@
+"""The one configuration object of the model: every architectural choice, validated on construction."""
+
+from __future__ import annotations
+
+from transformers import PretrainedConfig
+
+ATTENTION_TYPES = ("linear", "mla", "mha")
+FFN_TYPES = ("moe", "dense")
+SCORING_FUNCS = ("softmax", "sigmoid")
+
+
+class TinySeekConfig(PretrainedConfig):
+    """Architecture of a TinySeek decoder.
+
+    Attention is one of ``"linear"`` (causal ELU+1 linear attention), ``"mla"`` (DeepSeek's multi-head latent
+    attention) or ``"mha"`` (softmax attention with optional grouped-query heads). The feed-forward block is a
+    DeepSeekMoE (``"moe"``: shared plus fine-grained routed SwiGLU experts) or a dense SwiGLU MLP (``"dense"``).
+    Invalid combinations raise ``ValueError`` naming the field at fault.
+    """
+
+    model_type = "tinyseek"
+    keys_to_ignore_at_inference = ["cache"]
+
+    def __init__(
+        self,
+        vocab_size: int = 32256,
+        hidden_size: int = 128,
+        num_hidden_layers: int = 4,
+        num_attention_heads: int = 4,
+        max_position_embeddings: int = 512,
+        rms_norm_eps: float = 1e-6,
+        rope_theta: float = 10000.0,
+        tie_word_embeddings: bool = False,
+        initializer_range: float = 0.02,
+        attention_type: str = "mla",
+        attention_dropout: float = 0.0,
+        attention_bias: bool = False,
+        linear_attention_chunk_size: int = 64,
+        q_lora_rank: int | None = None,
+        kv_lora_rank: int = 32,
+        qk_nope_head_dim: int = 32,
+        qk_rope_head_dim: int = 16,
+        v_head_dim: int = 32,
+        num_key_value_heads: int | None = None,
+        ffn_type: str = "moe",
+        intermediate_size: int = 256,
+        moe_intermediate_size: int = 256,
+        n_routed_experts: int = 4,
+        n_shared_experts: int = 0,
+        num_experts_per_tok: int = 2,
+        scoring_func: str = "softmax",
+        norm_topk_prob: bool = True,
+        routed_scaling_factor: float = 1.0,
+        first_k_dense_replace: int = 0,
+        bias_update_speed: float = 1e-3,
+        seq_aux_loss_coef: float = 0.0,
+        router_bias: bool = False,
+        num_nextn_predict_layers: int = 0,
+        mtp_loss_weight: float = 0.3,
+        bos_token_id: int | None = 32013,
+        eos_token_id: int | None = 32014,
+        pad_token_id: int | None = None,
+        **kwargs,
+    ):
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.max_position_embeddings = max_position_embeddings
+        self.rms_norm_eps = rms_norm_eps
+        self.rope_theta = rope_theta
+        self.initializer_range = initializer_range
+        self.attention_type = attention_type
+        self.attention_dropout = attention_dropout
+        self.attention_bias = attention_bias
+        self.linear_attention_chunk_size = linear_attention_chunk_size
+        self.q_lora_rank = q_lora_rank or None
+        self.kv_lora_rank = kv_lora_rank
+        self.qk_nope_head_dim = qk_nope_head_dim
+        self.qk_rope_head_dim = qk_rope_head_dim
+        self.v_head_dim = v_head_dim
+        self.num_key_value_heads = num_key_value_heads if num_key_value_heads is not None else num_attention_heads
+        self.ffn_type = ffn_type
+        self.intermediate_size = intermediate_size
+        self.moe_intermediate_size = moe_intermediate_size
+        self.n_routed_experts = n_routed_experts
+        self.n_shared_experts = n_shared_experts
+        self.num_experts_per_tok = num_experts_per_tok
+        self.scoring_func = scoring_func
+        self.norm_topk_prob = norm_topk_prob
+        self.routed_scaling_factor = routed_scaling_factor
+        self.first_k_dense_replace = first_k_dense_replace
+        self.bias_update_speed = bias_update_speed
+        self.seq_aux_loss_coef = seq_aux_loss_coef
+        self.router_bias = router_bias
+        self.num_nextn_predict_layers = num_nextn_predict_layers
+        self.mtp_loss_weight = mtp_loss_weight
+        super().__init__(
+            tie_word_embeddings=tie_word_embeddings,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            **kwargs,
+        )
+        self.validate_architecture()
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        return self.ffn_type == "moe" and layer_idx >= self.first_k_dense_replace
+
+    def validate_architecture(self) -> None:
+        def fail(field: str, reason: str):
+            raise ValueError(f"{field}: {reason}")
+
+        def positive(*fields: str):
+            for field in fields:
+                value = getattr(self, field)
+                if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                    fail(field, f"must be a positive integer, got {value!r}")
+
+        def non_negative(*fields: str):
+            for field in fields:
+                value = getattr(self, field)
+                if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                    fail(field, f"must be a non-negative integer, got {value!r}")
+
+        positive("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings")
+        if self.attention_type not in ATTENTION_TYPES:
+            fail("attention_type", f"unknown attention type {self.attention_type!r}; choose one of {ATTENTION_TYPES}")
+        if self.ffn_type not in FFN_TYPES:
+            fail("ffn_type", f"unknown feed-forward type {self.ffn_type!r}; choose one of {FFN_TYPES}")
+        if not 0.0 <= self.attention_dropout < 1.0:
+            fail("attention_dropout", f"must be in [0, 1), got {self.attention_dropout}")
+        if self.rms_norm_eps <= 0:
+            fail("rms_norm_eps", f"must be positive, got {self.rms_norm_eps}")
+        if self.rope_theta <= 0:
+            fail("rope_theta", f"must be positive, got {self.rope_theta}")
+
+        if self.attention_type in ("linear", "mha") and self.hidden_size % self.num_attention_heads:
+            fail(
+                "hidden_size",
+                f"{self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}",
+            )
+        if self.attention_type == "linear":
+            positive("linear_attention_chunk_size")
+        if self.attention_type == "mha":
+            positive("num_key_value_heads")
+            if self.num_attention_heads % self.num_key_value_heads:
+                fail(
+                    "num_key_value_heads",
+                    f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                    f"num_key_value_heads={self.num_key_value_heads}",
+                )
+            if self.head_dim % 2:
+                fail("hidden_size", f"head dimension {self.head_dim} must be even for RoPE")
+        if self.attention_type == "mla":
+            positive("kv_lora_rank", "qk_rope_head_dim", "v_head_dim")
+            non_negative("qk_nope_head_dim")
+            if self.q_lora_rank is not None:
+                positive("q_lora_rank")
+            if self.qk_rope_head_dim % 2:
+                fail("qk_rope_head_dim", f"must be even for RoPE, got {self.qk_rope_head_dim}")
+
+        positive("intermediate_size")
+        non_negative("first_k_dense_replace", "num_nextn_predict_layers")
+        if self.ffn_type == "moe":
+            positive("moe_intermediate_size", "n_routed_experts", "num_experts_per_tok")
+            non_negative("n_shared_experts")
+            if self.num_experts_per_tok > self.n_routed_experts:
+                fail(
+                    "num_experts_per_tok",
+                    f"top-k={self.num_experts_per_tok} is larger than n_routed_experts={self.n_routed_experts}",
+                )
+            if self.scoring_func not in SCORING_FUNCS:
+                fail("scoring_func", f"unknown scoring function {self.scoring_func!r}; choose one of {SCORING_FUNCS}")
+            if self.num_experts_per_tok == 1 and self.norm_topk_prob:
+                fail(
+                    "norm_topk_prob",
+                    "with num_experts_per_tok=1 renormalising makes every gate weight 1.0, so the router gets no "
+                    "gradient; set norm_topk_prob=False",
+                )
+            if self.bias_update_speed < 0:
+                fail("bias_update_speed", f"must be non-negative, got {self.bias_update_speed}")
+            if self.seq_aux_loss_coef < 0:
+                fail("seq_aux_loss_coef", f"must be non-negative, got {self.seq_aux_loss_coef}")
+            if self.routed_scaling_factor <= 0:
+                fail("routed_scaling_factor", f"must be positive, got {self.routed_scaling_factor}")
+        if self.mtp_loss_weight < 0:
+            fail("mtp_loss_weight", f"must be non-negative, got {self.mtp_loss_weight}")
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "TinySeekConfig":
+        """Build a named preset (see ``PRESETS``), with any field overridden by keyword."""
+        if name not in PRESETS:
+            raise ValueError(f"preset: unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+SEED = dict(
+    attention_type="linear",
+    attention_dropout=0.1,
+    ffn_type="moe",
+    intermediate_size=256,
+    moe_intermediate_size=256,
+    n_routed_experts=4,
+    n_shared_experts=0,
+    num_experts_per_tok=2,
+    scoring_func="softmax",
+    norm_topk_prob=True,
+    router_bias=True,
+    bias_update_speed=1e-3,
+    seq_aux_loss_coef=0.0,
+)
+"""The seed model: 10,095,760 parameters.
+
+Linear attention (dropout 0.1) with bias-free 128x128 q/k/v/o projections, a 4-expert MoE in every layer with a
+``Linear(128, 4)`` router that has a learnable bias, no shared expert, untied head.
+
+Top-k is 2: with four experts, k=1 would make renormalised gate weights all 1.0 (no router gradient) and k=4 is a
+dense layer at four times the cost; k=2 is the natural reading of the seed and the Mixtral choice. Softmax scoring
+keeps the seed's router semantics (a probability over experts). Load balancing is DeepSeek-V3's auxiliary-loss-free
+per-expert bias at the paper's speed 1e-3, updated once per optimizer step; the sequence-wise balance loss is off
+because the bias alone keeps MaxVio low (see ``benchmarks/quality.py``) and it adds a gradient that competes with
+the language-modelling loss.
+"""
+
+DEEPSEEK_V3_TINY = dict(
+    attention_type="mla",
+    q_lora_rank=64,
+    kv_lora_rank=32,
+    qk_nope_head_dim=32,
+    qk_rope_head_dim=16,
+    v_head_dim=32,
+    ffn_type="moe",
+    intermediate_size=512,
+    moe_intermediate_size=64,
+    n_routed_experts=16,
+    n_shared_experts=1,
+    num_experts_per_tok=4,
+    scoring_func="sigmoid",
+    norm_topk_prob=True,
+    routed_scaling_factor=2.5,
+    first_k_dense_replace=1,
+    bias_update_speed=1e-3,
+    seq_aux_loss_coef=1e-4,
+)
+"""DeepSeek-V3 at the seed's width: MLA (compressed queries and keys/values, decoupled RoPE), one shared plus 16
+fine-grained routed experts of width 64 with top-4 sigmoid routing, bias-based balancing plus the tiny sequence-wise
+loss of the paper, first layer dense. Active FFN width per token is 1 shared + 4 routed x 64 = 320."""
+
+LLAMA_TINY = dict(
+    attention_type="mha",
+    ffn_type="dense",
+    intermediate_size=320,
+)
+"""A dense LLaMA-style baseline: softmax attention with RoPE and a SwiGLU MLP of width 320, the same active FFN
+width per token as ``deepseek-v3-tiny``."""
+
+PRESETS: dict[str, dict] = {"seed": SEED, "deepseek-v3-tiny": DEEPSEEK_V3_TINY, "llama-tiny": LLAMA_TINY}
