@@ -57,8 +57,8 @@ class TinySeekConfig(PretrainedConfig):
         router_bias: bool = False,
         num_nextn_predict_layers: int = 0,
         mtp_loss_weight: float = 0.3,
-        bos_token_id: int | None = 32013,
-        eos_token_id: int | None = 32014,
+        bos_token_id: int | None = None,
+        eos_token_id: int | None = None,
         pad_token_id: int | None = None,
         **kwargs,
     ):

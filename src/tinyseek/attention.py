@@ -1,0 +1,299 @@
+"""The three attention mechanisms behind one interface, and the cache each decodes from.
+
+Every attention module is called as ``attn(x, rotary, causal_mask, padding_mask, cache_layer)``:
+  x            [B, T, hidden] the new tokens' (normalised) hidden states
+  rotary       (cos, sin) for the new tokens' positions, or None for attention without RoPE
+  causal_mask  [B, 1, T, S] bool (True = may attend) or None, meaning plain causal over new tokens
+  padding_mask [B, S] bool over all S = past + T tokens (True = real token) or None
+  cache_layer  this layer's entry of a ``TinySeekCache``, updated in place, or None
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
+
+from tinyseek.config import TinySeekConfig
+
+# DeepSeek's reference normalises the compressed latents with a fixed epsilon, whatever the model's rms_norm_eps.
+LATENT_NORM_EPS = 1e-6
+# Keeps the linear-attention normaliser away from zero for rows that have seen only padding.
+LINEAR_ATTENTION_EPS = 1e-6
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 (bf16 squares overflow and lose precision), like transformers' LlamaRMSNorm.
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """RoPE on x [B, heads, T, d] with cos/sin [B, T, d] (the half-split layout of LLaMA and transformers)."""
+    cos, sin = (t.unsqueeze(1).to(x.dtype) for t in rotary)
+    return x * cos + rotate_half(x) * sin
+
+
+class LinearAttentionState(CacheLayerMixin):
+    """The O(1) decoding state of causal linear attention: S = sum phi(k) v^T and z = sum phi(k), in fp32."""
+
+    supports_early_init = False
+
+    def __init__(self):
+        super().__init__()
+        self.state: torch.Tensor | None = None
+        self.normalizer: torch.Tensor | None = None
+        self.seen_tokens = 0
+
+    def lazy_initialization(self, key_states, value_states) -> None:  # the state is created by the first update
+        pass
+
+    def update(self, state: torch.Tensor, normalizer: torch.Tensor, num_new_tokens: int):
+        self.state, self.normalizer = state, normalizer
+        self.seen_tokens += num_new_tokens
+        self.is_initialized = True
+        return state, normalizer
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen_tokens + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.seen_tokens
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.is_initialized:
+            self.state = self.state.index_select(0, beam_idx.to(self.state.device))
+            self.normalizer = self.normalizer.index_select(0, beam_idx.to(self.normalizer.device))
+
+    def reset(self) -> None:
+        self.state = self.normalizer = None
+        self.seen_tokens = 0
+        self.is_initialized = False
+
+
+class TinySeekCache(Cache):
+    """One entry per decoder layer: keys/values for "mha"; the compressed latent c_kv and the shared RoPE key for
+    "mla" (kv_lora_rank + qk_rope_head_dim numbers per token); the recurrent state for "linear"."""
+
+    def __init__(self, config: TinySeekConfig):
+        make_layer = LinearAttentionState if config.attention_type == "linear" else DynamicLayer
+        super().__init__(layers=[make_layer() for _ in range(config.num_hidden_layers)])
+
+
+class LinearAttention(nn.Module):
+    """Causal linear attention with the feature map phi(x) = ELU(x) + 1 (Katharopoulos et al., 2020).
+
+    out_t = phi(q_t) S_t / (phi(q_t) . z_t), with S_t = sum_{s<=t} phi(k_s) v_s^T and z_t = sum_{s<=t} phi(k_s).
+    Training runs the chunked parallel form (memory O(T * chunk), not O(T^2)); decoding carries (S, z), so each new
+    token costs the same whatever the context length. Dropout acts on the per-head attention output, the one place
+    the parallel and the recurrent forms share.
+    """
+
+    def __init__(self, config: TinySeekConfig):
+        super().__init__()
+        hidden, bias = config.hidden_size, config.attention_bias
+        self.num_heads, self.head_dim = config.num_attention_heads, config.head_dim
+        self.chunk_size = config.linear_attention_chunk_size
+        self.q_proj = nn.Linear(hidden, hidden, bias=bias)
+        self.k_proj = nn.Linear(hidden, hidden, bias=bias)
+        self.v_proj = nn.Linear(hidden, hidden, bias=bias)
+        self.o_proj = nn.Linear(hidden, hidden, bias=bias)
+        self.dropout = nn.Dropout(config.attention_dropout)
+
+    def forward(self, x, rotary, causal_mask, padding_mask, cache_layer=None):
+        batch, seq_len, _ = x.shape
+        heads = [p(x).view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj)]
+        # The feature map and the normaliser run in fp32: ELU + 1 underflows to 0 in bf16 for large negative inputs.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            query, key, value = (F.elu(heads[0].float()) + 1, F.elu(heads[1].float()) + 1, heads[2].float())
+            if padding_mask is not None:
+                key = key * padding_mask[:, None, -seq_len:, None]
+            initial = (cache_layer.state, cache_layer.normalizer) if cache_layer is not None and cache_layer.is_initialized else None
+            if initial is not None and seq_len == 1:
+                output, state, normalizer = recurrent_linear_attention_step(query, key, value, *initial)
+            else:
+                output, state, normalizer = chunked_linear_attention(query, key, value, self.chunk_size, initial)
+        if cache_layer is not None:
+            cache_layer.update(state, normalizer, seq_len)
+        output = self.dropout(output.to(x.dtype))
+        return self.o_proj(output.transpose(1, 2).reshape(batch, seq_len, -1))
+
+
+def recurrent_linear_attention_step(query, key, value, state, normalizer):
+    """One token: (S, z) += (phi(k) v^T, phi(k)); out = phi(q) S / (phi(q) . z). Shapes [B, H, 1, d]."""
+    state = state + key.transpose(-1, -2) @ value
+    normalizer = normalizer + key[:, :, 0]
+    denominator = (query[:, :, 0] * normalizer).sum(-1)[..., None, None] + LINEAR_ATTENTION_EPS
+    return (query @ state) / denominator, state, normalizer
+
+
+def chunked_linear_attention(query, key, value, chunk_size: int, initial=None):
+    """Causal linear attention over [B, H, T, d] in chunks: exact softmax-free attention inside each chunk, and the
+    running state (an exclusive prefix sum over chunks) for everything before it. Returns (out, S, z)."""
+    batch, heads, seq_len, dim = query.shape
+    chunk = min(chunk_size, seq_len)
+    padded_len = -(-seq_len // chunk) * chunk
+    if padded_len != seq_len:  # zero keys add nothing to the state; the padded query rows are dropped below
+        pad = (0, 0, 0, padded_len - seq_len)
+        query, key, value = F.pad(query, pad), F.pad(key, pad), F.pad(value, pad)
+    num_chunks = padded_len // chunk
+    q, k, v = (t.view(batch, heads, num_chunks, chunk, -1) for t in (query, key, value))
+
+    chunk_states = k.transpose(-1, -2) @ v  # [B, H, N, d, dv]
+    chunk_normalizers = k.sum(dim=-2)  # [B, H, N, d]
+    states_before = chunk_states.cumsum(dim=2) - chunk_states
+    normalizers_before = chunk_normalizers.cumsum(dim=2) - chunk_normalizers
+    if initial is not None:
+        states_before = states_before + initial[0][:, :, None]
+        normalizers_before = normalizers_before + initial[1][:, :, None]
+
+    within = (q @ k.transpose(-1, -2)).tril()  # [B, H, N, C, C], causal inside the chunk
+    numerator = within @ v + q @ states_before
+    denominator = within.sum(-1) + (q * normalizers_before[..., None, :]).sum(-1) + LINEAR_ATTENTION_EPS
+    output = (numerator / denominator[..., None]).view(batch, heads, padded_len, -1)[:, :, :seq_len]
+    final_state = states_before[:, :, -1] + chunk_states[:, :, -1]
+    final_normalizer = normalizers_before[:, :, -1] + chunk_normalizers[:, :, -1]
+    return output, final_state, final_normalizer
+
+
+class MultiHeadLatentAttention(nn.Module):
+    """DeepSeek-V2/V3 multi-head latent attention.
+
+    Keys and values are up-projected from one low-rank latent c_kv = RMSNorm(W_dkv h) (kv_lora_rank numbers per
+    token); a single RoPE key of qk_rope_head_dim is shared by all heads. Queries are optionally compressed the same
+    way. The cache holds only c_kv and the RoPE key. With a cache, the key up-projection is absorbed into the query
+    and the value up-projection into the output, so per-head keys and values are never expanded over the context.
+    """
+
+    def __init__(self, config: TinySeekConfig):
+        super().__init__()
+        hidden, bias = config.hidden_size, config.attention_bias
+        self.num_heads = config.num_attention_heads
+        self.nope_dim, self.rope_dim, self.v_dim = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
+        self.kv_lora_rank = config.kv_lora_rank
+        self.q_lora_rank = config.q_lora_rank
+        qk_dim = self.nope_dim + self.rope_dim
+        if self.q_lora_rank is None:
+            self.q_proj = nn.Linear(hidden, self.num_heads * qk_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(hidden, self.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank, LATENT_NORM_EPS)
+            self.q_b_proj = nn.Linear(self.q_lora_rank, self.num_heads * qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(hidden, self.kv_lora_rank + self.rope_dim, bias=bias)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, LATENT_NORM_EPS)
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.num_heads * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.v_dim, hidden, bias=bias)
+        self.scale = qk_dim**-0.5
+        self.dropout = config.attention_dropout
+
+    def forward(self, x, rotary, causal_mask, padding_mask, cache_layer=None):
+        batch, seq_len, _ = x.shape
+        query = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        query = query.view(batch, seq_len, self.num_heads, -1).transpose(1, 2)
+        q_nope, q_rope = query.split([self.nope_dim, self.rope_dim], dim=-1)
+        latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        latent = self.kv_a_layernorm(latent).unsqueeze(1)  # [B, 1, T, r]: one "head", as the cache stores it
+        q_rope, k_rope = apply_rotary(q_rope, rotary), apply_rotary(k_rope.unsqueeze(1), rotary)
+        dropout = self.dropout if self.training else 0.0
+        if cache_layer is None:
+            output = self.expanded_attention(q_nope, q_rope, latent, k_rope, causal_mask, dropout)
+        else:
+            latent, k_rope = cache_layer.update(latent, k_rope)
+            output = self.absorbed_attention(q_nope, q_rope, latent, k_rope, causal_mask, dropout)
+        return self.o_proj(output.transpose(1, 2).reshape(batch, seq_len, -1))
+
+    def expanded_attention(self, q_nope, q_rope, latent, k_rope, causal_mask, dropout):
+        """Training form: up-project the latent into per-head keys and values and run fused SDPA."""
+        batch, _, seq_len, _ = latent.shape
+        kv = self.kv_b_proj(latent.squeeze(1)).view(batch, seq_len, self.num_heads, -1).transpose(1, 2)
+        k_nope, value = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        key = torch.cat((k_nope, k_rope.expand(-1, self.num_heads, -1, -1)), dim=-1)
+        query = torch.cat((q_nope, q_rope), dim=-1)
+        return F.scaled_dot_product_attention(
+            query, key, value, attn_mask=causal_mask, dropout_p=dropout,
+            is_causal=causal_mask is None and seq_len > 1, scale=self.scale,
+        )
+
+    def absorbed_attention(self, q_nope, q_rope, latent, k_rope, causal_mask, dropout):
+        """Decoding form: scores = (q_nope W_uk) c_kv^T + q_rope k_rope^T; out = (softmax c_kv) W_uv^T.
+
+        Heads are folded into the query axis so each product is one batched matmul against the shared latent.
+        """
+        batch, heads, q_len, _ = q_nope.shape
+        context_len = latent.shape[2]
+        up = self.kv_b_proj.weight.view(heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        up_key, up_value = up.split([self.nope_dim, self.v_dim], dim=1)
+        q_latent = torch.einsum("bhtn,hnr->bhtr", q_nope, up_key.to(q_nope.dtype))
+        latent, k_rope = latent.squeeze(1), k_rope.squeeze(1)  # [B, S, r], [B, S, d_rope]
+        scores = q_latent.reshape(batch, heads * q_len, -1) @ latent.transpose(1, 2).to(q_latent.dtype)
+        scores = scores + q_rope.reshape(batch, heads * q_len, -1) @ k_rope.transpose(1, 2).to(q_rope.dtype)
+        scores = scores.view(batch, heads, q_len, context_len).float() * self.scale
+        if causal_mask is None and q_len > 1:
+            causal_mask = torch.ones(q_len, context_len, dtype=torch.bool, device=scores.device).tril(context_len - q_len)
+        if causal_mask is not None:
+            scores = scores.masked_fill(~causal_mask, float("-inf"))
+        probs = F.dropout(scores.softmax(dim=-1), dropout).to(latent.dtype)
+        context = (probs.view(batch, heads * q_len, context_len) @ latent).view(batch, heads, q_len, -1)
+        return torch.einsum("bhtr,hvr->bhtv", context, up_value.to(context.dtype))
+
+
+class MultiHeadAttention(nn.Module):
+    """Causal softmax attention with RoPE and grouped-query heads, through fused SDPA."""
+
+    def __init__(self, config: TinySeekConfig):
+        super().__init__()
+        hidden, bias = config.hidden_size, config.attention_bias
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=bias)
+        self.dropout = config.attention_dropout
+
+    def forward(self, x, rotary, causal_mask, padding_mask, cache_layer=None):
+        batch, seq_len, _ = x.shape
+        query = self.q_proj(x).view(batch, seq_len, self.num_heads, -1).transpose(1, 2)
+        key = self.k_proj(x).view(batch, seq_len, self.num_kv_heads, -1).transpose(1, 2)
+        value = self.v_proj(x).view(batch, seq_len, self.num_kv_heads, -1).transpose(1, 2)
+        query, key = apply_rotary(query, rotary), apply_rotary(key, rotary)
+        if cache_layer is not None:
+            key, value = cache_layer.update(key, value)
+        output = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=causal_mask, dropout_p=self.dropout if self.training else 0.0,
+            is_causal=causal_mask is None and seq_len > 1, enable_gqa=self.num_kv_heads != self.num_heads,
+        )
+        return self.o_proj(output.transpose(1, 2).reshape(batch, seq_len, -1))
+
+
+ATTENTION_CLASSES = {"linear": LinearAttention, "mla": MultiHeadLatentAttention, "mha": MultiHeadAttention}
+
+
+def build_causal_mask(padding_mask: torch.Tensor | None, q_len: int, past_len: int, device) -> torch.Tensor | None:
+    """[B or 1, 1, q_len, past_len + q_len] bool mask, or None where SDPA's own causal flag is exact (no padding,
+    and either no past or a single new token)."""
+    if padding_mask is None and (past_len == 0 or q_len == 1):
+        return None
+    context_len = past_len + q_len
+    query_positions = torch.arange(past_len, context_len, device=device)[:, None]
+    mask = (torch.arange(context_len, device=device)[None] <= query_positions)[None, None]
+    if padding_mask is not None:
+        mask = mask & padding_mask[:, None, None, :context_len]
+    # A left-padding query row sees no real key at all; letting it see everything avoids NaNs in rows nobody reads.
+    return mask | ~mask.any(dim=-1, keepdim=True)

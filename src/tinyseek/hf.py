@@ -1,0 +1,122 @@
+"""Conversion to and from transformers' own models where the architectures coincide.
+
+TinySeek's module names follow transformers' DeepseekV3 and Llama, so a conversion is a config translation plus a
+state-dict copy by name. MLA with a sigmoid-scored MoE (or a dense MLP) is a ``DeepseekV3ForCausalLM``; MHA with a
+dense MLP is a ``LlamaForCausalLM``. Everything else has no transformers twin and is refused with the reason.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+
+from tinyseek.config import TinySeekConfig
+from tinyseek.modeling import TinySeekForCausalLM
+
+COMMON_FIELDS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "max_position_embeddings", "rms_norm_eps", "initializer_range", "tie_word_embeddings", "attention_dropout",
+    "bos_token_id", "eos_token_id", "pad_token_id",
+)
+MLA_FIELDS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+MOE_FIELDS = (
+    "moe_intermediate_size", "n_routed_experts", "n_shared_experts", "num_experts_per_tok", "norm_topk_prob",
+    "routed_scaling_factor", "first_k_dense_replace",
+)
+
+
+def transformers_twin_problem(config: TinySeekConfig) -> str | None:
+    """Why this architecture has no transformers equivalent, or None when it has one."""
+    if config.num_nextn_predict_layers:
+        return "multi-token-prediction modules have no counterpart in transformers' forward pass"
+    if config.attention_bias:
+        return "attention projections with bias are not supported by the conversion"
+    if config.attention_type == "linear":
+        return "transformers has no ELU+1 causal linear attention model"
+    if config.attention_type == "mha":
+        if config.ffn_type != "dense":
+            return "MHA with a MoE has no transformers twin here (LlamaForCausalLM is dense); use ffn_type='dense'"
+        return None
+    if config.ffn_type == "moe":
+        if config.scoring_func != "sigmoid":
+            return "transformers' DeepseekV3 router scores experts with a sigmoid; this model uses softmax"
+        if config.router_bias:
+            return "transformers' DeepseekV3 router has no learnable bias (router_bias=True here)"
+        if config.n_routed_experts < 2:
+            return "transformers' DeepseekV3 router needs at least 2 routed experts"
+    return None
+
+
+def to_transformers_config(config: TinySeekConfig) -> DeepseekV3Config | LlamaConfig:
+    problem = transformers_twin_problem(config)
+    if problem is not None:
+        raise ValueError(f"cannot convert this {config.attention_type}/{config.ffn_type} model to transformers: {problem}")
+    common = {field: getattr(config, field) for field in COMMON_FIELDS}
+    rope = {"rope_type": "default", "rope_theta": config.rope_theta}
+    if config.attention_type == "mha":
+        return LlamaConfig(
+            **common, num_key_value_heads=config.num_key_value_heads, head_dim=config.head_dim,
+            rope_parameters=rope, attention_bias=False, mlp_bias=False,
+        )
+    moe = {field: getattr(config, field) for field in MOE_FIELDS}
+    if config.ffn_type == "dense":  # DeepseekV3 expresses "no MoE" as every layer being one of the first dense ones
+        moe["first_k_dense_replace"] = config.num_hidden_layers
+    return DeepseekV3Config(
+        **common, **moe, **{field: getattr(config, field) for field in MLA_FIELDS},
+        num_key_value_heads=config.num_attention_heads, n_group=1, topk_group=1, rope_parameters=rope,
+        rope_interleave=False, attention_bias=False, num_nextn_predict_layers=0,
+    )
+
+
+def to_transformers(model: TinySeekForCausalLM) -> DeepseekV3ForCausalLM | LlamaForCausalLM:
+    """The equivalent transformers model, with the same weights (copied), in the same dtype."""
+    hf_config = to_transformers_config(model.config)
+    model_class = LlamaForCausalLM if isinstance(hf_config, LlamaConfig) else DeepseekV3ForCausalLM
+    hf_model = model_class(hf_config).to(dtype=model.dtype)
+    copy_weights(model.state_dict(), hf_model)
+    return hf_model.eval() if not model.training else hf_model
+
+
+def from_transformers(hf_model: PreTrainedModel) -> TinySeekForCausalLM:
+    """A TinySeek model with the weights of a transformers DeepseekV3 or Llama causal LM."""
+    config = from_transformers_config(hf_model.config)
+    model = TinySeekForCausalLM(config).to(dtype=hf_model.dtype)
+    copy_weights(hf_model.state_dict(), model)
+    return model.eval() if not hf_model.training else model
+
+
+def from_transformers_config(hf_config) -> TinySeekConfig:
+    rope = hf_config.rope_parameters or {}
+    if rope.get("rope_type", "default") != "default":
+        raise ValueError(f"rope_type {rope['rope_type']!r} is not supported; tinyseek uses plain RoPE")
+    common = {field: getattr(hf_config, field) for field in COMMON_FIELDS}
+    common["rope_theta"] = rope.get("rope_theta", 10000.0)
+    if hf_config.model_type == "llama":
+        if hf_config.attention_bias or hf_config.mlp_bias:
+            raise ValueError("Llama models with attention or MLP bias are not supported")
+        if hf_config.head_dim != hf_config.hidden_size // hf_config.num_attention_heads:
+            raise ValueError("Llama models whose head_dim differs from hidden_size / heads are not supported")
+        return TinySeekConfig(**common, attention_type="mha", ffn_type="dense", num_key_value_heads=hf_config.num_key_value_heads)
+    if hf_config.model_type != "deepseek_v3":
+        raise ValueError(f"no conversion from model type {hf_config.model_type!r}; expected 'deepseek_v3' or 'llama'")
+    if hf_config.rope_interleave:
+        raise ValueError("interleaved RoPE (rope_interleave=True) is not supported; tinyseek uses the half-split layout")
+    if (hf_config.n_group or 1) != (hf_config.topk_group or 1):
+        raise ValueError("group-limited routing (topk_group < n_group) is not supported")
+    dense = hf_config.first_k_dense_replace >= hf_config.num_hidden_layers
+    return TinySeekConfig(
+        **common,
+        **{field: getattr(hf_config, field) for field in MLA_FIELDS + MOE_FIELDS},
+        attention_type="mla",
+        ffn_type="dense" if dense else "moe",
+        scoring_func="sigmoid",
+    )
+
+
+def copy_weights(source: dict[str, torch.Tensor], target: torch.nn.Module) -> None:
+    """Copy tensors by name; names missing on one side must be empty tensors (a shared expert of width 0)."""
+    missing, unexpected = target.load_state_dict(source, strict=False)
+    target_state = target.state_dict()
+    problems = [name for name in missing if target_state[name].numel()] + [n for n in unexpected if source[n].numel()]
+    if problems:
+        raise ValueError(f"weights do not correspond: {sorted(problems)[:8]}")

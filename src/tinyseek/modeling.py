@@ -1,0 +1,291 @@
+"""The TinySeek decoder: embedding, pre-norm blocks of attention and feed-forward, final norm, LM head.
+
+A LLaMA-shaped model whose attention is linear, latent (MLA) or plain softmax, and whose feed-forward is
+DeepSeekMoE or a dense SwiGLU MLP; optional multi-token prediction (DeepSeek-V3, section 2.2) adds D sequential
+heads used only for the training loss. Module names follow transformers' DeepseekV3 and Llama, so weights move
+between the three by name (see ``tinyseek.hf``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from tinyseek.attention import ATTENTION_CLASSES, RMSNorm, TinySeekCache, build_causal_mask
+from tinyseek.config import TinySeekConfig
+from tinyseek.moe import DeepSeekMoE, RoutedExperts, Router, build_feed_forward
+
+IGNORE_INDEX = -100
+
+
+class DecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: TinySeekConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = ATTENTION_CLASSES[config.attention_type](config)
+        self.mlp = build_feed_forward(config, layer_idx)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, hidden_states, rotary=None, causal_mask=None, padding_mask=None, cache_layer=None):
+        """Returns the new hidden states and the layer's sequence-wise balance loss (or None)."""
+        attended = self.self_attn(self.input_layernorm(hidden_states), rotary, causal_mask, padding_mask, cache_layer)
+        hidden_states = hidden_states + attended
+        balance_loss = None
+        if isinstance(self.mlp, DeepSeekMoE):
+            feed_forward, balance_loss = self.mlp(self.post_attention_layernorm(hidden_states))
+        else:
+            feed_forward = self.mlp(self.post_attention_layernorm(hidden_states))
+        return hidden_states + feed_forward, balance_loss
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for RoPE, computed per call from the positions (cheap, and exact for any position)."""
+
+    def __init__(self, dim: int, theta: float):
+        super().__init__()
+        self.dim, self.theta = dim, theta
+        self.register_buffer("inv_freq", self.inverse_frequencies(), persistent=False)
+
+    def inverse_frequencies(self) -> torch.Tensor:
+        return 1.0 / self.theta ** (torch.arange(0, self.dim, 2).float() / self.dim)
+
+    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq
+        angles = torch.cat((freqs, freqs), dim=-1)
+        return angles.cos(), angles.sin()
+
+
+def rotary_dim(config: TinySeekConfig) -> int | None:
+    return {"mla": config.qk_rope_head_dim, "mha": config.head_dim}.get(config.attention_type)
+
+
+@dataclass
+class TinySeekModelOutput(BaseModelOutputWithPast):
+    """Adds what the LM head and the losses need: the last hidden state before the final norm (the input of the
+    multi-token-prediction modules) and the summed sequence-wise balance loss."""
+
+    pre_norm_hidden_state: torch.Tensor | None = None
+    balance_loss: torch.Tensor | None = None
+
+
+@dataclass
+class TinySeekCausalLMOutput(CausalLMOutputWithPast):
+    """``loss`` is what to back-propagate; its parts are kept for logging."""
+
+    lm_loss: torch.Tensor | None = None
+    balance_loss: torch.Tensor | None = None
+    mtp_loss: torch.Tensor | None = None
+
+
+class TinySeekPreTrainedModel(PreTrainedModel):
+    config_class = TinySeekConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["DecoderLayer"]
+    _supports_sdpa = True
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        # Latent and recurrent states do not fit DynamicCache; the model makes its own TinySeekCache.
+        return False
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if getattr(module, "bias", None) is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, RMSNorm):
+            init.ones_(module.weight)
+        elif isinstance(module, RoutedExperts):
+            init.normal_(module.gate_up_proj, mean=0.0, std=std)
+            init.normal_(module.down_proj, mean=0.0, std=std)
+        if isinstance(module, Router):  # a Linear too: its weight was drawn above
+            init.zeros_(module.e_score_correction_bias)
+        # Non-persistent buffers are not in checkpoints: from_pretrained builds them here, not in __init__.
+        elif isinstance(module, RotaryEmbedding):
+            init.copy_(module.inv_freq, module.inverse_frequencies())
+        elif isinstance(module, DeepSeekMoE):
+            init.zeros_(module.expert_counts)
+            init.zeros_(module.last_expert_load)
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
+        # Non-reentrant checkpointing: it supports the layers' extra outputs and keyword arguments.
+        super().activation_checkpointing_enable(activation_checkpointing_kwargs or {"use_reentrant": False}, **kwargs)
+
+
+class TinySeekModel(TinySeekPreTrainedModel):
+    def __init__(self, config: TinySeekConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        dim = rotary_dim(config)
+        self.rotary_emb = RotaryEmbedding(dim, config.rope_theta) if dim else None
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: TinySeekCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> TinySeekModelOutput:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        hidden_states = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        seq_len = hidden_states.shape[1]
+        if use_cache and cache is None:
+            cache = TinySeekCache(self.config)
+        past_len = cache.get_seq_length() if cache is not None else 0
+        if past_len + seq_len > self.config.max_position_embeddings:
+            raise ValueError(
+                f"{past_len + seq_len} tokens exceed the model's max_position_embeddings="
+                f"{self.config.max_position_embeddings}"
+            )
+        padding_mask = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            padding_mask = attention_mask.bool()
+        if position_ids is None:
+            if padding_mask is not None:  # left padding: real tokens count positions from 0
+                position_ids = (padding_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq_len:]
+            else:
+                position_ids = torch.arange(past_len, past_len + seq_len, device=hidden_states.device)[None]
+        rotary = self.rotary_emb(position_ids) if self.rotary_emb is not None else None
+        causal_mask = None
+        if self.config.attention_type != "linear":
+            causal_mask = build_causal_mask(padding_mask, seq_len, past_len, hidden_states.device)
+
+        balance_loss = None
+        for i, layer in enumerate(self.layers):
+            cache_layer = cache.layers[i] if cache is not None else None
+            hidden_states, layer_balance_loss = layer(
+                hidden_states, rotary=rotary, causal_mask=causal_mask, padding_mask=padding_mask, cache_layer=cache_layer
+            )
+            if layer_balance_loss is not None:
+                balance_loss = layer_balance_loss if balance_loss is None else balance_loss + layer_balance_loss
+        return TinySeekModelOutput(
+            last_hidden_state=self.norm(hidden_states),
+            cache=cache,
+            pre_norm_hidden_state=hidden_states,
+            balance_loss=balance_loss,
+        )
+
+
+class MultiTokenPrediction(nn.Module):
+    """One MTP depth: combine the previous depth's hidden state at position i with the embedding of token i + k,
+    project, run one decoder block, normalise; the shared head then predicts token i + k + 1."""
+
+    def __init__(self, config: TinySeekConfig, layer_idx: int):
+        super().__init__()
+        self.hidden_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.embedding_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.projection = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
+        self.block = DecoderLayer(config, layer_idx)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, previous_hidden, future_embeddings, rotary):
+        combined = torch.cat((self.hidden_norm(previous_hidden), self.embedding_norm(future_embeddings)), dim=-1)
+        hidden, balance_loss = self.block(self.projection(combined), rotary=rotary)
+        return hidden, self.norm(hidden), balance_loss
+
+
+class TinySeekForCausalLM(TinySeekPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: TinySeekConfig):
+        super().__init__(config)
+        self.model = TinySeekModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        depths = range(config.num_nextn_predict_layers)
+        self.mtp = nn.ModuleList(MultiTokenPrediction(config, config.num_hidden_layers + d) for d in depths) if depths else None
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: TinySeekCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        shift_labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> TinySeekCausalLMOutput:
+        """``labels`` are the inputs' own ids (shifted inside, transformers' convention); ``shift_labels`` are the
+        already aligned next-token targets, which keep the last position's target (what the trainer passes)."""
+        cache = kwargs.pop("past_key_values", cache)
+        outputs = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+            inputs_embeds=inputs_embeds, use_cache=use_cache,
+        )
+        hidden_states = outputs.last_hidden_state
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            hidden_states = hidden_states[:, -logits_to_keep:]
+        logits = self.lm_head(hidden_states)
+
+        if labels is not None and shift_labels is None:
+            shift_labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+        loss = lm_loss = mtp_loss = None
+        if shift_labels is not None:
+            lm_loss = cross_entropy(logits, shift_labels)
+            loss = lm_loss
+            if outputs.balance_loss is not None:
+                loss = loss + outputs.balance_loss
+            if self.mtp is not None and self.training:
+                mtp_loss = self.multi_token_prediction_loss(outputs.pre_norm_hidden_state, input_ids, shift_labels)
+                loss = loss + self.config.mtp_loss_weight * mtp_loss
+        return TinySeekCausalLMOutput(
+            loss=loss, logits=logits, cache=outputs.cache, lm_loss=lm_loss,
+            balance_loss=outputs.balance_loss, mtp_loss=mtp_loss,
+        )
+
+    def multi_token_prediction_loss(self, hidden, input_ids, shift_labels) -> torch.Tensor:
+        """Mean over depths k = 1..D of the cross-entropy of predicting token t + k + 1 at position t."""
+        seq_len = hidden.shape[1]
+        positions = torch.arange(seq_len, device=hidden.device)[None]
+        losses = []
+        for depth, module in enumerate(self.mtp, start=1):
+            if seq_len - depth < 1:
+                break
+            rotary = self.model.rotary_emb(positions[:, : seq_len - depth]) if self.model.rotary_emb is not None else None
+            future = self.model.embed_tokens(input_ids[:, depth:])
+            hidden, normed, balance_loss = module(hidden[:, : seq_len - depth], future, rotary)
+            depth_loss = cross_entropy(self.lm_head(normed), shift_labels[:, depth:])
+            losses.append(depth_loss if balance_loss is None else depth_loss + balance_loss)
+        return torch.stack(losses).mean()
+
+    def moe_layers(self) -> list[DeepSeekMoE]:
+        return [module for module in self.modules() if isinstance(module, DeepSeekMoE)]
+
+    def expert_load_counts(self) -> list[torch.Tensor]:
+        """The live per-expert token counts of every MoE layer (to all-reduce across ranks before the update)."""
+        return [moe.expert_counts for moe in self.moe_layers()]
+
+    def update_load_balance_bias(self) -> None:
+        """One auxiliary-loss-free balancing step per MoE layer; call once per optimizer step."""
+        for moe in self.moe_layers():
+            moe.update_load_balance_bias()
+
+    def moe_metrics(self) -> dict:
+        """MaxVio per MoE layer and its maximum, from the counts consumed by the last bias update."""
+        per_layer = [moe.max_violation() for moe in self.moe_layers()]
+        if not per_layer:
+            return {}
+        return {"maxvio": max(per_layer), "maxvio_per_layer": per_layer}
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)

@@ -1,0 +1,97 @@
+"""Parameter counts, a FLOP estimate for MFU, and `tinyseek info`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from torch import nn
+
+from tinyseek.config import PRESETS, TinySeekConfig
+from tinyseek.errors import UserError
+from tinyseek.modeling import TinySeekForCausalLM
+from tinyseek.moe import DeepSeekMoE
+
+
+def parameter_report(model: nn.Module) -> dict[str, int]:
+    """Total, trainable, embedding, non-embedding and active-per-token parameter counts.
+
+    Embedding counts the input embedding and an untied LM head (a tied one once). Active per token counts what
+    one token's forward pass uses: everything except the routed experts it is not sent to (k of n are used) and the
+    multi-token-prediction modules, which only training uses.
+    """
+    unique = {id(p): p for p in model.parameters()}
+    total = sum(p.numel() for p in unique.values())
+    trainable = sum(p.numel() for p in unique.values() if p.requires_grad)
+    embedding_params = {id(p): p for name, p in model.named_parameters() if "embed_tokens" in name or "lm_head" in name}
+    embedding = sum(p.numel() for p in embedding_params.values())
+    mtp = getattr(model, "mtp", None)
+    mtp_params = sum(p.numel() for p in mtp.parameters()) if mtp is not None else 0
+    mtp_unused = unused_routed_parameters(mtp) if mtp is not None else 0
+    active = total - unused_routed_parameters(model) - (mtp_params - mtp_unused)
+    return {
+        "total": total,
+        "trainable": trainable,
+        "embedding": embedding,
+        "non_embedding": total - embedding,
+        "active_per_token": active,
+        "multi_token_prediction": mtp_params,
+    }
+
+
+def unused_routed_parameters(module: nn.Module) -> int:
+    """Routed-expert parameters one token does not use: (n - k) / n of each MoE layer's experts."""
+    unused = 0
+    for moe in (m for m in module.modules() if isinstance(m, DeepSeekMoE)):
+        routed = sum(p.numel() for p in moe.experts.parameters())
+        unused += routed - routed * moe.top_k // moe.experts.num_experts
+    return unused
+
+
+def format_parameter_report(report: dict[str, int]) -> str:
+    width = max(len(k) for k in report)
+    return "\n".join(f"{name.replace('_', ' '):<{width}}  {count:>14,}" for name, count in report.items())
+
+
+def estimate_flops_per_token(config: TinySeekConfig, seq_len: int) -> float:
+    """Training FLOPs (forward + backward) per token: 6 x the matrix parameters a token touches, plus attention.
+
+    Softmax attention adds 6 * layers * heads * (qk_dim + v_dim) * seq_len / 2 (causal: half the score matrix is
+    computed on average); linear attention adds 6 * layers * heads * 2 * d_k * d_v per token for its state.
+    """
+    model = TinySeekForCausalLM(config)
+    report = parameter_report(model)
+    matrix_params = report["active_per_token"] - config.vocab_size * config.hidden_size  # the embedding is a lookup
+    layers, heads = config.num_hidden_layers, config.num_attention_heads
+    if config.attention_type == "linear":
+        attention = 6 * layers * heads * 2 * config.head_dim * config.head_dim
+    elif config.attention_type == "mla":
+        attention = 6 * layers * heads * (config.qk_head_dim + config.v_head_dim) * seq_len / 2
+    else:
+        attention = 6 * layers * heads * 2 * config.head_dim * seq_len / 2
+    return 6 * matrix_params + attention
+
+
+def load_config(spec: str) -> TinySeekConfig:
+    """A preset name, a config.json file, or a directory holding one."""
+    if spec in PRESETS:
+        return TinySeekConfig.from_preset(spec)
+    path = Path(spec)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise UserError(f"{spec!r} is neither a preset ({', '.join(PRESETS)}) nor a config file")
+    try:
+        return TinySeekConfig.from_json_file(str(path))
+    except ValueError as error:
+        raise UserError(f"{path}: {error}") from None
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="tinyseek info", description="Print a model's architecture and parameter counts.")
+    parser.add_argument("config", help=f"a preset ({', '.join(PRESETS)}) or a config.json file or directory")
+    args = parser.parse_args(argv[1:])
+    model = TinySeekForCausalLM(load_config(args.config))
+    print(model)
+    print(format_parameter_report(parameter_report(model)))
+    return 0
