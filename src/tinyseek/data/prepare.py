@@ -1,0 +1,327 @@
+"""Turn a corpus into training-ready token files: `train.bin`, `val.bin` (flat token ids) and `meta.json`.
+
+Each document's tokens are followed by EOS, so EOS separates documents. `out` is a cache root: the files go to a
+subfolder named after the source, the tokenizer and a hash of everything that determines them (source content,
+tokenizer identity, split settings), so unchanged inputs reuse it at once and changed inputs get a new folder.
+A folder is built under a `.partial-*` name, fsynced, given its `meta.json` last and renamed into place; a folder
+without a valid `meta.json` is never used, so an interrupted run leaves nothing a later run trusts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from tinyseek.data.sources import DEFAULT_DATASET, Document, open_source, slug
+from tinyseek.data.tokenizer import DEFAULT_TOKENIZER, check_tokenizer_fits, load_tokenizer, tokenizer_identity
+from tinyseek.errors import UserError
+
+FORMAT_VERSION = 1
+META_FILE = "meta.json"
+SPLITS = ("train", "val")
+BATCH_CHARACTERS = 1 << 20  # per worker task: large enough to amortise pickling, small enough for a smooth bar
+COPY_CHUNK_TOKENS = 1 << 24
+
+
+def token_dtype(vocabulary_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocabulary_size <= 1 << 16 else np.uint32)
+
+
+class _Encoder:
+    """Tokenizes a batch of texts into one flat array with EOS after each text."""
+
+    def __init__(self, tokenizer_json: str, eos_token_id: int, dtype: str):
+        from tokenizers import Tokenizer
+
+        self.tokenizer = Tokenizer.from_str(tokenizer_json)
+        # A document that contains the literal text of EOS must not split itself in two.
+        self.tokenizer.encode_special_tokens = True
+        self.eos = np.array([eos_token_id], dtype=dtype)
+        self.dtype = dtype
+
+    def __call__(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        encodings = self.tokenizer.encode_batch_fast(texts, add_special_tokens=False)
+        pieces = []
+        for encoding in encodings:
+            pieces += [np.asarray(encoding.ids, dtype=self.dtype), self.eos]
+        lengths = np.array([len(encoding.ids) + 1 for encoding in encodings], dtype=np.int64)
+        return np.concatenate(pieces), lengths
+
+
+_worker_encoder: _Encoder | None = None
+
+
+def _start_worker(*encoder_args) -> None:
+    # Parallelism comes from the processes; Rust threads inside each would only oversubscribe the cores.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    global _worker_encoder
+    _worker_encoder = _Encoder(*encoder_args)
+
+
+def _encode_in_worker(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    return _worker_encoder(texts)
+
+
+def _batches(documents: Iterable[Document]) -> Iterator[list[Document]]:
+    batch, characters = [], 0
+    for document in documents:
+        batch.append(document)
+        characters += len(document.text)
+        if characters >= BATCH_CHARACTERS:
+            yield batch
+            batch, characters = [], 0
+    if batch:
+        yield batch
+
+
+def _encode_all(documents: Iterable[Document], encoder_args: tuple, num_workers: int):
+    """(documents, tokens, lengths) per batch, in source order, with a bounded number of batches in flight."""
+    if num_workers <= 1:
+        encoder = _Encoder(*encoder_args)
+        for batch in _batches(documents):
+            yield (batch, *encoder([document.text for document in batch]))
+        return
+    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
+    pool = ProcessPoolExecutor(num_workers, mp_context=context, initializer=_start_worker, initargs=encoder_args)
+    try:
+        pending = deque()
+        for batch in _batches(documents):
+            pending.append((batch, pool.submit(_encode_in_worker, [document.text for document in batch])))
+            if len(pending) >= 2 * num_workers:
+                batch, future = pending.popleft()
+                yield (batch, *future.result())
+        while pending:
+            batch, future = pending.popleft()
+            yield (batch, *future.result())
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
+def _validation_mask(
+    groups: list[str] | None, num_documents: int, val_fraction: float, val_documents: int | None, seed: int
+) -> np.ndarray:
+    """Which documents go to validation: whole groups (or whole documents), chosen by a seeded permutation."""
+    if groups is None:
+        unit_of_document, num_units, unit_name = np.arange(num_documents), num_documents, "documents"
+    else:
+        units, unit_of_document = np.unique(np.array(groups, dtype=object).astype(str), return_inverse=True)
+        num_units, unit_name = len(units), "groups"
+    if val_documents is not None:
+        count = val_documents
+    else:
+        count = max(1, round(val_fraction * num_units)) if val_fraction > 0 else 0
+    if count and count >= num_units:
+        raise UserError(
+            f"the corpus has {num_units} {unit_name}; a validation split of {count} would leave none for training "
+            "(lower --val-fraction or --val-documents, or pass --val-fraction 0)"
+        )
+    validation_units = np.random.default_rng(seed).permutation(num_units)[:count]
+    return np.isin(unit_of_document, validation_units)
+
+
+def _fsync_write(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _fsync_directory(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _split_files(staging: Path, all_tokens: Path, dtype: np.dtype, lengths: np.ndarray, is_val: np.ndarray) -> dict:
+    """Copy each document from the all-documents file to train.bin or val.bin, in source order."""
+    tokens = np.memmap(all_tokens, dtype=dtype, mode="r")
+    ends = np.cumsum(lengths)
+    starts = ends - lengths
+    boundaries = np.flatnonzero(np.diff(is_val.astype(np.int8))) + 1
+    run_starts = np.concatenate([[0], boundaries])
+    run_ends = np.concatenate([boundaries, [len(lengths)]])
+    counts = {split: {"tokens": 0, "documents": 0} for split in SPLITS}
+    handles = {split: open(staging / f"{split}.bin", "wb") for split in SPLITS}
+    try:
+        for first, stop in zip(run_starts, run_ends):
+            split = "val" if is_val[first] else "train"
+            begin, end = int(starts[first]), int(ends[stop - 1])
+            for chunk_start in range(begin, end, COPY_CHUNK_TOKENS):
+                handles[split].write(tokens[chunk_start : min(end, chunk_start + COPY_CHUNK_TOKENS)].tobytes())
+            counts[split]["tokens"] += end - begin
+            counts[split]["documents"] += int(stop - first)
+        for handle in handles.values():
+            handle.flush()
+            os.fsync(handle.fileno())
+    finally:
+        for handle in handles.values():
+            handle.close()
+    return counts
+
+
+def _available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _tokenizer_name(spec: str) -> str:
+    path = Path(spec)
+    return slug(path.parent.name if path.name == "tokenizer.json" else path.name)
+
+
+def read_meta(prepared_dir: str | Path) -> dict | None:
+    """The metadata of a complete prepared folder, or None when it is missing, partial or of another format."""
+    prepared_dir = Path(prepared_dir)
+    try:
+        meta = json.loads((prepared_dir / META_FILE).read_text(encoding="utf-8"))
+        complete = meta["format_version"] == FORMAT_VERSION and all(
+            (prepared_dir / f"{split}.bin").stat().st_size == meta[split]["tokens"] * np.dtype(meta["dtype"]).itemsize
+            for split in SPLITS
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return meta if complete else None
+
+
+def prepare_corpus(
+    source: str = DEFAULT_DATASET,
+    tokenizer: str = DEFAULT_TOKENIZER,
+    out: str | Path = "data/prepared",
+    *,
+    text_column: str = "text",
+    split: str = "train",
+    val_fraction: float = 0.01,
+    val_documents: int | None = None,
+    split_by: str | None = None,
+    seed: int = 0,
+    num_workers: int | None = None,
+    max_documents: int | None = None,
+    streaming: bool | None = None,
+    vocab_size: int | None = None,
+) -> Path:
+    """Tokenize `source` with `tokenizer` into `<out>/<name>-<hash>/` and return that folder (reused when it exists).
+
+    The validation split takes `val_documents` documents (or `split_by` groups) when given, else `val_fraction`
+    of them (at least one when the fraction is positive). `vocab_size`, when given, refuses a tokenizer too large
+    for the model before any work is done.
+    """
+    if not 0 <= val_fraction < 1:
+        raise UserError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    if val_documents is not None and val_documents < 0:
+        raise UserError(f"--val-documents must be >= 0, got {val_documents}")
+    loaded = load_tokenizer(tokenizer)
+    if vocab_size is not None:
+        check_tokenizer_fits(loaded, vocab_size)
+    corpus = open_source(source, text_column=text_column, group_column=split_by, split=split, streaming=bool(streaming))
+    settings = {
+        "val": {"documents": val_documents} if val_documents is not None else {"fraction": val_fraction},
+        "split_by": split_by,
+        "seed": seed,
+        "max_documents": max_documents,
+    }
+    identity = tokenizer_identity(loaded)
+    key_material = {
+        "format_version": FORMAT_VERSION,
+        "source": corpus.identity,
+        "tokenizer": identity,
+        "settings": settings,
+    }
+    cache_key = hashlib.sha256(json.dumps(key_material, sort_keys=True).encode()).hexdigest()
+    root = Path(out)
+    target = root / f"{corpus.name}-{_tokenizer_name(str(tokenizer))}-{cache_key[:12]}"
+    if read_meta(target) is not None:
+        print(f"tinyseek prepare: reusing {target}", file=sys.stderr)
+        return target
+    if target.exists():
+        shutil.rmtree(target)
+
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".partial-{target.name}-", dir=root))
+    try:
+        started = time.perf_counter()
+        dtype = token_dtype(len(loaded))
+        encoder_args = (loaded.backend_tokenizer.to_str(), loaded.eos_token_id, dtype.name)
+        workers = num_workers or _available_cores()
+        lengths: list[np.ndarray] = []
+        groups: list[str] | None = [] if split_by is not None else None
+        all_tokens = staging / "documents.tmp"
+        expected_documents = min(filter(None, (corpus.num_rows, max_documents)), default=None)
+        progress = tqdm(total=expected_documents, unit="doc", desc="tokenizing", disable=None, file=sys.stderr)
+        with open(all_tokens, "wb") as handle, progress:
+            for batch, tokens, batch_lengths in _encode_all(corpus.documents(max_documents), encoder_args, workers):
+                handle.write(tokens.tobytes())
+                lengths.append(batch_lengths)
+                if groups is not None:
+                    groups += [document.group for document in batch]
+                progress.update(len(batch))
+        document_lengths = np.concatenate(lengths) if lengths else np.empty(0, np.int64)
+        if not len(document_lengths):
+            raise UserError(f"the corpus {source} has no non-blank documents in column {text_column!r}")
+        is_val = _validation_mask(groups, len(document_lengths), val_fraction, val_documents, seed)
+        counts = _split_files(staging, all_tokens, dtype, document_lengths, is_val)
+        all_tokens.unlink()
+        if groups is not None:
+            group_array = np.array(groups, dtype=object).astype(str)
+            counts["train"]["groups"] = len(np.unique(group_array[~is_val]))
+            counts["val"]["groups"] = len(np.unique(group_array[is_val]))
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "cache_key": cache_key,
+            "dtype": dtype.name,
+            "tokenizer": {
+                "spec": str(tokenizer),
+                "identity": identity,
+                "vocabulary_size": len(loaded),
+                "bos_token_id": loaded.bos_token_id,
+                "eos_token_id": loaded.eos_token_id,
+                "pad_token_id": loaded.pad_token_id,
+            },
+            "source": {"spec": str(source), "locations": corpus.locations, **corpus.identity},
+            "settings": settings,
+            **counts,
+            "seconds": round(time.perf_counter() - started, 2),
+        }
+        _fsync_write(staging / META_FILE, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+        _fsync_directory(staging)
+        try:
+            staging.rename(target)
+        except OSError:
+            # Another process (a second data-parallel rank) finished the same folder first: use it.
+            if read_meta(target) is None:
+                raise
+            shutil.rmtree(staging)
+        _fsync_directory(root)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def resolve_data(data: str, tokenizer: str, cache_root: str | Path, **prepare_kwargs) -> Path:
+    """The prepared folder for `data`: `data` itself if prepare made it (its tokenizer must match), else prepare's."""
+    meta = read_meta(data) if Path(data).is_dir() else None
+    if meta is None:
+        if Path(data).is_dir() and (Path(data) / META_FILE).exists():
+            raise UserError(f"{data} holds an incomplete or outdated prepared corpus; run `tinyseek prepare` again")
+        return prepare_corpus(data, tokenizer, cache_root, **prepare_kwargs)
+    identity = tokenizer_identity(tokenizer)
+    if meta["tokenizer"]["identity"] != identity:
+        raise UserError(
+            f"{data} was prepared with tokenizer {meta['tokenizer']['spec']} ({meta['tokenizer']['identity']}), "
+            f"not with {tokenizer} ({identity}); prepare it again with this tokenizer"
+        )
+    return Path(data)

@@ -1,0 +1,178 @@
+"""Tokenizers: load one (Hub name, local directory or tokenizer.json), identify it, check it fits a model, train one."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers.utils import logging as transformers_logging
+
+from tinyseek.data.hub import first_line, require_hub
+from tinyseek.data.sources import open_source
+from tinyseek.errors import UserError
+
+DEFAULT_TOKENIZER = "deepseek-ai/deepseek-coder-1.3b-base"
+LOCAL_TOKENIZER_HINT = "for a local tokenizer pass --tokenizer PATH (a tokenizer directory or tokenizer.json)"
+# A bare tokenizer.json names no EOS token; these are the usual ones, in order of preference.
+EOS_CANDIDATES = ("<｜end▁of▁sentence｜>", "<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<|eos|>")
+TRAINED_METADATA = "tinyseek_tokenizer.json"
+BYTE_ALPHABET_SIZE = 256
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers warns about harmless class-name mismatches in tokenizer configs; users cannot act on that."""
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+
+
+def _looks_like_path(spec: str) -> bool:
+    return spec.startswith((".", "/", "~")) or spec.endswith(".json") or spec.count("/") > 1
+
+
+def load_tokenizer(spec: str | Path) -> PreTrainedTokenizerFast:
+    """A fast tokenizer with an EOS token, from a Hub name, a local directory or a tokenizer.json file."""
+    spec = str(spec)
+    path = Path(spec).expanduser()
+    if path.is_file() and path.name == "tokenizer.json" and (path.parent / "tokenizer_config.json").is_file():
+        path = path.parent
+    try:
+        with _quiet_transformers():
+            if path.is_file():
+                tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(path))
+            elif path.is_dir():
+                tokenizer = AutoTokenizer.from_pretrained(path)
+            elif _looks_like_path(spec):
+                raise UserError(f"no such tokenizer file or directory: {spec}")
+            else:
+                require_hub(f"tokenizer {spec!r}", LOCAL_TOKENIZER_HINT)
+                tokenizer = AutoTokenizer.from_pretrained(spec)
+    except UserError:
+        raise
+    except Exception as error:  # transformers and tokenizers raise many types for one cause: unusable input
+        raise UserError(f"cannot load tokenizer {spec!r}: {first_line(error)}; {LOCAL_TOKENIZER_HINT}") from None
+    if not getattr(tokenizer, "is_fast", False):
+        raise UserError(f"tokenizer {spec!r} has no fast (Rust) implementation; tinyseek needs a tokenizer.json")
+    if tokenizer.eos_token_id is None:
+        vocab = tokenizer.get_vocab()
+        eos = next((token for token in EOS_CANDIDATES if token in vocab), None)
+        if eos is None:
+            raise UserError(f"tokenizer {spec!r} has no EOS token (looked for {', '.join(EOS_CANDIDATES)})")
+        tokenizer.eos_token = eos
+    return tokenizer
+
+
+def check_tokenizer_fits(tokenizer: PreTrainedTokenizerFast, vocab_size: int) -> None:
+    """Refuse a tokenizer that can emit ids the model's embedding has no row for."""
+    largest_id = len(tokenizer) - 1
+    if largest_id >= vocab_size:
+        raise UserError(
+            f"the tokenizer has {len(tokenizer)} tokens (largest id {largest_id}) but the model's vocab_size is "
+            f"{vocab_size}; use a model with vocab_size >= {len(tokenizer)} or a smaller tokenizer"
+        )
+
+
+def tokenizer_identity(tokenizer: str | Path | PreTrainedTokenizerFast) -> str:
+    """A hash of what the tokenizer does (vocabulary, merges, rules, special ids), not of where it was loaded from."""
+    if not isinstance(tokenizer, PreTrainedTokenizerFast):
+        tokenizer = load_tokenizer(tokenizer)
+    definition = json.loads(tokenizer.backend_tokenizer.to_str())
+    # Padding and truncation are call-time settings that transformers writes into the backend; they do not change ids.
+    definition.pop("padding", None)
+    definition.pop("truncation", None)
+    definition["special_ids"] = {
+        "bos": tokenizer.bos_token_id,
+        "eos": tokenizer.eos_token_id,
+        "pad": tokenizer.pad_token_id,
+    }
+    digest = hashlib.sha256(json.dumps(definition, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+    return f"sha256:{digest[:16]}"
+
+
+def train_bpe_tokenizer(
+    files_or_source: str | Path | Sequence[str | Path],
+    vocab_size: int,
+    out_dir: str | Path,
+    *,
+    text_column: str = "text",
+    split: str = "train",
+    max_documents: int | None = None,
+    min_frequency: int = 2,
+    bos_token: str = "<|bos|>",
+    eos_token: str = "<|eos|>",
+    pad_token: str = "<|pad|>",
+) -> Path:
+    """Train a byte-level BPE on a corpus and save a directory that `load_tokenizer` loads.
+
+    The special tokens take ids 0, 1 and 2 (BOS, EOS, PAD); `tinyseek_tokenizer.json` in the directory records
+    them with the vocabulary size and the corpus identity.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    special_tokens = [bos_token, eos_token, pad_token]
+    smallest = BYTE_ALPHABET_SIZE + len(special_tokens)
+    if vocab_size <= smallest:
+        raise UserError(
+            f"--vocab-size must exceed {smallest} (256 byte tokens and {len(special_tokens)} special tokens), "
+            f"got {vocab_size}"
+        )
+    source = open_source(files_or_source, text_column=text_column, split=split)
+    documents = source.documents(max_documents)
+    first = next(documents, None)
+    if first is None:
+        raise UserError(f"the corpus {files_or_source} has no non-blank documents")
+
+    def texts():
+        yield first.text
+        for document in documents:
+            yield document.text
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=special_tokens,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(texts(), trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token=bos_token, eos_token=eos_token, pad_token=pad_token
+    )
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".partial-{out_dir.name}-", dir=out_dir.parent))
+    try:
+        tokenizer.save_pretrained(staging)
+        metadata = {
+            "type": "byte-level BPE",
+            "vocab_size": len(tokenizer),
+            "special_tokens": {
+                role: {"token": token, "id": tokenizer.convert_tokens_to_ids(token)}
+                for role, token in zip(("bos", "eos", "pad"), special_tokens)
+            },
+            "source": source.identity,
+            "max_documents": max_documents,
+            "min_frequency": min_frequency,
+        }
+        (staging / TRAINED_METADATA).write_text(json.dumps(metadata, indent=2, ensure_ascii=False) + "\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        staging.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir
