@@ -1,0 +1,268 @@
+"""Checkpoints: atomic, verifiable, and loaded without unpickling arbitrary objects.
+
+Layout of one checkpoint, RUN_DIR/checkpoints/step_XXXXXXXX/:
+    config.json, model.safetensors     the Hugging Face `save_pretrained` folder (MoE biases are buffers in it)
+    tokenizer files                    `tokenizer.save_pretrained`, so AutoTokenizer.from_pretrained(dir) works
+    optimizer.pt                       optimizer, scheduler and grad-scaler state (torch.load(weights_only=True))
+    trainer_state.json                 step, tokens, sampler and RNG state, tokenizer identity, resolved config,
+                                       and a manifest (size and sha256 of every other file)
+
+A checkpoint is written into a hidden temporary directory, fsynced, and renamed into place, so a crash at any
+instant leaves either the old set of checkpoints or the new one. trainer_state.json is written last and carries the
+manifest, so a checkpoint whose files were truncated or altered afterwards is detected and skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+import os
+import re
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import load_file
+from transformers.utils import logging as hf_logging
+
+from tinyseek.config import TinySeekConfig
+from tinyseek.errors import UserError
+
+CHECKPOINTS = "checkpoints"
+TRAINER_STATE = "trainer_state.json"
+OPTIMIZER_STATE = "optimizer.pt"
+WEIGHTS = "model.safetensors"
+STEP_DIR = re.compile(r"^step_(\d{8,})$")
+# The special-token ids follow the tokenizer, which is checked on its own; every other field shapes the network.
+ARCHITECTURE_FIELDS = sorted(
+    set(inspect.signature(TinySeekConfig.__init__).parameters) - {"self", "kwargs", "bos_token_id", "eos_token_id",
+                                                                   "pad_token_id"}
+)
+
+log = logging.getLogger("tinyseek.train")
+
+
+def checkpoint_root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / CHECKPOINTS
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Checkpoint directories of a run, oldest first, valid or not (temporary directories are not listed)."""
+    root = checkpoint_root(run_dir)
+    if not root.is_dir():
+        return []
+    found = [path for path in root.iterdir() if path.is_dir() and STEP_DIR.match(path.name)]
+    return sorted(found, key=lambda path: int(STEP_DIR.match(path.name).group(1)))
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_trainer_state(checkpoint: str | Path) -> dict[str, Any]:
+    with open(Path(checkpoint) / TRAINER_STATE) as handle:
+        return json.load(handle)
+
+
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """Why `checkpoint` is unusable, or None when every file matches its manifest."""
+    try:
+        state = read_trainer_state(checkpoint)
+    except FileNotFoundError:
+        return f"{TRAINER_STATE} is missing (the write was interrupted)"
+    except (OSError, ValueError) as error:
+        return f"{TRAINER_STATE} is unreadable ({error})"
+    manifest = state.get("manifest")
+    if not isinstance(manifest, dict) or WEIGHTS not in manifest or OPTIMIZER_STATE not in manifest:
+        return f"{TRAINER_STATE} has no manifest of the checkpoint's files"
+    for name, expected in manifest.items():
+        path = checkpoint / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != expected["bytes"]:
+            return f"{name} has {path.stat().st_size} bytes, the manifest says {expected['bytes']}"
+        if file_digest(path) != expected["sha256"]:
+            return f"{name} does not match its sha256 in the manifest"
+    return None
+
+
+def latest_checkpoint(
+    run_dir: str | Path, report: Callable[[Path, str], None] | None = None
+) -> Path | None:
+    """The newest valid checkpoint of a run, or None. Invalid newer ones are passed to `report` (default: a
+    warning on the `tinyseek.train` logger) and skipped."""
+    report = report or (lambda path, problem: log.warning("skipping checkpoint %s: %s", path, problem))
+    for checkpoint in reversed(list_checkpoints(run_dir)):
+        problem = checkpoint_problem(checkpoint)
+        if problem is None:
+            return checkpoint
+        report(checkpoint, problem)
+    return None
+
+
+def fsync_tree(directory: Path) -> None:
+    for path in sorted(directory.rglob("*"), reverse=True):
+        descriptor = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+    fsync_dir(directory)
+
+
+def fsync_dir(directory: Path) -> None:
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+@contextmanager
+def quiet_progress_bars():
+    """transformers draws a progress bar per save; between the trainer's own bar and log lines it is noise."""
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    model,
+    tokenizer,
+    optimizer_state: dict[str, Any],
+    trainer_state: dict[str, Any],
+    keep: int,
+) -> Path:
+    """Write checkpoint `step` atomically, then delete all but the newest `keep` valid checkpoints."""
+    root = checkpoint_root(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:08d}"
+    staging = root / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    with quiet_progress_bars():
+        model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    torch.save(optimizer_state, staging / OPTIMIZER_STATE)
+    manifest = {
+        str(path.relative_to(staging)): {"bytes": path.stat().st_size, "sha256": file_digest(path)}
+        for path in sorted(staging.rglob("*"))
+        if path.is_file()
+    }
+    with open(staging / TRAINER_STATE, "w") as handle:
+        json.dump({**trainer_state, "manifest": manifest}, handle, indent=1)
+    fsync_tree(staging)
+    if final.exists():
+        # An older attempt at this step (e.g. a corrupt one that was skipped): move it aside, never half-replace it.
+        displaced = root / f".old-{final.name}-{os.getpid()}"
+        os.replace(final, displaced)
+        os.replace(staging, final)
+        shutil.rmtree(displaced)
+    else:
+        os.replace(staging, final)
+    fsync_dir(root)
+    prune_checkpoints(run_dir, keep, newest=final)
+    return final
+
+
+def prune_checkpoints(run_dir: str | Path, keep: int, newest: Path) -> None:
+    """Keep the `keep` newest valid checkpoints up to `newest`; delete older ones. Newer ones (left by a run that
+    fell back past a corrupt checkpoint) are overwritten when training reaches their step."""
+    older = [path for path in list_checkpoints(run_dir) if path.name <= newest.name]
+    kept = 0
+    for checkpoint in reversed(older):
+        if kept < keep and (checkpoint == newest or checkpoint_problem(checkpoint) is None):
+            kept += 1
+        else:
+            shutil.rmtree(checkpoint)
+
+
+def remove_stale_staging(run_dir: str | Path) -> None:
+    """Delete temporary directories left by a process killed while saving."""
+    root = checkpoint_root(run_dir)
+    if root.is_dir():
+        for path in root.glob(".tmp-step_*"):
+            shutil.rmtree(path, ignore_errors=True)
+        for path in root.glob(".old-step_*"):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def architecture_differences(saved: dict[str, Any], current: TinySeekConfig) -> list[str]:
+    """`field: checkpoint has X, this run has Y` for every architectural field that differs."""
+    saved_config = TinySeekConfig.from_dict(saved)
+    return [
+        f"{name}: checkpoint has {getattr(saved_config, name)!r}, this run has {getattr(current, name)!r}"
+        for name in ARCHITECTURE_FIELDS
+        if getattr(saved_config, name) != getattr(current, name)
+    ]
+
+
+def load_weights(model: torch.nn.Module, checkpoint: Path) -> None:
+    """Load model.safetensors into `model` strictly; a key may be absent only if it shares storage with one that
+    is present (tied embeddings are saved once)."""
+    state = load_file(checkpoint / WEIGHTS, device=str(next(model.parameters()).device))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    own = model.state_dict()
+    loaded_storage = {own[key].data_ptr() for key in state if key in own}
+    missing = [key for key in missing if own[key].data_ptr() not in loaded_storage]
+    if missing or unexpected:
+        raise UserError(
+            f"checkpoint {checkpoint}: weights do not fit the model (missing {missing[:5]}, unexpected "
+            f"{unexpected[:5]})"
+        )
+
+
+def load_optimizer_state(checkpoint: Path) -> dict[str, Any]:
+    return torch.load(checkpoint / OPTIMIZER_STATE, map_location="cpu", weights_only=True)
+
+
+def resolve_checkpoint(path_or_run_dir: str | Path) -> Path:
+    """A checkpoint directory, or the latest valid checkpoint of a run directory; UserError if there is none."""
+    path = Path(path_or_run_dir)
+    if not path.exists():
+        raise UserError(f"{path}: no such file or directory")
+    if (path / TRAINER_STATE).exists() or STEP_DIR.match(path.name):
+        problem = checkpoint_problem(path)
+        if problem:
+            raise UserError(f"checkpoint {path} is unusable: {problem}")
+        return path
+    if checkpoint_root(path).is_dir():
+        latest = latest_checkpoint(path)
+        if latest is None:
+            raise UserError(f"run {path} has no valid checkpoint")
+        return latest
+    if (path / "config.json").is_file():
+        return path
+    raise UserError(f"{path} is neither a checkpoint, a run directory, nor a Hugging Face model folder")
+
+
+def load_model_and_tokenizer(path_or_run_dir: str | Path, device: str | torch.device | None = None):
+    """(model in eval mode, tokenizer) from a checkpoint, a run directory (its latest valid checkpoint) or an
+    exported Hugging Face folder."""
+    from transformers import AutoTokenizer
+
+    from tinyseek import TinySeekForCausalLM
+
+    checkpoint = resolve_checkpoint(path_or_run_dir)
+    try:
+        model = TinySeekForCausalLM.from_pretrained(checkpoint)
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot load {checkpoint}: {error}") from None
+    if device is not None:
+        model.to(device)
+    return model.eval(), tokenizer

@@ -1,0 +1,71 @@
+"""`tinyseek train` and `python train.py`: one program. A config file (a path, or a preset name under configs/),
+then the named flags, then `--set KEY=VALUE` overrides in order."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tinyseek.train.config import load_config, parse_assignment
+
+# Flag name -> the config key it sets.
+FLAG_KEYS = {
+    "data": "data.source",
+    "tokenizer": "data.tokenizer",
+    "out_dir": "out_dir",
+    "max_steps": "max_steps",
+    "checkpoint_every": "checkpoint.every",
+    "keep": "checkpoint.keep",
+    "seed": "seed",
+    "device": "device",
+    "dtype": "dtype",
+    "compile": "compile",
+    "tensorboard": "logging.tensorboard",
+    "peak_flops": "logging.peak_flops",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tinyseek train",
+        description="Train a TinySeek model. A run resumes by itself from the latest valid checkpoint in --out-dir.",
+    )
+    parser.add_argument("--config", default="seed", help="YAML/TOML file or preset name in configs/ (default: seed)")
+    parser.add_argument("--data", help="Hub dataset name, local file(s)/directory, or a `tinyseek prepare` directory")
+    parser.add_argument("--tokenizer", help="tokenizer directory or tokenizer.json")
+    parser.add_argument("--out-dir", help="run directory: checkpoints, metrics.jsonl, train.log, config.yaml")
+    parser.add_argument("--max-steps", type=int, help="optimizer steps (raise it to continue a finished run)")
+    parser.add_argument("--checkpoint-every", type=int, help="save a checkpoint every N optimizer steps")
+    parser.add_argument("--keep", type=int, help="how many of the latest checkpoints to keep")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--device", help="cpu, cuda, cuda:1, mps, or auto (default)")
+    parser.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], help="training precision")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile")
+    parser.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--peak-flops", type=float, help="device peak FLOP/s for MFU (default: measured)")
+    parser.add_argument(
+        "--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
+        help="override any config field, e.g. --set model.hidden_size=256 --set optim.lr=3e-4",
+    )
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    """`argv[0]` is the command name ("train"), as the `tinyseek` dispatcher passes it."""
+    args = build_parser().parse_args(argv[1:])
+    overrides = [
+        (key.split("."), getattr(args, flag)) for flag, key in FLAG_KEYS.items() if getattr(args, flag) is not None
+    ]
+    overrides += [parse_assignment(assignment) for assignment in args.assignments]
+    config = load_config(args.config, overrides)
+
+    from tinyseek.train.trainer import Trainer  # torch and the model load only once the config is known to be good
+
+    return Trainer(config).train()
+
+
+def run_script() -> int:
+    """`python train.py`: the same program and the same error handling as `tinyseek train`."""
+    from tinyseek.cli import main as tinyseek_main
+
+    return tinyseek_main(["train", *sys.argv[1:]])

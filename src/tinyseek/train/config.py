@@ -1,0 +1,314 @@
+"""The training configuration: one dataclass per concern, loaded from YAML or TOML, overridden from the command line,
+and checked strictly (an unknown key or a value of the wrong type is a `UserError` that names the key)."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tinyseek.config import TinySeekConfig
+from tinyseek.errors import UserError
+
+PRESET_DIR = Path(__file__).resolve().parents[3] / "configs"
+DTYPES = ("auto", "fp32", "bf16", "fp16")
+SCHEDULES = ("cosine", "wsd", "constant")
+OPTIMIZER_IMPLEMENTATIONS = ("auto", "fused", "foreach", "for-loop")
+DEFAULT_MODEL_PRESET = "seed"
+
+
+@dataclass
+class DataConfig:
+    source: str | None = None
+    """A Hub dataset name, a local file or directory of text, or a directory made by `tinyseek prepare`;
+    None means the data module's default dataset."""
+    tokenizer: str | None = None
+    """A tokenizer directory or tokenizer.json; None means the data module's default tokenizer."""
+    cache_dir: str = "~/.cache/tinyseek/data"
+    """Where raw sources are tokenized to on first use (reused by later runs with the same source and tokenizer)."""
+    text_column: str = "text"
+    split_by: str | None = None
+    """A column (e.g. a book title) that decides the train/val split, so no group sits in both; None splits by
+    document."""
+    val_fraction: float = 0.01
+    val_documents: int | None = None
+    seq_len: int = 32
+    micro_batch_size: int = 1
+    grad_accum: int = 8
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-5
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this; 0 disables clipping."""
+    implementation: str = "auto"
+    """AdamW kernel: "fused" (one kernel for all tensors, fastest on CPU and CUDA), "foreach", "for-loop", or
+    "auto" (fused where the device supports it, else foreach)."""
+
+
+@dataclass
+class ScheduleConfig:
+    kind: str = "cosine"
+    """"cosine": linear warmup then cosine decay to the floor; "wsd": warmup, stable, then linear decay to the floor
+    over the last `decay_fraction` of the steps; "constant": warmup then flat."""
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    """The floor, as a fraction of the peak learning rate."""
+    decay_fraction: float = 0.2
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 100
+    keep: int = 1
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 20
+    sample_every: int = 100
+    tensorboard: bool = False
+    progress_bar: bool = True
+    peak_flops: float | None = None
+    """Peak FLOP/s of the device for the MFU estimate; None measures a matmul once at startup."""
+
+
+@dataclass
+class SampleConfig:
+    prompts: list[str] = field(
+        default_factory=lambda: ["The history of", "In mathematics, a function is", "Once upon a time"]
+    )
+    max_new_tokens: int = 40
+    do_sample: bool = True
+    temperature: float = 0.8
+    top_k: int = 50
+    top_p: float = 0.95
+    repetition_penalty: float = 1.1
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/default"
+    max_steps: int = 10_000
+    """Optimizer steps; each consumes micro_batch_size * grad_accum * world_size windows."""
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "auto"
+    """"auto": bf16 autocast on CPU and on GPUs that support it, fp16 with a GradScaler on GPUs that don't, fp32
+    on MPS; or one of "fp32", "bf16", "fp16"."""
+    gradient_checkpointing: bool = False
+    compile: bool = False
+    model: dict[str, Any] = field(default_factory=lambda: {"preset": DEFAULT_MODEL_PRESET})
+    """`preset` (a name in tinyseek.PRESETS, default "seed"; null for TinySeekConfig's own defaults) plus any
+    TinySeekConfig field, which overrides the preset."""
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def build_model_config(self, **tokenizer_defaults) -> TinySeekConfig:
+        """The model's TinySeekConfig: preset, then `tokenizer_defaults` (special-token ids), then explicit fields."""
+        fields = dict(self.model)
+        preset = fields.pop("preset", None)
+        explicit = {**{k: v for k, v in tokenizer_defaults.items() if k not in fields}, **fields}
+        try:
+            if preset is None:
+                return TinySeekConfig(**explicit)
+            return TinySeekConfig.from_preset(preset, **explicit)
+        except ValueError as error:
+            raise UserError(f"model.{error}") from None
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """A config file path, or the name of a preset under configs/ (`seed`, `cpu-quick`, ...)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    for suffix in (".yaml", ".yml", ".toml"):
+        preset = PRESET_DIR / f"{name_or_path}{suffix}"
+        if preset.is_file():
+            return preset
+    known = sorted(p.stem for p in PRESET_DIR.glob("*.y*ml")) if PRESET_DIR.is_dir() else []
+    raise UserError(f"config {name_or_path!r}: no such file, and not a preset (presets: {', '.join(known) or 'none'})")
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    try:
+        if path.suffix == ".toml":
+            raw = read_toml(path)
+        else:
+            raw = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, ValueError) as error:
+        raise UserError(f"config {path}: cannot parse it: {error}".replace("\n", " ")) from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise UserError(f"config {path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        raise UserError(f"config {path}: TOML configs need Python 3.11 or newer; use YAML") from None
+    return tomllib.loads(path.read_text())  # TOMLDecodeError is a ValueError
+
+
+def parse_assignment(assignment: str) -> tuple[list[str], Any]:
+    """`section.key=value` from `--set`; the value is read as YAML, so `true`, `3`, `[0.9, 0.95]` keep their types."""
+    key, sep, text = assignment.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"--set {assignment!r}: expected KEY=VALUE, e.g. --set optim.lr=3e-4")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    return key.strip().split("."), value
+
+
+def set_nested(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UserError(f"{'.'.join(path)}: {part!r} is a value, not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def load_config(config: str | None = None, overrides: list[tuple[list[str], Any]] = ()) -> TrainConfig:
+    """Defaults, then the config file (a path or preset name), then `overrides` (key path, value) in order."""
+    tree = read_config_file(resolve_config_path(config)) if config is not None else {}
+    for path, value in overrides:
+        set_nested(tree, path, value)
+    train_config = build_dataclass(TrainConfig, tree, prefix="")
+    validate(train_config)
+    return train_config
+
+
+def build_dataclass(cls, values: dict[str, Any], prefix: str):
+    if not isinstance(values, dict):
+        raise UserError(f"{prefix.rstrip('.')}: expected a section (mapping), got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise UserError(f"unknown config key {prefix}{unknown[0]}; {prefix or 'top level'} keys are: {', '.join(sorted(names))}")
+    kwargs = {}
+    for name, value in values.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = build_dataclass(hint, value, prefix=f"{prefix}{name}.")
+        elif name == "model" and cls is TrainConfig:
+            kwargs[name] = check_model_section(value)
+        else:
+            kwargs[name] = check_type(f"{prefix}{name}", value, hint)
+    return cls(**kwargs)
+
+
+def check_model_section(values: Any) -> dict[str, Any]:
+    if not isinstance(values, dict):
+        raise UserError(f"model: expected a section (mapping), got {values!r}")
+    hints = typing.get_type_hints(TinySeekConfig.__init__)
+    fields = {name for name in inspect.signature(TinySeekConfig.__init__).parameters if name in hints}
+    checked = {"preset": DEFAULT_MODEL_PRESET}
+    for name, value in values.items():
+        if name == "preset":
+            checked[name] = check_type("model.preset", value, str | None)
+        elif name not in fields:
+            raise UserError(f"unknown config key model.{name}; model keys are `preset` and the TinySeekConfig fields")
+        else:
+            checked[name] = check_type(f"model.{name}", value, hints[name])
+    return checked
+
+
+def check_type(key: str, value: Any, hint) -> Any:
+    """`value` if it has type `hint` (int is accepted for float), else a UserError naming `key`."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(hint):
+            try:
+                return check_type(key, value, option)
+            except UserError:
+                continue
+        raise UserError(f"{key}: expected {type_name(hint)}, got {value!r}")
+    if hint is type(None):
+        if value is None:
+            return None
+    elif origin is list:
+        if isinstance(value, (list, tuple)):
+            (item_hint,) = typing.get_args(hint)
+            return [check_type(f"{key}[{i}]", item, item_hint) for i, item in enumerate(value)]
+    elif origin is dict or hint is Any:
+        return value
+    elif hint is float:
+        # PyYAML reads `5e-5` (no dot) as a string, so numbers written that way are accepted here.
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(value, hint):
+        return value
+    raise UserError(f"{key}: expected {type_name(hint)}, got {value!r}")
+
+
+def type_name(hint) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(type_name(option) for option in typing.get_args(hint))
+    if hint is type(None):
+        return "null"
+    return getattr(hint, "__name__", str(hint))
+
+
+def validate(config: TrainConfig) -> None:
+    def require(condition: bool, message: str):
+        if not condition:
+            raise UserError(message)
+
+    for key in ("max_steps", "data.seq_len", "data.micro_batch_size", "data.grad_accum", "checkpoint.every",
+                "checkpoint.keep", "logging.log_every", "logging.eval_every", "logging.eval_batches",
+                "logging.sample_every", "sample.max_new_tokens"):
+        section, _, name = key.rpartition(".")
+        value = getattr(getattr(config, section) if section else config, name)
+        require(value > 0, f"{key}: must be a positive integer, got {value}")
+    require(config.dtype in DTYPES, f"dtype: unknown dtype {config.dtype!r}; choose one of {', '.join(DTYPES)}")
+    require(config.optim.lr > 0, f"optim.lr: must be positive, got {config.optim.lr}")
+    require(config.optim.weight_decay >= 0, f"optim.weight_decay: must be non-negative, got {config.optim.weight_decay}")
+    require(len(config.optim.betas) == 2 and all(0 <= b < 1 for b in config.optim.betas),
+            f"optim.betas: expected two numbers in [0, 1), got {config.optim.betas}")
+    require(config.optim.grad_clip >= 0, f"optim.grad_clip: must be non-negative (0 disables), got {config.optim.grad_clip}")
+    require(config.optim.implementation in OPTIMIZER_IMPLEMENTATIONS,
+            f"optim.implementation: choose one of {', '.join(OPTIMIZER_IMPLEMENTATIONS)}")
+    require(config.schedule.kind in SCHEDULES,
+            f"schedule.kind: unknown schedule {config.schedule.kind!r}; choose one of {', '.join(SCHEDULES)}")
+    require(config.schedule.warmup_steps >= 0, "schedule.warmup_steps: must be non-negative")
+    require(0 <= config.schedule.min_lr_ratio <= 1, "schedule.min_lr_ratio: must be in [0, 1]")
+    require(0 < config.schedule.decay_fraction <= 1, "schedule.decay_fraction: must be in (0, 1]")
+    require(config.sample.temperature > 0, "sample.temperature: must be positive")
+    require(0 < config.sample.top_p <= 1, "sample.top_p: must be in (0, 1]")
+    require(config.sample.repetition_penalty > 0, "sample.repetition_penalty: must be positive")
+    config.build_model_config()

@@ -1,0 +1,499 @@
+"""The training loop: setup that fails before touching the run directory, then steps, logs, evals, samples and
+checkpoints until max_steps or a signal."""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import random
+import signal
+import time
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from tinyseek import TinySeekForCausalLM, estimate_flops_per_token, format_parameter_report, parameter_report
+from tinyseek.data import (
+    DEFAULT_DATASET,
+    DEFAULT_TOKENIZER,
+    TokenDataset,
+    WindowSampler,
+    check_tokenizer_fits,
+    iter_eval_batches,
+    load_tokenizer,
+    resolve_data,
+    tokenizer_identity,
+)
+from tinyseek.errors import UserError
+from tinyseek.train import checkpoint as ckpt
+from tinyseek.train.config import TrainConfig
+from tinyseek.train.metrics import (
+    MetricsWriter,
+    format_train_line,
+    log,
+    measured_peak_flops,
+    memory_in_use_gb,
+    remove_handlers,
+    setup_logging,
+    synchronize,
+)
+from tinyseek.train.schedule import build_scheduler
+
+AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+RESOLVED_CONFIG = "config.yaml"
+
+
+def choose_device(requested: str) -> torch.device:
+    if requested != "auto":
+        try:
+            device = torch.device(requested)
+        except RuntimeError as error:
+            raise UserError(f"device: {error}") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"device {requested!r}: CUDA is not available on this machine")
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise UserError(f"device {requested!r}: MPS is not available on this machine")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def choose_precision(requested: str, device: torch.device) -> str:
+    if requested != "auto":
+        return requested
+    if device.type == "cpu":
+        return "bf16"
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def build_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on weight matrices only: norms, biases (1-D) and token embeddings get none, since
+    decaying them pulls scales and rare tokens' vectors towards zero without regularising anything useful."""
+    embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    decay, no_decay = [], []
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            exempt = parameter.ndim < 2 or id(parameter) in embedding_weights
+            (no_decay if exempt else decay).append(parameter)
+    optim = config.optim
+    implementation = optim.implementation
+    if implementation == "auto":
+        implementation = "fused" if device.type in ("cpu", "cuda", "mps") else "foreach"
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=optim.lr,
+        betas=tuple(optim.betas),
+        eps=optim.eps,
+        fused=implementation == "fused",
+        foreach=implementation == "foreach",
+    )
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """Every generator's state as JSON (large integer arrays as base64 of their uint32 words)."""
+    version, mt_words, gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {
+        "python": [version, encode_words(np.array(mt_words, dtype=np.uint32)), gauss],
+        "numpy": [np_name, encode_words(np_keys), np_pos, np_has_gauss, np_gauss],
+        "torch": encode_words(torch.get_rng_state().numpy()),
+    }
+    if device.type == "cuda":
+        state["cuda"] = [encode_words(s.numpy()) for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def restore_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    version, mt_words, gauss = state["python"]
+    random.setstate((version, tuple(int(w) for w in decode_words(mt_words, np.uint32)), gauss))
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = state["numpy"]
+    np.random.set_state((np_name, decode_words(np_keys, np.uint32), np_pos, np_has_gauss, np_gauss))
+    torch.set_rng_state(torch.from_numpy(decode_words(state["torch"], np.uint8)))
+    if device.type == "cuda" and len(state.get("cuda", [])) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([torch.from_numpy(decode_words(s, np.uint8)) for s in state["cuda"]])
+
+
+def encode_words(array: np.ndarray) -> str:
+    return base64.b64encode(np.ascontiguousarray(array).tobytes()).decode("ascii")
+
+
+def decode_words(text: str, dtype) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(text), dtype=dtype).copy()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@contextmanager
+def stop_on_signals(trainer: "Trainer"):
+    """SIGINT/SIGTERM ask the loop to checkpoint and stop after the current optimizer step. The first signal puts
+    the default handlers back, so a second one ends the process at once (the last checkpoint is still intact)."""
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.getsignal(sig) for sig in signals}
+
+    def request_stop(signum, frame):
+        trainer.stop_signal = signal.Signals(signum)
+        for sig in signals:
+            signal.signal(sig, previous[sig])
+
+    for sig in signals:
+        signal.signal(sig, request_stop)
+    try:
+        yield
+    finally:
+        for sig in signals:
+            signal.signal(sig, previous[sig])
+
+
+class Trainer:
+    """One training run. `Trainer(config)` does all the checking and loading (data, tokenizer, model, the resume
+    checkpoint) and raises UserError before anything is written; `train()` runs the loop."""
+
+    def __init__(self, config: TrainConfig, rank: int = 0, world_size: int = 1):
+        self.config = config
+        self.rank, self.world_size = rank, world_size
+        self.is_main = rank == 0
+        self.run_dir = Path(config.out_dir).expanduser()
+        self.stop_signal: signal.Signals | None = None
+        self.device = choose_device(config.device)
+        self.precision = choose_precision(config.dtype, self.device)
+        self.amp_dtype = AMP_DTYPES[self.precision]
+        if self.device.type == "cpu" and config.compile:
+            log.info("note: torch.compile on CPU compiles for minutes before the first step")
+
+        data = config.data
+        self.tokenizer_spec = data.tokenizer or DEFAULT_TOKENIZER
+        self.tokenizer = load_tokenizer(self.tokenizer_spec)
+        self.tokenizer_id = tokenizer_identity(self.tokenizer)
+        self.model_config = config.build_model_config(
+            bos_token_id=self.tokenizer.bos_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        check_tokenizer_fits(self.tokenizer, self.model_config.vocab_size)
+        self.data_dir = resolve_data(
+            data.source or DEFAULT_DATASET,
+            self.tokenizer_spec,
+            Path(data.cache_dir).expanduser(),
+            text_column=data.text_column,
+            split_by=data.split_by,
+            val_fraction=data.val_fraction,
+            val_documents=data.val_documents,
+            vocab_size=self.model_config.vocab_size,
+        )
+        self.train_set = TokenDataset(self.data_dir, "train")
+        self.val_set = TokenDataset(self.data_dir, "val")
+        self.sampler = WindowSampler(
+            self.train_set, data.seq_len, data.micro_batch_size, config.seed, rank=rank, world_size=world_size
+        )
+        self.tokens_per_step = data.seq_len * data.micro_batch_size * data.grad_accum * world_size
+
+        seed_everything(config.seed)
+        self.model = TinySeekForCausalLM(self.model_config).to(self.device)
+        if config.gradient_checkpointing:
+            self.model.activation_checkpointing_enable()
+        self.optimizer = build_optimizer(self.model, config, self.device)
+        self.scheduler = build_scheduler(self.optimizer, config.schedule, config.max_steps)
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
+        self.forward_model = self.wrap_model()
+        self.step, self.tokens = 0, 0
+        self.skipped_checkpoints: list[str] = []
+        self.resumed_from = self.resume()
+
+    def wrap_model(self) -> torch.nn.Module:
+        """The module the loop calls: the model, compiled if asked. Distributed wrappers belong here too."""
+        return torch.compile(self.model) if self.config.compile else self.model
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    # -- checkpoints ------------------------------------------------------------------------------------------
+
+    def resume(self) -> Path | None:
+        """Load the latest valid checkpoint of the run directory, if any; refuse one that does not fit."""
+        checkpoint = ckpt.latest_checkpoint(
+            self.run_dir, report=lambda path, problem: self.skipped_checkpoints.append(f"{path.name}: {problem}")
+        )
+        for skipped in self.skipped_checkpoints:
+            log.warning("skipping unusable checkpoint %s", skipped)
+        if checkpoint is None:
+            return None
+        state = ckpt.read_trainer_state(checkpoint)
+        saved_architecture = json.loads((checkpoint / "config.json").read_text())
+        differences = ckpt.architecture_differences(saved_architecture, self.model_config)
+        if differences:
+            raise UserError(
+                f"checkpoint {checkpoint} is a different architecture from this run's model ("
+                + "; ".join(differences)
+                + "); use another --out-dir or the checkpoint's configuration"
+            )
+        if state["tokenizer"] != self.tokenizer_id:
+            raise UserError(
+                f"checkpoint {checkpoint} was trained with tokenizer {state['tokenizer']}, this run uses "
+                f"{self.tokenizer_id}; use another --out-dir or the same tokenizer"
+            )
+        ckpt.load_weights(self.model, checkpoint)
+        blobs = ckpt.load_optimizer_state(checkpoint)
+        self.optimizer.load_state_dict(blobs["optimizer"])
+        self.scheduler.load_state_dict(blobs["scheduler"])
+        if self.scaler is not None and blobs.get("scaler"):
+            self.scaler.load_state_dict(blobs["scaler"])
+        self.apply_current_hyperparameters()
+        self.sampler.load_state_dict(state["sampler"])
+        self.step, self.tokens = state["step"], state["tokens"]
+        self.saved_rng = state["rng"]
+        return checkpoint
+
+    def apply_current_hyperparameters(self) -> None:
+        """The loaded optimizer carries the old run's settings; the current config wins (an unchanged config
+        gives back exactly the same values)."""
+        optim = self.config.optim
+        self.scheduler.base_lrs = [optim.lr for _ in self.optimizer.param_groups]
+        for group, weight_decay in zip(self.optimizer.param_groups, (optim.weight_decay, 0.0)):
+            group.update(initial_lr=optim.lr, weight_decay=weight_decay, betas=tuple(optim.betas), eps=optim.eps)
+            group["lr"] = optim.lr * self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
+
+    def save(self) -> Path:
+        trainer_state = {
+            "step": self.step,
+            "tokens": self.tokens,
+            "sampler": self.sampler.state_dict(),
+            "rng": rng_state(self.device),
+            "tokenizer": self.tokenizer_id,
+            "tokenizer_spec": self.tokenizer_spec,
+            "data_dir": str(self.data_dir),
+            "config": self.config.to_dict(),
+        }
+        blobs = {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+        }
+        path = ckpt.save_checkpoint(
+            self.run_dir, self.step, self.model, self.tokenizer, blobs, trainer_state, self.config.checkpoint.keep
+        )
+        log.info("saved checkpoint %s", path)
+        return path
+
+    # -- the loop ---------------------------------------------------------------------------------------------
+
+    def train_step(self) -> dict[str, torch.Tensor]:
+        accum = self.config.data.grad_accum
+        self.model.train()
+        lm_loss = torch.zeros((), device=self.device)
+        for micro_step in range(accum):
+            window = self.sampler.batch(self.step * accum + micro_step).to(self.device, non_blocking=True)
+            with self.autocast():
+                out = self.forward_model(input_ids=window[:, :-1], shift_labels=window[:, 1:])
+            loss = out.loss / accum
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            lm_loss += out.lm_loss.detach() / accum
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        clip = self.config.optim.grad_clip or math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.model.update_load_balance_bias()
+        self.step += 1
+        self.tokens += self.tokens_per_step
+        return {"lm_loss": lm_loss, "grad_norm": grad_norm}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean next-token loss over the same validation windows every time (spread evenly over the split), in
+        batches of one optimizer step's windows: without gradients they fit wherever training fits."""
+        data = self.config.data
+        self.model.eval()
+        total, windows = torch.zeros((), device=self.device), 0
+        batches = iter_eval_batches(
+            self.val_set, data.seq_len, data.micro_batch_size * data.grad_accum,
+            max_batches=self.config.logging.eval_batches, rank=self.rank, world_size=self.world_size,
+        )
+        for window in batches:
+            window = window.to(self.device)
+            with self.autocast():
+                loss = self.forward_model(input_ids=window[:, :-1], shift_labels=window[:, 1:]).lm_loss
+            total += loss.float() * len(window)
+            windows += len(window)
+        val_loss = total.item() / windows
+        return {"val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50.0))}
+
+    @torch.no_grad()
+    def sample(self) -> list[dict[str, str]]:
+        """Continuations of the configured prompts. Sampling runs on a forked RNG seeded from the config, so it
+        neither perturbs training (exact resume) nor varies between evaluations except through the weights."""
+        settings = self.config.sample
+        self.model.eval()
+        fork = {"devices": []} if self.device.type == "cpu" else {"device_type": self.device.type}
+        samples = []
+        with torch.random.fork_rng(**fork), self.autocast():
+            torch.manual_seed(self.config.seed)
+            for prompt in settings.prompts:
+                input_ids = self.tokenizer(prompt, return_tensors="pt").input_ids.to(self.device)
+                output = self.model.generate(
+                    input_ids,
+                    attention_mask=torch.ones_like(input_ids),
+                    max_new_tokens=settings.max_new_tokens,
+                    do_sample=settings.do_sample,
+                    temperature=settings.temperature,
+                    top_k=settings.top_k,
+                    top_p=settings.top_p,
+                    repetition_penalty=settings.repetition_penalty,
+                    pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
+                )
+                continuation = self.tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True)
+                samples.append({"prompt": prompt, "continuation": continuation})
+        return samples
+
+    def peak_flops(self) -> float:
+        if self.config.logging.peak_flops:
+            return self.config.logging.peak_flops
+        # A CPU without bf16 units emulates bf16 matmuls far below its fp32 rate; the hardware's peak is the faster.
+        dtypes = {torch.float32, self.amp_dtype or torch.float32}
+        return max(measured_peak_flops(self.device.type, dtype) for dtype in dtypes)
+
+    def announce(self) -> None:
+        log.info("run directory %s", self.run_dir.resolve())
+        log.info("%s", self.model)
+        log.info("%s", format_parameter_report(parameter_report(self.model)))
+        data = self.config.data
+        log.info(
+            "device %s | precision %s | optimizer %s | gradient checkpointing %s | compile %s",
+            self.device, self.precision, "fused AdamW" if self.optimizer.defaults.get("fused") else "AdamW",
+            self.config.gradient_checkpointing, self.config.compile,
+        )
+        log.info(
+            "data %s | train %s tokens, %s documents | val %s tokens, %s documents | tokenizer %s",
+            self.data_dir, f"{len(self.train_set):,}", f"{self.train_set.num_documents:,}",
+            f"{len(self.val_set):,}", f"{self.val_set.num_documents:,}", f"{self.tokenizer_spec} ({self.tokenizer_id})",
+        )
+        log.info(
+            "batch %d sequences x %d tokens = %s tokens per step (micro-batch %d x accumulation %d x %d processes);"
+            " %d steps", data.micro_batch_size * data.grad_accum * self.world_size, data.seq_len,
+            f"{self.tokens_per_step:,}", data.micro_batch_size, data.grad_accum, self.world_size,
+            self.config.max_steps,
+        )
+        if self.resumed_from is not None:
+            log.info("resumed from %s at step %d (%s tokens)", self.resumed_from, self.step, f"{self.tokens:,}")
+
+    def write_resolved_config(self) -> None:
+        path = self.run_dir / RESOLVED_CONFIG
+        staging = path.with_suffix(".yaml.tmp")
+        staging.write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False))
+        staging.replace(path)
+
+    def train(self, stop_at_step: int | None = None) -> int:
+        """Run until max_steps (or `stop_at_step`, as if interrupted there); return the process exit status:
+        0 when finished, 128 + signal number when stopped by SIGINT/SIGTERM (after checkpointing)."""
+        handlers = []
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.remove_stale_staging(self.run_dir)
+            self.write_resolved_config()
+            handlers = setup_logging(self.run_dir)
+        metrics = MetricsWriter(self.run_dir, self.config.logging.tensorboard) if self.is_main else None
+        try:
+            with logging_redirect_tqdm([log]), stop_on_signals(self):
+                return self.loop(metrics, stop_at_step)
+        finally:
+            if metrics is not None:
+                metrics.close()
+            remove_handlers(handlers)
+
+    def loop(self, metrics: MetricsWriter | None, stop_at_step: int | None) -> int:
+        config, every = self.config, self.config.logging
+        if self.is_main:
+            self.announce()
+        with torch.random.fork_rng(devices=[]):  # it builds a model, and training must not see that in its RNG
+            flops_per_token = estimate_flops_per_token(self.model_config, config.data.seq_len)
+        peak = self.peak_flops()
+        if self.resumed_from is not None:
+            restore_rng_state(self.saved_rng, self.device)
+        end = min(config.max_steps, stop_at_step or config.max_steps)
+        progress = tqdm(
+            total=config.max_steps, initial=self.step, unit="step", dynamic_ncols=True,
+            disable=not (self.is_main and every.progress_bar),
+        )
+        saved_at = self.step if self.resumed_from is not None else None
+        loss_sum, steps_since_log, interval_start = 0.0, 0, time.perf_counter()
+        while self.step < end and self.stop_signal is None:
+            result = self.train_step()
+            progress.update()
+            loss_sum += result["lm_loss"].item()
+            steps_since_log += 1
+            if self.step % every.log_every == 0 or self.step == config.max_steps:
+                synchronize(self.device.type)
+                elapsed = time.perf_counter() - interval_start
+                tokens_per_s = steps_since_log * self.tokens_per_step / elapsed
+                values = {
+                    "loss": loss_sum / steps_since_log,
+                    "lr": self.scheduler.get_last_lr()[0],
+                    "grad_norm": result["grad_norm"].item(),
+                    "tokens_per_s": tokens_per_s,
+                    "mfu": tokens_per_s * flops_per_token / peak,
+                    **self.model.moe_metrics(),
+                    "memory_gb": memory_in_use_gb(self.device),
+                }
+                if self.is_main:
+                    progress.set_postfix(loss=f"{values['loss']:.3f}")
+                    log.info("%s", format_train_line(self.step, config.max_steps, values))
+                    metrics.write("train", self.step, self.tokens, **values)
+                loss_sum, steps_since_log, interval_start = 0.0, 0, time.perf_counter()
+            if self.step % every.eval_every == 0 or self.step == config.max_steps:
+                self.report_evaluation(metrics)
+            if self.step % every.sample_every == 0 or self.step == config.max_steps:
+                self.report_samples(metrics)
+            if self.step % config.checkpoint.every == 0 and self.is_main:
+                self.save()
+                saved_at = self.step
+            if self.step % every.log_every == 0:
+                interval_start = time.perf_counter()  # eval, samples and saving are not training throughput
+        progress.close()
+        if self.is_main and saved_at != self.step:
+            self.save()
+        if self.stop_signal is not None:
+            log.info("stopped by %s at step %d; run the same command again to resume", self.stop_signal.name,
+                     self.step)
+            return 128 + self.stop_signal.value
+        if self.is_main and self.step >= config.max_steps:
+            from tinyseek.train.plot import plot_run
+
+            log.info("finished %d steps; loss curves in %s", self.step, plot_run(self.run_dir))
+        return 0
+
+    def report_evaluation(self, metrics: MetricsWriter | None) -> None:
+        values = self.evaluate()
+        if self.is_main:
+            log.info("step %d | val_loss %.4f | val_ppl %.2f", self.step, values["val_loss"], values["val_perplexity"])
+            metrics.write("eval", self.step, self.tokens, **values)
+
+    def report_samples(self, metrics: MetricsWriter | None) -> None:
+        if not self.is_main or not self.config.sample.prompts:
+            return
+        samples = self.sample()
+        for sample in samples:
+            log.info("sample | %s|%s", sample["prompt"], sample["continuation"].replace("\n", "\\n"))
+        metrics.write("samples", self.step, self.tokens, samples=samples)

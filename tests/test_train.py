@@ -1,0 +1,288 @@
+"""The trainer on a tiny model (hidden 32, 2 layers, a 300-token BPE) and a synthetic corpus: seconds per test."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from tinyseek import TinySeekForCausalLM
+from tinyseek.data import resolve_data, train_bpe_tokenizer
+from tinyseek.cli import main as tinyseek_main
+from tinyseek.errors import UserError
+from tinyseek.train import latest_checkpoint, load_config, load_model_and_tokenizer
+from tinyseek.train.checkpoint import list_checkpoints
+from tinyseek.train.cli import main as train_main
+from tinyseek.train.config import ScheduleConfig, parse_assignment
+from tinyseek.train.metrics import read_metrics
+from tinyseek.train.plot import plot_run
+from tinyseek.train.schedule import lr_multiplier
+from tinyseek.train.trainer import Trainer
+
+REPO = Path(__file__).resolve().parents[1]
+WORDS = "the a cat dog sat ran on under mat tree red big small quickly slowly".split()
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory) -> dict[str, str]:
+    """A prepared corpus of simple generated sentences and a BPE tokenizer trained on it."""
+    root = tmp_path_factory.mktemp("tiny-corpus")
+    generator = torch.Generator().manual_seed(0)
+    lines = []
+    for document in range(200):
+        picks = torch.randint(len(WORDS), (60,), generator=generator).tolist()
+        sentence = " ".join(WORDS[i] for i in picks[:6])
+        lines.append(f"{sentence}. {sentence}. " + " ".join(WORDS[i] for i in picks[6:]) + ".")
+    text_file = root / "corpus.jsonl"
+    text_file.write_text("".join(json.dumps({"text": line}) + "\n" for line in lines))
+    tokenizer = train_bpe_tokenizer(str(text_file), 300, root / "tokenizer")
+    prepared = resolve_data(str(text_file), str(tokenizer), root / "cache", val_fraction=0.1)
+    return {"data": str(prepared), "tokenizer": str(tokenizer)}
+
+
+def tiny_config_file(tmp_path: Path, corpus: dict[str, str], **sections) -> Path:
+    config = {
+        "out_dir": str(tmp_path / "run"),
+        "max_steps": 6,
+        "dtype": "fp32",
+        "device": "cpu",
+        "model": {
+            "preset": "seed", "vocab_size": 304, "hidden_size": 32, "num_hidden_layers": 2,
+            "intermediate_size": 64, "moe_intermediate_size": 32,
+        },
+        "data": {"source": corpus["data"], "tokenizer": corpus["tokenizer"], "seq_len": 16,
+                 "micro_batch_size": 2, "grad_accum": 2},
+        "optim": {"lr": 3.0e-3},
+        "schedule": {"warmup_steps": 2},
+        "checkpoint": {"every": 3, "keep": 1},
+        "logging": {"log_every": 1, "eval_every": 3, "eval_batches": 2, "sample_every": 1000,
+                    "progress_bar": False, "peak_flops": 1.0e11},
+        "sample": {"prompts": ["the cat"], "max_new_tokens": 4},
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            config[section].update(values)
+        else:
+            config[section] = values
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def tiny_trainer(tmp_path, corpus, out_dir=None, **sections) -> Trainer:
+    overrides = [(["out_dir"], str(out_dir))] if out_dir else []
+    return Trainer(load_config(str(tiny_config_file(tmp_path, corpus, **sections)), overrides))
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(latest_checkpoint(run_dir) / "model.safetensors")
+
+
+def test_loss_falls_on_a_tiny_corpus(tmp_path, tiny_corpus):
+    trainer = tiny_trainer(tmp_path, tiny_corpus, max_steps=30, optim={"lr": 1.0e-2}, logging={"eval_every": 30})
+    assert trainer.train() == 0
+    records = read_metrics(trainer.run_dir)
+    train_losses = [r["loss"] for r in records if r["kind"] == "train"]
+    assert len(train_losses) == 30
+    assert sum(train_losses[-5:]) / 5 < train_losses[0] - 1.0
+    (final_eval,) = [r for r in records if r["kind"] == "eval"]
+    assert final_eval["val_loss"] < train_losses[0] - 1.0
+    assert final_eval["tokens"] == 30 * 2 * 2 * 16
+    assert (trainer.run_dir / "loss.png").stat().st_size > 0
+    assert "val_loss" in (trainer.run_dir / "train.log").read_text()
+    written = yaml.safe_load((trainer.run_dir / "config.yaml").read_text())
+    assert written["max_steps"] == 30 and written["model"]["hidden_size"] == 32
+
+
+def test_interrupted_and_resumed_run_is_bitwise_identical(tmp_path, tiny_corpus):
+    # Dropout stays on (the seed preset's 0.1), so the restored torch RNG state matters.
+    straight = tiny_trainer(tmp_path, tiny_corpus, out_dir=tmp_path / "straight")
+    straight.train()
+    first = tiny_trainer(tmp_path, tiny_corpus, out_dir=tmp_path / "resumed", checkpoint={"every": 100})
+    first.train(stop_at_step=4)
+    assert [p.name for p in list_checkpoints(first.run_dir)] == ["step_00000004"]
+    second = tiny_trainer(tmp_path, tiny_corpus, out_dir=tmp_path / "resumed", checkpoint={"every": 100})
+    assert second.step == 4 and second.resumed_from is not None
+    second.train()
+    expected, actual = final_weights(straight.run_dir), final_weights(second.run_dir)
+    assert expected.keys() == actual.keys()
+    assert any("bias" in key for key in actual)  # the MoE balancing buffers travel in the weights
+    assert all(torch.equal(expected[key], actual[key]) for key in expected)
+
+
+def test_sigterm_mid_run_leaves_a_checkpoint_that_resumes(tmp_path, tiny_corpus):
+    config = tiny_config_file(
+        tmp_path, tiny_corpus, max_steps=100_000, schedule={"kind": "constant", "warmup_steps": 0},
+        checkpoint={"every": 100_000},
+    )
+    run_dir = tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, str(REPO / "train.py"), "--config", str(config)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    deadline = time.time() + 120
+    while not any(r["kind"] == "train" and r["step"] >= 3 for r in read_metrics(run_dir)):
+        assert process.poll() is None and time.time() < deadline, process.communicate()[0]
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM, output
+    assert "stopped by SIGTERM" in output and "Traceback" not in output
+    stopped_at = json.loads((latest_checkpoint(run_dir) / "trainer_state.json").read_text())["step"]
+    assert stopped_at >= 3
+
+    # Resume to two steps past the stop; the constant schedule makes it comparable with a straight run.
+    constant = {"kind": "constant", "warmup_steps": 0}
+    resumed = tiny_trainer(tmp_path, tiny_corpus, out_dir=run_dir, max_steps=stopped_at + 2, schedule=constant)
+    assert resumed.step == stopped_at
+    resumed.train()
+    straight = tiny_trainer(tmp_path, tiny_corpus, out_dir=tmp_path / "straight", max_steps=stopped_at + 2,
+                            schedule=constant)
+    straight.train()
+    expected, actual = final_weights(straight.run_dir), final_weights(run_dir)
+    assert all(torch.equal(expected[key], actual[key]) for key in expected)
+
+
+def test_keeps_only_the_latest_k_checkpoints(tmp_path, tiny_corpus):
+    trainer = tiny_trainer(tmp_path, tiny_corpus, max_steps=5, checkpoint={"every": 1, "keep": 2})
+    trainer.train()
+    assert sorted(p.name for p in (trainer.run_dir / "checkpoints").iterdir()) == ["step_00000004", "step_00000005"]
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_one_before(tmp_path, tiny_corpus, caplog):
+    tiny_trainer(tmp_path, tiny_corpus, max_steps=4, checkpoint={"every": 2, "keep": 2}).train()
+    run_dir = tmp_path / "run"
+    weights = run_dir / "checkpoints" / "step_00000004" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    assert latest_checkpoint(run_dir).name == "step_00000002"
+    with caplog.at_level("WARNING", logger="tinyseek.train"):
+        trainer = tiny_trainer(tmp_path, tiny_corpus, max_steps=4, checkpoint={"every": 2, "keep": 2})
+    assert trainer.step == 2 and trainer.resumed_from.name == "step_00000002"
+    assert "step_00000004" in caplog.text and "model.safetensors" in caplog.text
+    trainer.train()
+    assert latest_checkpoint(run_dir).name == "step_00000004"
+
+
+def test_bias_update_runs_once_per_optimizer_step(tmp_path, tiny_corpus, monkeypatch):
+    calls = {"update": 0, "train_forward": 0}
+    original_update, original_forward = TinySeekForCausalLM.update_load_balance_bias, TinySeekForCausalLM.forward
+
+    def counting_update(self):
+        calls["update"] += 1
+        original_update(self)
+
+    def counting_forward(self, *args, **kwargs):
+        calls["train_forward"] += self.training
+        return original_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(TinySeekForCausalLM, "update_load_balance_bias", counting_update)
+    monkeypatch.setattr(TinySeekForCausalLM, "forward", counting_forward)
+    trainer = tiny_trainer(tmp_path, tiny_corpus, max_steps=4, data={"grad_accum": 3})
+    biases_before = {k: v.clone() for k, v in trainer.model.state_dict().items() if "bias" in k}
+    trainer.train()
+    assert calls == {"update": 4, "train_forward": 12}
+    biases_after = trainer.model.state_dict()
+    assert any(not torch.equal(biases_before[k], biases_after[k]) for k in biases_before)
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--set", "optim.bogus=1"], "unknown config key optim.bogus"),
+        (["--set", "optim.lr=fast"], "optim.lr: expected float, got 'fast'"),
+        (["--set", "max_steps=1.5"], "max_steps: expected int"),
+        (["--set", "model.hidden_sise=64"], "unknown config key model.hidden_sise"),
+        (["--set", "model.attention_type=rnn"], "model.attention_type: unknown attention type"),
+        (["--set", "dtype=fp8"], "dtype: unknown dtype 'fp8'"),
+        (["--set", "schedule.kind=linear"], "schedule.kind: unknown schedule 'linear'"),
+        (["--max-steps", "0"], "max_steps: must be a positive integer"),
+        (["--config", "no-such-preset"], "not a preset"),
+        (["--set", "optim"], "expected KEY=VALUE"),
+    ],
+)
+def test_config_errors_are_clear(arguments, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        train_main(["train", *arguments])
+
+
+def test_bad_input_exits_with_one_line_and_touches_nothing(tmp_path, tiny_corpus, capsys):
+    tiny_trainer(tmp_path, tiny_corpus, max_steps=2).train()
+    checkpoint = latest_checkpoint(tmp_path / "run")
+    before = {p.name: p.stat().st_mtime_ns for p in checkpoint.iterdir()}
+    config_before = (tmp_path / "run" / "config.yaml").read_text()
+    config = ["--config", str(tmp_path / "tiny.yaml")]
+
+    # One real process: `python train.py` exits 2 with a one-line message, no traceback.
+    result = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *config, "--set", "model.hidden_size=64", "--max-steps", "4"],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 2
+    assert "hidden_size: checkpoint has 32, this run has 64" in result.stderr and "Traceback" not in result.stderr
+    for extra, message in [
+        (["--data", str(tmp_path / "missing.txt"), "--out-dir", str(tmp_path / "other")], "missing.txt"),
+        (["--tokenizer", str(tmp_path / "no-tokenizer"), "--out-dir", str(tmp_path / "other")], "no-tokenizer"),
+        (["--set", "optim.lr=fast"], "optim.lr"),
+    ]:
+        assert tinyseek_main(["train", *config, *extra]) == 2
+        assert message in capsys.readouterr().err
+    assert {p.name: p.stat().st_mtime_ns for p in checkpoint.iterdir()} == before
+    assert (tmp_path / "run" / "config.yaml").read_text() == config_before
+    assert not (tmp_path / "other").exists()
+
+
+def test_checkpoint_loads_for_generation(tmp_path, tiny_corpus):
+    trainer = tiny_trainer(tmp_path, tiny_corpus, max_steps=2)
+    trainer.train()
+    model, tokenizer = load_model_and_tokenizer(trainer.run_dir)
+    assert not model.training
+    saved = trainer.model.state_dict()
+    assert all(torch.equal(value, saved[key]) for key, value in model.state_dict().items())
+    ids = tokenizer("the cat", return_tensors="pt").input_ids
+    assert model.generate(ids, max_new_tokens=3, do_sample=False).shape[1] == ids.shape[1] + 3
+    assert plot_run(trainer.run_dir, tmp_path / "again.png").stat().st_size > 0
+
+
+def test_schedule_warms_up_then_decays_to_the_floor():
+    cosine = ScheduleConfig(kind="cosine", warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_multiplier(0, cosine, 100) == pytest.approx(0.1)
+    assert lr_multiplier(9, cosine, 100) == pytest.approx(1.0)
+    assert lr_multiplier(55, cosine, 100) == pytest.approx(0.55)
+    assert lr_multiplier(100, cosine, 100) == pytest.approx(0.1)
+    wsd = ScheduleConfig(kind="wsd", warmup_steps=10, min_lr_ratio=0.0, decay_fraction=0.2)
+    assert lr_multiplier(79, wsd, 100) == 1.0
+    assert lr_multiplier(90, wsd, 100) == pytest.approx(0.5)
+    assert lr_multiplier(100, wsd, 100) == 0.0
+
+
+def test_set_values_keep_their_yaml_types():
+    assert parse_assignment("optim.betas=[0.9, 0.99]") == (["optim", "betas"], [0.9, 0.99])
+    config = load_config(None, [parse_assignment("optim.lr=3e-4"), parse_assignment("model.hidden_size=256")])
+    assert config.optim.lr == 3e-4 and config.model == {"preset": "seed", "hidden_size": 256}
+
+
+def test_seed_preset_runs_two_steps_on_local_data(tmp_path, shared_data):
+    corpus = shared_data / "corpus" / "tinyshakespeare.txt"
+    tokenizer = shared_data / "tokenizers" / "deepseek-coder"
+    if not corpus.is_file() or not tokenizer.is_dir():
+        pytest.skip("tinyshakespeare or the deepseek-coder tokenizer is absent")
+    config = load_config("seed", [
+        (["data", "source"], str(corpus)), (["data", "tokenizer"], str(tokenizer)),
+        (["data", "cache_dir"], str(tmp_path / "cache")), (["out_dir"], str(tmp_path / "seed")),
+        (["max_steps"], 2), (["logging", "eval_batches"], 1), (["sample", "max_new_tokens"], 3),
+        (["logging", "progress_bar"], False),
+    ])
+    trainer = Trainer(config)
+    assert trainer.config.gradient_checkpointing and trainer.precision == "bf16"
+    assert sum(p.numel() for p in trainer.model.parameters()) == 10_095_760
+    assert trainer.train() == 0
+    assert latest_checkpoint(trainer.run_dir).name == "step_00000002"
+    assert [r["kind"] for r in read_metrics(trainer.run_dir)] == ["train", "eval", "samples"]
