@@ -1,0 +1,135 @@
+"""`tinyseek generate`: continue a prompt with a trained model, optionally streaming, and report tokens/s."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from tinyseek.errors import UserError
+from tinyseek.generate.decode import decode_stream, stopping_criteria
+from tinyseek.generate.loading import add_source_arguments, load
+from tinyseek.generate.sampling import Sampling
+from tinyseek.generate.streaming import TextStream
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tinyseek generate",
+        description="Continue a prompt with a trained model. The continuation goes to stdout, timings to stderr.",
+    )
+    add_source_arguments(parser)
+    prompt = parser.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="the text to continue")
+    prompt.add_argument("--prompt-file", type=Path, help="read the prompt from this file")
+    prompt.add_argument("--interactive", action="store_true", help="read prompts from stdin, one per line, until EOF")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    defaults = Sampling()
+    parser.add_argument("--temperature", type=float, default=defaults.temperature, help="0 means greedy decoding")
+    parser.add_argument("--top-k", type=int, default=defaults.top_k, help="0 switches top-k off")
+    parser.add_argument("--top-p", type=float, default=defaults.top_p)
+    parser.add_argument("--min-p", type=float, default=defaults.min_p)
+    parser.add_argument("--repetition-penalty", type=float, default=defaults.repetition_penalty)
+    parser.add_argument("--seed", type=int, help="make sampling reproducible")
+    parser.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop before this text (repeatable)")
+    parser.add_argument("--stream", action="store_true", help="print the continuation token by token")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto (default)")
+    return parser
+
+
+class Session:
+    """A loaded model and the settings every prompt is continued with."""
+
+    def __init__(self, model, tokenizer, sampling: Sampling, args: argparse.Namespace):
+        self.model, self.tokenizer, self.sampling, self.args = model, tokenizer, sampling, args
+        self.stopping = stopping_criteria(tokenizer.eos_token_id, args.stop, tokenizer)
+
+    def encode(self, prompt: str) -> list[int]:
+        # Training documents are token streams separated by EOS, so EOS is what a document's first token follows.
+        ids = self.tokenizer(prompt, add_special_tokens=False).input_ids
+        eos = self.tokenizer.eos_token_id
+        return ([eos] if eos is not None else []) + ids
+
+    def continue_prompt(self, prompt: str) -> str:
+        """Write the continuation to stdout (as it comes with --stream) and the timings to stderr; return it."""
+        out, log = sys.stdout, sys.stderr
+        prompt_ids = self.encode(prompt)
+        positions = self.model.config.max_position_embeddings
+        if len(prompt_ids) >= positions:
+            raise UserError(
+                f"the prompt is {len(prompt_ids)} tokens long; the model has max_position_embeddings={positions}"
+            )
+        max_new_tokens = min(self.args.max_new_tokens, positions - len(prompt_ids) + 1)
+        if max_new_tokens < self.args.max_new_tokens:
+            print(f"note: at most {max_new_tokens} new tokens fit in the model's {positions} positions", file=log)
+        text = TextStream(self.tokenizer, prompt_ids, self.args.stop)
+        input_ids = torch.tensor([prompt_ids], device=self.model.device)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        start = first_token_at = time.perf_counter()
+        steps = decode_stream(
+            self.model, input_ids, max_new_tokens=max_new_tokens, sampling=self.sampling,
+            stopping=self.stopping, pad_token_id=pad,
+        )
+        new_tokens = 0
+        for new_tokens, (tokens, _) in enumerate(steps, start=1):
+            if new_tokens == 1:
+                first_token_at = time.perf_counter()
+            piece = text.push(tokens[0].item())
+            if self.args.stream and piece:
+                out.write(piece)
+                out.flush()
+        end = time.perf_counter()
+        rest = text.finish()
+        out.write((rest if self.args.stream else text.text) + "\n")
+        out.flush()
+        decode_rate = (new_tokens - 1) / (end - first_token_at) if new_tokens > 1 else float("nan")
+        print(
+            f"{new_tokens} tokens in {end - start:.2f} s: {new_tokens / (end - start):.1f} tokens/s "
+            f"(prompt {len(prompt_ids)} tokens, first token after {first_token_at - start:.3f} s, "
+            f"then {decode_rate:.1f} tokens/s)",
+            file=log,
+        )
+        return text.text
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as error:
+        raise UserError(f"--device: {error}") from None
+
+
+def main(argv: list[str]) -> int:
+    """`argv[0]` is the command name ("generate"), as the `tinyseek` dispatcher passes it."""
+    args = build_parser().parse_args(argv[1:])
+    try:
+        sampling = Sampling(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty, args.seed)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.prompt_file is not None:
+        try:
+            args.prompt = args.prompt_file.read_text()
+        except OSError as error:
+            raise UserError(f"--prompt-file: {error}") from None
+    model, tokenizer = load(args, resolve_device(args.device))
+    session = Session(model, tokenizer, sampling, args)
+    if not args.interactive:
+        session.continue_prompt(args.prompt)
+        return 0
+    while True:
+        print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            return 0
+        if line.strip():
+            try:
+                session.continue_prompt(line.rstrip("\n"))
+            except UserError as error:
+                print(f"error: {error}", file=sys.stderr)

@@ -1,0 +1,56 @@
+"""`tinyseek export`: a Hugging Face folder (weights, config, tokenizer, generation config) from a run or model.
+
+``--format tinyseek`` (the default) loads with ``AutoModelForCausalLM`` once ``tinyseek`` is imported;
+``--format transformers`` loads with plain transformers as ``DeepseekV3ForCausalLM`` or ``LlamaForCausalLM`` where the
+architecture has such a twin (see ``tinyseek.hf``), and is refused with the reason where it has not.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from transformers import GenerationConfig
+
+from tinyseek.errors import UserError
+from tinyseek.generate.loading import add_source_arguments, load
+from tinyseek.hf import to_transformers, transformers_twin_problem
+
+FORMATS = ("tinyseek", "transformers")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tinyseek export", description=__doc__.split("\n\n")[0])
+    add_source_arguments(parser)
+    parser.add_argument("--out", type=Path, required=True, help="the folder to write (must not exist or be empty)")
+    parser.add_argument("--format", choices=FORMATS, default="tinyseek")
+    return parser
+
+
+def export(model, tokenizer, out: Path, format: str = "tinyseek") -> Path:
+    """Write `model` and `tokenizer` to `out` in `format`; return `out`."""
+    if format == "transformers":
+        problem = transformers_twin_problem(model.config)
+        if problem is not None:
+            raise UserError(
+                f"--format transformers: this {model.config.attention_type}/{model.config.ffn_type} model has no "
+                f"transformers equivalent: {problem}"
+            )
+        model = to_transformers(model)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"--out {out} already exists and is not an empty folder")
+    for field in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        setattr(model.config, field, getattr(tokenizer, field))
+    model.generation_config = GenerationConfig.from_model_config(model.config)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def main(argv: list[str]) -> int:
+    """`argv[0]` is the command name ("export"), as the `tinyseek` dispatcher passes it."""
+    args = build_parser().parse_args(argv[1:])
+    model, tokenizer = load(args)
+    export(model, tokenizer, args.out, args.format)
+    print(f"wrote {args.format} folder {args.out}")
+    return 0

@@ -1,0 +1,82 @@
+"""How the next token is chosen: transformers' logits processors, applied in the order `model.generate()` uses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.generation import (
+    LogitsProcessorList,
+    MinPLogitsWarper,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Decoding settings. ``temperature=0`` is greedy decoding (the repetition penalty still applies); 0 / 1.0 / 0.0
+    switch top-k / top-p / min-p off. The defaults are transformers' own."""
+
+    temperature: float = 1.0
+    top_k: int = 50
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def logits_processor(self) -> LogitsProcessorList:
+        processors = LogitsProcessorList()
+        if self.repetition_penalty != 1.0:
+            processors.append(RepetitionPenaltyLogitsProcessor(self.repetition_penalty))
+        if self.greedy:
+            return processors
+        if self.temperature != 1.0:
+            processors.append(TemperatureLogitsWarper(self.temperature))
+        if self.top_k:
+            processors.append(TopKLogitsWarper(self.top_k))
+        if self.top_p < 1.0:
+            processors.append(TopPLogitsWarper(self.top_p))
+        if self.min_p:
+            processors.append(MinPLogitsWarper(self.min_p))
+        return processors
+
+    def generator(self, device: torch.device | str = "cpu") -> torch.Generator | None:
+        """A private random stream for reproducible sampling, or None to use torch's global one."""
+        if self.seed is None or self.greedy:
+            return None
+        return torch.Generator(device=device).manual_seed(self.seed)
+
+    def choose(self, scores: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Next token ids [B] from processed scores [B, V]; draws exactly as `model.generate()` does."""
+        if self.greedy:
+            return scores.argmax(dim=-1)
+        probabilities = scores.softmax(dim=-1)
+        return torch.multinomial(probabilities, num_samples=1, generator=generator).squeeze(1)
+
+    def generate_kwargs(self) -> dict:
+        """The same settings as keyword arguments of `model.generate()` (seed it with `torch.manual_seed`)."""
+        if self.greedy:
+            return {"do_sample": False, "repetition_penalty": self.repetition_penalty}
+        return {
+            "do_sample": True, "temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p,
+            "min_p": self.min_p or None, "repetition_penalty": self.repetition_penalty,
+        }

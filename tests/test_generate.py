@@ -1,0 +1,240 @@
+"""Generation: cached decoding (tinyseek's own loop and model.generate) against recomputation, MLA's compressed cache,
+sampling, stop strings, streaming text, and the `tinyseek generate` command."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import decoders as token_decoders
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import PreTrainedTokenizerFast
+
+from tinyseek import TinySeekConfig, TinySeekForCausalLM
+from tinyseek.cli import main as tinyseek_main
+from tinyseek.generate import Sampling, TextStream, decode, decode_stream, left_pad, stopping_criteria
+from tinyseek.train.checkpoint import save_checkpoint
+
+SMALL = dict(
+    vocab_size=257, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=96,
+    kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, intermediate_size=48,
+    moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2, linear_attention_chunk_size=4,
+)
+ATTENTION_TYPES = ["linear", "mla", "mha"]
+PROMPTS = [[5, 17, 99], [40, 41, 42, 43, 44, 45, 46, 47], [200, 3, 3, 150, 7]]
+EOS = 256
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These models are tiny: a second thread only adds synchronisation, which on a busy machine costs seconds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def small_model(**overrides) -> TinySeekForCausalLM:
+    torch.manual_seed(0)
+    return TinySeekForCausalLM(TinySeekConfig(**{**SMALL, **overrides})).eval()
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """GPT-2-style byte-level tokenizer with one token per byte (id = byte value) and EOS = 256: every character
+    outside ASCII spans several tokens."""
+    backend = Tokenizer(models.BPE(vocab={symbol: byte for byte, symbol in enumerate(byte_symbols())}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = token_decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|eos|>", pad_token="<|eos|>")
+    assert tokenizer.eos_token_id == EOS
+    return tokenizer
+
+
+def byte_symbols() -> list[str]:
+    """GPT-2's printable stand-in for each byte 0..255: printable bytes stand for themselves, the others take the
+    characters from U+0100 on, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    stand_ins = iter(range(256, 512))
+    symbols = [chr(byte) if byte in printable else chr(next(stand_ins)) for byte in range(256)]
+    assert set(symbols) == set(pre_tokenizers.ByteLevel.alphabet())
+    return symbols
+
+
+def greedy_by_recomputation(model, prompt: list[int], new_tokens: int) -> list[int]:
+    """The reference: one unpadded prompt, the whole sequence recomputed without a cache at every step."""
+    sequence = torch.tensor([prompt])
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            sequence = torch.cat([sequence, model(sequence).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    return sequence[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("attention_type", ATTENTION_TYPES)
+def test_cached_decoding_of_a_left_padded_batch_equals_recomputing_each_prompt(attention_type):
+    model = small_model(attention_type=attention_type)
+    new_tokens = 10
+    input_ids, attention_mask = left_pad(PROMPTS, pad_token_id=0)
+    expected = [greedy_by_recomputation(model, prompt, new_tokens) for prompt in PROMPTS]
+
+    ours = decode(model, input_ids, attention_mask, max_new_tokens=new_tokens)
+    theirs = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    width = input_ids.shape[1]
+    assert ours[:, width:].tolist() == expected
+    assert theirs[:, width:].tolist() == expected
+
+
+class RecordOutputShapes(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        self.shapes += [tuple(t.shape) for t in torch.utils._pytree.tree_leaves(result) if isinstance(t, torch.Tensor)]
+        return result
+
+
+def test_mla_decodes_from_the_latent_cache_without_expanding_per_head_keys_or_values():
+    config = TinySeekConfig(**{**SMALL, "attention_type": "mla", "q_lora_rank": 12})
+    model = small_model(**config.to_diff_dict())
+    heads, per_head = config.num_attention_heads, min(config.qk_nope_head_dim, config.v_head_dim)
+    assert config.kv_lora_rank < heads * per_head  # otherwise an expanded tensor would not stand out by size
+    input_ids, attention_mask = left_pad(PROMPTS, pad_token_id=0)
+    batch, context = input_ids.shape[0], input_ids.shape[1] + 1
+    up_projection_inputs = []
+    model.model.layers[0].self_attn.kv_b_proj.register_forward_hook(lambda m, args, out: up_projection_inputs.append(args[0].shape))
+    with torch.no_grad():
+        prefill = model(input_ids, attention_mask=attention_mask, use_cache=True)
+        next_token = prefill.logits[:, -1:].argmax(-1)
+        step_mask = torch.cat([attention_mask, torch.ones(batch, 1, dtype=torch.long)], 1)
+        with RecordOutputShapes() as recorder:
+            step = model(next_token, attention_mask=step_mask, cache=prefill.cache, use_cache=True)
+
+    for layer in step.cache.layers:
+        tensors = (layer.keys, layer.values)
+        assert all(t.shape[:3] == (batch, 1, context) for t in tensors)
+        assert sum(t.shape[-1] for t in tensors) == config.kv_lora_rank + config.qk_rope_head_dim
+    assert up_projection_inputs == []  # kv_b_proj is absorbed into the query and the output, never applied
+    expanded = [s for s in recorder.shapes if context in s and torch.Size(s).numel() >= batch * heads * context * per_head]
+    assert expanded == [], f"per-head tensors over the context during decoding: {expanded}"
+    assert any(s == (batch, 1, context, config.kv_lora_rank) for s in recorder.shapes)
+
+
+@pytest.mark.parametrize("attention_type", ATTENTION_TYPES)
+def test_seeded_sampling_is_reproducible_and_draws_like_generate(attention_type):
+    model = small_model(attention_type=attention_type)
+    input_ids, attention_mask = left_pad(PROMPTS, pad_token_id=0)
+    sampling = Sampling(temperature=0.9, top_k=40, top_p=0.9, min_p=0.02, repetition_penalty=1.3, seed=7)
+    options = dict(max_new_tokens=12, sampling=sampling)
+    first, second = (decode(model, input_ids, attention_mask, **options) for _ in range(2))
+    other_seed = decode(model, input_ids, attention_mask, max_new_tokens=12, sampling=Sampling(**{**vars(sampling), "seed": 8}))
+    torch.manual_seed(7)
+    reference = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=12, pad_token_id=0, **sampling.generate_kwargs())
+    assert torch.equal(first, second)
+    assert not torch.equal(first, other_seed)
+    assert torch.equal(first, reference)
+
+
+def test_top_k_of_one_is_greedy():
+    model = small_model(attention_type="mla")
+    input_ids, attention_mask = left_pad(PROMPTS, pad_token_id=0)
+    greedy = decode(model, input_ids, attention_mask, max_new_tokens=10)
+    top_1 = decode(model, input_ids, attention_mask, max_new_tokens=10, sampling=Sampling(temperature=1.5, top_k=1, seed=0))
+    assert torch.equal(top_1, greedy)
+
+
+def letters_only_model(**overrides) -> TinySeekForCausalLM:
+    """A random model whose head can only favour lowercase ASCII letters (every other row of the head is zero, so
+    its logit is 0 while the best letter's is positive), so that its byte-level output is readable text."""
+    model = small_model(**overrides)
+    letters = torch.tensor(list(b"abcdefghijklmnopqrstuvwxyz"))
+    with torch.no_grad():
+        keep = torch.zeros(model.config.vocab_size, dtype=torch.bool)
+        keep[letters] = True
+        model.lm_head.weight[~keep] = 0
+    return model
+
+
+def test_generation_stops_at_eos_and_at_stop_strings_and_cuts_the_text_before_them():
+    model, tokenizer = letters_only_model(attention_type="mla"), byte_tokenizer()
+    prompt = tokenizer("hello", add_special_tokens=False).input_ids
+    free = decode(model, torch.tensor([prompt]), max_new_tokens=24)[0, len(prompt):].tolist()
+    text = tokenizer.decode(free)
+    assert text.isalpha() and len(text) == 24
+    at = next(i for i in range(8, 20) if text.find(text[i : i + 2]) == i)  # a stop string first seen mid-text
+    stop = text[at : at + 2]
+
+    def run(stop_strings, eos_token_id=None):
+        stream = TextStream(tokenizer, prompt, stop_strings)
+        steps = decode_stream(
+            model, torch.tensor([prompt]), max_new_tokens=24,
+            stopping=stopping_criteria(eos_token_id, stop_strings, tokenizer),
+        )
+        pieces = [stream.push(tokens[0].item()) for tokens, _ in steps]
+        return pieces, "".join(pieces) + stream.finish()
+
+    pieces, printed = run([stop, "zzzz-never"])
+    assert printed == text[:at]
+    assert len(pieces) == at + 2  # the token completing the stop string is the last one generated
+    assert "".join(pieces[:at]) == text[:at] and pieces[at:] == ["", ""]  # the stop string's start was held back
+    pieces, printed = run([], eos_token_id=free[5])  # pretend the sixth token is EOS
+    assert len(pieces) == 6 and printed == text[:6]
+
+
+def test_streamed_text_never_splits_a_multi_byte_character():
+    tokenizer = byte_tokenizer()
+    text = "naïve café → 日本語 ✓ done"
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    assert len(ids) > len(text)  # several tokens per character
+    stream = TextStream(tokenizer)
+    pieces = [stream.push(token) for token in ids]
+    assert "".join(pieces) + stream.finish() == text
+    assert not any("\ufffd" in piece for piece in pieces)
+
+
+# --- `tinyseek generate` -----------------------------------------------------------------------------------------
+
+
+def write_run(run_dir, model, tokenizer, step: int = 10):
+    """A run directory laid out by the trainer's own checkpoint writer."""
+    model.config.eos_token_id = tokenizer.eos_token_id
+    return save_checkpoint(run_dir, step, model, tokenizer, optimizer_state={}, trainer_state={"step": step}, keep=1)
+
+
+def test_generate_command_streams_the_greedy_continuation_of_the_latest_checkpoint(tmp_path, capsys):
+    model, tokenizer = letters_only_model(attention_type="linear"), byte_tokenizer()
+    write_run(tmp_path / "run", small_model(attention_type="linear"), tokenizer, step=5)  # an older checkpoint
+    write_run(tmp_path / "run", model, tokenizer, step=10)
+    prompt = [EOS] + tokenizer("once upon", add_special_tokens=False).input_ids
+    expected = tokenizer.decode(decode(model, torch.tensor([prompt]), max_new_tokens=9)[0, len(prompt):])
+
+    argv = ["generate", "--run-dir", str(tmp_path / "run"), "--prompt", "once upon", "--max-new-tokens", "9",
+            "--temperature", "0", "--stream", "--device", "cpu"]
+    assert tinyseek_main(argv) == 0
+    captured = capsys.readouterr()
+    assert captured.out == expected + "\n"
+    assert "9 tokens in" in captured.err and "tokens/s" in captured.err
+
+
+def test_generate_command_refuses_a_run_without_checkpoint_and_a_prompt_beyond_the_positions(tmp_path, capsys):
+    (tmp_path / "empty-run" / "checkpoints").mkdir(parents=True)
+    assert tinyseek_main(["generate", "--run-dir", str(tmp_path / "empty-run"), "--prompt", "hi"]) == 2
+    assert "has no valid checkpoint" in capsys.readouterr().err
+
+    write_run(tmp_path / "run", small_model(max_position_embeddings=16), byte_tokenizer())
+    argv = ["generate", "--run-dir", str(tmp_path / "run"), "--prompt", "a prompt of well over sixteen bytes"]
+    assert tinyseek_main(argv) == 2
+    err = capsys.readouterr().err
+    assert "tokens long" in err and "max_position_embeddings=16" in err and "Traceback" not in err
+    assert err.count("\n") == 1
+
+
+def test_generate_command_reports_an_unknown_option_without_a_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "tinyseek", "generate", "--run-dir", str(tmp_path), "--prompt", "hi", "--temprature", "0"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 2
+    assert "unrecognized arguments: --temprature" in result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
