@@ -16,6 +16,8 @@ from torch import nn
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
 from tinyseek.config import TinySeekConfig
+# A drop-in nn.Linear whose bf16-autocast matmuls avoid torch's slow CPU fallback (see tinyseek.ops).
+from tinyseek.ops import Linear, scaled_dot_product_attention
 
 # DeepSeek's reference normalises the compressed latents with a fixed epsilon, whatever the model's rms_norm_eps.
 LATENT_NORM_EPS = 1e-6
@@ -111,10 +113,10 @@ class LinearAttention(nn.Module):
         hidden, bias = config.hidden_size, config.attention_bias
         self.num_heads, self.head_dim = config.num_attention_heads, config.head_dim
         self.chunk_size = config.linear_attention_chunk_size
-        self.q_proj = nn.Linear(hidden, hidden, bias=bias)
-        self.k_proj = nn.Linear(hidden, hidden, bias=bias)
-        self.v_proj = nn.Linear(hidden, hidden, bias=bias)
-        self.o_proj = nn.Linear(hidden, hidden, bias=bias)
+        self.q_proj = Linear(hidden, hidden, bias=bias)
+        self.k_proj = Linear(hidden, hidden, bias=bias)
+        self.v_proj = Linear(hidden, hidden, bias=bias)
+        self.o_proj = Linear(hidden, hidden, bias=bias)
         self.dropout = nn.Dropout(config.attention_dropout)
 
     def forward(self, x, rotary, causal_mask, padding_mask, cache_layer=None):
@@ -191,15 +193,15 @@ class MultiHeadLatentAttention(nn.Module):
         self.q_lora_rank = config.q_lora_rank
         qk_dim = self.nope_dim + self.rope_dim
         if self.q_lora_rank is None:
-            self.q_proj = nn.Linear(hidden, self.num_heads * qk_dim, bias=False)
+            self.q_proj = Linear(hidden, self.num_heads * qk_dim, bias=False)
         else:
-            self.q_a_proj = nn.Linear(hidden, self.q_lora_rank, bias=bias)
+            self.q_a_proj = Linear(hidden, self.q_lora_rank, bias=bias)
             self.q_a_layernorm = RMSNorm(self.q_lora_rank, LATENT_NORM_EPS)
-            self.q_b_proj = nn.Linear(self.q_lora_rank, self.num_heads * qk_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(hidden, self.kv_lora_rank + self.rope_dim, bias=bias)
+            self.q_b_proj = Linear(self.q_lora_rank, self.num_heads * qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = Linear(hidden, self.kv_lora_rank + self.rope_dim, bias=bias)
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, LATENT_NORM_EPS)
-        self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.num_heads * (self.nope_dim + self.v_dim), bias=False)
-        self.o_proj = nn.Linear(self.num_heads * self.v_dim, hidden, bias=bias)
+        self.kv_b_proj = Linear(self.kv_lora_rank, self.num_heads * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = Linear(self.num_heads * self.v_dim, hidden, bias=bias)
         self.scale = qk_dim**-0.5
         self.dropout = config.attention_dropout
 
@@ -226,10 +228,15 @@ class MultiHeadLatentAttention(nn.Module):
         k_nope, value = kv.split([self.nope_dim, self.v_dim], dim=-1)
         key = torch.cat((k_nope, k_rope.expand(-1, self.num_heads, -1, -1)), dim=-1)
         query = torch.cat((q_nope, q_rope), dim=-1)
-        return F.scaled_dot_product_attention(
-            query, key, value, attn_mask=causal_mask, dropout_p=dropout,
+        # SDPA's fused (flash) kernels need values as wide as the keys; with v_head_dim != qk_head_dim it falls back
+        # to the unfused math path (on CPU ~4x slower in training). Zero value columns change no other column's
+        # output, so pad, attend, and slice them off again.
+        pad = key.shape[-1] - self.v_dim
+        output = scaled_dot_product_attention(
+            query, key, F.pad(value, (0, pad)) if pad > 0 else value, attn_mask=causal_mask, dropout_p=dropout,
             is_causal=causal_mask is None and seq_len > 1, scale=self.scale,
         )
+        return output[..., : self.v_dim] if pad > 0 else output
 
     def absorbed_attention(self, q_nope, q_rope, latent, k_rope, causal_mask, dropout):
         """Decoding form: scores = (q_nope W_uk) c_kv^T + q_rope k_rope^T; out = (softmax c_kv) W_uv^T.
@@ -261,10 +268,10 @@ class MultiHeadAttention(nn.Module):
         super().__init__()
         hidden, bias = config.hidden_size, config.attention_bias
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=bias)
+        self.q_proj = Linear(hidden, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = Linear(self.num_heads * self.head_dim, hidden, bias=bias)
         self.dropout = config.attention_dropout
 
     def forward(self, x, rotary, causal_mask, padding_mask, cache_layer=None):
@@ -275,7 +282,7 @@ class MultiHeadAttention(nn.Module):
         query, key = apply_rotary(query, rotary), apply_rotary(key, rotary)
         if cache_layer is not None:
             key, value = cache_layer.update(key, value)
-        output = F.scaled_dot_product_attention(
+        output = scaled_dot_product_attention(
             query, key, value, attn_mask=causal_mask, dropout_p=self.dropout if self.training else 0.0,
             is_causal=causal_mask is None and seq_len > 1, enable_gqa=self.num_kv_heads != self.num_heads,
         )

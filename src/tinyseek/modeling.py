@@ -21,6 +21,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from tinyseek.attention import ATTENTION_CLASSES, RMSNorm, TinySeekCache, build_causal_mask
 from tinyseek.config import TinySeekConfig
 from tinyseek.moe import DeepSeekMoE, RoutedExperts, Router, build_feed_forward
+from tinyseek.ops import Linear, linear_cross_entropy
 
 IGNORE_INDEX = -100
 
@@ -190,7 +191,7 @@ class MultiTokenPrediction(nn.Module):
         super().__init__()
         self.hidden_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.embedding_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.projection = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
+        self.projection = Linear(2 * config.hidden_size, config.hidden_size, bias=False)
         self.block = DecoderLayer(config, layer_idx)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -206,7 +207,7 @@ class TinySeekForCausalLM(TinySeekPreTrainedModel, GenerationMixin):
     def __init__(self, config: TinySeekConfig):
         super().__init__(config)
         self.model = TinySeekModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         depths = range(config.num_nextn_predict_layers)
         self.mtp = nn.ModuleList(MultiTokenPrediction(config, config.num_hidden_layers + d) for d in depths) if depths else None
         self.post_init()
@@ -234,13 +235,16 @@ class TinySeekForCausalLM(TinySeekPreTrainedModel, GenerationMixin):
         hidden_states = outputs.last_hidden_state
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
             hidden_states = hidden_states[:, -logits_to_keep:]
-        logits = self.lm_head(hidden_states)
-
         if labels is not None and shift_labels is None:
             shift_labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+        # Training with targets: the fused head + loss never materialises the B x T x vocab logits, which at the
+        # seed's size cost more than the rest of the step (see tinyseek.ops); logits are then None.
+        fused_loss = self.training and shift_labels is not None
+        logits = None if fused_loss else self.lm_head(hidden_states)
+
         loss = lm_loss = mtp_loss = None
         if shift_labels is not None:
-            lm_loss = cross_entropy(logits, shift_labels)
+            lm_loss = self.lm_loss(hidden_states, shift_labels) if fused_loss else cross_entropy(logits, shift_labels)
             loss = lm_loss
             if outputs.balance_loss is not None:
                 loss = loss + outputs.balance_loss
@@ -263,9 +267,13 @@ class TinySeekForCausalLM(TinySeekPreTrainedModel, GenerationMixin):
             rotary = self.model.rotary_emb(positions[:, : seq_len - depth]) if self.model.rotary_emb is not None else None
             future = self.model.embed_tokens(input_ids[:, depth:])
             hidden, normed, balance_loss = module(hidden[:, : seq_len - depth], future, rotary)
-            depth_loss = cross_entropy(self.lm_head(normed), shift_labels[:, depth:])
+            depth_loss = self.lm_loss(normed, shift_labels[:, depth:])
             losses.append(depth_loss if balance_loss is None else depth_loss + balance_loss)
         return torch.stack(losses).mean()
+
+    def lm_loss(self, hidden_states: torch.Tensor, shift_labels: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy of the LM head on these (normalised) hidden states, fused and chunked."""
+        return linear_cross_entropy(hidden_states, self.lm_head.weight, shift_labels, IGNORE_INDEX)
 
     def moe_layers(self) -> list[DeepSeekMoE]:
         return [module for module in self.modules() if isinstance(module, DeepSeekMoE)]

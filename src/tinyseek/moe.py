@@ -12,14 +12,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from tinyseek.config import TinySeekConfig
+# A drop-in nn.Linear / F.linear whose bf16-autocast matmuls avoid torch's slow CPU fallback (see tinyseek.ops).
+from tinyseek.ops import Linear, linear
 
 
 class SwiGLU(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -93,8 +95,8 @@ def expert_swiglu(
         return torch._grouped_mm(F.silu(gate) * up, down_proj.transpose(1, 2), offs=offsets)
     outputs = []
     for expert, rows in enumerate(x.split(tokens_per_expert.tolist())):
-        gate, up = F.linear(rows, gate_up_proj[expert]).chunk(2, dim=-1)
-        outputs.append(F.linear(F.silu(gate) * up, down_proj[expert]))
+        gate, up = linear(rows, gate_up_proj[expert]).chunk(2, dim=-1)
+        outputs.append(linear(F.silu(gate) * up, down_proj[expert]))
     return torch.cat(outputs)
 
 

@@ -1,0 +1,257 @@
+"""Fast training kernels in plain PyTorch: a chunked fused LM-head + cross-entropy, and bf16 linears on CPUs that have
+no native bf16 matrix multiply.
+
+Both compute what the plain path computes (``F.cross_entropy(lm_head(h).float(), y)`` and ``F.linear`` under
+autocast); ``tests/test_speed_paths.py`` checks losses and gradients against it. Why they exist (measured with
+``benchmarks/train_speed.py``, see docs/benchmarks.md):
+
+* At the seed's size the LM head (hidden 128 -> vocab 32256) is ~80% of the FLOPs, and the plain path materialises
+  B x T x 32256 logits several times per step (logits, their fp32 copy, log-probabilities, their gradient): hundreds
+  of MB of memory traffic and, with glibc's allocator, fresh page faults every step. ``linear_cross_entropy`` walks
+  the tokens in chunks, keeps one chunk of logits in a reused workspace, and computes the loss *and* both gradients
+  in the forward pass, so the full logits never exist.
+* On x86 CPUs without AVX512-BF16/AMX, torch's bf16 GEMM is a slow fallback (measured here: 0.3-10 GFLOP/s against
+  ~20 for fp32). A bf16 product of two bf16 numbers is exact in fp32, so multiplying the bf16-rounded operands with
+  the fp32 GEMM and rounding the result to bf16 gives autocast's bf16 semantics at fp32-GEMM speed.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import platform
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE_INDEX = -100
+DEFAULT_CHUNK_ROWS = 256
+"""Tokens per chunk of ``linear_cross_entropy``: at vocab 32256 one fp32 chunk is 33 MB (two are kept: the logits and
+the probabilities), which fits next to the model in a 32 MB L3 well enough and keeps the number of passes over the
+[V, H] head-gradient accumulator (one per chunk) small."""
+
+
+@functools.cache
+def cpu_has_native_bf16_matmul() -> bool:
+    """True where torch's CPU bf16 GEMM runs on bf16 hardware (oneDNN with AVX512-BF16 or AMX, or an ARM CPU with
+    BF16); False on plain AVX2/AVX-512 x86, where bf16 matmuls are emulated slowly."""
+    machine = platform.machine().lower()
+    if machine in ("x86_64", "amd64", "i386", "i686"):
+        try:
+            with open("/proc/cpuinfo") as f:
+                flags = next((line for line in f if line.startswith("flags")), "").split()
+        except OSError:
+            return True  # unknown platform: trust torch's own kernel choice
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+    return True
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
+def emulate_bf16_matmul(device_type: str) -> bool:
+    """Whether bf16 matmuls on this device should run as fp32 GEMMs on bf16-rounded operands."""
+    return device_type == "cpu" and autocast_dtype("cpu") == torch.bfloat16 and not cpu_has_native_bf16_matmul()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Linear layers
+
+
+class _EmulatedBF16Linear(torch.autograd.Function):
+    """y = round_bf16(round_bf16(x) @ round_bf16(W)^T + b), products and sums in fp32 (what bf16 GEMM hardware does).
+
+    Gradients are computed in fp32 from the bf16-rounded operands and not rounded again (slightly more accurate than
+    autocast's bf16 gradient matmuls)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        with torch.autocast("cpu", enabled=False):
+            x_bf16, w_bf16 = x.to(torch.bfloat16), weight.to(torch.bfloat16)
+            bias32 = None if bias is None else bias.to(torch.bfloat16).float()
+            out = F.linear(x_bf16.float(), w_bf16.float(), bias32).to(torch.bfloat16)
+        ctx.save_for_backward(x_bf16, w_bf16)
+        ctx.has_bias = bias is not None
+        ctx.input_dtypes = (x.dtype, weight.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x_bf16, w_bf16 = ctx.saved_tensors
+        with torch.autocast("cpu", enabled=False):
+            grad = grad_out.float()
+            grad_x = grad_w = grad_b = None
+            if ctx.needs_input_grad[0]:
+                grad_x = (grad @ w_bf16.float()).to(ctx.input_dtypes[0])
+            flat_grad = grad.reshape(-1, grad.shape[-1])
+            if ctx.needs_input_grad[1]:
+                grad_w = (flat_grad.t() @ x_bf16.reshape(-1, x_bf16.shape[-1]).float()).to(ctx.input_dtypes[1])
+            if ctx.has_bias and ctx.needs_input_grad[2]:
+                grad_b = flat_grad.sum(0)
+        return grad_x, grad_w, grad_b
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` that, under CPU bf16 autocast on a CPU without bf16 matmul hardware, runs the fp32 GEMM on the
+    bf16-rounded operands instead of torch's slow bf16 fallback. Anywhere else it is exactly ``F.linear``."""
+    if emulate_bf16_matmul(x.device.type):
+        return _EmulatedBF16Linear.apply(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters, same printout) whose forward is ``tinyseek.ops.linear``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+def scaled_dot_product_attention(query, key, value, **kwargs) -> torch.Tensor:
+    """``F.scaled_dot_product_attention``; where bf16 matmuls are emulated (see ``linear``), the bf16 inputs are
+    attended in fp32 and the output rounded back to bf16: torch's bf16 flash-attention kernels run ~5x slower than
+    fp32 there (backward especially), and fp32 scores are at least as accurate."""
+    if emulate_bf16_matmul(query.device.type):
+        with torch.autocast("cpu", enabled=False):
+            output = F.scaled_dot_product_attention(query.float(), key.float(), value.float(), **kwargs)
+        return output.to(torch.bfloat16)
+    return F.scaled_dot_product_attention(query, key, value, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fused LM head + cross-entropy
+
+_workspaces: dict[tuple, torch.Tensor] = {}
+
+
+def workspace(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A scratch tensor kept between calls. Re-allocating 30+ MB every step costs more than its arithmetic with
+    glibc's allocator (it unmaps large blocks on free, and the next step page-faults them back in)."""
+    key = (name, dtype, str(device))
+    buffer = _workspaces.get(key)
+    numel = math.prod(shape)
+    if buffer is None or buffer.numel() < numel:
+        buffer = _workspaces[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buffer[:numel].view(shape)
+
+
+def release_workspaces() -> None:
+    """Free the scratch buffers (they are re-created on the next call)."""
+    _workspaces.clear()
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of ``hidden @ weight^T`` against ``targets``, computed chunk by chunk of tokens.
+
+    For each chunk: logits = h_c W^T (fp32), p = softmax(logits), loss_c = -sum log p[target]; the gradient of the
+    mean loss wrt the logits is (p - onehot) / n_valid, so grad_h_c = (p - onehot) W / n and
+    grad_W += (p - onehot)^T h_c / n are accumulated right away. Backward only scales them by the incoming gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, ignore_index, chunk_rows, operand_dtype):
+        # operand_dtype: None = fp32 throughout; bf16 = operands rounded to bf16 (autocast), multiplied in bf16
+        # where the hardware has it, else by the fp32 GEMM (exact products, fp32 sums).
+        num_tokens, vocab = hidden.shape[0], weight.shape[0]
+        need_grad_h, need_grad_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        device = hidden.device
+        bf16_native = operand_dtype == torch.bfloat16 and (device.type != "cpu" or cpu_has_native_bf16_matmul())
+        with torch.autocast(device.type, enabled=False):
+            if operand_dtype is None:
+                h_op, w_op = hidden.float(), weight.float()
+            elif bf16_native:
+                h_op, w_op = hidden.to(operand_dtype), weight.to(operand_dtype)
+            else:
+                h_op = hidden.to(operand_dtype).float()
+                w_op = workspace("weight", tuple(weight.shape), torch.float32, device)
+                w_op.copy_(weight.to(operand_dtype))
+            valid = targets != ignore_index
+            num_valid = int(valid.sum())
+            safe_targets = torch.where(valid, targets, 0)
+            # Per-token factor of the gradient: 1/n for counted tokens, 0 for ignored ones.
+            row_scale = valid.float() / max(num_valid, 1)
+
+            rows = min(chunk_rows, num_tokens)
+            logits_buf = workspace("logits", (rows, vocab), torch.float32, device)
+            probs_buf = workspace("probs", (rows, vocab), torch.float32, device)
+            grad_h = torch.empty(hidden.shape, dtype=torch.float32, device=device) if need_grad_h else None
+            # Written by the first chunk's product (no zero-fill pass over [V, H]), accumulated by the others.
+            grad_w = torch.empty(weight.shape, dtype=torch.float32, device=device) if need_grad_w else None
+            loss_sum = torch.zeros((), dtype=torch.float32, device=device)
+
+            for start in range(0, num_tokens, rows):
+                stop = min(start + rows, num_tokens)
+                n = stop - start
+                h_c, t_c = h_op[start:stop], safe_targets[start:stop]
+                logits, probs = logits_buf[:n], probs_buf[:n]
+                if bf16_native:
+                    logits.copy_(h_c @ w_op.t())
+                else:
+                    torch.mm(h_c, w_op.t(), out=logits)
+                # One fused row-wise pass instead of max / exp / sum / log passes over the chunk.
+                torch._softmax(logits, 1, False, out=probs)
+                arange = torch.arange(n, device=device)
+                p_target = probs[arange, t_c]
+                token_loss = -torch.log(p_target)
+                underflow = p_target < 1e-30  # -log p is then inexact; recompute those rows from the logits
+                if bool(underflow.any()):
+                    picked = underflow.nonzero().squeeze(1)
+                    token_loss[picked] = torch.logsumexp(logits[picked], 1) - logits[picked, t_c[picked]]
+                loss_sum += (token_loss * valid[start:stop]).sum()
+                if not (need_grad_h or need_grad_w):
+                    continue
+                probs[arange, t_c] -= 1.0  # p - onehot; the 1/n and ignore mask are applied to the small operands
+                scale = row_scale[start:stop, None]
+                grad_logits = probs.to(operand_dtype) if bf16_native else probs
+                if need_grad_h:
+                    if bf16_native:
+                        grad_h[start:stop] = grad_logits @ w_op
+                    else:
+                        torch.mm(grad_logits, w_op, out=grad_h[start:stop])
+                    grad_h[start:stop] *= scale
+                if need_grad_w:
+                    scaled_h = (h_c.float() * scale).to(grad_logits.dtype)
+                    if bf16_native:
+                        product = grad_logits.t() @ scaled_h
+                        if start == 0:
+                            grad_w.copy_(product)
+                        else:
+                            grad_w.add_(product)
+                    elif start == 0:
+                        torch.mm(grad_logits.t(), scaled_h, out=grad_w)
+                    else:
+                        grad_w.addmm_(grad_logits.t(), scaled_h)
+
+        # Kept on ctx rather than saved: they are neither inputs nor outputs, and backward hands them over (scaled in
+        # place), so the graph cannot be back-propagated twice.
+        ctx.grads = (grad_h, grad_w)
+        ctx.dtypes = (hidden.dtype, weight.dtype)
+        return loss_sum / num_valid if num_valid else torch.full((), float("nan"), device=device)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        if ctx.grads is None:
+            raise RuntimeError("linear_cross_entropy computes its gradients once; it cannot be back-propagated twice")
+        grads, ctx.grads = ctx.grads, None
+        # The loss is usually back-propagated as is (gradient 1): skip a pass over the 16 MB head gradient then.
+        unit = grad_loss.device.type == "cpu" and grad_loss.numel() == 1 and float(grad_loss) == 1.0
+        grad_h, grad_w = (None if g is None else (g if unit else g.mul_(grad_loss)).to(dtype) for g, dtype in zip(grads, ctx.dtypes))
+        return grad_h, grad_w, None, None, None, None
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int = IGNORE_INDEX,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+) -> torch.Tensor:
+    """``F.cross_entropy(F.linear(hidden, weight).float().flatten(0, -2), targets.flatten(), ignore_index)`` (mean
+    over non-ignored targets) without materialising the logits. Under bf16 autocast the operands are rounded to
+    bf16 as autocast would; the logits stay in fp32 (the plain path rounds them to bf16 first)."""
+    hidden_size = hidden.shape[-1]
+    flat_hidden = hidden.reshape(-1, hidden_size)
+    operand_dtype = autocast_dtype(hidden.device.type)
+    return _LinearCrossEntropy.apply(flat_hidden, weight, targets.reshape(-1), ignore_index, chunk_rows, operand_dtype)

@@ -1,0 +1,168 @@
+"""The fast training paths of tinyseek.ops against the plain PyTorch computation they replace."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tinyseek import TinySeekConfig, TinySeekForCausalLM, ops
+from tinyseek.modeling import cross_entropy
+
+SMALL = dict(
+    vocab_size=211, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64,
+    kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, intermediate_size=48,
+    moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2, linear_attention_chunk_size=4,
+    attention_dropout=0.0,
+)
+
+
+def plain_loss(hidden, weight, targets):
+    return F.cross_entropy(F.linear(hidden, weight).float().flatten(0, -2), targets.flatten(), ignore_index=-100)
+
+
+def loss_and_grads(fn, hidden, weight, targets, scale=1.0, autocast=False):
+    hidden, weight = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = fn(hidden, weight, targets)
+    (scale * loss).backward()
+    return loss.detach(), hidden.grad, weight.grad
+
+
+def inputs(tokens=70, hidden=24, vocab=301, ignored_every=5):
+    torch.manual_seed(0)
+    targets = torch.randint(0, vocab, (2, tokens))
+    targets[:, ::ignored_every] = -100
+    return torch.randn(2, tokens, hidden), torch.randn(vocab, hidden) * 0.5, targets
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 16, 64, 1000])
+@pytest.mark.parametrize("scale", [1.0, 0.25])
+def test_fused_linear_cross_entropy_matches_the_plain_path_in_fp32(chunk_rows, scale):
+    hidden, weight, targets = inputs()
+    fused = lambda h, w, t: ops.linear_cross_entropy(h, w, t, chunk_rows=chunk_rows)  # noqa: E731
+    expected = loss_and_grads(plain_loss, hidden, weight, targets, scale)
+    for got, want in zip(loss_and_grads(fused, hidden, weight, targets, scale), expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_linear_cross_entropy_is_exact_for_far_off_targets():
+    hidden, weight, targets = inputs(tokens=8)
+    weight = weight * 200  # logit gaps of thousands: softmax probabilities of the targets underflow to 0
+    expected = loss_and_grads(plain_loss, hidden, weight, targets)
+    got = loss_and_grads(lambda h, w, t: ops.linear_cross_entropy(h, w, t, chunk_rows=4), hidden, weight, targets)
+    assert torch.isfinite(got[0])
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_fused_linear_cross_entropy_under_bf16_autocast_is_close_to_the_plain_path(monkeypatch, native):
+    monkeypatch.setattr(ops, "cpu_has_native_bf16_matmul", lambda: native)
+    hidden, weight, targets = inputs()
+    fused = lambda h, w, t: ops.linear_cross_entropy(h, w, t, chunk_rows=32)  # noqa: E731
+    got = loss_and_grads(fused, hidden, weight, targets, autocast=True)
+    expected = loss_and_grads(plain_loss, hidden, weight, targets, autocast=True)
+    exact = loss_and_grads(plain_loss, hidden, weight, targets)
+    assert got[0].dtype == torch.float32
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-2, atol=0)
+    for g, e, x in zip(got[1:], expected[1:], exact[1:]):
+        assert g.dtype == torch.float32
+        # As close to the fp32 gradients as autocast's own path is (bf16 operands), within a few bf16 ulps.
+        assert (g - x).norm() <= 2 * (e - x).norm() + 1e-6
+        torch.testing.assert_close(g, e, rtol=0, atol=0.02 * e.abs().max().item())
+
+
+def test_fused_linear_cross_entropy_without_grad_returns_the_loss_only():
+    hidden, weight, targets = inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(ops.linear_cross_entropy(hidden, weight, targets), plain_loss(hidden, weight, targets))
+
+
+def test_emulated_bf16_linear_equals_autocast_linear(monkeypatch):
+    monkeypatch.setattr(ops, "cpu_has_native_bf16_matmul", lambda: False)
+    torch.manual_seed(0)
+    layer = ops.Linear(24, 40, bias=True)
+    x = torch.randn(3, 7, 24, requires_grad=True)
+    results = []
+    for fn in (layer, lambda v: F.linear(v, layer.weight, layer.bias)):
+        x.grad = layer.weight.grad = layer.bias.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = fn(x)
+        out.float().square().sum().backward()
+        results.append((out, x.grad, layer.weight.grad, layer.bias.grad))
+    (out, *grads), (ref, *ref_grads) = results
+    assert out.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref.float(), rtol=1e-2, atol=1e-2)  # both bf16 roundings of one sum
+    for g, r in zip(grads, ref_grads):
+        assert g.dtype == r.dtype
+        torch.testing.assert_close(g, r, rtol=0, atol=0.02 * r.abs().max().item())
+
+
+def model_loss_and_grads(model, tokens, targets, fused, autocast=False):
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        if fused:
+            out = model.train()(input_ids=tokens, shift_labels=targets)
+            assert out.logits is None
+        else:  # the plain path: full logits, F.cross_entropy
+            model.train()
+            outputs = model.model(input_ids=tokens)
+            out_loss = cross_entropy(model.lm_head(outputs.last_hidden_state), targets)
+            if outputs.balance_loss is not None:
+                out_loss = out_loss + outputs.balance_loss
+            out = type("Out", (), {"loss": out_loss})
+    out.loss.backward()
+    return out.loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("attention_type, ffn_type", [("mla", "moe"), ("mha", "dense"), ("linear", "moe")])
+def test_model_training_loss_and_gradients_match_the_plain_path(attention_type, ffn_type):
+    torch.manual_seed(0)
+    model = TinySeekForCausalLM(TinySeekConfig(**SMALL, attention_type=attention_type, ffn_type=ffn_type,
+                                               scoring_func="sigmoid", seq_aux_loss_coef=0.01))
+    tokens, targets = torch.randint(0, 211, (2, 13)), torch.randint(0, 211, (2, 13))
+    targets[0, -3:] = -100
+    fast_loss, fast = model_loss_and_grads(model, tokens, targets, fused=True)
+    plain_loss_, plain = model_loss_and_grads(model, tokens, targets, fused=False)
+    torch.testing.assert_close(fast_loss, plain_loss_, rtol=1e-5, atol=1e-6)
+    assert fast.keys() == plain.keys()
+    for name in plain:
+        torch.testing.assert_close(fast[name], plain[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_model_training_under_bf16_autocast_stays_close_to_the_plain_path(monkeypatch):
+    monkeypatch.setattr(ops, "cpu_has_native_bf16_matmul", lambda: False)
+    torch.manual_seed(0)
+    model = TinySeekForCausalLM(TinySeekConfig(**SMALL, attention_type="mla", scoring_func="sigmoid"))
+    tokens, targets = torch.randint(0, 211, (2, 13)), torch.randint(0, 211, (2, 13))
+    fast_loss, fast = model_loss_and_grads(model, tokens, targets, fused=True, autocast=True)
+    monkeypatch.setattr(ops, "cpu_has_native_bf16_matmul", lambda: True)  # torch's own bf16 kernels
+    plain_loss_, plain = model_loss_and_grads(model, tokens, targets, fused=False, autocast=True)
+    torch.testing.assert_close(fast_loss, plain_loss_, rtol=1e-2, atol=0)
+    for name in plain:
+        scale = plain[name].abs().max().item()
+        torch.testing.assert_close(fast[name], plain[name], rtol=0, atol=0.05 * scale + 1e-8, msg=name)
+
+
+def test_mla_training_attention_with_padded_values_equals_unpadded_sdpa():
+    torch.manual_seed(0)
+    model = TinySeekForCausalLM(TinySeekConfig(**SMALL, attention_type="mla")).eval()
+    attention = model.model.layers[0].self_attn
+    q_nope, q_rope = torch.randn(2, 4, 9, 8), torch.randn(2, 4, 9, 4)
+    latent, k_rope = torch.randn(2, 1, 9, 16), torch.randn(2, 1, 9, 4)
+    got = attention.expanded_attention(q_nope, q_rope, latent, k_rope, None, 0.0)
+    kv = attention.kv_b_proj(latent.squeeze(1)).view(2, 9, 4, -1).transpose(1, 2)
+    k_nope, value = kv.split([8, 8], dim=-1)
+    key = torch.cat((k_nope, k_rope.expand(-1, 4, -1, -1)), dim=-1)
+    expected = F.scaled_dot_product_attention(torch.cat((q_nope, q_rope), -1), key, value, is_causal=True,
+                                              scale=attention.scale)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_loss_cannot_be_back_propagated_twice():
+    hidden, weight, targets = inputs()
+    hidden.requires_grad_()
+    loss = ops.linear_cross_entropy(hidden, weight, targets)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="once"):
+        loss.backward()
