@@ -15,7 +15,6 @@ import yaml
 from safetensors.torch import load_file
 
 from tinyseek import TinySeekForCausalLM
-from tinyseek.data import resolve_data, train_bpe_tokenizer
 from tinyseek.cli import main as tinyseek_main
 from tinyseek.errors import UserError
 from tinyseek.train import latest_checkpoint, load_config, load_model_and_tokenizer
@@ -28,26 +27,6 @@ from tinyseek.train.schedule import lr_multiplier
 from tinyseek.train.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
-WORDS = "the a cat dog sat ran on under mat tree red big small quickly slowly".split()
-
-
-@pytest.fixture(scope="session")
-def tiny_corpus(tmp_path_factory) -> dict[str, str]:
-    """A prepared corpus of simple generated sentences and a BPE tokenizer trained on it."""
-    root = tmp_path_factory.mktemp("tiny-corpus")
-    generator = torch.Generator().manual_seed(0)
-    lines = []
-    for document in range(200):
-        picks = torch.randint(len(WORDS), (60,), generator=generator).tolist()
-        sentence = " ".join(WORDS[i] for i in picks[:6])
-        lines.append(f"{sentence}. {sentence}. " + " ".join(WORDS[i] for i in picks[6:]) + ".")
-    text_file = root / "corpus.jsonl"
-    text_file.write_text("".join(json.dumps({"text": line}) + "\n" for line in lines))
-    tokenizer = train_bpe_tokenizer(str(text_file), 300, root / "tokenizer")
-    prepared = resolve_data(str(text_file), str(tokenizer), root / "cache", val_fraction=0.1)
-    return {"data": str(prepared), "tokenizer": str(tokenizer)}
-
-
 def tiny_config_file(tmp_path: Path, corpus: dict[str, str], **sections) -> Path:
     config = {
         "out_dir": str(tmp_path / "run"),

@@ -81,6 +81,9 @@ class WindowSampler:
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
+        # Where micro-batch 0 starts in the endless sequence of windows; only a resume that changes the global batch
+        # (a new world size, micro-batch or accumulation) moves it, so the order continues at the first unread window.
+        self.first_window = 0
         # One window of slack leaves room for the random offset while every epoch has the same number of windows.
         self.windows_per_epoch = (len(dataset) - seq_len) // seq_len
         self._max_offset = min(seq_len - 1, len(dataset) - 1 - self.windows_per_epoch * seq_len)
@@ -91,7 +94,7 @@ class WindowSampler:
         return self.micro_batch_size * self.world_size
 
     def epoch_of(self, index: int) -> int:
-        return index * self.global_batch_size // self.windows_per_epoch
+        return (self.first_window + index * self.global_batch_size) // self.windows_per_epoch
 
     def _layout(self, epoch: int) -> tuple[int, np.ndarray]:
         if epoch not in self._layouts:
@@ -104,7 +107,7 @@ class WindowSampler:
 
     def window_starts(self, index: int) -> np.ndarray:
         """Token positions where this rank's windows of micro-batch `index` begin."""
-        first = index * self.global_batch_size + self.rank * self.micro_batch_size
+        first = self.first_window + index * self.global_batch_size + self.rank * self.micro_batch_size
         positions = np.arange(first, first + self.micro_batch_size)
         starts = np.empty(self.micro_batch_size, dtype=np.int64)
         for epoch in np.unique(positions // self.windows_per_epoch):
@@ -126,17 +129,32 @@ class WindowSampler:
             "micro_batch_size": self.micro_batch_size,
             "world_size": self.world_size,
             "global_batch_size": self.global_batch_size,
+            "first_window": self.first_window,
             "num_tokens": len(self.dataset),
             "data_identity": self.dataset.identity,
         }
 
     def load_state_dict(self, state: dict) -> None:
         """Adopt a checkpoint's seed after checking that the data and batch shape would give the same order."""
+        self._check_same_data(state, global_batch_size=self.global_batch_size)
+        self.seed = state["seed"]
+        self.first_window = state.get("first_window", 0)
+        self._layouts.clear()
+
+    def continue_after(self, state: dict, consumed_windows: int, next_index: int) -> None:
+        """Continue a checkpoint's order whose run had read `consumed_windows` windows, with micro-batch
+        `next_index` next, even if the global batch changed: no window is repeated or skipped."""
+        self._check_same_data(state)
+        self.seed = state["seed"]
+        self.first_window = consumed_windows - next_index * self.global_batch_size
+        self._layouts.clear()
+
+    def _check_same_data(self, state: dict, **expected_batch) -> None:
         expected = {
             "seq_len": self.seq_len,
-            "global_batch_size": self.global_batch_size,
             "num_tokens": len(self.dataset),
             "data_identity": self.dataset.identity,
+            **expected_batch,
         }
         mismatched = [
             f"{name} {state.get(name)} -> {value}" for name, value in expected.items() if state.get(name) != value
@@ -145,8 +163,6 @@ class WindowSampler:
             raise UserError(
                 "cannot resume the data order: the checkpoint's sampler differs in " + ", ".join(mismatched)
             )
-        self.seed = state["seed"]
-        self._layouts.clear()
 
     @classmethod
     def from_state_dict(

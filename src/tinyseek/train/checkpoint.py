@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import load_file
 from transformers.utils import logging as hf_logging
 
+from tinyseek import distributed
 from tinyseek.config import TinySeekConfig
 from tinyseek.errors import UserError
 
@@ -146,8 +147,12 @@ def save_checkpoint(
     optimizer_state: dict[str, Any],
     trainer_state: dict[str, Any],
     keep: int,
+    model_state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write checkpoint `step` atomically, then delete all but the newest `keep` valid checkpoints."""
+    """Write checkpoint `step` atomically, then delete all but the newest `keep` valid checkpoints.
+
+    `model_state`, when given, is the full state dict gathered from a data-parallel run, which `model` (the unwrapped
+    model) saves in its own format."""
     root = checkpoint_root(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
@@ -155,7 +160,7 @@ def save_checkpoint(
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     with quiet_progress_bars():
-        model.save_pretrained(staging)
+        model.save_pretrained(staging, state_dict=model_state)
     tokenizer.save_pretrained(staging)
     torch.save(optimizer_state, staging / OPTIMIZER_STATE)
     manifest = {
@@ -211,19 +216,17 @@ def architecture_differences(saved: dict[str, Any], current: TinySeekConfig) -> 
     ]
 
 
-def load_weights(model: torch.nn.Module, checkpoint: Path) -> None:
-    """Load model.safetensors into `model` strictly; a key may be absent only if it shares storage with one that
-    is present (tied embeddings are saved once)."""
-    state = load_file(checkpoint / WEIGHTS, device=str(next(model.parameters()).device))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    own = model.state_dict()
-    loaded_storage = {own[key].data_ptr() for key in state if key in own}
-    missing = [key for key in missing if own[key].data_ptr() not in loaded_storage]
-    if missing or unexpected:
-        raise UserError(
-            f"checkpoint {checkpoint}: weights do not fit the model (missing {missing[:5]}, unexpected "
-            f"{unexpected[:5]})"
-        )
+def load_training_state(model: torch.nn.Module, optimizer, checkpoint: Path, optimizer_state: dict[str, Any]) -> None:
+    """Load model.safetensors and the optimizer state into a plain or data-parallel model, strictly. Tied weights are
+    saved once; their other name is filled in from the saved one."""
+    weights = load_file(checkpoint / WEIGHTS)
+    for tied, source in getattr(model, "_tied_weights_keys", {}).items():
+        if model.config.tie_word_embeddings and tied not in weights and source in weights:
+            weights[tied] = weights[source]
+    try:
+        distributed.load_full_state(model, optimizer, weights, optimizer_state)
+    except (RuntimeError, KeyError, ValueError) as error:
+        raise UserError(f"checkpoint {checkpoint}: its state does not fit the model ({error})") from None
 
 
 def load_optimizer_state(checkpoint: Path) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from tinyseek.config import TinySeekConfig
+from tinyseek.distributed import STRATEGIES
 from tinyseek.errors import UserError
 
 PRESET_DIR = Path(__file__).resolve().parents[3] / "configs"
@@ -110,6 +111,9 @@ class TrainConfig:
     on MPS; or one of "fp32", "bf16", "fp16"."""
     gradient_checkpointing: bool = False
     compile: bool = False
+    parallel: str = "ddp"
+    """Data parallelism under torchrun: "ddp" (DistributedDataParallel) or "fsdp" (FSDP2, parameters sharded per
+    decoder layer). A single process ignores it."""
     model: dict[str, Any] = field(default_factory=lambda: {"preset": DEFAULT_MODEL_PRESET})
     """`preset` (a name in tinyseek.PRESETS, default "seed"; null for TinySeekConfig's own defaults) plus any
     TinySeekConfig field, which overrides the preset."""
@@ -295,6 +299,8 @@ def validate(config: TrainConfig) -> None:
         section, _, name = key.rpartition(".")
         value = getattr(getattr(config, section) if section else config, name)
         require(value > 0, f"{key}: must be a positive integer, got {value}")
+    require(config.parallel in STRATEGIES,
+            f"parallel: unknown strategy {config.parallel!r}; choose one of {', '.join(STRATEGIES)}")
     require(config.dtype in DTYPES, f"dtype: unknown dtype {config.dtype!r}; choose one of {', '.join(DTYPES)}")
     require(config.optim.lr > 0, f"optim.lr: must be positive, got {config.optim.lr}")
     require(config.optim.weight_decay >= 0, f"optim.weight_decay: must be non-negative, got {config.optim.weight_decay}")

@@ -8,6 +8,7 @@ import json
 import math
 import random
 import signal
+import sys
 import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -31,6 +32,7 @@ from tinyseek.data import (
     resolve_data,
     tokenizer_identity,
 )
+from tinyseek import distributed
 from tinyseek.errors import UserError
 from tinyseek.train import checkpoint as ckpt
 from tinyseek.train.config import TrainConfig
@@ -164,13 +166,14 @@ class Trainer:
     """One training run. `Trainer(config)` does all the checking and loading (data, tokenizer, model, the resume
     checkpoint) and raises UserError before anything is written; `train()` runs the loop."""
 
-    def __init__(self, config: TrainConfig, rank: int = 0, world_size: int = 1):
+    def __init__(self, config: TrainConfig):
         self.config = config
-        self.rank, self.world_size = rank, world_size
-        self.is_main = rank == 0
         self.run_dir = Path(config.out_dir).expanduser()
         self.stop_signal: signal.Signals | None = None
-        self.device = choose_device(config.device)
+        device = choose_device(config.device)
+        self.world = distributed.init_distributed(device)  # a world of one unless launched by torchrun
+        self.is_main = self.world.is_main
+        self.device = distributed.local_device(device, self.world)
         self.precision = choose_precision(config.dtype, self.device)
         self.amp_dtype = AMP_DTYPES[self.precision]
         if self.device.type == "cpu" and config.compile:
@@ -199,25 +202,27 @@ class Trainer:
         self.train_set = TokenDataset(self.data_dir, "train")
         self.val_set = TokenDataset(self.data_dir, "val")
         self.sampler = WindowSampler(
-            self.train_set, data.seq_len, data.micro_batch_size, config.seed, rank=rank, world_size=world_size
+            self.train_set, data.seq_len, data.micro_batch_size, config.seed, self.world.rank, self.world.size
         )
-        self.tokens_per_step = data.seq_len * data.micro_batch_size * data.grad_accum * world_size
+        self.tokens_per_step = data.seq_len * data.micro_batch_size * data.grad_accum * self.world.size
 
         seed_everything(config.seed)
         self.model = TinySeekForCausalLM(self.model_config).to(self.device)
         if config.gradient_checkpointing:
             self.model.activation_checkpointing_enable()
+        # The optimizer comes after the parallelize step: FSDP2 replaces parameters with sharded ones.
+        self.forward_model = self.wrap_model()
         self.optimizer = build_optimizer(self.model, config, self.device)
         self.scheduler = build_scheduler(self.optimizer, config.schedule, config.max_steps)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
-        self.forward_model = self.wrap_model()
         self.step, self.tokens = 0, 0
         self.skipped_checkpoints: list[str] = []
         self.resumed_from = self.resume()
 
     def wrap_model(self) -> torch.nn.Module:
-        """The module the loop calls: the model, compiled if asked. Distributed wrappers belong here too."""
-        return torch.compile(self.model) if self.config.compile else self.model
+        """The module the loop calls: the model made data-parallel (under torchrun), then compiled if asked."""
+        parallel = distributed.parallelize(self.model, self.config.parallel, self.world, self.device)
+        return torch.compile(parallel) if self.config.compile else parallel
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -249,17 +254,32 @@ class Trainer:
                 f"checkpoint {checkpoint} was trained with tokenizer {state['tokenizer']}, this run uses "
                 f"{self.tokenizer_id}; use another --out-dir or the same tokenizer"
             )
-        ckpt.load_weights(self.model, checkpoint)
         blobs = ckpt.load_optimizer_state(checkpoint)
-        self.optimizer.load_state_dict(blobs["optimizer"])
+        ckpt.load_training_state(self.model, self.optimizer, checkpoint, blobs["optimizer"])
         self.scheduler.load_state_dict(blobs["scheduler"])
         if self.scaler is not None and blobs.get("scaler"):
             self.scaler.load_state_dict(blobs["scaler"])
         self.apply_current_hyperparameters()
-        self.sampler.load_state_dict(state["sampler"])
         self.step, self.tokens = state["step"], state["tokens"]
+        self.continue_data_order(state)
         self.saved_rng = state["rng"]
         return checkpoint
+
+    def continue_data_order(self, state: dict[str, Any]) -> None:
+        """Pick the data order up at the first window the checkpoint had not read, also when the global batch
+        changed (another world size, micro-batch or accumulation)."""
+        saved = state["sampler"]
+        saved_accum = state["config"]["data"]["grad_accum"]
+        consumed = saved.get("first_window", 0) + self.step * saved_accum * saved["global_batch_size"]
+        accum = self.config.data.grad_accum
+        self.sampler.continue_after(saved, consumed, self.step * accum)
+        if (saved["global_batch_size"], saved_accum) != (self.sampler.global_batch_size, accum):
+            log.warning(
+                "the global batch changed from %d x %d to %d x %d windows (%d -> %d processes): the data order "
+                "continues at window %s of its stream, so no window repeats or is skipped, but batches differ from "
+                "an uninterrupted run's", saved["global_batch_size"], saved_accum, self.sampler.global_batch_size,
+                accum, saved.get("world_size", 1), self.world.size, f"{consumed:,}",
+            )
 
     def apply_current_hyperparameters(self) -> None:
         """The loaded optimizer carries the old run's settings; the current config wins (an unchanged config
@@ -270,7 +290,12 @@ class Trainer:
             group.update(initial_lr=optim.lr, weight_decay=weight_decay, betas=tuple(optim.betas), eps=optim.eps)
             group["lr"] = optim.lr * self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
 
-    def save(self) -> Path:
+    def save(self) -> Path | None:
+        """Every rank takes part (FSDP gathers the full state); the main process writes."""
+        model_state = distributed.full_model_state_dict(self.forward_model)
+        optimizer_state = distributed.full_optimizer_state_dict(self.forward_model, self.optimizer)
+        if not self.is_main:
+            return None
         trainer_state = {
             "step": self.step,
             "tokens": self.tokens,
@@ -282,12 +307,13 @@ class Trainer:
             "config": self.config.to_dict(),
         }
         blobs = {
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
         }
         path = ckpt.save_checkpoint(
-            self.run_dir, self.step, self.model, self.tokenizer, blobs, trainer_state, self.config.checkpoint.keep
+            self.run_dir, self.step, self.model, self.tokenizer, blobs, trainer_state, self.config.checkpoint.keep,
+            model_state=model_state,
         )
         log.info("saved checkpoint %s", path)
         return path
@@ -300,15 +326,19 @@ class Trainer:
         lm_loss = torch.zeros((), device=self.device)
         for micro_step in range(accum):
             window = self.sampler.batch(self.step * accum + micro_step).to(self.device, non_blocking=True)
-            with self.autocast():
-                out = self.forward_model(input_ids=window[:, :-1], shift_labels=window[:, 1:])
-            loss = out.loss / accum
-            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            # Data-parallel gradients are reduced once per optimizer step, on the last micro-batch's backward.
+            with distributed.gradient_sync(self.forward_model, enabled=micro_step == accum - 1):
+                with self.autocast():
+                    out = self.forward_model(input_ids=window[:, :-1], shift_labels=window[:, 1:])
+                loss = out.loss / accum
+                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             lm_loss += out.lm_loss.detach() / accum
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         clip = self.config.optim.grad_clip or math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.forward_model.parameters(), clip)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: the norm is a DTensor
+            grad_norm = grad_norm.full_tensor()
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -316,6 +346,8 @@ class Trainer:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
+        # Every rank must make the same bias update, so each sees the load of the whole global batch.
+        distributed.sum_across_ranks(self.model.expert_load_counts(), self.world)
         self.model.update_load_balance_bias()
         self.step += 1
         self.tokens += self.tokens_per_step
@@ -324,13 +356,16 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Mean next-token loss over the same validation windows every time (spread evenly over the split), in
-        batches of one optimizer step's windows: without gradients they fit wherever training fits."""
+        batches of one optimizer step's windows (of all processes): without gradients they fit where training fits.
+
+        Every process evaluates all windows: FSDP needs all ranks in every forward, and the figure is then the
+        single-process one exactly."""
         data = self.config.data
         self.model.eval()
         total, windows = torch.zeros((), device=self.device), 0
         batches = iter_eval_batches(
-            self.val_set, data.seq_len, data.micro_batch_size * data.grad_accum,
-            max_batches=self.config.logging.eval_batches, rank=self.rank, world_size=self.world_size,
+            self.val_set, data.seq_len, data.micro_batch_size * data.grad_accum * self.world.size,
+            max_batches=self.config.logging.eval_batches,
         )
         for window in batches:
             window = window.to(self.device)
@@ -392,8 +427,8 @@ class Trainer:
         )
         log.info(
             "batch %d sequences x %d tokens = %s tokens per step (micro-batch %d x accumulation %d x %d processes);"
-            " %d steps", data.micro_batch_size * data.grad_accum * self.world_size, data.seq_len,
-            f"{self.tokens_per_step:,}", data.micro_batch_size, data.grad_accum, self.world_size,
+            " %d steps", data.micro_batch_size * data.grad_accum * self.world.size, data.seq_len,
+            f"{self.tokens_per_step:,}", data.micro_batch_size, data.grad_accum, self.world.size,
             self.config.max_steps,
         )
         if self.resumed_from is not None:
@@ -418,6 +453,10 @@ class Trainer:
         try:
             with logging_redirect_tqdm([log]), stop_on_signals(self):
                 return self.loop(metrics, stop_at_step)
+        except Exception as error:
+            if self.world.is_distributed:  # torchrun's own summary names the rank too, after the other ranks stop
+                print(f"tinyseek train: rank {self.world.rank} failed: {error!r}", file=sys.stderr, flush=True)
+            raise
         finally:
             if metrics is not None:
                 metrics.close()
@@ -439,7 +478,7 @@ class Trainer:
         )
         saved_at = self.step if self.resumed_from is not None else None
         loss_sum, steps_since_log, interval_start = 0.0, 0, time.perf_counter()
-        while self.step < end and self.stop_signal is None:
+        while self.step < end and not self.stop_agreed():
             result = self.train_step()
             progress.update()
             loss_sum += result["lm_loss"].item()
@@ -449,7 +488,7 @@ class Trainer:
                 elapsed = time.perf_counter() - interval_start
                 tokens_per_s = steps_since_log * self.tokens_per_step / elapsed
                 values = {
-                    "loss": loss_sum / steps_since_log,
+                    "loss": distributed.mean_across_ranks(loss_sum / steps_since_log, self.world, self.device),
                     "lr": self.scheduler.get_last_lr()[0],
                     "grad_norm": result["grad_norm"].item(),
                     "tokens_per_s": tokens_per_s,
@@ -466,13 +505,13 @@ class Trainer:
                 self.report_evaluation(metrics)
             if self.step % every.sample_every == 0 or self.step == config.max_steps:
                 self.report_samples(metrics)
-            if self.step % config.checkpoint.every == 0 and self.is_main:
+            if self.step % config.checkpoint.every == 0:
                 self.save()
                 saved_at = self.step
             if self.step % every.log_every == 0:
                 interval_start = time.perf_counter()  # eval, samples and saving are not training throughput
         progress.close()
-        if self.is_main and saved_at != self.step:
+        if saved_at != self.step:
             self.save()
         if self.stop_signal is not None:
             log.info("stopped by %s at step %d; run the same command again to resume", self.stop_signal.name,
@@ -484,6 +523,15 @@ class Trainer:
             log.info("finished %d steps; loss curves in %s", self.step, plot_run(self.run_dir))
         return 0
 
+    def stop_agreed(self) -> bool:
+        """Whether any process was asked to stop: all stop at the same step, or their collectives would hang."""
+        requested = self.stop_signal.value if self.stop_signal is not None else 0
+        if self.world.is_distributed:
+            requested = distributed.max_across_ranks(requested, self.world, self.device)
+            if requested and self.stop_signal is None:
+                self.stop_signal = signal.Signals(requested)
+        return bool(requested)
+
     def report_evaluation(self, metrics: MetricsWriter | None) -> None:
         values = self.evaluate()
         if self.is_main:
@@ -491,9 +539,11 @@ class Trainer:
             metrics.write("eval", self.step, self.tokens, **values)
 
     def report_samples(self, metrics: MetricsWriter | None) -> None:
-        if not self.is_main or not self.config.sample.prompts:
+        if not self.config.sample.prompts:
             return
-        samples = self.sample()
+        samples = self.sample()  # on every rank: a sharded (FSDP) model needs all of them in each forward
+        if not self.is_main:
+            return
         for sample in samples:
             log.info("sample | %s|%s", sample["prompt"], sample["continuation"].replace("\n", "\\n"))
         metrics.write("samples", self.step, self.tokens, samples=samples)
