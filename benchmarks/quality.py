@@ -209,7 +209,8 @@ def write_report(results: list[dict], args, out: Path) -> str:
         greedy, sampled = r["continuations"]["greedy"][0], r["continuations"]["sampled"][0]
         samples.append(f"**{r['name']}**, greedy: _{greedy['prompt']}_{greedy['text'][:300]!r}\n\n"
                        f"**{r['name']}**, sampled: _{sampled['prompt']}_{sampled['text'][:300]!r}\n")
-    command = "python benchmarks/quality.py" + ("" if args.budget == DEFAULT_BUDGET else f" --budget {args.budget}")
+    threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
+    command = f"{threads}python benchmarks/quality.py" + ("" if args.budget == DEFAULT_BUDGET else f" --budget {args.budget}")
     report = f"""# Quality at a fixed budget
 
 Measured {datetime.date.today()} at commit `{commit()}` on {machine()}.
@@ -236,7 +237,7 @@ First prompt's continuations (all in `quality_samples.json`):
     return report
 
 
-DEFAULT_BUDGET = 500_000
+DEFAULT_BUDGET = 300_000
 
 
 def main() -> int:

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from tinyseek.data.sources import DEFAULT_DATASET, Document, open_source, slug
 from tinyseek.data.tokenizer import DEFAULT_TOKENIZER, check_tokenizer_fits, load_tokenizer, tokenizer_identity
+from tinyseek.durable import fsync_path
 from tinyseek.errors import UserError
 
 FORMAT_VERSION = 1
@@ -137,14 +138,6 @@ def _fsync_write(path: Path, text: str) -> None:
         handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
-
-
-def _fsync_directory(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def _split_files(staging: Path, all_tokens: Path, dtype: np.dtype, lengths: np.ndarray, is_val: np.ndarray) -> dict:
@@ -296,7 +289,7 @@ def prepare_corpus(
             "seconds": round(time.perf_counter() - started, 2),
         }
         _fsync_write(staging / META_FILE, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
-        _fsync_directory(staging)
+        fsync_path(staging)
         try:
             staging.rename(target)
         except OSError:
@@ -304,7 +297,7 @@ def prepare_corpus(
             if read_meta(target) is None:
                 raise
             shutil.rmtree(staging)
-        _fsync_directory(root)
+        fsync_path(root)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

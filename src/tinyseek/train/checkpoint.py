@@ -30,6 +30,7 @@ from safetensors.torch import load_file
 from transformers.utils import logging as hf_logging
 
 from tinyseek import distributed
+from tinyseek.durable import fsync_path, fsync_tree
 from tinyseek.config import TinySeekConfig
 from tinyseek.errors import UserError
 
@@ -109,24 +110,6 @@ def latest_checkpoint(
     return None
 
 
-def fsync_tree(directory: Path) -> None:
-    for path in sorted(directory.rglob("*"), reverse=True):
-        descriptor = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
-    fsync_dir(directory)
-
-
-def fsync_dir(directory: Path) -> None:
-    descriptor = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
 @contextmanager
 def quiet_progress_bars():
     """transformers draws a progress bar per save; between the trainer's own bar and log lines it is noise."""
@@ -179,7 +162,7 @@ def save_checkpoint(
         shutil.rmtree(displaced)
     else:
         os.replace(staging, final)
-    fsync_dir(root)
+    fsync_path(root)
     prune_checkpoints(run_dir, keep, newest=final)
     return final
 
