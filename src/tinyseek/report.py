@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from tinyseek.config import PRESETS, TinySeekConfig
@@ -59,7 +60,8 @@ def estimate_flops_per_token(config: TinySeekConfig, seq_len: int) -> float:
     Softmax attention adds 6 * layers * heads * (qk_dim + v_dim) * seq_len / 2 (causal: half the score matrix is
     computed on average); linear attention adds 6 * layers * heads * 2 * d_k * d_v per token for its state.
     """
-    model = TinySeekForCausalLM(config)
+    with torch.device("meta"):  # shapes are all that counting needs: no memory, no random numbers drawn
+        model = TinySeekForCausalLM(config)
     report = parameter_report(model)
     matrix_params = report["active_per_token"] - config.vocab_size * config.hidden_size  # the embedding is a lookup
     layers, heads = config.num_hidden_layers, config.num_attention_heads

@@ -466,8 +466,7 @@ class Trainer:
         config, every = self.config, self.config.logging
         if self.is_main:
             self.announce()
-        with torch.random.fork_rng(devices=[]):  # it builds a model, and training must not see that in its RNG
-            flops_per_token = estimate_flops_per_token(self.model_config, config.data.seq_len)
+        flops_per_token = estimate_flops_per_token(self.model_config, config.data.seq_len)
         peak = self.peak_flops()
         if self.resumed_from is not None:
             restore_rng_state(self.saved_rng, self.device)
