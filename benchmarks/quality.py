@@ -199,7 +199,7 @@ def commit() -> str:
     return result.stdout.strip() or "unknown"
 
 
-def write_report(results: list[dict], args, out: Path) -> str:
+def write_report(results: list[dict], args, out: Path, measured_at: str) -> str:
     out.mkdir(parents=True, exist_ok=True)
     plot(results, out / "quality.png")
     (out / "quality_samples.json").write_text(json.dumps(
@@ -213,7 +213,7 @@ def write_report(results: list[dict], args, out: Path) -> str:
     command = f"{threads}python benchmarks/quality.py" + ("" if args.budget == DEFAULT_BUDGET else f" --budget {args.budget}")
     report = f"""# Quality at a fixed budget
 
-Measured {datetime.date.today()} at commit `{commit()}` on {machine()}.
+Measured {datetime.date.today()} at commit `{measured_at}` on {machine()}.
 
 ```bash
 {command}
@@ -251,13 +251,14 @@ def main() -> int:
     args = parser.parse_args()
     if not Path(args.data).exists():
         sys.exit(f"quality: corpus {args.data} not found; pass --data or set TINYSEEK_SHARED_DATA")
+    measured_at = commit()  # the code the runs use is the code at the start
     results = []
     for name in args.runs:
         preset_file, overrides = RUNS[name]
         print(f"== {name}", flush=True)
         results.append(train_and_measure(name, run_config(name, preset_file, overrides, args)))
         print(table(results), flush=True)
-    write_report(results, args, Path(args.out))
+    write_report(results, args, Path(args.out), measured_at)
     print(table(results))
     return 0
 
