@@ -30,7 +30,7 @@ from tinyseek.data.tokenizer import DEFAULT_TOKENIZER, check_tokenizer_fits, loa
 from tinyseek.durable import fsync_path
 from tinyseek.errors import UserError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: UTF-8 bytes per split and the validation groups in meta.json
 META_FILE = "meta.json"
 SPLITS = ("train", "val")
 BATCH_CHARACTERS = 1 << 20  # per worker task: large enough to amortise pickling, small enough for a smooth bar
@@ -140,15 +140,18 @@ def _fsync_write(path: Path, text: str) -> None:
         os.fsync(handle.fileno())
 
 
-def _split_files(staging: Path, all_tokens: Path, dtype: np.dtype, lengths: np.ndarray, is_val: np.ndarray) -> dict:
-    """Copy each document from the all-documents file to train.bin or val.bin, in source order."""
+def _split_files(
+    staging: Path, all_tokens: Path, dtype: np.dtype, lengths: np.ndarray, text_bytes: np.ndarray, is_val: np.ndarray
+) -> dict:
+    """Copy each document from the all-documents file to train.bin or val.bin, in source order; count each split's
+    tokens, documents and UTF-8 bytes (the denominator of bits per byte, the same for every tokenizer)."""
     tokens = np.memmap(all_tokens, dtype=dtype, mode="r")
     ends = np.cumsum(lengths)
     starts = ends - lengths
     boundaries = np.flatnonzero(np.diff(is_val.astype(np.int8))) + 1
     run_starts = np.concatenate([[0], boundaries])
     run_ends = np.concatenate([boundaries, [len(lengths)]])
-    counts = {split: {"tokens": 0, "documents": 0} for split in SPLITS}
+    counts = {split: {"tokens": 0, "documents": 0, "bytes": 0} for split in SPLITS}
     handles = {split: open(staging / f"{split}.bin", "wb") for split in SPLITS}
     try:
         for first, stop in zip(run_starts, run_ends):
@@ -158,6 +161,7 @@ def _split_files(staging: Path, all_tokens: Path, dtype: np.dtype, lengths: np.n
                 handles[split].write(tokens[chunk_start : min(end, chunk_start + COPY_CHUNK_TOKENS)].tobytes())
             counts[split]["tokens"] += end - begin
             counts[split]["documents"] += int(stop - first)
+            counts[split]["bytes"] += int(text_bytes[first:stop].sum())
         for handle in handles.values():
             handle.flush()
             os.fsync(handle.fileno())
@@ -250,6 +254,7 @@ def prepare_corpus(
         encoder_args = (loaded.backend_tokenizer.to_str(), loaded.eos_token_id, dtype.name)
         workers = num_workers or _available_cores()
         lengths: list[np.ndarray] = []
+        text_bytes: list[int] = []
         groups: list[str] | None = [] if split_by is not None else None
         all_tokens = staging / "documents.tmp"
         expected_documents = min(filter(None, (corpus.num_rows, max_documents)), default=None)
@@ -258,6 +263,7 @@ def prepare_corpus(
             for batch, tokens, batch_lengths in _encode_all(corpus.documents(max_documents), encoder_args, workers):
                 handle.write(tokens.tobytes())
                 lengths.append(batch_lengths)
+                text_bytes += [len(document.text.encode("utf-8")) for document in batch]
                 if groups is not None:
                     groups += [document.group for document in batch]
                 progress.update(len(batch))
@@ -265,12 +271,14 @@ def prepare_corpus(
         if not len(document_lengths):
             raise UserError(f"the corpus {source} has no non-blank documents in column {text_column!r}")
         is_val = _validation_mask(groups, len(document_lengths), val_fraction, val_documents, seed)
-        counts = _split_files(staging, all_tokens, dtype, document_lengths, is_val)
+        counts = _split_files(staging, all_tokens, dtype, document_lengths, np.array(text_bytes, np.int64), is_val)
         all_tokens.unlink()
         if groups is not None:
             group_array = np.array(groups, dtype=object).astype(str)
             counts["train"]["groups"] = len(np.unique(group_array[~is_val]))
             counts["val"]["groups"] = len(np.unique(group_array[is_val]))
+            # Named, so that other training sources can leave these groups out (tinyseek.data.mixture).
+            counts["val"]["group_names"] = sorted(np.unique(group_array[is_val]).tolist())
         meta = {
             "format_version": FORMAT_VERSION,
             "cache_key": cache_key,
