@@ -25,14 +25,15 @@ def write_corpus(path, count=200):
     return path
 
 
-def test_deepseek_coder_reproduces_the_llama_cpp_reference_encodings(shared_data):
+@pytest.mark.parametrize("which", ["shared", "builtin"])
+def test_deepseek_coder_reproduces_the_llama_cpp_reference_encodings(shared_data, which):
     folder = shared_data / "tokenizers" / "deepseek-coder"
     inputs = (
         (folder / "ggml-vocab-deepseek-coder.gguf.inp").read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n")
     )
     expected = (folder / "ggml-vocab-deepseek-coder.gguf.out").read_text(encoding="utf-8").split("\n")
     assert len(inputs) == len(expected) == 47
-    tokenizer = load_tokenizer(folder)
+    tokenizer = load_tokenizer(folder if which == "shared" else "builtin")
     for text, ids in zip(inputs, expected):
         assert tokenizer.encode(text, add_special_tokens=False) == [int(token) for token in ids.split()], text
 

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from tinyseek.data.builtin import BUILTIN_CORPUS, is_builtin
 from tinyseek.data.hub import first_line, require_hub
 from tinyseek.errors import UserError
 
@@ -23,7 +24,7 @@ DEFAULT_DATASET = "HuggingFaceTB/cosmopedia-100k"
 LOCAL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet", ".txt")
 LOCAL_FILES_HINT = (
     "for local files pass --data PATH (a .jsonl, .jsonl.gz, .json, .parquet or .txt file, "
-    "a directory or a glob pattern)"
+    "a directory or a glob pattern), or --data builtin for the TinyStories sample installed with tinyseek"
 )
 HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -82,8 +83,10 @@ def open_source(
     split: str = "train",
     streaming: bool = False,
 ) -> Source:
-    """Local files (a file, directory, glob pattern or a list of them) or, for an `org/name` spec, a Hub dataset."""
+    """Local files (a file, directory, glob pattern or a list of them), `builtin` (the corpus installed with
+    tinyseek) or, for an `org/name` spec, a Hub dataset."""
     specs = [spec] if isinstance(spec, (str, Path)) else list(spec)
+    specs = [BUILTIN_CORPUS if is_builtin(one) else one for one in specs]
     if not specs:
         raise UserError("no data source given; " + LOCAL_FILES_HINT)
     local = [_local_files(str(one)) for one in specs]

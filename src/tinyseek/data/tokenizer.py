@@ -13,12 +13,15 @@ from pathlib import Path
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from transformers.utils import logging as transformers_logging
 
+from tinyseek.data.builtin import BUILTIN_TOKENIZER, is_builtin
 from tinyseek.data.hub import first_line, require_hub
 from tinyseek.data.sources import open_source
 from tinyseek.errors import UserError
 
 DEFAULT_TOKENIZER = "deepseek-ai/deepseek-coder-1.3b-base"
-LOCAL_TOKENIZER_HINT = "for a local tokenizer pass --tokenizer PATH (a tokenizer directory or tokenizer.json)"
+LOCAL_TOKENIZER_HINT = (
+    "for a local tokenizer pass --tokenizer PATH (a tokenizer directory or tokenizer.json), or --tokenizer builtin"
+)
 # A bare tokenizer.json names no EOS token; these are the usual ones, in order of preference.
 EOS_CANDIDATES = ("<｜end▁of▁sentence｜>", "<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<|eos|>")
 TRAINED_METADATA = "tinyseek_tokenizer.json"
@@ -41,9 +44,9 @@ def _looks_like_path(spec: str) -> bool:
 
 
 def load_tokenizer(spec: str | Path) -> PreTrainedTokenizerFast:
-    """A fast tokenizer with an EOS token, from a Hub name, a local directory or a tokenizer.json file."""
+    """A fast tokenizer with an EOS token, from a Hub name, a local directory, a tokenizer.json file or `builtin`."""
     spec = str(spec)
-    path = Path(spec).expanduser()
+    path = BUILTIN_TOKENIZER if is_builtin(spec) else Path(spec).expanduser()
     if path.is_file() and path.name == "tokenizer.json" and (path.parent / "tokenizer_config.json").is_file():
         path = path.parent
     try:

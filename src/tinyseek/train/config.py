@@ -17,7 +17,8 @@ from tinyseek.config import TinySeekConfig
 from tinyseek.distributed import STRATEGIES
 from tinyseek.errors import UserError
 
-PRESET_DIR = Path(__file__).resolve().parents[3] / "configs"
+# Inside the package (a link to the repository's configs/), so installed copies find the presets too.
+PRESET_DIR = Path(__file__).resolve().parents[1] / "configs"
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 SCHEDULES = ("cosine", "wsd", "constant")
 OPTIMIZER_IMPLEMENTATIONS = ("auto", "fused", "foreach", "for-loop")
