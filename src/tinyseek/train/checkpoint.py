@@ -19,20 +19,23 @@ import inspect
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
+import tempfile
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from safetensors.torch import load_file
 from transformers.utils import logging as hf_logging
 
-from tinyseek import distributed
+from tinyseek import distributed, faults
 from tinyseek.durable import fsync_path, fsync_tree
 from tinyseek.config import TinySeekConfig
-from tinyseek.errors import UserError
+from tinyseek.errors import FileError, UserError
 
 CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer_state.json"
@@ -46,6 +49,10 @@ ARCHITECTURE_FIELDS = sorted(
 )
 
 log = logging.getLogger("tinyseek.train")
+
+
+class CheckpointWriteError(FileError):
+    """A checkpoint could not be written (disk full, I/O error); the earlier checkpoints are intact."""
 
 
 def checkpoint_root(run_dir: str | Path) -> Path:
@@ -96,18 +103,41 @@ def checkpoint_problem(checkpoint: Path) -> str | None:
     return None
 
 
-def latest_checkpoint(
-    run_dir: str | Path, report: Callable[[Path, str], None] | None = None
-) -> Path | None:
-    """The newest valid checkpoint of a run, or None. Invalid newer ones are passed to `report` (default: a
-    warning on the `tinyseek.train` logger) and skipped."""
+def valid_checkpoints(run_dir: str | Path, report: Callable[[Path, str], None] | None = None) -> Iterator[Path]:
+    """The run's checkpoints whose files match their manifest, newest first. Invalid ones are passed to `report`
+    (default: a warning on the `tinyseek.train` logger) and skipped."""
     report = report or (lambda path, problem: log.warning("skipping checkpoint %s: %s", path, problem))
     for checkpoint in reversed(list_checkpoints(run_dir)):
         problem = checkpoint_problem(checkpoint)
         if problem is None:
-            return checkpoint
-        report(checkpoint, problem)
-    return None
+            yield checkpoint
+        else:
+            report(checkpoint, problem)
+
+
+def latest_checkpoint(
+    run_dir: str | Path, report: Callable[[Path, str], None] | None = None
+) -> Path | None:
+    """The newest valid checkpoint of a run, or None (see `valid_checkpoints`)."""
+    return next(valid_checkpoints(run_dir, report), None)
+
+
+def check_writable(run_dir: Path) -> None:
+    """Fail before any work when the run directory (or, before it exists, the folder it would be made in) cannot
+    take new files. Creating one is the only test that also holds for root, whom permission bits do not stop."""
+    existing = run_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(f"{existing} is not a directory")
+        faults.point("run_dir.write")
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise FileError(
+            f"run directory {run_dir} is not writable ({error.strerror or error}); choose another --out-dir"
+        ) from None
 
 
 @contextmanager
@@ -137,32 +167,45 @@ def save_checkpoint(
     `model_state`, when given, is the full state dict gathered from a data-parallel run, which `model` (the unwrapped
     model) saves in its own format."""
     root = checkpoint_root(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
     staging = root / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    with quiet_progress_bars():
-        model.save_pretrained(staging, state_dict=model_state)
-    tokenizer.save_pretrained(staging)
-    torch.save(optimizer_state, staging / OPTIMIZER_STATE)
-    manifest = {
-        str(path.relative_to(staging)): {"bytes": path.stat().st_size, "sha256": file_digest(path)}
-        for path in sorted(staging.rglob("*"))
-        if path.is_file()
-    }
-    with open(staging / TRAINER_STATE, "w") as handle:
-        json.dump({**trainer_state, "manifest": manifest}, handle, indent=1)
-    fsync_tree(staging)
-    if final.exists():
-        # An older attempt at this step (e.g. a corrupt one that was skipped): move it aside, never half-replace it.
-        displaced = root / f".old-{final.name}-{os.getpid()}"
-        os.replace(final, displaced)
-        os.replace(staging, final)
-        shutil.rmtree(displaced)
-    else:
-        os.replace(staging, final)
-    fsync_path(root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        faults.point("checkpoint.staging")
+        with quiet_progress_bars():
+            model.save_pretrained(staging, state_dict=model_state)
+        tokenizer.save_pretrained(staging)
+        faults.point("checkpoint.weights")
+        torch.save(optimizer_state, staging / OPTIMIZER_STATE)
+        faults.point("checkpoint.optimizer")
+        manifest = {
+            str(path.relative_to(staging)): {"bytes": path.stat().st_size, "sha256": file_digest(path)}
+            for path in sorted(staging.rglob("*"))
+            if path.is_file()
+        }
+        with open(staging / TRAINER_STATE, "w") as handle:
+            json.dump({**trainer_state, "manifest": manifest}, handle, indent=1)
+        fsync_tree(staging)
+        faults.point("checkpoint.state")
+        if final.exists():
+            # An older attempt at this step (e.g. a corrupt one that was skipped): move it aside, never half-replace.
+            displaced = root / f".old-{final.name}-{os.getpid()}"
+            os.replace(final, displaced)
+            os.replace(staging, final)
+            shutil.rmtree(displaced)
+        else:
+            os.replace(staging, final)
+        fsync_path(root)
+    except OSError as error:
+        shutil.rmtree(staging, ignore_errors=True)  # a partial write is never trusted; this only frees its space
+        earlier = latest_checkpoint(run_dir, report=lambda path, problem: None)
+        raise CheckpointWriteError(
+            f"cannot write checkpoint {final} ({error.strerror or error}); "
+            + (f"the last checkpoint, {earlier.name}, is intact" if earlier else "there is no earlier checkpoint")
+        ) from None
+    faults.point("checkpoint.renamed")
     prune_checkpoints(run_dir, keep, newest=final)
     return final
 
@@ -213,7 +256,18 @@ def load_training_state(model: torch.nn.Module, optimizer, checkpoint: Path, opt
 
 
 def load_optimizer_state(checkpoint: Path) -> dict[str, Any]:
-    return torch.load(checkpoint / OPTIMIZER_STATE, map_location="cpu", weights_only=True)
+    """The optimizer, scheduler and scaler state, read as tensors and plain data only: a file that holds anything
+    else (a pickle that would run code) is refused before any of it runs, even when the manifest matches it."""
+    path = checkpoint / OPTIMIZER_STATE
+    try:
+        with warnings.catch_warnings():  # torch warns about foreign pickle protocols before refusing them
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        reason = str(error).partition("WeightsUnpickler error:")[2].strip().split("\n")[0] or "not tensors"
+        raise FileError(f"{path} holds more than tensors and plain data ({reason}); refused without running it") from None
+    except (RuntimeError, EOFError) as error:
+        raise FileError(f"{path} is not a readable optimizer state ({str(error).splitlines()[0]})") from None
 
 
 def resolve_checkpoint(path_or_run_dir: str | Path) -> Path:

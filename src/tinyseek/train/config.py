@@ -53,6 +53,9 @@ class OptimConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0
     """Clip the global gradient norm to this; 0 disables clipping."""
+    max_non_finite_steps: int = 5
+    """A step whose loss or gradient is NaN or infinite is skipped (no optimizer or bias update, counted and logged);
+    this many in a row stop the run without saving."""
     implementation: str = "auto"
     """AdamW kernel: "fused" (one kernel for all tensors, fastest on CPU and CUDA), "foreach", "for-loop", or
     "auto" (fused where the device supports it, else foreach)."""
@@ -295,7 +298,7 @@ def validate(config: TrainConfig) -> None:
             raise UserError(message)
 
     for key in ("max_steps", "data.seq_len", "data.micro_batch_size", "data.grad_accum", "checkpoint.every",
-                "checkpoint.keep", "logging.log_every", "logging.eval_every", "logging.eval_batches",
+                "checkpoint.keep", "optim.max_non_finite_steps", "logging.log_every", "logging.eval_every", "logging.eval_batches",
                 "logging.sample_every", "sample.max_new_tokens"):
         section, _, name = key.rpartition(".")
         value = getattr(getattr(config, section) if section else config, name)

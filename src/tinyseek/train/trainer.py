@@ -10,6 +10,7 @@ import random
 import signal
 import sys
 import time
+import warnings
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -32,8 +33,8 @@ from tinyseek.data import (
     resolve_data,
     tokenizer_identity,
 )
-from tinyseek import distributed
-from tinyseek.errors import UserError
+from tinyseek import distributed, faults
+from tinyseek.errors import FileError, UserError
 from tinyseek.train import checkpoint as ckpt
 from tinyseek.train.config import TrainConfig
 from tinyseek.train.metrics import (
@@ -50,6 +51,9 @@ from tinyseek.train.schedule import build_scheduler
 
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 RESOLVED_CONFIG = "config.yaml"
+# Exit statuses besides 0 (finished), 2 (bad input, from the CLI) and 128 + signal (stopped by SIGINT/SIGTERM).
+EXIT_NON_FINITE = 3  # optim.max_non_finite_steps steps in a row had a non-finite loss or gradient
+EXIT_CHECKPOINT_WRITE_FAILED = 4  # a checkpoint could not be written (disk full, I/O error)
 
 
 def choose_device(requested: str) -> torch.device:
@@ -169,6 +173,7 @@ class Trainer:
     def __init__(self, config: TrainConfig):
         self.config = config
         self.run_dir = Path(config.out_dir).expanduser()
+        ckpt.check_writable(self.run_dir)
         self.stop_signal: signal.Signals | None = None
         device = choose_device(config.device)
         self.world = distributed.init_distributed(device)  # a world of one unless launched by torchrun
@@ -216,6 +221,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, config.schedule, config.max_steps)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
         self.step, self.tokens = 0, 0
+        self.non_finite_steps, self.non_finite_in_a_row = 0, 0
         self.skipped_checkpoints: list[str] = []
         self.resumed_from = self.resume()
 
@@ -232,10 +238,17 @@ class Trainer:
     # -- checkpoints ------------------------------------------------------------------------------------------
 
     def resume(self) -> Path | None:
-        """Load the latest valid checkpoint of the run directory, if any; refuse one that does not fit."""
-        checkpoint = ckpt.latest_checkpoint(
-            self.run_dir, report=lambda path, problem: self.skipped_checkpoints.append(f"{path.name}: {problem}")
-        )
+        """Load the latest usable checkpoint of the run directory, if any; refuse one that does not fit. A checkpoint
+        whose files do not match their manifest, or whose optimizer state is more than tensors, is skipped."""
+        skip = lambda path, problem: self.skipped_checkpoints.append(f"{path.name}: {problem}")  # noqa: E731
+        for checkpoint in ckpt.valid_checkpoints(self.run_dir, report=skip):
+            try:
+                blobs = ckpt.load_optimizer_state(checkpoint)
+                break
+            except FileError as error:
+                skip(checkpoint, str(error))
+        else:
+            checkpoint = None
         for skipped in self.skipped_checkpoints:
             log.warning("skipping unusable checkpoint %s", skipped)
         if checkpoint is None:
@@ -254,13 +267,13 @@ class Trainer:
                 f"checkpoint {checkpoint} was trained with tokenizer {state['tokenizer']}, this run uses "
                 f"{self.tokenizer_id}; use another --out-dir or the same tokenizer"
             )
-        blobs = ckpt.load_optimizer_state(checkpoint)
         ckpt.load_training_state(self.model, self.optimizer, checkpoint, blobs["optimizer"])
         self.scheduler.load_state_dict(blobs["scheduler"])
         if self.scaler is not None and blobs.get("scaler"):
             self.scaler.load_state_dict(blobs["scaler"])
         self.apply_current_hyperparameters()
         self.step, self.tokens = state["step"], state["tokens"]
+        self.non_finite_steps, self.non_finite_in_a_row = state.get("non_finite_steps", [0, 0])
         self.continue_data_order(state)
         self.saved_rng = state["rng"]
         return checkpoint
@@ -299,6 +312,7 @@ class Trainer:
         trainer_state = {
             "step": self.step,
             "tokens": self.tokens,
+            "non_finite_steps": [self.non_finite_steps, self.non_finite_in_a_row],
             "sampler": self.sampler.state_dict(),
             "rng": rng_state(self.device),
             "tokenizer": self.tokenizer_id,
@@ -324,6 +338,7 @@ class Trainer:
         accum = self.config.data.grad_accum
         self.model.train()
         lm_loss = torch.zeros((), device=self.device)
+        total_loss = torch.zeros((), device=self.device)
         for micro_step in range(accum):
             window = self.sampler.batch(self.step * accum + micro_step).to(self.device, non_blocking=True)
             # Data-parallel gradients are reduced once per optimizer step, on the last micro-batch's backward.
@@ -331,27 +346,53 @@ class Trainer:
                 with self.autocast():
                     out = self.forward_model(input_ids=window[:, :-1], shift_labels=window[:, 1:])
                 loss = out.loss / accum
+                if faults.point("train.loss", index=self.step + 1) == "nan":
+                    loss = loss * math.nan
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             lm_loss += out.lm_loss.detach() / accum
+            total_loss += loss.detach()
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         clip = self.config.optim.grad_clip or math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.forward_model.parameters(), clip)
         if hasattr(grad_norm, "full_tensor"):  # FSDP2: the norm is a DTensor
             grad_norm = grad_norm.full_tensor()
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+        non_finite = self.non_finite_part(total_loss, grad_norm)
+        if non_finite is None:
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            # Every rank must make the same bias update, so each sees the load of the whole global batch.
+            distributed.sum_across_ranks(self.model.expert_load_counts(), self.world)
+            self.model.update_load_balance_bias()
+            self.non_finite_in_a_row = 0
         else:
-            self.optimizer.step()
+            # Skipped: no optimizer or bias update, but the step's windows, learning rate and number are used up,
+            # so the data order and schedule stay those of a run without the fault (and resume stays exact).
+            if self.scaler is not None:
+                self.scaler.update()
+            for counts in self.model.expert_load_counts():
+                counts.zero_()
+            self.non_finite_steps += 1
+            self.non_finite_in_a_row += 1
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        # Every rank must make the same bias update, so each sees the load of the whole global batch.
-        distributed.sum_across_ranks(self.model.expert_load_counts(), self.world)
-        self.model.update_load_balance_bias()
+        with warnings.catch_warnings():  # a skipped first step makes torch warn that the optimizer never stepped
+            warnings.simplefilter("ignore", UserWarning)
+            self.scheduler.step()
         self.step += 1
         self.tokens += self.tokens_per_step
-        return {"lm_loss": lm_loss, "grad_norm": grad_norm}
+        return {"lm_loss": lm_loss, "loss": total_loss, "grad_norm": grad_norm, "non_finite": non_finite}
+
+    def non_finite_part(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> str | None:
+        """"loss" or "gradient" when that is NaN or infinite on any process, else None. Under fp16 an infinite
+        gradient is the GradScaler's business (it skips the step and lowers the scale), not a fault."""
+        code = 0 if torch.isfinite(loss) else 1
+        if code == 0 and self.scaler is None and not torch.isfinite(grad_norm):
+            code = 2
+        code = distributed.max_across_ranks(code, self.world, self.device)
+        return (None, "loss", "gradient")[code]
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -453,6 +494,9 @@ class Trainer:
         try:
             with logging_redirect_tqdm([log]), stop_on_signals(self):
                 return self.loop(metrics, stop_at_step)
+        except ckpt.CheckpointWriteError as error:
+            log.error("%s; free space and run the same command again to resume from it", error)
+            return EXIT_CHECKPOINT_WRITE_FAILED
         except Exception as error:
             if self.world.is_distributed:  # torchrun's own summary names the rank too, after the other ranks stop
                 print(f"tinyseek train: rank {self.world.rank} failed: {error!r}", file=sys.stderr, flush=True)
@@ -480,6 +524,9 @@ class Trainer:
         while self.step < end and not self.stop_agreed():
             result = self.train_step()
             progress.update()
+            if result["non_finite"] is not None and self.report_non_finite(result, metrics):
+                progress.close()
+                return EXIT_NON_FINITE
             loss_sum += result["lm_loss"].item()
             steps_since_log += 1
             if self.step % every.log_every == 0 or self.step == config.max_steps:
@@ -521,6 +568,27 @@ class Trainer:
 
             log.info("finished %d steps; loss curves in %s", self.step, plot_run(self.run_dir))
         return 0
+
+    def report_non_finite(self, result: dict[str, Any], metrics: MetricsWriter | None) -> bool:
+        """Log a skipped step; True when there were too many in a row and the run must stop. It stops without saving,
+        so the last checkpoint stays the last one written before the trouble (its weights are finite)."""
+        limit = self.config.optim.max_non_finite_steps
+        what = f"non-finite {result['non_finite']} (loss {result['loss'].item():.4g}, gradient norm " \
+               f"{result['grad_norm'].item():.4g})"
+        if self.is_main:
+            metrics.write("non_finite", self.step, self.tokens, what=result["non_finite"],
+                          in_a_row=self.non_finite_in_a_row, total=self.non_finite_steps)
+        if self.non_finite_in_a_row < limit:
+            log.warning("step %d: %s; optimizer and bias update skipped (%d in a row, the run stops at %d)",
+                        self.step, what, self.non_finite_in_a_row, limit)
+            return False
+        last = ckpt.latest_checkpoint(self.run_dir, report=lambda path, problem: None)
+        log.error(
+            "stopped at step %d: %s for %d steps in a row (optim.max_non_finite_steps=%d); nothing saved, %s; "
+            "lower optim.lr or check the data before resuming", self.step, what, self.non_finite_in_a_row, limit,
+            f"the last checkpoint is {last.name}" if last else "no checkpoint was written",
+        )
+        return True
 
     def stop_agreed(self) -> bool:
         """Whether any process was asked to stop: all stop at the same step, or their collectives would hang."""
