@@ -166,3 +166,59 @@ def test_fused_loss_cannot_be_back_propagated_twice():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="once"):
         loss.backward()
+
+
+def unfused_linear(x, layers):
+    return tuple(layer(x) for layer in layers)
+
+
+@pytest.mark.parametrize("attention_type, ffn_type, extra", [
+    ("linear", "moe", {}),
+    ("mla", "moe", dict(q_lora_rank=24, n_shared_experts=1, first_k_dense_replace=1)),
+    ("mla", "dense", {}),
+    ("mha", "dense", dict(num_key_value_heads=2)),
+    ("mha", "moe", dict(attention_bias=True)),
+])
+def test_fused_projections_and_dense_dispatch_match_separate_layers_and_routed_experts(monkeypatch, attention_type,
+                                                                                        ffn_type, extra):
+    """One GEMM for q/k/v (or the two MLA projections of x) and for gate/up, and every-expert dispatch for few
+    tokens, against separate nn.Linear calls and per-expert routed matmuls: logits and gradients within 1e-6."""
+    torch.manual_seed(0)
+    config = TinySeekConfig(**{**SMALL, **extra}, attention_type=attention_type, ffn_type=ffn_type,
+                            scoring_func="sigmoid")
+    model = TinySeekForCausalLM(config)
+    with torch.no_grad():  # non-zero biases, so their place in the fused bias matters
+        for name, parameter in model.named_parameters():
+            if name.endswith("bias"):
+                parameter.normal_()
+    tokens, targets = torch.randint(0, 211, (2, 13)), torch.randint(0, 211, (2, 13))
+
+    def logits_and_grads():
+        model.eval()
+        with torch.no_grad():
+            logits = model(input_ids=tokens).logits
+        return (logits, *model_loss_and_grads(model, tokens, targets, fused=True))
+
+    fused_logits, fused_loss, fused = logits_and_grads()
+    from tinyseek import attention, moe
+
+    monkeypatch.setattr(attention, "fused_linear", unfused_linear)
+    monkeypatch.setattr(moe, "fused_linear", unfused_linear)
+    monkeypatch.setattr(moe, "DENSE_DISPATCH_MAX_ROWS", 0)
+    plain_logits, plain_loss_, plain = logits_and_grads()
+    torch.testing.assert_close(fused_logits, plain_logits, rtol=0, atol=1e-6)
+    torch.testing.assert_close(fused_loss, plain_loss_, rtol=0, atol=1e-6)
+    assert fused.keys() == plain.keys()
+    for name in plain:
+        torch.testing.assert_close(fused[name], plain[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_fused_projections_keep_the_stored_parameter_names():
+    """Checkpoints written before the projections were fused load unchanged: the state dict has the same names."""
+    for attention_type in ("linear", "mla", "mha"):
+        names = set(TinySeekForCausalLM(TinySeekConfig(**SMALL, attention_type=attention_type)).state_dict())
+        attention_names = {"linear": ("q_proj", "k_proj", "v_proj"), "mha": ("q_proj", "k_proj", "v_proj"),
+                           "mla": ("q_proj", "kv_a_proj_with_mqa")}[attention_type]
+        for projection in attention_names:
+            assert f"model.layers.0.self_attn.{projection}.weight" in names
+        assert not any("qkv" in name or "fused" in name for name in names)

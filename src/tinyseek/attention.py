@@ -17,7 +17,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
 from tinyseek.config import TinySeekConfig
 # A drop-in nn.Linear whose bf16-autocast matmuls avoid torch's slow CPU fallback (see tinyseek.ops).
-from tinyseek.ops import Linear, scaled_dot_product_attention
+from tinyseek.ops import Linear, fused_linear, scaled_dot_product_attention
 
 # DeepSeek's reference normalises the compressed latents with a fixed epsilon, whatever the model's rms_norm_eps.
 LATENT_NORM_EPS = 1e-6
@@ -121,7 +121,8 @@ class LinearAttention(nn.Module):
 
     def forward(self, x, rotary, causal_mask, padding_mask, cache_layer=None):
         batch, seq_len, _ = x.shape
-        heads = [p(x).view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj)]
+        projections = fused_linear(x, (self.q_proj, self.k_proj, self.v_proj))
+        heads = [p.reshape(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2) for p in projections]
         # The feature map and the normaliser run in fp32: ELU + 1 underflows to 0 in bf16 for large negative inputs.
         with torch.autocast(device_type=x.device.type, enabled=False):
             query, key, value = (F.elu(heads[0].float()) + 1, F.elu(heads[1].float()) + 1, heads[2].float())
@@ -207,10 +208,13 @@ class MultiHeadLatentAttention(nn.Module):
 
     def forward(self, x, rotary, causal_mask, padding_mask, cache_layer=None):
         batch, seq_len, _ = x.shape
-        query = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        query = query.view(batch, seq_len, self.num_heads, -1).transpose(1, 2)
+        # Both projections of x (the query's, or its low-rank latent's, and the compressed key/value latent's) in one GEMM.
+        query, compressed_kv = fused_linear(x, (self.q_proj if self.q_lora_rank is None else self.q_a_proj, self.kv_a_proj_with_mqa))
+        if self.q_lora_rank is not None:
+            query = self.q_b_proj(self.q_a_layernorm(query))
+        query = query.reshape(batch, seq_len, self.num_heads, -1).transpose(1, 2)
         q_nope, q_rope = query.split([self.nope_dim, self.rope_dim], dim=-1)
-        latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        latent, k_rope = compressed_kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         latent = self.kv_a_layernorm(latent).unsqueeze(1)  # [B, 1, T, r]: one "head", as the cache stores it
         q_rope, k_rope = apply_rotary(q_rope, rotary), apply_rotary(k_rope.unsqueeze(1), rotary)
         dropout = self.dropout if self.training else 0.0
@@ -276,9 +280,10 @@ class MultiHeadAttention(nn.Module):
 
     def forward(self, x, rotary, causal_mask, padding_mask, cache_layer=None):
         batch, seq_len, _ = x.shape
-        query = self.q_proj(x).view(batch, seq_len, self.num_heads, -1).transpose(1, 2)
-        key = self.k_proj(x).view(batch, seq_len, self.num_kv_heads, -1).transpose(1, 2)
-        value = self.v_proj(x).view(batch, seq_len, self.num_kv_heads, -1).transpose(1, 2)
+        query, key, value = fused_linear(x, (self.q_proj, self.k_proj, self.v_proj))
+        query = query.reshape(batch, seq_len, self.num_heads, -1).transpose(1, 2)
+        key = key.reshape(batch, seq_len, self.num_kv_heads, -1).transpose(1, 2)
+        value = value.reshape(batch, seq_len, self.num_kv_heads, -1).transpose(1, 2)
         query, key = apply_rotary(query, rotary), apply_rotary(key, rotary)
         if cache_layer is not None:
             key, value = cache_layer.update(key, value)

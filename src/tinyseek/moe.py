@@ -13,7 +13,7 @@ from torch import nn
 
 from tinyseek.config import TinySeekConfig
 # A drop-in nn.Linear / F.linear whose bf16-autocast matmuls avoid torch's slow CPU fallback (see tinyseek.ops).
-from tinyseek.ops import Linear, linear
+from tinyseek.ops import Linear, fused_linear, linear
 
 
 class SwiGLU(nn.Module):
@@ -24,7 +24,8 @@ class SwiGLU(nn.Module):
         self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = fused_linear(x, (self.gate_proj, self.up_proj))
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Router(nn.Linear):
@@ -58,6 +59,11 @@ class Router(nn.Linear):
         return expert_indices, weights * self.routed_scaling_factor, scores
 
 
+DENSE_DISPATCH_MAX_ROWS = 1024
+"""Up to this many (tokens x experts), RoutedExperts runs every expert on every token (see ``dense_forward``): at a
+32-token micro-batch that is one-sixth of the operations and no host sync; beyond it the extra arithmetic costs more."""
+
+
 class RoutedExperts(nn.Module):
     """E SwiGLU experts stored as stacked tensors (transformers' DeepseekV3 layout) so tokens can be grouped by
     expert and each group multiplied at once: one grouped matmul where torch has one, else one matmul per expert."""
@@ -73,6 +79,27 @@ class RoutedExperts(nn.Module):
         return f"num_experts={self.num_experts}, SwiGLU gate/up {h}->{i}, down {i}->{h}, bias=False"
 
     def forward(self, x: torch.Tensor, expert_indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] * self.num_experts <= DENSE_DISPATCH_MAX_ROWS:
+            return self.dense_forward(x, expert_indices, weights)
+        return self.grouped_forward(x, expert_indices, weights)
+
+    def dense_forward(self, x: torch.Tensor, expert_indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Every expert on every token in two GEMMs, each expert's activation scaled by the token's gating weight
+        (exactly zero where the token was not routed there, so outputs and gradients are the routed ones).
+
+        For a few tokens this costs n/k times the routed arithmetic but a handful of operations instead of several
+        per expert, and no token counts ever reach the host (no sync, nothing data-dependent for torch.compile)."""
+        tokens = x.shape[0]
+        gates = torch.zeros(tokens, self.num_experts, dtype=weights.dtype, device=x.device).scatter(1, expert_indices, weights)
+        gate_up = linear(x, self.gate_up_proj.view(-1, self.hidden_size)).view(tokens, self.num_experts, -1)
+        gate, up = gate_up.chunk(2, dim=-1)
+        activation = F.silu(gate) * up * gates[..., None].to(gate.dtype)
+        # Summing the experts' down projections is one GEMM over the concatenated [E * I] activations.
+        down = self.down_proj.permute(1, 0, 2).reshape(self.hidden_size, -1)
+        return linear(activation.reshape(tokens, -1), down).to(x.dtype)
+
+    def grouped_forward(self, x: torch.Tensor, expert_indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Tokens sorted by expert, each expert's rows multiplied at once (grouped GEMM on CUDA)."""
         top_k = expert_indices.shape[1]
         flat_experts = expert_indices.flatten()
         order = flat_experts.argsort(stable=True)
