@@ -9,11 +9,12 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from tokenizers import decoders as token_decoders
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import PreTrainedTokenizerFast
+from transformers import GenerationMixin, PreTrainedTokenizerFast
 
 from tinyseek import TinySeekConfig, TinySeekForCausalLM
 from tinyseek.cli import main as tinyseek_main
 from tinyseek.generate import Sampling, TextStream, decode, decode_stream, left_pad, stopping_criteria
+from tinyseek.generate.engine import GenerationEngine
 from tinyseek.train.checkpoint import save_checkpoint
 
 SMALL = dict(
@@ -238,3 +239,91 @@ def test_generate_command_reports_an_unknown_option_without_a_traceback(tmp_path
     assert result.returncode == 2
     assert "unrecognized arguments: --temprature" in result.stderr
     assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+# --- the generation engine ----------------------------------------------------------------------------------------
+
+
+def routing_by_full_forward(model, sequence: list[int]) -> list[list[list[int]]]:
+    """[position][MoE layer] -> sorted routed expert ids, from one uncached forward with the routers recorded."""
+    recorded = []
+    hooks = [
+        moe.gate.register_forward_hook(lambda module, args, out: recorded.append(out[0].sort(dim=-1).values))
+        for moe in model.moe_layers()
+    ]
+    with torch.no_grad():
+        logits = model(torch.tensor([sequence])).logits[0]
+    for hook in hooks:
+        hook.remove()
+    return torch.stack(recorded, dim=1).tolist(), logits
+
+
+def test_capture_returns_the_routed_experts_and_alternatives_of_a_forward_pass():
+    model = small_model(**{**TinySeekConfig.from_preset("seed").to_diff_dict(), **SMALL, "attention_type": "linear"})
+    moe_layers = len(model.moe_layers())
+    assert moe_layers == model.config.num_hidden_layers
+    prompt, new_tokens = PROMPTS[1], 6
+    engine = GenerationEngine(model, byte_tokenizer())
+    events = [step[0] for step in engine.stream([prompt], Sampling(temperature=0), new_tokens, capture=True)]
+    generated = [event.token_id for event in events]
+    routing, logits = routing_by_full_forward(model, prompt + generated)
+    probabilities = logits.softmax(-1)
+    for index, event in enumerate(events):
+        position = len(prompt) - 1 + index  # the position whose output chose this token
+        assert len(event.experts) == moe_layers
+        assert [sorted(experts) for experts in event.experts] == routing[position]
+        top = probabilities[position].topk(5)
+        assert [token for token, _, _ in event.alternatives] == top.indices.tolist()
+        assert [probability for _, _, probability in event.alternatives] == pytest.approx(top.values.tolist(), abs=1e-6)
+        assert event.alternatives[0][1] == byte_tokenizer().decode([event.alternatives[0][0]])
+    plain = [step[0] for step in engine.stream([prompt], Sampling(temperature=0), new_tokens)]
+    assert [event.token_id for event in plain] == generated
+    assert all(event.experts is None and event.alternatives is None for event in plain)
+
+
+def test_engine_events_finish_rows_at_eos_and_at_the_length_limit_and_drop_finished_rows():
+    model, tokenizer = letters_only_model(attention_type="mha"), byte_tokenizer()
+    engine = GenerationEngine(model, tokenizer)
+    free = engine.generate(PROMPTS, Sampling(temperature=0), 12)
+    assert [completion.finish_reason for completion in free] == ["length"] * 3
+    assert [completion.text for completion in free] == [tokenizer.decode(c.token_ids) for c in free]
+    eos = free[0].token_ids[4]  # pretend row 0's fifth token is EOS
+    engine = GenerationEngine(model, tokenizer, eos_token_ids=[eos])
+    steps = list(engine.stream(PROMPTS, Sampling(temperature=0), 12))
+    first_eos = [completion.token_ids.index(eos) if eos in completion.token_ids else None for completion in free]
+    for row, at in enumerate(first_eos):
+        rows_steps = [step for step in steps if any(event.row == row for event in step)]
+        assert len(rows_steps) == (at + 1 if at is not None else 12)
+        last = next(event for event in rows_steps[-1] if event.row == row)
+        assert last.finish_reason == ("stop" if at is not None else "length")
+        assert last.text == "" if at is not None else True
+    assert max(first_eos[0], *(a for a in first_eos if a is not None)) < 12
+
+
+def transformers_generate(model, *args, **kwargs):
+    """transformers' own generation loop, bypassing the engine that `model.generate()` routes to."""
+    return GenerationMixin.generate(model, *args, **kwargs)
+
+
+@pytest.mark.parametrize("attention_type", ATTENTION_TYPES)
+def test_model_generate_runs_on_the_engine_and_equals_transformers_loop(attention_type):
+    model = letters_only_model(attention_type=attention_type)
+    input_ids, attention_mask = left_pad(PROMPTS, pad_token_id=0)
+    greedy = dict(attention_mask=attention_mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    free = transformers_generate(model, input_ids, **greedy)
+    eos = free[0, input_ids.shape[1] + 3].item()  # row 0 stops after four tokens; the others may or may not
+    calls = []
+    original = GenerationEngine.stream
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(GenerationEngine, "stream", lambda *a, **k: calls.append(1) or original(*a, **k))
+        assert torch.equal(model.generate(input_ids, **greedy), free)
+        assert torch.equal(model.generate(input_ids, eos_token_id=eos, **greedy), transformers_generate(model, input_ids, eos_token_id=eos, **greedy))
+        sampled = dict(attention_mask=attention_mask, max_new_tokens=8, do_sample=True, temperature=0.9, top_k=20, pad_token_id=0)
+        torch.manual_seed(3)
+        ours = model.generate(input_ids, **sampled)
+        assert len(calls) == 3
+        torch.manual_seed(3)
+        assert torch.equal(ours, transformers_generate(model, input_ids, **sampled))
+        beams = model.generate(input_ids, num_beams=2, **greedy)  # not the engine's: transformers does it
+        assert len(calls) == 3
+    assert torch.equal(beams, transformers_generate(model, input_ids, num_beams=2, **greedy))

@@ -256,6 +256,14 @@ class TinySeekForCausalLM(TinySeekPreTrainedModel, GenerationMixin):
             balance_loss=outputs.balance_loss, mtp_loss=mtp_loss,
         )
 
+    def generate(self, inputs=None, generation_config=None, **kwargs):
+        """Greedy and sampled decoding run on tinyseek's generation engine; anything else (beam search, custom
+        processors or stopping criteria, streamers, scores in the output, ...) on transformers' own `generate()`."""
+        from tinyseek.generate.engine import generate_through_engine  # the engine is built on top of this module
+
+        output = generate_through_engine(self, inputs, generation_config, kwargs)
+        return output if output is not None else super().generate(inputs, generation_config, **kwargs)
+
     def multi_token_prediction_loss(self, hidden, input_ids, shift_labels) -> torch.Tensor:
         """Mean over depths k = 1..D of the cross-entropy of predicting token t + k + 1 at position t."""
         seq_len = hidden.shape[1]

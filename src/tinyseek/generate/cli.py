@@ -10,10 +10,9 @@ from pathlib import Path
 import torch
 
 from tinyseek.errors import UserError
-from tinyseek.generate.decode import decode_stream, stopping_criteria
+from tinyseek.generate.engine import GenerationEngine
 from tinyseek.generate.loading import add_source_arguments, load
 from tinyseek.generate.sampling import Sampling
-from tinyseek.generate.streaming import TextStream
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,8 +43,9 @@ class Session:
     """A loaded model and the settings every prompt is continued with."""
 
     def __init__(self, model, tokenizer, sampling: Sampling, args: argparse.Namespace):
-        self.model, self.tokenizer, self.sampling, self.args = model, tokenizer, sampling, args
-        self.stopping = stopping_criteria(tokenizer.eos_token_id, args.stop, tokenizer)
+        self.tokenizer, self.sampling, self.args = tokenizer, sampling, args
+        self.engine = GenerationEngine(model, tokenizer)
+        self.positions = model.config.max_position_embeddings
 
     def encode(self, prompt: str) -> list[int]:
         # Training documents are token streams separated by EOS, so EOS is what a document's first token follows.
@@ -57,33 +57,23 @@ class Session:
         """Write the continuation to stdout (as it comes with --stream) and the timings to stderr; return it."""
         out, log = sys.stdout, sys.stderr
         prompt_ids = self.encode(prompt)
-        positions = self.model.config.max_position_embeddings
-        if len(prompt_ids) >= positions:
-            raise UserError(
-                f"the prompt is {len(prompt_ids)} tokens long; the model has max_position_embeddings={positions}"
-            )
-        max_new_tokens = min(self.args.max_new_tokens, positions - len(prompt_ids) + 1)
-        if max_new_tokens < self.args.max_new_tokens:
-            print(f"note: at most {max_new_tokens} new tokens fit in the model's {positions} positions", file=log)
-        text = TextStream(self.tokenizer, prompt_ids, self.args.stop)
-        input_ids = torch.tensor([prompt_ids], device=self.model.device)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        room = self.positions - len(prompt_ids) + 1
+        if 0 < room < self.args.max_new_tokens:
+            print(f"note: at most {room} new tokens fit in the model's {self.positions} positions", file=log)
         start = first_token_at = time.perf_counter()
-        steps = decode_stream(
-            self.model, input_ids, max_new_tokens=max_new_tokens, sampling=self.sampling,
-            stopping=self.stopping, pad_token_id=pad,
-        )
+        steps = self.engine.stream([prompt_ids], self.sampling, self.args.max_new_tokens, stop=self.args.stop)
+        pieces = []
         new_tokens = 0
-        for new_tokens, (tokens, _) in enumerate(steps, start=1):
+        for new_tokens, (event,) in enumerate(steps, start=1):
             if new_tokens == 1:
                 first_token_at = time.perf_counter()
-            piece = text.push(tokens[0].item())
-            if self.args.stream and piece:
-                out.write(piece)
+            pieces.append(event.text)
+            if self.args.stream and event.text:
+                out.write(event.text)
                 out.flush()
         end = time.perf_counter()
-        rest = text.finish()
-        out.write((rest if self.args.stream else text.text) + "\n")
+        text = "".join(pieces)
+        out.write(("" if self.args.stream else text) + "\n")
         out.flush()
         decode_rate = (new_tokens - 1) / (end - first_token_at) if new_tokens > 1 else float("nan")
         print(
@@ -92,7 +82,7 @@ class Session:
             f"then {decode_rate:.1f} tokens/s)",
             file=log,
         )
-        return text.text
+        return text
 
 
 def resolve_device(name: str) -> torch.device:

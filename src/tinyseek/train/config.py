@@ -16,6 +16,7 @@ import yaml
 from tinyseek.config import TinySeekConfig
 from tinyseek.distributed import STRATEGIES
 from tinyseek.errors import UserError
+from tinyseek.generate.sampling import Sampling
 
 # Inside the package (a link to the repository's configs/), so installed copies find the presets too.
 PRESET_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -100,7 +101,14 @@ class SampleConfig:
     temperature: float = 0.8
     top_k: int = 50
     top_p: float = 0.95
+    min_p: float = 0.0
     repetition_penalty: float = 1.1
+
+    def sampling(self, seed: int | None) -> Sampling:
+        """These settings as the generation engine's sampling configuration (``do_sample: false`` is greedy)."""
+        return Sampling(
+            self.temperature if self.do_sample else 0.0, self.top_k, self.top_p, self.min_p, self.repetition_penalty, seed
+        )
 
 
 @dataclass
@@ -318,7 +326,8 @@ def validate(config: TrainConfig) -> None:
     require(config.schedule.warmup_steps >= 0, "schedule.warmup_steps: must be non-negative")
     require(0 <= config.schedule.min_lr_ratio <= 1, "schedule.min_lr_ratio: must be in [0, 1]")
     require(0 < config.schedule.decay_fraction <= 1, "schedule.decay_fraction: must be in (0, 1]")
-    require(config.sample.temperature > 0, "sample.temperature: must be positive")
-    require(0 < config.sample.top_p <= 1, "sample.top_p: must be in (0, 1]")
-    require(config.sample.repetition_penalty > 0, "sample.repetition_penalty: must be positive")
+    try:
+        config.sample.sampling(config.seed)
+    except ValueError as error:
+        raise UserError(f"sample.{error}") from None
     config.build_model_config()

@@ -35,6 +35,7 @@ from tinyseek.data import (
 )
 from tinyseek import distributed, faults
 from tinyseek.errors import FileError, UserError
+from tinyseek.generate.engine import GenerationEngine
 from tinyseek.train import checkpoint as ckpt
 from tinyseek.train.config import TrainConfig
 from tinyseek.train.metrics import (
@@ -417,31 +418,18 @@ class Trainer:
         val_loss = total.item() / windows
         return {"val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50.0))}
 
-    @torch.no_grad()
     def sample(self) -> list[dict[str, str]]:
-        """Continuations of the configured prompts. Sampling runs on a forked RNG seeded from the config, so it
-        neither perturbs training (exact resume) nor varies between evaluations except through the weights."""
+        """Continuations of the configured prompts, through the generation engine (fp32, whatever the training
+        precision). Each prompt draws from its own generator seeded from the config, so sampling neither perturbs
+        training (exact resume) nor varies between evaluations except through the weights."""
         settings = self.config.sample
-        self.model.eval()
-        fork = {"devices": []} if self.device.type == "cpu" else {"device_type": self.device.type}
+        sampling = settings.sampling(self.config.seed)
+        engine = GenerationEngine(self.model, self.tokenizer)
         samples = []
-        with torch.random.fork_rng(**fork), self.autocast():
-            torch.manual_seed(self.config.seed)
-            for prompt in settings.prompts:
-                input_ids = self.tokenizer(prompt, return_tensors="pt").input_ids.to(self.device)
-                output = self.model.generate(
-                    input_ids,
-                    attention_mask=torch.ones_like(input_ids),
-                    max_new_tokens=settings.max_new_tokens,
-                    do_sample=settings.do_sample,
-                    temperature=settings.temperature,
-                    top_k=settings.top_k,
-                    top_p=settings.top_p,
-                    repetition_penalty=settings.repetition_penalty,
-                    pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
-                )
-                continuation = self.tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True)
-                samples.append({"prompt": prompt, "continuation": continuation})
+        for prompt in settings.prompts:
+            prompt_ids = self.tokenizer(prompt).input_ids
+            (completion,) = engine.generate([prompt_ids], sampling, settings.max_new_tokens)
+            samples.append({"prompt": prompt, "continuation": completion.text})
         return samples
 
     def peak_flops(self) -> float:
