@@ -265,3 +265,47 @@ def test_seed_preset_runs_two_steps_on_local_data(tmp_path, shared_data):
     assert trainer.train() == 0
     assert latest_checkpoint(trainer.run_dir).name == "step_00000002"
     assert [r["kind"] for r in read_metrics(trainer.run_dir)] == ["train", "eval", "samples"]
+
+
+def test_parse_duration():
+    from tinyseek.train.budget import parse_duration
+
+    assert parse_duration("15m") == 900 and parse_duration("1h30m") == 5400 and parse_duration("90") == 90
+    assert parse_duration("2.5m") == 150 and parse_duration("45s") == 45
+    for bad in ("", "fast", "0s", "15 minutes"):
+        with pytest.raises(ValueError, match="time_budget"):
+            parse_duration(bad)
+
+
+def test_time_budget_fixes_max_steps_once_from_the_measured_speed(tmp_path, tiny_corpus):
+    trainer = tiny_trainer(tmp_path, tiny_corpus, time_budget="1s", max_steps=3)
+    fixed = []
+    original = Trainer.fix_max_steps
+    trainer.fix_max_steps = lambda steps: (fixed.append(steps), original(trainer, steps))
+    assert trainer.train() == 0
+    assert len(fixed) == 1 and fixed[0] > 5  # measured after the timed steps, not the config's 3
+    assert trainer.step == fixed[0]
+    assert yaml.safe_load((trainer.run_dir / "config.yaml").read_text())["max_steps"] == fixed[0]
+    state = json.loads((latest_checkpoint(trainer.run_dir) / "trainer_state.json").read_text())
+    assert state["budget"] == {"time_budget": "1s", "max_steps": fixed[0]}
+    assert 0 < state["train_seconds"]
+    assert "% of the budget" in (trainer.run_dir / "train.log").read_text()
+
+
+def test_time_budget_resume_keeps_the_fixed_steps_and_is_bitwise_identical(tmp_path, tiny_corpus, monkeypatch):
+    from tinyseek.train.budget import BudgetCalibration
+
+    # The clock decides the step count; here it decides 9 at step 3 in both runs, so their weights can be compared.
+    monkeypatch.setattr(BudgetCalibration, "observe", lambda self, step, seconds, elapsed: 9 if step == 3 else None)
+    sections = dict(time_budget="10m", schedule={"warmup_steps": 4}, checkpoint={"every": 100})
+    straight = tiny_trainer(tmp_path, tiny_corpus, out_dir=tmp_path / "straight", **sections)
+    assert straight.train() == 0 and straight.step == 9
+    first = tiny_trainer(tmp_path, tiny_corpus, out_dir=tmp_path / "resumed", **sections)
+    first.train(stop_at_step=5)
+    # On resume the machine may be faster or slower: the checkpoint's step count stands, nothing is timed again.
+    monkeypatch.setattr(BudgetCalibration, "observe", lambda *args: pytest.fail("calibrated again on resume"))
+    second = tiny_trainer(tmp_path, tiny_corpus, out_dir=tmp_path / "resumed", **sections)
+    assert second.step == 5 and second.config.max_steps == 9
+    assert second.train() == 0 and second.step == 9
+    expected, actual = final_weights(straight.run_dir), final_weights(second.run_dir)
+    assert all(torch.equal(expected[key], actual[key]) for key in expected)

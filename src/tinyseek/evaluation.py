@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tinyseek.errors import UserError
+from tinyseek.errors import InputError
 
 IGNORE_INDEX = -100
 
@@ -71,7 +71,7 @@ def score_split(model: torch.nn.Module, dataset, seq_len: int, batch_size: int =
     """`score_documents` over a prepared split (a `TokenDataset`): every whole document in it."""
     num_bytes = dataset.meta[dataset.split].get("bytes")
     if num_bytes is None:
-        raise UserError(f"{dataset.prepared_dir} was prepared before byte counts were recorded; prepare it again")
+        raise InputError(f"{dataset.prepared_dir} was prepared before byte counts were recorded; prepare it again")
     return score_documents(model, dataset.tokens, dataset.eos_token_id, num_bytes, seq_len, batch_size)
 
 

@@ -14,6 +14,7 @@ FLAG_KEYS = {
     "tokenizer": "data.tokenizer",
     "out_dir": "out_dir",
     "max_steps": "max_steps",
+    "time_budget": "time_budget",
     "checkpoint_every": "checkpoint.every",
     "keep": "checkpoint.keep",
     "seed": "seed",
@@ -36,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tokenizer", help="tokenizer directory or tokenizer.json")
     parser.add_argument("--out-dir", help="run directory: checkpoints, metrics.jsonl, train.log, config.yaml")
     parser.add_argument("--max-steps", type=int, help="optimizer steps (raise it to continue a finished run)")
+    parser.add_argument(
+        "--time-budget", metavar="DURATION",
+        help="train for a wall-clock budget (15m, 90s, 1h30m): max_steps is fixed from the first steps' speed",
+    )
     parser.add_argument("--checkpoint-every", type=int, help="save a checkpoint every N optimizer steps")
     parser.add_argument("--keep", type=int, help="how many of the latest checkpoints to keep")
     parser.add_argument("--seed", type=int)

@@ -17,6 +17,7 @@ from tinyseek.config import TinySeekConfig
 from tinyseek.distributed import STRATEGIES
 from tinyseek.errors import UserError
 from tinyseek.generate.sampling import Sampling
+from tinyseek.train.budget import parse_duration
 
 # Inside the package (a link to the repository's configs/), so installed copies find the presets too.
 PRESET_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -116,6 +117,9 @@ class TrainConfig:
     out_dir: str = "runs/default"
     max_steps: int = 10_000
     """Optimizer steps; each consumes micro_batch_size * grad_accum * world_size windows."""
+    time_budget: str | None = None
+    """A wall-clock budget ("15m", "90s", "1h30m") that replaces max_steps: the first steps are timed, max_steps is
+    fixed once from the measured rate and kept by checkpoints, so a resumed run follows the same schedule."""
     seed: int = 0
     device: str = "auto"
     dtype: str = "auto"
@@ -311,6 +315,8 @@ def validate(config: TrainConfig) -> None:
         section, _, name = key.rpartition(".")
         value = getattr(getattr(config, section) if section else config, name)
         require(value > 0, f"{key}: must be a positive integer, got {value}")
+    if config.time_budget is not None:
+        parse_duration(config.time_budget)
     require(config.parallel in STRATEGIES,
             f"parallel: unknown strategy {config.parallel!r}; choose one of {', '.join(STRATEGIES)}")
     require(config.dtype in DTYPES, f"dtype: unknown dtype {config.dtype!r}; choose one of {', '.join(DTYPES)}")

@@ -27,11 +27,19 @@ def lr_multiplier(step: int, schedule: ScheduleConfig, max_steps: int) -> float:
     return 1.0 - (1 - floor) * progress
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, schedule: ScheduleConfig, max_steps: int):
-    """LambdaLR saves only its step for a plain function, so a resumed run recomputes the rate from the current
-    config: raising max_steps stretches the remaining decay instead of restoring the old horizon."""
-
+def schedule_function(schedule: ScheduleConfig, max_steps: int):
     def multiplier(step: int) -> float:
         return lr_multiplier(step, schedule, max_steps)
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+    return multiplier
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, schedule: ScheduleConfig, max_steps: int):
+    """LambdaLR saves only its step for a plain function, so a resumed run recomputes the rate from the current
+    config: raising max_steps stretches the remaining decay instead of restoring the old horizon."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_function(schedule, max_steps))
+
+
+def set_horizon(scheduler, schedule: ScheduleConfig, max_steps: int) -> None:
+    """Give a scheduler a new horizon from its next step on (a time budget fixing max_steps)."""
+    scheduler.lr_lambdas = [schedule_function(schedule, max_steps) for _ in scheduler.lr_lambdas]

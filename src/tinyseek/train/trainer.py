@@ -48,7 +48,8 @@ from tinyseek.train.metrics import (
     setup_logging,
     synchronize,
 )
-from tinyseek.train.schedule import build_scheduler
+from tinyseek.train.budget import CALIBRATION_HORIZON, BudgetCalibration, parse_duration
+from tinyseek.train.schedule import build_scheduler, set_horizon
 
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 RESOLVED_CONFIG = "config.yaml"
@@ -212,6 +213,13 @@ class Trainer:
         )
         self.tokens_per_step = data.seq_len * data.micro_batch_size * data.grad_accum * self.world.size
 
+        # With a time budget, max_steps is unknown until the first steps are timed (or a checkpoint says it).
+        self.budget_s = parse_duration(config.time_budget) if config.time_budget is not None else None
+        if self.budget_s is not None:
+            config.max_steps = CALIBRATION_HORIZON
+        self.budget_fixed = False
+        self.train_seconds = 0.0
+
         seed_everything(config.seed)
         self.model = TinySeekForCausalLM(self.model_config).to(self.device)
         if config.gradient_checkpointing:
@@ -272,9 +280,13 @@ class Trainer:
         self.scheduler.load_state_dict(blobs["scheduler"])
         if self.scaler is not None and blobs.get("scaler"):
             self.scaler.load_state_dict(blobs["scaler"])
+        budget = state.get("budget")
+        if budget is not None and budget["time_budget"] == self.config.time_budget:
+            self.fix_max_steps(budget["max_steps"])
         self.apply_current_hyperparameters()
         self.step, self.tokens = state["step"], state["tokens"]
         self.non_finite_steps, self.non_finite_in_a_row = state.get("non_finite_steps", [0, 0])
+        self.train_seconds = state.get("train_seconds", 0.0)
         self.continue_data_order(state)
         self.saved_rng = state["rng"]
         return checkpoint
@@ -304,6 +316,28 @@ class Trainer:
             group.update(initial_lr=optim.lr, weight_decay=weight_decay, betas=tuple(optim.betas), eps=optim.eps)
             group["lr"] = optim.lr * self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
 
+    def fix_max_steps(self, max_steps: int) -> None:
+        """The time budget's step count, from now on the run's max_steps (config.yaml and checkpoints keep it)."""
+        self.config.max_steps = max_steps
+        set_horizon(self.scheduler, self.config.schedule, max_steps)
+        self.budget_fixed = True
+
+    def calibrate(self, calibration: BudgetCalibration, step_seconds: float, progress) -> None:
+        fixed = calibration.observe(self.step, step_seconds, self.train_seconds)
+        if self.world.is_distributed:  # every rank must stop at the same step: adopt the first decision anywhere
+            fixed = distributed.max_across_ranks(fixed or 0, self.world, self.device) or None
+        if fixed is None:
+            return
+        self.fix_max_steps(fixed)
+        progress.total = fixed
+        progress.refresh()
+        if self.is_main:
+            self.write_resolved_config()
+            log.info(
+                "time budget %s: %.3f s per step over %d timed steps -> max_steps %d", self.config.time_budget,
+                calibration.seconds_per_step, calibration.timed_steps, fixed,
+            )
+
     def save(self) -> Path | None:
         """Every rank takes part (FSDP gathers the full state); the main process writes."""
         model_state = distributed.full_model_state_dict(self.forward_model)
@@ -314,6 +348,9 @@ class Trainer:
             "step": self.step,
             "tokens": self.tokens,
             "non_finite_steps": [self.non_finite_steps, self.non_finite_in_a_row],
+            "train_seconds": self.train_seconds,
+            "budget": {"time_budget": self.config.time_budget, "max_steps": self.config.max_steps}
+            if self.budget_fixed else None,
             "sampler": self.sampler.state_dict(),
             "rng": rng_state(self.device),
             "tokenizer": self.tokenizer_id,
@@ -502,20 +539,25 @@ class Trainer:
         peak = self.peak_flops()
         if self.resumed_from is not None:
             restore_rng_state(self.saved_rng, self.device)
-        end = min(config.max_steps, stop_at_step or config.max_steps)
+        calibration = BudgetCalibration(self.budget_s) if self.budget_s and not self.budget_fixed else None
         progress = tqdm(
             total=config.max_steps, initial=self.step, unit="step", dynamic_ncols=True,
             disable=not (self.is_main and every.progress_bar),
         )
         saved_at = self.step if self.resumed_from is not None else None
         loss_sum, steps_since_log, interval_start = 0.0, 0, time.perf_counter()
-        while self.step < end and not self.stop_agreed():
+        seconds_before, loop_start = self.train_seconds, time.perf_counter()
+        while self.step < min(config.max_steps, stop_at_step or config.max_steps) and not self.stop_agreed():
+            step_start = time.perf_counter()
             result = self.train_step()
             progress.update()
             if result["non_finite"] is not None and self.report_non_finite(result, metrics):
                 progress.close()
                 return EXIT_NON_FINITE
             loss_sum += result["lm_loss"].item()
+            self.train_seconds = seconds_before + time.perf_counter() - loop_start
+            if calibration is not None and not self.budget_fixed:
+                self.calibrate(calibration, time.perf_counter() - step_start, progress)
             steps_since_log += 1
             if self.step % every.log_every == 0 or self.step == config.max_steps:
                 synchronize(self.device.type)
@@ -529,6 +571,7 @@ class Trainer:
                     "mfu": tokens_per_s * flops_per_token / peak,
                     **self.model.moe_metrics(),
                     "memory_gb": memory_in_use_gb(self.device),
+                    "train_seconds": self.train_seconds,
                 }
                 if self.is_main:
                     progress.set_postfix(loss=f"{values['loss']:.3f}")
@@ -554,6 +597,11 @@ class Trainer:
         if self.is_main and self.step >= config.max_steps:
             from tinyseek.train.plot import plot_run
 
+            if self.budget_s is not None:
+                log.info(
+                    "time budget %s: trained %d steps in %.0f s, %.1f%% of the budget", config.time_budget, self.step,
+                    self.train_seconds, 100 * self.train_seconds / self.budget_s,
+                )
             log.info("finished %d steps; loss curves in %s", self.step, plot_run(self.run_dir))
         return 0
 
@@ -591,7 +639,7 @@ class Trainer:
         values = self.evaluate()
         if self.is_main:
             log.info("step %d | val_loss %.4f | val_ppl %.2f", self.step, values["val_loss"], values["val_perplexity"])
-            metrics.write("eval", self.step, self.tokens, **values)
+            metrics.write("eval", self.step, self.tokens, train_seconds=self.train_seconds, **values)
 
     def report_samples(self, metrics: MetricsWriter | None) -> None:
         if not self.config.sample.prompts:
