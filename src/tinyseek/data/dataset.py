@@ -107,9 +107,16 @@ class WindowSampler:
 
     def window_starts(self, index: int) -> np.ndarray:
         """Token positions where this rank's windows of micro-batch `index` begin."""
+        return self.starts_at(self.positions(index))
+
+    def positions(self, index: int) -> np.ndarray:
+        """This rank's places in the endless window order for micro-batch `index`."""
         first = self.first_window + index * self.global_batch_size + self.rank * self.micro_batch_size
-        positions = np.arange(first, first + self.micro_batch_size)
-        starts = np.empty(self.micro_batch_size, dtype=np.int64)
+        return np.arange(first, first + self.micro_batch_size)
+
+    def starts_at(self, positions: np.ndarray) -> np.ndarray:
+        """Token positions where the windows at `positions` of the endless order begin (at most two epochs)."""
+        starts = np.empty(len(positions), dtype=np.int64)
         for epoch in np.unique(positions // self.windows_per_epoch):
             offset, permutation = self._layout(int(epoch))
             in_epoch = positions // self.windows_per_epoch == epoch
@@ -134,6 +141,10 @@ class WindowSampler:
             "data_identity": self.dataset.identity,
         }
 
+    def mixture_identity(self) -> dict | None:
+        """The sources and weights of a mixture (tinyseek.data.mixture); None for a single source."""
+        return None
+
     def load_state_dict(self, state: dict) -> None:
         """Adopt a checkpoint's seed after checking that the data and batch shape would give the same order."""
         self._check_same_data(state, global_batch_size=self.global_batch_size)
@@ -154,6 +165,7 @@ class WindowSampler:
             "seq_len": self.seq_len,
             "num_tokens": len(self.dataset),
             "data_identity": self.dataset.identity,
+            "mixture": self.mixture_identity(),
             **expected_batch,
         }
         mismatched = [

@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -28,7 +28,7 @@ from tqdm import tqdm
 from tinyseek.data.sources import DEFAULT_DATASET, Document, open_source, slug
 from tinyseek.data.tokenizer import DEFAULT_TOKENIZER, check_tokenizer_fits, load_tokenizer, tokenizer_identity
 from tinyseek.durable import fsync_path
-from tinyseek.errors import UserError
+from tinyseek.errors import ConfigError, UserError
 
 FORMAT_VERSION = 2  # 2: UTF-8 bytes per split and the validation groups in meta.json
 META_FILE = "meta.json"
@@ -209,13 +209,17 @@ def prepare_corpus(
     max_documents: int | None = None,
     streaming: bool | None = None,
     vocab_size: int | None = None,
+    exclude_groups: Sequence[str] = (),
 ) -> Path:
     """Tokenize `source` with `tokenizer` into `<out>/<name>-<hash>/` and return that folder (reused when it exists).
 
     The validation split takes `val_documents` documents (or `split_by` groups) when given, else `val_fraction`
     of them (at least one when the fraction is positive). `vocab_size`, when given, refuses a tokenizer too large
-    for the model before any work is done.
+    for the model before any work is done. Documents whose `split_by` group is in `exclude_groups` are left out
+    altogether (another source's validation books, kept out of this one's training data).
     """
+    if exclude_groups and split_by is None:
+        raise ConfigError("excluding groups from a source needs split_by (the column that names the groups)")
     if not 0 <= val_fraction < 1:
         raise UserError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     if val_documents is not None and val_documents < 0:
@@ -229,6 +233,7 @@ def prepare_corpus(
         "split_by": split_by,
         "seed": seed,
         "max_documents": max_documents,
+        **({"exclude_groups": sorted(exclude_groups)} if exclude_groups else {}),
     }
     identity = tokenizer_identity(loaded)
     key_material = {
@@ -254,13 +259,15 @@ def prepare_corpus(
         encoder_args = (loaded.backend_tokenizer.to_str(), loaded.eos_token_id, dtype.name)
         workers = num_workers or _available_cores()
         lengths: list[np.ndarray] = []
+        excluded = set(exclude_groups)
+        documents = (document for document in corpus.documents(max_documents) if document.group not in excluded)
         text_bytes: list[int] = []
         groups: list[str] | None = [] if split_by is not None else None
         all_tokens = staging / "documents.tmp"
         expected_documents = min(filter(None, (corpus.num_rows, max_documents)), default=None)
         progress = tqdm(total=expected_documents, unit="doc", desc="tokenizing", disable=None, file=sys.stderr)
         with open(all_tokens, "wb") as handle, progress:
-            for batch, tokens, batch_lengths in _encode_all(corpus.documents(max_documents), encoder_args, workers):
+            for batch, tokens, batch_lengths in _encode_all(documents, encoder_args, workers):
                 handle.write(tokens.tobytes())
                 lengths.append(batch_lengths)
                 text_bytes += [len(document.text.encode("utf-8")) for document in batch]

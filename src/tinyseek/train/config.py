@@ -42,6 +42,11 @@ class DataConfig:
     document."""
     val_fraction: float = 0.01
     val_documents: int | None = None
+    mixture: dict[str, float] = field(default_factory=dict)
+    """More training sources (a local file, directory or Hub name) and their weights, relative to `weight` of
+    `source`. Validation stays `source`'s; the other sources leave out its validation groups (`split_by`)."""
+    weight: float = 1.0
+    """The share of `source` in a mixture, relative to the weights in `mixture`."""
     seq_len: int = 32
     micro_batch_size: int = 1
     grad_accum: int = 8
@@ -317,6 +322,11 @@ def validate(config: TrainConfig) -> None:
         require(value > 0, f"{key}: must be a positive integer, got {value}")
     if config.time_budget is not None:
         parse_duration(config.time_budget)
+    for source, weight in {"data.weight": config.data.weight, **config.data.mixture}.items():
+        require(isinstance(weight, (int, float)) and not isinstance(weight, bool) and weight > 0,
+                f"data.mixture: the weight of {source} must be a positive number, got {weight!r}")
+    require(not config.data.mixture or config.data.split_by is not None,
+            "data.mixture: needs data.split_by, so that no validation group is trained on from another source")
     require(config.parallel in STRATEGIES,
             f"parallel: unknown strategy {config.parallel!r}; choose one of {', '.join(STRATEGIES)}")
     require(config.dtype in DTYPES, f"dtype: unknown dtype {config.dtype!r}; choose one of {', '.join(DTYPES)}")

@@ -34,6 +34,7 @@ from tinyseek.data import (
     tokenizer_identity,
 )
 from tinyseek import distributed, faults
+from tinyseek.data.mixture import MixtureSampler, prepare_extra_sources
 from tinyseek.errors import FileError, UserError
 from tinyseek.generate.engine import GenerationEngine
 from tinyseek.train import checkpoint as ckpt
@@ -208,9 +209,20 @@ class Trainer:
         )
         self.train_set = TokenDataset(self.data_dir, "train")
         self.val_set = TokenDataset(self.data_dir, "val")
-        self.sampler = WindowSampler(
-            self.train_set, data.seq_len, data.micro_batch_size, config.seed, self.world.rank, self.world.size
-        )
+        if data.mixture:
+            extra_dirs = prepare_extra_sources(
+                self.data_dir, list(data.mixture), self.tokenizer_spec, Path(data.cache_dir).expanduser(),
+                split_by=data.split_by, text_column=data.text_column, vocab_size=self.model_config.vocab_size,
+            )
+            self.sampler = MixtureSampler(
+                [self.train_set, *(TokenDataset(folder, "train") for folder in extra_dirs)],
+                [data.weight, *data.mixture.values()], data.seq_len, data.micro_batch_size, config.seed,
+                self.world.rank, self.world.size,
+            )
+        else:
+            self.sampler = WindowSampler(
+                self.train_set, data.seq_len, data.micro_batch_size, config.seed, self.world.rank, self.world.size
+            )
         self.tokens_per_step = data.seq_len * data.micro_batch_size * data.grad_accum * self.world.size
 
         # With a time budget, max_steps is unknown until the first steps are timed (or a checkpoint says it).
@@ -491,6 +503,12 @@ class Trainer:
             self.data_dir, f"{len(self.train_set):,}", f"{self.train_set.num_documents:,}",
             f"{len(self.val_set):,}", f"{self.val_set.num_documents:,}", f"{self.tokenizer_spec} ({self.tokenizer_id})",
         )
+        if isinstance(self.sampler, MixtureSampler):
+            for sampler, weight in zip(self.sampler.sources[1:], self.sampler.weights[1:]):
+                log.info(
+                    "mixture: + %s | train %s tokens | weight %g (source weight %g)", sampler.dataset.prepared_dir,
+                    f"{len(sampler.dataset):,}", weight, self.sampler.weights[0],
+                )
         log.info(
             "batch %d sequences x %d tokens = %s tokens per step (micro-batch %d x accumulation %d x %d processes);"
             " %d steps", data.micro_batch_size * data.grad_accum * self.world.size, data.seq_len,
