@@ -51,13 +51,16 @@ def tokenizer_dir(tmp_path_factory):
 
 
 def split_documents(prepared, split):
-    """The token stream of a split cut at EOS: each piece is one document's tokens."""
+    """The token stream of a split cut at EOS: each piece is BOS (where the tokenizer has one), then one document's
+    tokens."""
     dataset = TokenDataset(prepared, split)
     tokens = np.asarray(dataset.tokens)
     assert len(tokens) == 0 or tokens[-1] == dataset.eos_token_id
     ends = np.flatnonzero(tokens == dataset.eos_token_id)
     starts = np.concatenate([[0], ends[:-1] + 1])
-    return [tokens[start:end].tolist() for start, end in zip(starts, ends)]
+    skip = 0 if dataset.bos_token_id is None else 1
+    assert all(tokens[start] == dataset.bos_token_id for start in starts[: len(ends)]) or not skip
+    return [tokens[start + skip : end].tolist() for start, end in zip(starts, ends)]
 
 
 def decoded_documents(prepared, split, tokenizer):

@@ -10,6 +10,7 @@ import torch
 
 from tinyseek import TinySeekConfig, TinySeekForCausalLM
 from tinyseek.data import TokenDataset, load_tokenizer, prepare_corpus, train_bpe_tokenizer
+from tinyseek.data.tokenizer import encode_prompt
 from tinyseek.evaluation import distinct_ngram_share, score_split
 
 BOOKS = {
@@ -30,14 +31,14 @@ def book_corpus(tmp_path_factory):
 
 def hand_bits_per_byte(model, tokenizer, documents: list[str], seq_len: int) -> float:
     """Each document token's -log p given the stream before it, from the start of its window of seq_len targets,
-    one forward pass per token; separators are context only."""
+    one forward pass per token; separators and start tokens are context only."""
     eos = tokenizer.eos_token_id
     stream = [eos]
     is_document_token = [False]
     for text in documents:
-        ids = tokenizer(text, add_special_tokens=False).input_ids
+        ids = encode_prompt(tokenizer, text)
         stream += ids + [eos]
-        is_document_token += [True] * len(ids) + [False]
+        is_document_token += [False] + [True] * (len(ids) - 1) + [False]
     nats = 0.0
     with torch.no_grad():
         for position in range(1, len(stream)):
@@ -70,7 +71,7 @@ def test_bits_per_byte_equals_hand_computation_and_excludes_separators(book_corp
     score = score_split(model, val, seq_len=seq_len, batch_size=3)
 
     document_tokens = sum(len(tokenizer(text, add_special_tokens=False).input_ids) for text in documents)
-    assert score.tokens == document_tokens == len(val) - len(documents)  # no separator counted
+    assert score.tokens == document_tokens == len(val) - 2 * len(documents)  # no separator or BOS counted
     assert score.bytes == sum(len(text.encode("utf-8")) for text in documents)
     assert score.bits_per_byte == pytest.approx(hand_bits_per_byte(model, tokenizer, documents, seq_len), rel=1e-5)
     assert score.nats_per_token == pytest.approx(score.bits_per_byte * math.log(2) * score.bytes / score.tokens)

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tinyseek.data.tokenizer import encode_prompt
 from tinyseek.errors import InputError
 
 IGNORE_INDEX = -100
@@ -30,13 +31,15 @@ class DocumentScore:
 
 @torch.no_grad()
 def score_documents(
-    model: torch.nn.Module, stream: np.ndarray, separator_id: int, num_bytes: int, seq_len: int, batch_size: int = 8
+    model: torch.nn.Module, stream: np.ndarray, separator_id: int, num_bytes: int, seq_len: int, batch_size: int = 8,
+    start_id: int | None = None,
 ) -> DocumentScore:
-    """Bits per byte and nats per token of documents laid out as `doc, SEP, doc, SEP, ...` (a prepared split).
+    """Bits per byte and nats per token of documents laid out as `[START] doc SEP [START] doc SEP ...` (a prepared
+    split; START is the tokenizer's BOS, where it has one).
 
     A separator is put in front as the first context, so every document token is predicted, the first of each
-    document from the separator alone; targets that are the separator are excluded (predicting where a document
-    ends depends on how the corpus was cut, not on the text). The stream is read in consecutive non-overlapping
+    document from the separator (and start token) alone; targets that are the separator or the start token are
+    excluded (predicting where a document ends depends on how the corpus was cut, not on the text). The stream is read in consecutive non-overlapping
     windows of `seq_len` targets, so each token is scored once with up to `seq_len` tokens of context.
     Bits per byte = summed cross-entropy (nats) / ln 2 / UTF-8 bytes of the documents: the same denominator for every
     tokenizer, which makes models with different vocabularies comparable.
@@ -44,6 +47,8 @@ def score_documents(
     tokens = torch.from_numpy(np.concatenate([[separator_id], np.asarray(stream, dtype=np.int64)]))
     targets = tokens.clone()
     targets[targets == separator_id] = IGNORE_INDEX
+    if start_id is not None:
+        targets[targets == start_id] = IGNORE_INDEX
     starts = list(range(0, len(tokens) - 1, seq_len))
     was_training = model.training
     model.eval()
@@ -72,7 +77,9 @@ def score_split(model: torch.nn.Module, dataset, seq_len: int, batch_size: int =
     num_bytes = dataset.meta[dataset.split].get("bytes")
     if num_bytes is None:
         raise InputError(f"{dataset.prepared_dir} was prepared before byte counts were recorded; prepare it again")
-    return score_documents(model, dataset.tokens, dataset.eos_token_id, num_bytes, seq_len, batch_size)
+    return score_documents(
+        model, dataset.tokens, dataset.eos_token_id, num_bytes, seq_len, batch_size, start_id=dataset.bos_token_id
+    )
 
 
 def distinct_ngram_share(tokens: list[int], n: int = 4) -> float:
@@ -96,7 +103,7 @@ def continuations(model, tokenizer, prompts: list[str], new_tokens: int = 200, s
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             for prompt in prompts:
-                input_ids = torch.tensor([prompt_ids(tokenizer, prompt)])
+                input_ids = torch.tensor([encode_prompt(tokenizer, prompt)])
                 output = model.generate(
                     input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=new_tokens,
                     min_new_tokens=new_tokens, pad_token_id=tokenizer.eos_token_id, **settings,
@@ -108,9 +115,3 @@ def continuations(model, tokenizer, prompts: list[str], new_tokens: int = 200, s
                     "distinct_4grams": distinct_ngram_share(new),
                 })
     return results
-
-
-def prompt_ids(tokenizer, prompt: str) -> list[int]:
-    """A prompt as the prepared training documents begin: after an EOS separator, without the tokenizer's own
-    special tokens (training never saw a BOS)."""
-    return [tokenizer.eos_token_id] + tokenizer(prompt, add_special_tokens=False).input_ids

@@ -44,6 +44,11 @@ class TokenDataset:
         return self.meta["tokenizer"]["eos_token_id"]
 
     @property
+    def bos_token_id(self) -> int | None:
+        """The token each document starts with (see `tinyseek.data.tokenizer.document_start_id`), or None."""
+        return self.meta["tokenizer"]["bos_token_id"]
+
+    @property
     def identity(self) -> str:
         return self.meta["cache_key"]
 

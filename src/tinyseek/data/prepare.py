@@ -1,6 +1,7 @@
 """Turn a corpus into training-ready token files: `train.bin`, `val.bin` (flat token ids) and `meta.json`.
 
-Each document's tokens are followed by EOS, so EOS separates documents. `out` is a cache root: the files go to a
+Each document is written as `encode_prompt` begins a prompt: BOS (where the tokenizer has one), its tokens, then
+EOS, which separates it from the next; so a prompt is conditioned exactly as a document start was in training. `out` is a cache root: the files go to a
 subfolder named after the source, the tokenizer and a hash of everything that determines them (source content,
 tokenizer identity, split settings), so unchanged inputs reuse it at once and changed inputs get a new folder.
 A folder is built under a `.partial-*` name, fsynced, given its `meta.json` last and renamed into place; a folder
@@ -26,11 +27,17 @@ import numpy as np
 from tqdm import tqdm
 
 from tinyseek.data.sources import DEFAULT_DATASET, Document, open_source, slug
-from tinyseek.data.tokenizer import DEFAULT_TOKENIZER, check_tokenizer_fits, load_tokenizer, tokenizer_identity
+from tinyseek.data.tokenizer import (
+    DEFAULT_TOKENIZER,
+    check_tokenizer_fits,
+    document_start_id,
+    load_tokenizer,
+    tokenizer_identity,
+)
 from tinyseek.durable import fsync_path
 from tinyseek.errors import ConfigError, UserError
 
-FORMAT_VERSION = 2  # 2: UTF-8 bytes per split and the validation groups in meta.json
+FORMAT_VERSION = 3  # 2: UTF-8 bytes per split and the validation groups in meta.json; 3: BOS before each document
 META_FILE = "meta.json"
 SPLITS = ("train", "val")
 BATCH_CHARACTERS = 1 << 20  # per worker task: large enough to amortise pickling, small enough for a smooth bar
@@ -42,14 +49,15 @@ def token_dtype(vocabulary_size: int) -> np.dtype:
 
 
 class _Encoder:
-    """Tokenizes a batch of texts into one flat array with EOS after each text."""
+    """Tokenizes a batch of texts into one flat array: [start] + tokens + EOS for each text."""
 
-    def __init__(self, tokenizer_json: str, eos_token_id: int, dtype: str):
+    def __init__(self, tokenizer_json: str, start_token_id: int | None, eos_token_id: int, dtype: str):
         from tokenizers import Tokenizer
 
         self.tokenizer = Tokenizer.from_str(tokenizer_json)
         # A document that contains the literal text of EOS must not split itself in two.
         self.tokenizer.encode_special_tokens = True
+        self.start = np.array([] if start_token_id is None else [start_token_id], dtype=dtype)
         self.eos = np.array([eos_token_id], dtype=dtype)
         self.dtype = dtype
 
@@ -57,8 +65,8 @@ class _Encoder:
         encodings = self.tokenizer.encode_batch_fast(texts, add_special_tokens=False)
         pieces = []
         for encoding in encodings:
-            pieces += [np.asarray(encoding.ids, dtype=self.dtype), self.eos]
-        lengths = np.array([len(encoding.ids) + 1 for encoding in encodings], dtype=np.int64)
+            pieces += [self.start, np.asarray(encoding.ids, dtype=self.dtype), self.eos]
+        lengths = np.array([len(self.start) + len(encoding.ids) + 1 for encoding in encodings], dtype=np.int64)
         return np.concatenate(pieces), lengths
 
 
@@ -256,7 +264,7 @@ def prepare_corpus(
     try:
         started = time.perf_counter()
         dtype = token_dtype(len(loaded))
-        encoder_args = (loaded.backend_tokenizer.to_str(), loaded.eos_token_id, dtype.name)
+        encoder_args = (loaded.backend_tokenizer.to_str(), document_start_id(loaded), loaded.eos_token_id, dtype.name)
         workers = num_workers or _available_cores()
         lengths: list[np.ndarray] = []
         excluded = set(exclude_groups)

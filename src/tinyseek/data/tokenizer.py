@@ -75,6 +75,40 @@ def load_tokenizer(spec: str | Path) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
+def document_start_id(tokenizer: PreTrainedTokenizerFast) -> int | None:
+    """The token every training document begins with in the prepared files: BOS where the tokenizer has one, else
+    none (each document then follows the EOS that ends the one before)."""
+    return tokenizer.bos_token_id
+
+
+def encode_prompt(tokenizer: PreTrainedTokenizerFast, text: str) -> list[int]:
+    """The ids of a prompt, begun the way training documents begin: the ONE place that decides it.
+
+    BOS + text where the tokenizer has a BOS (DeepSeek-Coder's own default, so plain transformers agrees), else
+    EOS + text: without a BOS, what a document follows in training is the previous document's EOS.
+    """
+    start = document_start_id(tokenizer)
+    if start is None:
+        start = tokenizer.eos_token_id
+    return [start] + tokenizer(text, add_special_tokens=False).input_ids
+
+
+def match_prompt_convention(tokenizer: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast:
+    """Make the tokenizer's default call (`tokenizer(text)`) give `encode_prompt`'s ids, so that a client that knows
+    nothing of tinyseek conditions the model as training did; a tokenizer that already does is left as it is."""
+    from tokenizers.processors import TemplateProcessing
+
+    probe = "Hello world"
+    if tokenizer(probe).input_ids == encode_prompt(tokenizer, probe):
+        return tokenizer
+    start_id = encode_prompt(tokenizer, "")[0]
+    start = tokenizer.convert_ids_to_tokens(start_id)
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
+        single=f"{start} $A", pair=f"{start} $A {start} $B:1", special_tokens=[(start, start_id)]
+    )
+    return tokenizer
+
+
 def check_tokenizer_fits(tokenizer: PreTrainedTokenizerFast, vocab_size: int) -> None:
     """Refuse a tokenizer that can emit ids the model's embedding has no row for."""
     largest_id = len(tokenizer) - 1
@@ -118,7 +152,7 @@ def train_bpe_tokenizer(
     """Train a byte-level BPE on a corpus and save a directory that `load_tokenizer` loads.
 
     The special tokens take ids 0, 1 and 2 (BOS, EOS, PAD); `tinyseek_tokenizer.json` in the directory records
-    them with the vocabulary size and the corpus identity.
+    them with the vocabulary size and the corpus identity. Its default call puts BOS first, as `encode_prompt` does.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -151,8 +185,8 @@ def train_bpe_tokenizer(
         show_progress=False,
     )
     bpe.train_from_iterator(texts(), trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, bos_token=bos_token, eos_token=eos_token, pad_token=pad_token
+    tokenizer = match_prompt_convention(
+        PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=bos_token, eos_token=eos_token, pad_token=pad_token)
     )
 
     out_dir = Path(out_dir)

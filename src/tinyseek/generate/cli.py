@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from tinyseek.data.tokenizer import encode_prompt
 from tinyseek.errors import UserError
 from tinyseek.generate.engine import GenerationEngine
 from tinyseek.generate.loading import add_source_arguments, load
@@ -47,16 +48,10 @@ class Session:
         self.engine = GenerationEngine(model, tokenizer)
         self.positions = model.config.max_position_embeddings
 
-    def encode(self, prompt: str) -> list[int]:
-        # Training documents are token streams separated by EOS, so EOS is what a document's first token follows.
-        ids = self.tokenizer(prompt, add_special_tokens=False).input_ids
-        eos = self.tokenizer.eos_token_id
-        return ([eos] if eos is not None else []) + ids
-
     def continue_prompt(self, prompt: str) -> str:
         """Write the continuation to stdout (as it comes with --stream) and the timings to stderr; return it."""
         out, log = sys.stdout, sys.stderr
-        prompt_ids = self.encode(prompt)
+        prompt_ids = encode_prompt(self.tokenizer, prompt)
         room = self.positions - len(prompt_ids) + 1
         if 0 < room < self.args.max_new_tokens:
             print(f"note: at most {room} new tokens fit in the model's {self.positions} positions", file=log)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from transformers import GenerationConfig
 
+from tinyseek.data.tokenizer import match_prompt_convention
 from tinyseek.errors import UserError
 from tinyseek.generate.loading import add_source_arguments, load
 from tinyseek.hf import to_transformers, transformers_twin_problem
@@ -43,7 +44,7 @@ def export(model, tokenizer, out: Path, format: str = "tinyseek") -> Path:
         setattr(model.config, field, getattr(tokenizer, field))
     model.generation_config = GenerationConfig.from_model_config(model.config)
     model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    match_prompt_convention(tokenizer).save_pretrained(out)
     return out
 
 

@@ -33,6 +33,7 @@ from tinyseek.data import (
     resolve_data,
     tokenizer_identity,
 )
+from tinyseek.data.tokenizer import encode_prompt
 from tinyseek import distributed, faults
 from tinyseek.data.mixture import MixtureSampler, prepare_extra_sources
 from tinyseek.errors import FileError, UserError
@@ -476,7 +477,7 @@ class Trainer:
         engine = GenerationEngine(self.model, self.tokenizer)
         samples = []
         for prompt in settings.prompts:
-            prompt_ids = self.tokenizer(prompt).input_ids
+            prompt_ids = encode_prompt(self.tokenizer, prompt)
             (completion,) = engine.generate([prompt_ids], sampling, settings.max_new_tokens)
             samples.append({"prompt": prompt, "continuation": completion.text})
         return samples
