@@ -4,6 +4,7 @@ directory): each one stops or continues with one clear line and leaves a run tha
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import pickle
@@ -23,6 +24,7 @@ from tinyseek.train.checkpoint import checkpoint_problem, list_checkpoints, load
 from tinyseek.train.metrics import read_metrics
 from tinyseek.train.trainer import EXIT_CHECKPOINT_WRITE_FAILED, EXIT_NON_FINITE
 
+REPO = Path(__file__).resolve().parents[1]
 EVERY_STEP = {"every": 1, "keep": 10}
 
 
@@ -158,3 +160,26 @@ def test_consecutive_non_finite_steps_stop_without_saving(tmp_path, tiny_corpus,
     assert "stopped at step 4: non-finite loss" in line and "2 steps in a row" in line
     assert "the last checkpoint is step_00000002" in line
     assert step_names(tmp_path / "run") == ["step_00000002"]
+
+
+def load_benchmark(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_crash_harness_short_run_ends_bitwise_equal(tmp_path):
+    """Two SIGKILLs (one inside a checkpoint write, by the hook; one at a random instant) and a kill of
+    `tinyseek prepare`; the resumed run's final state equals the uninterrupted run's bit for bit."""
+    harness = load_benchmark("crash_resume")
+    # The hook kills in the second write of its process, so the next process surely resumes from the first.
+    result = harness.run_harness(tmp_path, kills=2, steps=12, tiny=True, write_share=0.5, corrupt_share=1.0,
+                                 graceful=False, documents=200, hook_occurrences=(2,), log=lambda line: None)
+    counts = result["counts"]
+    assert counts["kills"] == 2 and counts["inside a write (hook)"] == 1 and counts["resumes"] >= 1
+    assert counts["corrupt checkpoints skipped"] >= counts["corrupted on purpose"]
+    assert result["prepare"]["killed"] and result["prepare"]["left"]  # killed with its work half done ...
+    assert result["prepare"]["identical"] and not result["prepare"]["stale_left"]  # ... and redone, the same
+    assert not result["stale staging left"]
+    assert result["equality"] == dict.fromkeys(result["equality"], True)

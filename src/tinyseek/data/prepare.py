@@ -16,7 +16,7 @@ import multiprocessing
 import os
 import shutil
 import sys
-import tempfile
+import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from tinyseek import faults
 from tinyseek.data.sources import DEFAULT_DATASET, Document, open_source, slug
 from tinyseek.data.tokenizer import (
     DEFAULT_TOKENIZER,
@@ -34,7 +35,7 @@ from tinyseek.data.tokenizer import (
     load_tokenizer,
     tokenizer_identity,
 )
-from tinyseek.durable import fsync_path
+from tinyseek.durable import fsync_path, staging_directory
 from tinyseek.errors import ConfigError, UserError
 
 FORMAT_VERSION = 3  # 2: UTF-8 bytes per split and the validation groups in meta.json; 3: BOS before each document
@@ -78,6 +79,15 @@ def _start_worker(*encoder_args) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     global _worker_encoder
     _worker_encoder = _Encoder(*encoder_args)
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A worker waits on its task queue forever; when the parent is killed (SIGKILL gives it no chance to stop the
+    pool) the worker would outlive it, so it watches for being re-parented and exits."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
 
 
 def _encode_in_worker(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -259,8 +269,7 @@ def prepare_corpus(
     if target.exists():
         shutil.rmtree(target)
 
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".partial-{target.name}-", dir=root))
+    staging = staging_directory(root, target.name)
     try:
         started = time.perf_counter()
         dtype = token_dtype(len(loaded))
@@ -282,6 +291,7 @@ def prepare_corpus(
                 if groups is not None:
                     groups += [document.group for document in batch]
                 progress.update(len(batch))
+                faults.point("prepare.batch")
         document_lengths = np.concatenate(lengths) if lengths else np.empty(0, np.int64)
         if not len(document_lengths):
             raise UserError(f"the corpus {source} has no non-blank documents in column {text_column!r}")
@@ -313,6 +323,7 @@ def prepare_corpus(
         }
         _fsync_write(staging / META_FILE, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
         fsync_path(staging)
+        faults.point("prepare.meta")
         try:
             staging.rename(target)
         except OSError:

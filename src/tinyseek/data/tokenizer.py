@@ -6,7 +6,6 @@ import contextlib
 import hashlib
 import json
 import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from transformers.utils import logging as transformers_logging
 from tinyseek.data.builtin import BUILTIN_TOKENIZER, is_builtin
 from tinyseek.data.hub import first_line, require_hub
 from tinyseek.data.sources import open_source
+from tinyseek.durable import staging_directory
 from tinyseek.errors import UserError
 
 DEFAULT_TOKENIZER = "deepseek-ai/deepseek-coder-1.3b-base"
@@ -190,8 +190,7 @@ def train_bpe_tokenizer(
     )
 
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".partial-{out_dir.name}-", dir=out_dir.parent))
+    staging = staging_directory(out_dir.parent, out_dir.name)
     try:
         tokenizer.save_pretrained(staging)
         metadata = {
