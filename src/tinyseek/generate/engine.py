@@ -17,6 +17,7 @@ import torch
 
 from tinyseek.errors import InputError
 from tinyseek.generate.decode import left_pad
+from tinyseek.generate.lean import LeanDecoder, LeanWeights, supports_lean_decoding, weights_version
 from tinyseek.generate.sampling import Sampling
 from tinyseek.generate.streaming import TextStream
 from tinyseek.moe import Router
@@ -55,8 +56,8 @@ class Completion:
 class CachedForward:
     """Decoding through the model's own forward and its `TinySeekCache`, one call per step."""
 
-    def __init__(self, model, capture: bool):
-        self.model, self.cache, self.attention_mask = model, None, None
+    def __init__(self, model, batch: int, capacity: int, capture: bool):
+        self.model, self.capacity, self.cache, self.attention_mask = model, capacity, None, None
         self.routers = [module for module in model.model.modules() if isinstance(module, Router)] if capture else []
         self.routed: list[torch.Tensor] = []
 
@@ -87,9 +88,11 @@ class CachedForward:
         rows = self.attention_mask.shape[0]
         self.routed.append(expert_indices.view(rows, -1, expert_indices.shape[-1])[:, -1])
 
-    def experts(self) -> torch.Tensor:
-        """[B, MoE layers, k]: the routing of the last position of the latest forward."""
-        return torch.stack(self.routed, dim=1)
+    def experts(self) -> list[list[list[int]]]:
+        """Per row, per MoE layer: the routed experts of the last position of the latest forward."""
+        if not self.routed:
+            return [[] for _ in range(self.attention_mask.shape[0])]
+        return torch.stack(self.routed, dim=1).tolist()
 
 
 class GenerationEngine:
@@ -97,12 +100,22 @@ class GenerationEngine:
 
     ``tokenizer`` may be None (then events carry no text and stop strings are unavailable); EOS comes from
     ``eos_token_ids``, else the tokenizer, else the model's config. ``device`` None keeps the model where it is.
+    ``lean=False`` decodes through the model's own forward (the reference the lean step is tested against).
     """
 
     def __init__(
-        self, model, tokenizer=None, *, device=None, compile: bool = False, eos_token_ids=None, pad_token_id=None
+        self,
+        model,
+        tokenizer=None,
+        *,
+        device=None,
+        compile: bool = False,
+        eos_token_ids=None,
+        pad_token_id=None,
+        lean: bool = True,
     ):
-        self.model, self.tokenizer, self.compile = model, tokenizer, compile
+        self.model, self.tokenizer, self.compile, self.lean = model, tokenizer, compile, lean
+        self.lean_weights: LeanWeights | None = None
         self.device = torch.device(device) if device is not None else model.device
         if model.device != self.device:
             model.to(self.device)
@@ -143,7 +156,7 @@ class GenerationEngine:
         was_training = self.model.training
         self.model.eval()
         try:
-            decoder = CachedForward(self.model, capture)
+            decoder = self.make_decoder(len(prompts), longest + steps, capture)
             with fp32_inference(self.device.type):
                 logits = decoder.prefill(input_ids, attention_mask)
             for step in range(steps):
@@ -187,6 +200,13 @@ class GenerationEngine:
                     reasons[event.row] = event.finish_reason
         return [Completion(*fields) for fields in zip(ids, texts, reasons)]
 
+    def make_decoder(self, batch: int, capacity: int, capture: bool):
+        if not (self.lean and supports_lean_decoding(self.model)):
+            return CachedForward(self.model, batch, capacity, capture)
+        if self.lean_weights is None or self.lean_weights.version != weights_version(self.model):
+            self.lean_weights = LeanWeights(self.model)
+        return LeanDecoder(self.model, self.lean_weights, batch, capacity, capture)
+
     def check(self, prompts: list[list[int]], max_new_tokens: int, stop: Sequence[str]) -> None:
         if not prompts or any(not prompt for prompt in prompts):
             raise InputError("every prompt needs at least one token")
@@ -220,7 +240,7 @@ class GenerationEngine:
 
     def capture_details(self, decoder, logits: torch.Tensor):
         """Per row: the experts per MoE layer, and the top alternatives (id, text, probability)."""
-        experts = decoder.experts().tolist() if decoder.routers else [[] for _ in range(len(logits))]
+        experts = decoder.experts()
         top = logits.softmax(dim=-1).topk(ALTERNATIVES, dim=-1)
         alternatives = [
             [(token, self.token_text(token), probability) for token, probability in zip(ids, probabilities)]
