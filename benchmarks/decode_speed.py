@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from tinyseek import TinySeekConfig, TinySeekForCausalLM
-from tinyseek.generate import decode_stream
+from tinyseek.generate import GenerationEngine, Sampling
 
 ROOT = Path(__file__).resolve().parents[1]
 ATTENTION_TYPES = ("mha", "mla", "linear")
@@ -51,7 +51,8 @@ def decode_rate(model, prompt: torch.Tensor, steps: int, repeats: int) -> float:
     """Best of `repeats` runs: decode tokens/s after the prefill (the first token is timed as part of the prefill)."""
     best = 0.0
     for _ in range(repeats):
-        stamps = [time.perf_counter() for _ in decode_stream(model, prompt, max_new_tokens=steps + 1)]
+        engine = GenerationEngine(model, eos_token_ids=[])
+        stamps = [time.perf_counter() for _ in engine.stream(prompt.tolist(), Sampling(temperature=0), steps + 1)]
         best = max(best, steps / (stamps[-1] - stamps[0]))
     return best
 

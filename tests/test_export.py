@@ -8,12 +8,11 @@ import sys
 import pytest
 import torch
 from test_generate import EOS, byte_tokenizer, one_thread, small_model, write_run  # noqa: F401 (one_thread: fixture)
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationMixin
 
 from tinyseek import TinySeekForCausalLM
 from tinyseek.cli import main as tinyseek_main
 from tinyseek.data.tokenizer import encode_prompt
-from tinyseek.generate import decode, stopping_criteria
 
 DEEPSEEK_V3_LIKE = dict(
     attention_type="mla", q_lora_rank=12, ffn_type="moe", scoring_func="sigmoid", n_routed_experts=8,
@@ -64,7 +63,8 @@ def test_export_writes_a_folder_that_automodel_and_autotokenizer_load_with_ident
         # Bitwise-equal weights; the logits may still differ in the last bit because tensors read from the
         # safetensors file are not 64-byte aligned, which changes the order of the vectorised expert sums.
         torch.testing.assert_close(loaded(tokens).logits, model(tokens).logits, rtol=0, atol=1e-6)
-    ours = decode(model, tokens, max_new_tokens=5, stopping=stopping_criteria(EOS), pad_token_id=EOS)
+    # transformers' own loop on the original model, against the engine that the loaded model's generate() runs.
+    ours = GenerationMixin.generate(model, tokens, attention_mask=torch.ones_like(tokens), max_new_tokens=5, eos_token_id=EOS, pad_token_id=EOS)
     assert torch.equal(loaded.generate(tokens, attention_mask=torch.ones_like(tokens), max_new_tokens=5), ours)
 
 

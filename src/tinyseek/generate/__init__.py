@@ -1,7 +1,7 @@
-"""Text generation (tinyseek's own batched decode loop, sampling, streaming) and export to Hugging Face folders."""
+"""Text generation (one engine for every caller, a lean decode step, sampling, streaming text) and export."""
 
-from tinyseek.generate.decode import decode, decode_stream, left_pad, stopping_criteria
+from tinyseek.generate.engine import Completion, GenerationEngine, TokenEvent, left_pad
 from tinyseek.generate.sampling import Sampling
 from tinyseek.generate.streaming import TextStream
 
-__all__ = ["Sampling", "TextStream", "decode", "decode_stream", "left_pad", "stopping_criteria"]
+__all__ = ["Completion", "GenerationEngine", "Sampling", "TextStream", "TokenEvent", "left_pad"]

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import torch
 
 from tinyseek.errors import InputError
-from tinyseek.generate.decode import left_pad
 from tinyseek.generate.lean import LeanDecoder, LeanWeights, supports_lean_decoding, weights_version
 from tinyseek.generate.sampling import Sampling
 from tinyseek.generate.streaming import TextStream
@@ -51,6 +50,18 @@ class Completion:
     token_ids: list[int]
     text: str
     finish_reason: str
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) [B, longest] with every prompt right-aligned, so new tokens line up in a column."""
+    longest = max(len(prompt) for prompt in prompts)
+    input_ids = torch.full((len(prompts), longest), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), longest), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        if prompt:
+            input_ids[row, -len(prompt):] = torch.as_tensor(prompt, dtype=torch.long)
+            attention_mask[row, -len(prompt):] = 1
+    return input_ids, attention_mask
 
 
 class CachedForward:
