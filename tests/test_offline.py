@@ -2,6 +2,11 @@
 
 from pathlib import Path
 
+import yaml
+from transformers import AutoTokenizer
+
+from tinyseek.cli import main as tinyseek
+from tinyseek.train.checkpoint import latest_checkpoint
 from tinyseek.data import load_tokenizer, open_source, tokenizer_identity
 from tinyseek.train.config import PRESET_DIR, load_config
 
@@ -20,3 +25,29 @@ def test_presets_live_inside_the_package_as_the_repository_configs_folder():
     repository_configs = Path(__file__).resolve().parents[1] / "configs"
     assert (PRESET_DIR / "seed.yaml").samefile(repository_configs / "seed.yaml")
     assert load_config("seed").max_steps == 10_000
+
+
+def test_without_the_hub_a_run_trains_on_the_builtin_pair_and_a_resume_keeps_what_it_pinned(
+    tmp_path, unreachable_hub, capsys, monkeypatch
+):
+    run = tmp_path / "run"
+    tiny = ["--set", "model.hidden_size=32", "--set", "model.num_hidden_layers=1", "--set", "model.intermediate_size=64",
+            "--set", "model.moe_intermediate_size=32", "--set", "data.cache_dir=" + str(tmp_path / "cache"),
+            "--set", "logging.sample_every=1000", "--set", "logging.eval_batches=1", "--set", "logging.progress_bar=false",
+            "--set", "logging.peak_flops=1e11", "--dtype", "fp32", "--device", "cpu", "--out-dir", str(run)]
+    assert tinyseek(["train", *tiny, "--max-steps", "2", "--checkpoint-every", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "Hub unreachable: training on the built-in TinyStories sample with the built-in DeepSeek-Coder tokenizer; " \
+           "pass --data/--tokenizer for your own" in err
+    assert "data builtin (" in err
+    pinned = yaml.safe_load((run / "config.yaml").read_text())["data"]
+    assert (pinned["source"], pinned["tokenizer"]) == ("builtin", "builtin")
+
+    # The Hub is back, and would serve the seed's defaults: the resumed run still uses what it pinned.
+    monkeypatch.setattr("tinyseek.data.hub._hub_is_reachable", lambda: True)
+    assert tinyseek(["train", *tiny, "--max-steps", "4", "--checkpoint-every", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "resuming with the run's pinned data builtin and tokenizer builtin" in err
+    assert "resumed from" in err and "data builtin (" in err
+    assert (run / "checkpoints" / "step_00000004").is_dir()
+    assert AutoTokenizer.from_pretrained(latest_checkpoint(run))("Once upon").input_ids[0] == 32013

@@ -1,4 +1,5 @@
-"""The corpus and tokenizer installed inside the package, so training works with no Hub and no downloads.
+"""The corpus and tokenizer installed inside the package, so training works with no Hub and no downloads, and the
+choice between them and the seed's Hub defaults.
 
 Users name them `builtin` (`--data builtin --tokenizer builtin`); the name always means these files, even when a
 file or folder called `builtin` exists in the current directory.
@@ -6,14 +7,72 @@ file or folder called `builtin` exists in the current directory.
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
 BUILTIN = "builtin"
 BUILTIN_ROOT = Path(__file__).resolve().parents[1] / "builtin"
 BUILTIN_CORPUS = BUILTIN_ROOT / "tinystories" / "tinystories_sample.jsonl.gz"
 BUILTIN_TOKENIZER = BUILTIN_ROOT / "deepseek-coder"
-BUILTIN_DESCRIPTION = "the built-in TinyStories sample (2,316 stories) with the built-in DeepSeek-Coder tokenizer"
 
 
 def is_builtin(spec) -> bool:
     return isinstance(spec, str) and spec == BUILTIN
+
+
+@dataclass(frozen=True)
+class Sources:
+    data: str
+    tokenizer: str
+    note: str | None
+    """One line for the user when a default fell back to the built-in files or came from a run's pinned choice."""
+
+
+def resolve_sources(data: str | None, tokenizer: str | None, pinned: dict | None = None) -> Sources:
+    """The data and tokenizer a run uses. Given ones stay; a missing one is taken from `pinned` (what the run
+    directory recorded on its first start), else the seed's Hub default where the Hub or the local Hugging Face
+    cache can serve it, else the built-in one."""
+    from tinyseek.data.sources import DEFAULT_DATASET as HUB_DATASET
+    from tinyseek.data.tokenizer import DEFAULT_TOKENIZER as HUB_TOKENIZER
+
+    pinned = {key: value for key, value in (pinned or {}).items() if value is not None}
+    if (data is None and "data" in pinned) or (tokenizer is None and "tokenizer" in pinned):
+        data = data if data is not None else pinned.get("data")
+        tokenizer = tokenizer if tokenizer is not None else pinned.get("tokenizer")
+        note = f"resuming with the run's pinned data {data or HUB_DATASET} and tokenizer {tokenizer or HUB_TOKENIZER}"
+        return Sources(data or HUB_DATASET, tokenizer or HUB_TOKENIZER, note)
+    fallen_back = []
+    if data is None:
+        data = HUB_DATASET if _hub_serves(HUB_DATASET, "dataset") else BUILTIN
+        if data == BUILTIN:
+            fallen_back.append(("the built-in TinyStories sample", "--data"))
+    if tokenizer is None:
+        tokenizer = HUB_TOKENIZER if _hub_serves(HUB_TOKENIZER, "model") else BUILTIN
+        if tokenizer == BUILTIN:
+            fallen_back.append(("the built-in DeepSeek-Coder tokenizer", "--tokenizer"))
+    if not fallen_back:
+        return Sources(data, tokenizer, None)
+    from huggingface_hub import constants
+
+    why = "Hub offline (HF_HUB_OFFLINE=1) and not in the local cache" if constants.HF_HUB_OFFLINE else "Hub unreachable"
+    what = " with ".join(name for name, _ in fallen_back)
+    flags = "/".join(flag for _, flag in fallen_back)
+    return Sources(data, tokenizer, f"{why}: training on {what}; pass {flags} for your own")
+
+
+def _hub_serves(repo_id: str, repo_type: str) -> bool:
+    """Whether loading `repo_id` will work: the Hub answers, or offline mode makes the local cache serve it."""
+    from huggingface_hub import constants
+
+    from tinyseek.data.hub import hub_answers
+
+    if not constants.HF_HUB_OFFLINE:
+        return hub_answers()
+    cached = Path(constants.HF_HUB_CACHE) / f"{repo_type}s--{repo_id.replace('/', '--')}" / "snapshots"
+    if repo_type == "dataset":
+        # `datasets` also keeps its own prepared copy, which it uses offline even without the Hub's files.
+        datasets_cache = Path(os.environ.get("HF_DATASETS_CACHE") or Path(constants.HF_HOME) / "datasets")
+        if (datasets_cache / repo_id.replace("/", "___")).is_dir():
+            return True
+    return cached.is_dir() and any(cached.iterdir())

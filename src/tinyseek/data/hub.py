@@ -27,12 +27,17 @@ def _hub_is_reachable() -> bool:
     return True
 
 
+def hub_answers() -> bool:
+    """The Hub answers a connection (assumed through a proxy, which a direct probe cannot judge)."""
+    uses_proxy = any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"))
+    return uses_proxy or _hub_is_reachable()
+
+
 def require_hub(what: str, local_hint: str) -> None:
     """Raise UserError unless the Hub can serve `what`: it answers, or offline mode makes the local cache serve it."""
     from huggingface_hub import constants
 
-    uses_proxy = any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"))
-    if constants.HF_HUB_OFFLINE or uses_proxy or _hub_is_reachable():
+    if constants.HF_HUB_OFFLINE or hub_answers():
         return
     raise UserError(
         f"cannot reach the Hugging Face Hub ({constants.ENDPOINT}) to load {what}; {local_hint}; "

@@ -23,8 +23,6 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from tinyseek import TinySeekForCausalLM, estimate_flops_per_token, format_parameter_report, parameter_report
 from tinyseek.data import (
-    DEFAULT_DATASET,
-    DEFAULT_TOKENIZER,
     TokenDataset,
     WindowSampler,
     check_tokenizer_fits,
@@ -33,6 +31,7 @@ from tinyseek.data import (
     resolve_data,
     tokenizer_identity,
 )
+from tinyseek.data.builtin import resolve_sources
 from tinyseek.data.tokenizer import encode_prompt
 from tinyseek import distributed, faults
 from tinyseek.data.mixture import MixtureSampler, prepare_extra_sources
@@ -55,6 +54,15 @@ from tinyseek.train.schedule import build_scheduler, set_horizon
 
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 RESOLVED_CONFIG = "config.yaml"
+
+
+def pinned_sources(run_dir: Path) -> dict[str, str | None]:
+    """The data and tokenizer a run directory's config.yaml recorded on its first start (none for a new run)."""
+    try:
+        data = yaml.safe_load((run_dir / RESOLVED_CONFIG).read_text()).get("data") or {}
+    except (OSError, AttributeError, yaml.YAMLError):
+        return {}
+    return {"data": data.get("source"), "tokenizer": data.get("tokenizer")}
 # Exit statuses besides 0 (finished), 2 (bad input, from the CLI) and 128 + signal (stopped by SIGINT/SIGTERM).
 EXIT_NON_FINITE = 3  # optim.max_non_finite_steps steps in a row had a non-finite loss or gradient
 EXIT_CHECKPOINT_WRITE_FAILED = 4  # a checkpoint could not be written (disk full, I/O error)
@@ -189,7 +197,13 @@ class Trainer:
             log.info("note: torch.compile on CPU compiles for minutes before the first step")
 
         data = config.data
-        self.tokenizer_spec = data.tokenizer or DEFAULT_TOKENIZER
+        # The resolved pair goes into the config, so the run directory's config.yaml pins it for every resume.
+        sources = resolve_sources(data.source, data.tokenizer, pinned_sources(self.run_dir))
+        data.source, data.tokenizer = sources.data, sources.tokenizer
+        self.sources_note = sources.note
+        if self.is_main and sources.note:
+            print(f"tinyseek train: {sources.note}", file=sys.stderr, flush=True)
+        self.tokenizer_spec = data.tokenizer
         self.tokenizer = load_tokenizer(self.tokenizer_spec)
         self.tokenizer_id = tokenizer_identity(self.tokenizer)
         self.model_config = config.build_model_config(
@@ -199,7 +213,7 @@ class Trainer:
         )
         check_tokenizer_fits(self.tokenizer, self.model_config.vocab_size)
         self.data_dir = resolve_data(
-            data.source or DEFAULT_DATASET,
+            data.source,
             self.tokenizer_spec,
             Path(data.cache_dir).expanduser(),
             text_column=data.text_column,
@@ -500,8 +514,8 @@ class Trainer:
             self.config.gradient_checkpointing, self.config.compile,
         )
         log.info(
-            "data %s | train %s tokens, %s documents | val %s tokens, %s documents | tokenizer %s",
-            self.data_dir, f"{len(self.train_set):,}", f"{self.train_set.num_documents:,}",
+            "data %s (%s) | train %s tokens, %s documents | val %s tokens, %s documents | tokenizer %s",
+            data.source, self.data_dir, f"{len(self.train_set):,}", f"{self.train_set.num_documents:,}",
             f"{len(self.val_set):,}", f"{self.val_set.num_documents:,}", f"{self.tokenizer_spec} ({self.tokenizer_id})",
         )
         if isinstance(self.sampler, MixtureSampler):
