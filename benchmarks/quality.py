@@ -1,21 +1,24 @@
-"""Model quality at a fixed token budget: what each architectural and recipe choice buys at the same compute.
+"""Model quality for the same wall-clock (or token) budget: tinyseek presets against a plain transformers reference.
 
-Trains five runs on the same data for the same number of tokens, then evaluates each the same way:
+Every run trains on the same data (library_of_phi_gpt4, whole books held out by title) and is evaluated the same
+way, in one invocation:
 
-  a  seed-recipe       the seed model with the seed's recipe exactly (configs/seed.yaml: sequence 32, micro-batch 1,
-                       accumulation 8, AdamW lr 5e-5)
-  b  seed-best         the seed model with the best recipe found (configs/cpu-quick.yaml's recipe)
-  c  llama-tiny        dense multi-head attention baseline, recipe b
-  d  deepseek-v3-tiny  MLA + shared/routed MoE + bias balancing, recipe b
-  e  seed-no-bias      recipe b with the auxiliary-loss-free bias frozen at zero (bias_update_speed = 0)
+  reference   transformers' LlamaForCausalLM (hidden 128, 4 layers, 4 heads, intermediate 256, untied, 32,256
+              embedding rows, SDPA) in a plain loop: 256-token windows at random offsets, micro-batch 16, fused AdamW
+              lr 3e-3, betas (0.9, 0.95), weight decay 0.1 on 2-D parameters, 100 warmup steps then cosine to 10%,
+              fp32, gradient clipping at 1.0
+  cpu-quick   configs/cpu-quick.yaml (the seed architecture)
+  ...         the screening variants in RUNS below
 
-Reported per run: wall time, validation loss and perplexity on the same 256-token validation windows, MoE MaxVio
-at the end, and the share of distinct 4-grams in greedy and in sampled 200-token continuations of 5 fixed prompts
-(1.0 = no 4-gram repeats; a model that loops on one word scores near 0). Writes docs/quality.md, docs/quality.png
-and docs/quality_samples.json.
+Reported per run: tokens seen, tokens/s, training time and the share of the budget it used, validation bits per byte
+(summed cross-entropy of every held-out document token, separators excluded, over the documents' UTF-8 bytes: the
+same for every tokenizer) and nats per token on the whole held-out books with 256-token windows, MoE MaxVio, and the
+share of distinct 4-grams in greedy and sampled 200-token continuations of 5 fixed prompts (no repetition penalty).
+Writes docs/quality.md (or --out), quality.png (training loss in bits per byte against training time) and
+quality_samples.json.
 
-    python benchmarks/quality.py                      # the default budget (under an hour on 2 CPU cores)
-    python benchmarks/quality.py --budget 20000000    # longer runs
+    python benchmarks/quality.py --runs reference,cpu-quick --time-budget 15m    # ~35 min, 2 threads
+    python benchmarks/quality.py --runs reference,llama-tiny --tokens 300000      # a fixed token budget (screening)
 """
 
 from __future__ import annotations
@@ -32,12 +35,15 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from tinyseek.data import TokenDataset, iter_eval_batches
-from tinyseek.train import checkpoint as ckpt
-from tinyseek.train.config import load_config
+from tinyseek.data import TokenDataset, load_tokenizer, resolve_data
+from tinyseek.evaluation import continuations, score_split
+from tinyseek.train.budget import CALIBRATION_HORIZON, BudgetCalibration, parse_duration
+from tinyseek.train.config import DataConfig, ScheduleConfig, load_config
 from tinyseek.train.metrics import read_metrics
+from tinyseek.train.schedule import lr_multiplier
 from tinyseek.train.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,120 +55,167 @@ PROMPTS = [
     "A function f is continuous if",
     "During the Industrial Revolution,",
 ]
-NEW_TOKENS = 200
-EVAL_SEQ_LEN, EVAL_BATCH, EVAL_BATCHES = 256, 8, 40
-SAMPLING = dict(do_sample=True, temperature=0.8, top_p=0.95)
+EVAL_SEQ_LEN = 256
+SPLIT = {"split_by": "title", "val_fraction": 0.05}  # the same held-out books for every run and tokenizer
+REFERENCE = "reference"
 
-RUNS = {
+# name -> (preset, overrides). Screening variants change one lever of their base at a time.
+RUNS: dict[str, tuple[str, dict]] = {
+    "cpu-quick": ("cpu-quick", {}),
     "seed-recipe": ("seed", {}),
-    "seed-best": ("cpu-quick", {"model": {"preset": "seed", "attention_dropout": 0.0}}),
+    "seed-no-bias": ("cpu-quick", {"model": {"preset": "seed", "attention_dropout": 0.0, "bias_update_speed": 0.0}}),
     "llama-tiny": ("cpu-quick", {"model": {"preset": "llama-tiny"}}),
     "deepseek-v3-tiny": ("cpu-quick", {"model": {"preset": "deepseek-v3-tiny"}}),
-    "seed-no-bias": ("cpu-quick", {"model": {"preset": "seed", "attention_dropout": 0.0, "bias_update_speed": 0.0}}),
 }
 
 
-def distinct_4gram_share(tokens: list[int]) -> float:
-    grams = [tuple(tokens[i : i + 4]) for i in range(len(tokens) - 3)]
-    return len(set(grams)) / len(grams) if grams else 1.0
+class ReferenceRun:
+    """The reference recipe, written as a user would write it with transformers and torch alone."""
+
+    MICRO_BATCH, SEQ_LEN, LR, WARMUP = 16, 256, 3e-3, 100
+
+    def __init__(self, data_dir: Path, tokenizer, seed: int = 0):
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(seed)
+        config = LlamaConfig(
+            vocab_size=32256, hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+            intermediate_size=256, tie_word_embeddings=False, max_position_embeddings=512,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        )
+        config._attn_implementation = "sdpa"
+        self.model = LlamaForCausalLM(config)
+        self.tokenizer = tokenizer
+        matrices = [p for p in self.model.parameters() if p.ndim >= 2]
+        others = [p for p in self.model.parameters() if p.ndim < 2]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": matrices, "weight_decay": 0.1}, {"params": others, "weight_decay": 0.0}],
+            lr=self.LR, betas=(0.9, 0.95), fused=True,
+        )
+        self.train = TokenDataset(data_dir, "train").tokens
+        self.generator = torch.Generator().manual_seed(seed)
+        self.schedule = ScheduleConfig(kind="cosine", warmup_steps=self.WARMUP, min_lr_ratio=0.1)
+
+    def step(self, step: int, max_steps: int) -> float:
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.LR * lr_multiplier(step, self.schedule, max_steps)
+        offsets = torch.randint(0, len(self.train) - self.SEQ_LEN - 1, (self.MICRO_BATCH,), generator=self.generator)
+        batch = torch.from_numpy(np.stack([self.train[o : o + self.SEQ_LEN + 1] for o in offsets.tolist()]).astype(np.int64))
+        logits = self.model(input_ids=batch[:, :-1]).logits
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    def run(self, budget_s: float | None, tokens: int | None) -> dict:
+        tokens_per_step = self.MICRO_BATCH * self.SEQ_LEN
+        calibration = BudgetCalibration(budget_s) if budget_s else None
+        max_steps = CALIBRATION_HORIZON if calibration else max(1, tokens // tokens_per_step)
+        self.model.train()
+        curve, step, start = [], 0, time.perf_counter()
+        while step < max_steps:
+            step_start = time.perf_counter()
+            loss = self.step(step, max_steps)
+            step += 1
+            elapsed = time.perf_counter() - start
+            if calibration is not None and max_steps == CALIBRATION_HORIZON:
+                fixed = calibration.observe(step, time.perf_counter() - step_start, elapsed)
+                max_steps = fixed or max_steps
+            if step % 10 == 0 or step == max_steps:
+                curve.append((elapsed, loss))
+        return {"steps": step, "tokens": step * tokens_per_step, "train_s": time.perf_counter() - start,
+                "curve": curve, "maxvio": None}
 
 
-def run_config(name: str, preset_file: str, overrides: dict, args):
-    """The run's training config: its preset file and model, the shared data, and a step count for the budget."""
-    overrides_list = [([key], value) for key, value in overrides.items()]
-    config = load_config(preset_file, overrides_list)
-    tokens_per_step = config.data.seq_len * config.data.micro_batch_size * config.data.grad_accum
-    steps = max(1, args.budget // tokens_per_step)
-    evals = 20
+def run_tinyseek(name: str, args, budget_s: float | None) -> tuple[dict, object, object, TokenDataset]:
+    preset, overrides = RUNS[name]
     settings = {
         "out_dir": str(Path(args.work_dir) / name),
-        "max_steps": steps,
-        "data.source": args.data,
-        "data.tokenizer": args.tokenizer,
-        "data.split_by": "title",  # the same held-out books for every run
-        "data.val_fraction": 0.05,
-        "checkpoint.every": steps,
-        "logging.eval_every": max(1, steps // evals),
-        "logging.sample_every": steps,
-        "logging.log_every": max(1, steps // 100),
+        "seed": 0,
+        "data.source": overrides.get("data", {}).get("source", args.data),
+        "data.tokenizer": overrides.get("data", {}).get("tokenizer", args.tokenizer),
+        **{f"data.{key}": value for key, value in SPLIT.items()},
+        "checkpoint.every": 10**9,
+        "logging.eval_every": 10**9,
+        "logging.eval_batches": 1,
+        "logging.log_every": 10,
         "logging.progress_bar": False,
-        "schedule.warmup_steps": min(config.schedule.warmup_steps, max(1, steps // 10)),
+        "sample.prompts": [],
     }
-    overrides_list += [(key.split("."), value) for key, value in settings.items()]
-    return load_config(preset_file, overrides_list)
-
-
-@torch.no_grad()
-def evaluate(model, val_set: TokenDataset) -> float:
-    model.eval()
-    total, windows = 0.0, 0
-    for window in iter_eval_batches(val_set, EVAL_SEQ_LEN, EVAL_BATCH, max_batches=EVAL_BATCHES):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(input_ids=window[:, :-1], shift_labels=window[:, 1:]).lm_loss
-        total += float(loss) * len(window)
-        windows += len(window)
-    return total / windows
-
-
-@torch.no_grad()
-def continuations(model, tokenizer) -> dict[str, list[dict]]:
-    results = {"greedy": [], "sampled": []}
-    for mode, settings in (("greedy", dict(do_sample=False)), ("sampled", SAMPLING)):
-        torch.manual_seed(0)
-        for prompt in PROMPTS:
-            input_ids = tokenizer(prompt, return_tensors="pt").input_ids
-            output = model.generate(
-                input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=NEW_TOKENS,
-                min_new_tokens=NEW_TOKENS, pad_token_id=tokenizer.eos_token_id, **settings,
-            )
-            new = output[0, input_ids.shape[1] :].tolist()
-            results[mode].append({
-                "prompt": prompt, "text": tokenizer.decode(new, skip_special_tokens=True),
-                "distinct_4grams": distinct_4gram_share(new),
-            })
-    return results
-
-
-def train_and_measure(name: str, config) -> dict:
+    override_list = [([section], value) for section, value in overrides.items()]
+    override_list += [(key.split("."), value) for key, value in settings.items()]
+    config = load_config(preset, override_list)
+    if budget_s:
+        config.time_budget = args.time_budget
+    else:
+        config.max_steps = max(1, args.tokens // (config.data.seq_len * config.data.micro_batch_size * config.data.grad_accum))
     shutil.rmtree(config.out_dir, ignore_errors=True)  # a benchmark run starts fresh, never resumes an old budget
     trainer = Trainer(config)
-    start = time.perf_counter()
-    status = trainer.train()
-    wall = time.perf_counter() - start
-    if status != 0:
-        raise SystemExit(f"run {name} stopped with status {status}")
-    model, tokenizer = ckpt.load_model_and_tokenizer(config.out_dir)
-    val_loss = evaluate(model, TokenDataset(trainer.data_dir, "val"))
-    texts = continuations(model, tokenizer)
-    metrics = read_metrics(config.out_dir)
-    train_records = [m for m in metrics if m["kind"] == "train"]
+    if trainer.train() != 0:
+        raise SystemExit(f"run {name} stopped before the end")
+    records = [m for m in read_metrics(config.out_dir) if m["kind"] == "train"]
+    result = {
+        "steps": trainer.step, "tokens": trainer.tokens, "train_s": trainer.train_seconds,
+        "curve": [(m["train_seconds"], m["loss"]) for m in records],
+        "maxvio": records[-1].get("maxvio") if records else None,
+    }
+    return result, trainer.model, trainer.tokenizer, trainer.val_set
+
+
+def measure(name: str, args, budget_s: float | None) -> dict:
+    if name == REFERENCE:
+        tokenizer = load_tokenizer(args.tokenizer)
+        data_dir = resolve_data(args.data, args.tokenizer, Path(DataConfig.cache_dir).expanduser(), **SPLIT)
+        reference = ReferenceRun(data_dir, tokenizer)
+        result = reference.run(budget_s, args.tokens)
+        model, val_set = reference.model, TokenDataset(data_dir, "val")
+    else:
+        result, model, tokenizer, val_set = run_tinyseek(name, args, budget_s)
+    score = score_split(model, val_set, EVAL_SEQ_LEN)
+    texts = continuations(model, tokenizer, PROMPTS)
+    meta = val_set.meta
     return {
         "name": name,
-        "tokens": trainer.tokens,
-        "wall_s": wall,
-        "tokens_per_s": trainer.tokens / wall,
-        "val_loss": val_loss,
-        "val_ppl": math.exp(val_loss),
-        "maxvio": train_records[-1].get("maxvio") if train_records else None,
-        "greedy_distinct_4grams": sum(t["distinct_4grams"] for t in texts["greedy"]) / len(PROMPTS),
-        "sampled_distinct_4grams": sum(t["distinct_4grams"] for t in texts["sampled"]) / len(PROMPTS),
+        **result,
+        "tokens_per_s": result["tokens"] / result["train_s"],
+        "budget_s": budget_s,
+        "bits_per_byte": score.bits_per_byte,
+        "nats_per_token": score.nats_per_token,
+        "train_tokens_per_byte": meta["train"]["tokens"] / meta["train"]["bytes"],
+        "tokenizer": f"{Path(meta['tokenizer']['spec']).name} ({meta['tokenizer']['vocabulary_size']:,})",
+        "greedy_distinct_4grams": float(np.mean([t["distinct_4grams"] for t in texts["greedy"]])),
+        "sampled_distinct_4grams": float(np.mean([t["distinct_4grams"] for t in texts["sampled"]])),
         "continuations": texts,
-        "curve": [(m["tokens"], m["val_loss"]) for m in metrics if m["kind"] == "eval"],
-        "seq_len": config.data.seq_len,
     }
 
 
 def table(results: list[dict]) -> str:
     lines = [
-        "| run | tokens | wall | val loss | val ppl | MaxVio | distinct 4-grams greedy | distinct 4-grams sampled |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| run | tokenizer | tokens | tokens/s | training time | val bits/byte | val nats/token | MaxVio "
+        "| distinct 4-grams greedy | distinct 4-grams sampled |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         maxvio = "-" if r["maxvio"] is None else f"{r['maxvio']:.2f}"
+        used = f" ({100 * r['train_s'] / r['budget_s']:.0f}%)" if r["budget_s"] else ""
         lines.append(
-            f"| {r['name']} | {r['tokens']:,} | {r['wall_s'] / 60:.1f} min | {r['val_loss']:.3f} | {r['val_ppl']:.1f} "
-            f"| {maxvio} | {r['greedy_distinct_4grams']:.2f} | {r['sampled_distinct_4grams']:.2f} |"
+            f"| {r['name']} | {r['tokenizer']} | {r['tokens']:,} | {r['tokens_per_s']:,.0f} | {r['train_s'] / 60:.1f} min{used} "
+            f"| {r['bits_per_byte']:.4f} | {r['nats_per_token']:.3f} | {maxvio} | {r['greedy_distinct_4grams']:.2f} "
+            f"| {r['sampled_distinct_4grams']:.2f} |"
         )
+    return "\n".join(lines)
+
+
+def ratios(results: list[dict]) -> str:
+    reference = next((r for r in results if r["name"] == REFERENCE), None)
+    if reference is None:
+        return ""
+    lines = [f"- {r['name']}: bits per byte {r['bits_per_byte'] / reference['bits_per_byte']:.3f}x the reference's "
+             f"({100 * (1 - r['bits_per_byte'] / reference['bits_per_byte']):+.1f}% lower), "
+             f"tokens/s {r['tokens_per_s'] / reference['tokens_per_s']:.2f}x"
+             for r in results if r is not reference]
     return "\n".join(lines)
 
 
@@ -174,11 +227,14 @@ def plot(results: list[dict], path: Path) -> None:
 
     figure, axis = plt.subplots(figsize=(8, 5))
     for r in results:
-        tokens, losses = zip(*r["curve"]) if r["curve"] else ((), ())
-        axis.plot(tokens, losses, marker=".", label=f"{r['name']} (windows of {r['seq_len']})")
-    axis.set_xlabel("training tokens")
-    axis.set_ylabel("validation loss")
-    axis.set_title("Validation loss at a fixed token budget")
+        if r["curve"]:
+            seconds, losses = zip(*r["curve"])
+            bits = [loss / math.log(2) * r["train_tokens_per_byte"] for loss in losses]
+            line, = axis.plot([s / 60 for s in seconds], bits, label=f"{r['name']} ({r['tokenizer']})", alpha=0.8)
+            axis.plot([seconds[-1] / 60], [r["bits_per_byte"]], marker="*", markersize=12, color=line.get_color())
+    axis.set_xlabel("training time (minutes)")
+    axis.set_ylabel("bits per byte")
+    axis.set_title("Training loss in bits per byte (lines) and final validation bits per byte (stars)")
     axis.grid(alpha=0.3)
     axis.legend()
     figure.tight_layout()
@@ -199,67 +255,80 @@ def commit() -> str:
     return result.stdout.strip() or "unknown"
 
 
-def write_report(results: list[dict], args, out: Path, measured_at: str) -> str:
+def write_report(results: list[dict], command: str, out: Path, measured_at: str, threads: int) -> None:
     out.mkdir(parents=True, exist_ok=True)
     plot(results, out / "quality.png")
     (out / "quality_samples.json").write_text(json.dumps(
         [{"run": r["name"], **r["continuations"]} for r in results], indent=1, ensure_ascii=False))
     samples = []
-    for r in results:
-        greedy, sampled = r["continuations"]["greedy"][0], r["continuations"]["sampled"][0]
-        samples.append(f"**{r['name']}**, greedy: _{greedy['prompt']}_{greedy['text'][:300]!r}\n\n"
-                       f"**{r['name']}**, sampled: _{sampled['prompt']}_{sampled['text'][:300]!r}\n")
-    threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
-    command = f"{threads}python benchmarks/quality.py" + ("" if args.budget == DEFAULT_BUDGET else f" --budget {args.budget}")
-    report = f"""# Quality at a fixed budget
+    for number in range(3):
+        samples.append(f"**{PROMPTS[number]}**\n")
+        for r in results:
+            greedy = r["continuations"]["greedy"][number]["text"][:400]
+            sampled = r["continuations"]["sampled"][number]["text"][:400]
+            samples.append(f"- {r['name']}, greedy: {greedy!r}\n- {r['name']}, sampled: {sampled!r}")
+        samples.append("")
+    budget = "the same wall-clock budget (`--time-budget`)" if results and results[0]["budget_s"] else "the same number of tokens"
+    report = f"""# Quality for the same budget
 
-Measured {datetime.date.today()} at commit `{measured_at}` on {machine()}.
+Measured {datetime.date.today()} at commit `{measured_at}` on {machine()}, {threads} threads
+(`torch.set_num_threads`).
 
 ```bash
 {command}
 ```
 
-Every run trains on `library_of_phi_gpt4.jsonl` (split by book title) with the DeepSeek-Coder tokenizer for
-{args.budget:,} tokens. Validation loss is measured after training on the same {EVAL_BATCHES * EVAL_BATCH} windows of
-{EVAL_SEQ_LEN} tokens for every run (the curves in the plot use each run's own window length, so `seed-recipe`'s
-32-token curve sits higher). Distinct 4-grams: the share of distinct 4-grams among the 197 in each 200-token
-continuation of 5 fixed prompts, averaged; greedy decoding, and sampling at temperature 0.8 with top-p 0.95 and no
-repetition penalty.
+Each run trains for {budget} on `library_of_phi_gpt4.jsonl` (whole books held out by title: the same held-out
+documents for every run and tokenizer) and is evaluated on all held-out documents: bits per byte (summed
+cross-entropy of every document token, separators excluded, over the documents' UTF-8 bytes; comparable across
+tokenizers), nats per token (not comparable across tokenizers) with {EVAL_SEQ_LEN}-token windows, and the share of
+distinct 4-grams in 200-token greedy and sampled (temperature 0.8, top-p 0.95) continuations of 5 fixed prompts, no
+repetition penalty. Training time is the training loop's wall clock; in parentheses the share of the budget used.
 
 {table(results)}
 
-![validation loss against tokens](quality.png)
+{ratios(results)}
 
-First prompt's continuations (all in `quality_samples.json`):
+![training loss in bits per byte against training time](quality.png)
+
+Continuations of the first three prompts (all in `quality_samples.json`):
 
 """ + "\n".join(samples)
     (out / "quality.md").write_text(report)
-    return report
-
-
-DEFAULT_BUDGET = 300_000
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--budget", type=int, default=DEFAULT_BUDGET, help="training tokens per run")
-    parser.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS))
+    parser.add_argument("--runs", default=f"{REFERENCE},cpu-quick",
+                        help=f"comma-separated, from: {REFERENCE}, {', '.join(RUNS)} (default: {REFERENCE},cpu-quick)")
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--time-budget", default=None, help="wall-clock training budget per run, e.g. 15m (default)")
+    budget.add_argument("--tokens", type=int, help="a fixed number of training tokens per run instead")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--data", default=str(SHARED / "corpus" / "library_of_phi_gpt4.jsonl"))
     parser.add_argument("--tokenizer", default=str(SHARED / "tokenizers" / "deepseek-coder"))
     parser.add_argument("--work-dir", default=str(REPO / "runs" / "quality"), help="where the runs are written")
     parser.add_argument("--out", default=str(REPO / "docs"), help="where the report goes")
     args = parser.parse_args()
+    if args.tokens is None and args.time_budget is None:
+        args.time_budget = "15m"
+    names = [name.strip() for name in args.runs.split(",") if name.strip()]
+    unknown = [name for name in names if name != REFERENCE and name not in RUNS]
+    if unknown:
+        parser.error(f"unknown run {unknown[0]!r}; choose from {REFERENCE}, {', '.join(RUNS)}")
     if not Path(args.data).exists():
         sys.exit(f"quality: corpus {args.data} not found; pass --data or set TINYSEEK_SHARED_DATA")
+    torch.set_num_threads(args.threads)
+    budget_s = parse_duration(args.time_budget) if args.time_budget else None
     measured_at = commit()  # the code the runs use is the code at the start
+    command = "python benchmarks/quality.py " + " ".join(sys.argv[1:])
     results = []
-    for name in args.runs:
-        preset_file, overrides = RUNS[name]
-        print(f"== {name}", flush=True)
-        results.append(train_and_measure(name, run_config(name, preset_file, overrides, args)))
+    for name in names:
+        print(f"== {name} ({args.threads} threads)", flush=True)
+        results.append(measure(name, args, budget_s))
         print(table(results), flush=True)
-    write_report(results, args, Path(args.out), measured_at)
-    print(table(results))
+    write_report(results, command, Path(args.out), measured_at, args.threads)
+    print(f"threads: {args.threads}\n{table(results)}\n{ratios(results)}")
     return 0
 
 
