@@ -1,0 +1,291 @@
+"""The FastAPI application: OpenAI-compatible endpoints, health, and the playground page, over one loaded model."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from importlib import resources
+
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException
+
+from tinyseek.generate.engine import GenerationEngine
+from tinyseek.generate.sampling import Sampling
+from tinyseek.serve.protocol import (
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    Request as GenerationRequest,
+    new_id,
+    now,
+    parse_request,
+    usage,
+)
+from tinyseek.serve.scheduler import FINISHED, Job, QueueFull, Scheduler
+
+STATIC = resources.files("tinyseek.serve") / "static"
+ERROR_TYPES = {404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
+               503: "server_overloaded"}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask of the server, and how many it serves at once."""
+
+    max_body_bytes: int = 1 << 20
+    max_streams: int = 16  # generations advanced together, one token each in turn
+    max_waiting: int = 64  # accepted requests waiting for a stream slot; beyond that, 503
+    max_tokens: int = 1024  # new tokens per request
+
+    def __post_init__(self):
+        for name, value in vars(self).items():
+            if value < (0 if name == "max_waiting" else 1):
+                raise ValueError(f"{name} must be positive, got {value}")
+
+
+def create_app(model, tokenizer, *, model_name: str = "tinyseek", limits: Limits = Limits(),
+               engine: GenerationEngine | None = None) -> FastAPI:
+    """The server for one model. The generation thread starts and stops with the application's lifespan."""
+    engine = engine or GenerationEngine(model, tokenizer)
+    scheduler = Scheduler(engine, model.device, max_streams=limits.max_streams, max_waiting=limits.max_waiting)
+    config = model.config
+    moe_layers = [index for index in range(config.num_hidden_layers) if config.is_moe_layer(index)]
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        scheduler.start()
+        yield
+        scheduler.stop()
+
+    app = FastAPI(title="tinyseek", lifespan=lifespan, docs_url=None, redoc_url=None)
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, error: APIError) -> JSONResponse:
+        return JSONResponse(error.body(), status_code=error.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException) -> JSONResponse:
+        kind = ERROR_TYPES.get(error.status_code, "invalid_request_error")
+        return JSONResponse(APIError(error.status_code, str(error.detail), type=kind).body(),
+                            status_code=error.status_code)
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "model": model_name, "requests": scheduler.requests_held()}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        description = {
+            "id": model_name, "object": "model", "created": now(), "owned_by": "tinyseek",
+            # tinyseek's own: what the playground needs to draw the routing (OpenAI clients ignore it).
+            "tinyseek": {
+                "attention_type": config.attention_type, "moe_layers": moe_layers,
+                "n_routed_experts": config.n_routed_experts if moe_layers else 0,
+                "num_experts_per_tok": config.num_experts_per_tok if moe_layers else 0,
+                "max_position_embeddings": config.max_position_embeddings, "max_tokens": limits.max_tokens,
+            },
+        }
+        return {"object": "list", "data": [description]}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = parse_request(CompletionRequest, await read_body(request, limits.max_body_bytes))
+        job = submit(body, "prompt", body.max_tokens)
+        reply = CompletionReply(new_id("cmpl"), model_name, job, routing=body.routing)
+        return await respond(request, body, job, reply)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = parse_request(ChatRequest, await read_body(request, limits.max_body_bytes))
+        requested = body.max_completion_tokens or body.max_tokens
+        job = submit(body, "messages", requested)
+        reply = ChatReply(new_id("chatcmpl"), model_name, job, routing=body.routing)
+        return await respond(request, body, job, reply)
+
+    def submit(body: GenerationRequest, prompt_param: str, requested_tokens: int | None) -> Job:
+        """Encode and check the request, then queue its generation (APIError when it cannot be served)."""
+        if requested_tokens is not None and requested_tokens > limits.max_tokens:
+            raise APIError(422, f"max_tokens is {requested_tokens}; this server allows at most {limits.max_tokens}",
+                           param="max_tokens", code="max_tokens_exceeded")
+        prompt_ids = encode_prompt(tokenizer, body.prompt_text())
+        positions = config.max_position_embeddings
+        if len(prompt_ids) >= positions:
+            raise APIError(400, f"the prompt is {len(prompt_ids)} tokens long; the model has {positions} positions",
+                           param=prompt_param, code="context_length_exceeded")
+        # The last token chosen is never fed back, so P prompt tokens leave room for positions - P + 1 new ones.
+        max_new_tokens = min(requested_tokens or limits.max_tokens, positions - len(prompt_ids) + 1)
+        sampling = Sampling(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, seed=body.seed)
+        job = Job(prompt_ids, sampling, max_new_tokens, body.stop_strings(), body.routing, asyncio.get_running_loop())
+        try:
+            scheduler.submit(job)
+        except QueueFull as error:
+            raise APIError(503, str(error), type="server_overloaded", code="queue_full") from None
+        return job
+
+    async def respond(request: Request, body: GenerationRequest, job: Job, reply: Reply):
+        if body.stream:
+            include_usage = body.stream_options is not None and body.stream_options.include_usage
+            return StreamingResponse(sse(reply.chunks(include_usage), job), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        collect = asyncio.ensure_future(reply.collect())
+        disconnect = asyncio.ensure_future(until_disconnected(request))
+        try:
+            await asyncio.wait((collect, disconnect), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            disconnect.cancel()
+            if not collect.done():  # the client went away (or the server is stopping)
+                collect.cancel()
+                scheduler.cancel(job)
+        if collect.cancelled():
+            return Response(status_code=499)
+        return JSONResponse(collect.result())
+
+    async def sse(chunks: AsyncIterator[dict], job: Job) -> AsyncIterator[str]:
+        """Server-sent events; when the client goes away Starlette cancels this and the slot is freed at once."""
+        try:
+            async for chunk in chunks:
+                yield f"data: {json.dumps(chunk)}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            scheduler.cancel(job)
+
+    @app.get("/", include_in_schema=False)
+    async def playground() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
+    return app
+
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    eos = tokenizer.eos_token_id
+    return ([eos] if eos is not None else []) + ids
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed `limit` bytes."""
+    too_large = APIError(413, f"the request body is larger than this server's limit of {limit} bytes",
+                         code="request_too_large")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_large
+    return bytes(body)
+
+
+async def until_disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+class Reply:
+    """Turns a job's token events into OpenAI response objects: whole, or as stream chunks."""
+
+    object_name: str
+    chunk_object_name: str
+
+    def __init__(self, reply_id: str, model_name: str, job: Job, *, routing: bool):
+        self.id, self.model_name, self.job, self.routing = reply_id, model_name, job, routing
+        self.created = now()
+        self.completion_tokens = 0
+
+    async def events(self) -> AsyncIterator:
+        """The job's token events (one per step: the request is one row), until it finishes."""
+        while True:
+            item = await self.job.events.get()
+            if item is FINISHED:
+                return
+            if isinstance(item, Exception):
+                raise APIError(500, f"generation failed: {item!r}", type="server_error")
+            for event in item:
+                self.completion_tokens += 1
+                yield event
+
+    def token_routing(self, event) -> dict:
+        return {
+            "text": event.text, "experts": event.experts,
+            "alternatives": [[text, round(probability, 5)] for _, text, probability in event.alternatives],
+        }
+
+    def head(self, chunk: bool) -> dict:
+        return {"id": self.id, "object": self.chunk_object_name if chunk else self.object_name,
+                "created": self.created, "model": self.model_name}
+
+    def usage(self) -> dict:
+        return usage(len(self.job.prompt_ids), self.completion_tokens)
+
+    async def collect(self) -> dict:
+        pieces, routing, finish_reason = [], [], None
+        async for event in self.events():
+            pieces.append(event.text)
+            finish_reason = event.finish_reason or finish_reason
+            if self.routing:
+                routing.append(self.token_routing(event))
+        response = {**self.head(chunk=False), "choices": [self.choice("".join(pieces), finish_reason)],
+                    "usage": self.usage()}
+        if self.routing:
+            response["tinyseek"] = {"tokens": routing}
+        return response
+
+    async def chunks(self, include_usage: bool) -> AsyncIterator[dict]:
+        first = self.first_chunk()
+        if first is not None:
+            yield first
+        try:
+            async for event in self.events():
+                if not (event.text or event.finish_reason or self.routing):
+                    continue
+                chunk = {**self.head(chunk=True), "choices": [self.delta(event.text, event.finish_reason)]}
+                if self.routing:
+                    chunk["tinyseek"] = {"tokens": [self.token_routing(event)]}
+                yield chunk
+        except APIError as error:
+            yield error.body()
+            return
+        if include_usage:
+            yield {**self.head(chunk=True), "choices": [], "usage": self.usage()}
+
+    def first_chunk(self) -> dict | None:
+        return None
+
+    def choice(self, text: str, finish_reason: str | None) -> dict:
+        raise NotImplementedError
+
+    def delta(self, text: str, finish_reason: str | None) -> dict:
+        raise NotImplementedError
+
+
+class CompletionReply(Reply):
+    object_name = chunk_object_name = "text_completion"
+
+    def choice(self, text: str, finish_reason: str | None) -> dict:
+        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+
+    delta = choice
+
+
+class ChatReply(Reply):
+    object_name, chunk_object_name = "chat.completion", "chat.completion.chunk"
+
+    def first_chunk(self) -> dict:
+        return {**self.head(chunk=True),
+                "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                             "finish_reason": None}]}
+
+    def choice(self, text: str, finish_reason: str | None) -> dict:
+        return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                "finish_reason": finish_reason}
+
+    def delta(self, text: str, finish_reason: str | None) -> dict:
+        return {"index": 0, "delta": {"content": text} if text else {}, "logprobs": None,
+                "finish_reason": finish_reason}

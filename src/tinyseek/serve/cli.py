@@ -1,0 +1,55 @@
+"""`tinyseek serve`: one model behind OpenAI's completions and chat API, with a playground page at `/`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tinyseek.errors import ConfigError
+from tinyseek.generate.cli import resolve_device
+from tinyseek.generate.loading import add_source_arguments, load
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from tinyseek.serve.app import Limits
+
+    defaults = Limits()
+    parser = argparse.ArgumentParser(prog="tinyseek serve", description=__doc__.split("\n\n")[0].split(": ", 1)[1])
+    add_source_arguments(parser)
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="the address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 for all)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--model-name", help="the model id clients see (default: the run or model folder's name)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto (default)")
+    parser.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes,
+                        help="largest request body accepted (413 beyond)")
+    parser.add_argument("--max-streams", type=int, default=defaults.max_streams,
+                        help="generations advanced together, a token each in turn")
+    parser.add_argument("--max-waiting", type=int, default=defaults.max_waiting,
+                        help="requests waiting for a generation slot (503 beyond)")
+    parser.add_argument("--max-tokens", type=int, default=defaults.max_tokens,
+                        help="most new tokens one request may ask for (422 beyond)")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    """`argv[0]` is the command name ("serve"), as the `tinyseek` dispatcher passes it."""
+    try:
+        import uvicorn
+
+        from tinyseek.serve.app import Limits, create_app
+    except ImportError as error:
+        raise ConfigError(f"tinyseek serve needs the serve extra: pip install 'tinyseek[serve]' ({error})") from None
+    args = build_parser().parse_args(argv[1:])
+    if not 0 < args.port < 65536:
+        raise ConfigError(f"--port must be in 1..65535, got {args.port}")
+    try:
+        limits = Limits(args.max_body_bytes, args.max_streams, args.max_waiting, args.max_tokens)
+    except ValueError as error:
+        raise ConfigError(f"--{str(error).replace('_', '-')}") from None
+    model, tokenizer = load(args, resolve_device(args.device))
+    name = args.model_name or (args.run_dir or args.model).resolve().name
+    app = create_app(model, tokenizer, model_name=name, limits=limits)
+    print(f"serving {name} on http://{args.host}:{args.port}/ (playground) and /v1 (OpenAI API)", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0

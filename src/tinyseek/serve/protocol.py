@@ -1,0 +1,145 @@
+"""The OpenAI wire format that `tinyseek serve` speaks: request bodies, the chat template, response objects, errors.
+
+Requests are validated strictly (a number sent as a string is an error, as with OpenAI) but unknown fields are
+ignored, as OpenAI-compatible servers do: clients such as Open WebUI send fields of their own.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError
+
+# A base model has no chat format of its own; this plain one is documented in docs/serving.md.
+CHAT_ROLE_NAMES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant", "tool": "Tool"}
+CHAT_REPLY_PREFIX = "Assistant:"
+# Without it a base model goes on to write the user's next turn itself.
+CHAT_STOP = "\nUser:"
+MAX_STOP_STRINGS = 4
+
+
+class Request(BaseModel):
+    """Fields shared by completions and chat completions."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    model: StrictStr | None = None
+    temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
+    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+    # Not in OpenAI's API but accepted by vLLM and others; 0 keeps OpenAI's meaning (no top-k cut).
+    top_k: Annotated[int, Field(ge=0)] = 0
+    stop: StrictStr | Annotated[list[StrictStr], Field(max_length=MAX_STOP_STRINGS)] | None = None
+    seed: int | None = None
+    n: Annotated[int, Field(ge=1, le=1)] = 1
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    # tinyseek's own: per token, the routed experts of each MoE layer and the top alternatives (an extra field
+    # of the response, so OpenAI clients are unaffected).
+    routing: StrictBool = False
+
+    def stop_strings(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    include_usage: StrictBool = False
+
+
+class CompletionRequest(Request):
+    prompt: StrictStr | Annotated[list[StrictStr], Field(min_length=1, max_length=1)]
+    max_tokens: Annotated[int, Field(ge=1)] = 16
+
+    def prompt_text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    type: Literal["text"]
+    text: StrictStr
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: StrictStr | list[TextPart] | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+
+
+class ChatRequest(Request):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    # OpenAI's newer name for max_tokens.
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+
+    def prompt_text(self) -> str:
+        return chat_prompt(self.messages)
+
+    def stop_strings(self) -> list[str]:
+        return [*super().stop_strings(), CHAT_STOP]
+
+
+def chat_prompt(messages: list[ChatMessage]) -> str:
+    """Each message as "Role: content" followed by a blank line, then "Assistant:" for the model to continue."""
+    turns = [f"{CHAT_ROLE_NAMES[message.role]}: {message.text()}\n\n" for message in messages]
+    return "".join(turns) + CHAT_REPLY_PREFIX
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 type: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def parse_request(model_class: type[Request], body: bytes) -> Request:
+    """The validated request, or APIError 400 for malformed JSON and 422 naming the first bad field."""
+    try:
+        return model_class.model_validate_json(body)
+    except ValidationError as error:
+        first = error.errors(include_url=False)[0]
+        if first["type"] == "json_invalid" or (first["type"] == "model_type" and not first["loc"]):
+            raise APIError(400, f"the request body is not a JSON object: {first['msg']}", code="invalid_json") from None
+        param = parameter_name(first["loc"])
+        raise APIError(422, f"{param}: {first['msg']}", param=param, code="invalid_value") from None
+
+
+def parameter_name(location: tuple) -> str:
+    """OpenAI's `param` for a validation error's location: the field, or messages[i].field (pydantic also puts
+    the names of union members in the location, which are not parameters)."""
+    if len(location) >= 3 and location[0] == "messages" and isinstance(location[1], int):
+        return f"messages[{location[1]}].{location[2]}"
+    return str(location[0])
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+Request.model_rebuild()

@@ -1,0 +1,289 @@
+// The tinyseek playground: streams a completion from /v1/completions with tinyseek's `routing` field and draws,
+// per generated token, the experts each MoE layer routed it to. Plain browser JavaScript: no build step, no CDN.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+// Light enough for dark text on top; for more experts than colours, hues spread by the golden angle.
+const PALETTE = ["#8ecae6", "#ffb703", "#90be6d", "#f4978e", "#b8a1e3", "#f9c74f", "#84dcc6", "#ffafcc",
+                 "#a3c4f3", "#e9c46a", "#c7e9b0", "#fbc4ab", "#cdb4db", "#ffd6a5", "#bde0fe", "#d0f4de"];
+const STRIP = "strip";
+
+const state = {
+  model: null,        // the /v1/models entry, with its `tinyseek` description
+  tokens: [],         // {text, experts: [[ids] per MoE layer], alternatives: [[text, p]]} per generated token
+  controller: null,   // aborts the running request
+};
+
+function expertColour(expert) {
+  if (expert < PALETTE.length) return PALETTE[expert];
+  return `hsl(${(expert * 137.508) % 360}, 65%, 76%)`;
+}
+
+function moeLayers() {
+  return state.model ? state.model.tinyseek.moe_layers : [];
+}
+
+function setStatus(text, stateName) {
+  const status = $("status");
+  status.textContent = text;
+  status.dataset.state = stateName;
+}
+
+async function loadModel() {
+  const response = await fetch("/v1/models");
+  const body = await response.json();
+  state.model = body.data[0];
+  const info = state.model.tinyseek;
+  const kind = info.moe_layers.length
+    ? `${info.n_routed_experts} routed experts, top-${info.num_experts_per_tok}, ${info.moe_layers.length} MoE layers`
+    : "dense feed-forward";
+  $("model-name").textContent = `${state.model.id} · ${info.attention_type} attention · ${kind}`;
+  $("max-tokens").max = info.max_tokens;
+  const picker = $("layer");
+  picker.replaceChildren();
+  if (!info.moe_layers.length) {
+    $("dense-note").hidden = false;
+    $("colour-experts").disabled = true;
+    picker.disabled = true;
+    $("load-card").hidden = true;
+    return;
+  }
+  info.moe_layers.forEach((layer, position) => picker.add(new Option(`layer ${layer}`, String(position))));
+  picker.add(new Option("all layers (strip)", STRIP));
+  const legend = $("legend");
+  legend.replaceChildren();
+  for (let expert = 0; expert < info.n_routed_experts; expert++) {
+    const chip = document.createElement("span");
+    chip.className = "chip";
+    chip.innerHTML = `<i class="swatch" style="background:${expertColour(expert)}"></i>${expert}`;
+    legend.append(chip);
+  }
+  legend.hidden = true;
+}
+
+function requestBody() {
+  const body = {
+    model: state.model.id,
+    prompt: $("prompt").value,
+    temperature: Number($("temperature").value),
+    top_p: Number($("top-p").value),
+    max_tokens: Number($("max-tokens").value),
+    stream: true,
+    routing: true,
+  };
+  if ($("seed").value !== "") body.seed = Number($("seed").value);
+  return body;
+}
+
+async function generate() {
+  state.tokens = [];
+  const output = $("output");
+  output.replaceChildren();
+  const promptSpan = document.createElement("span");
+  promptSpan.className = "prompt-text";
+  promptSpan.textContent = $("prompt").value;
+  output.append(promptSpan);
+  drawHistograms();
+  $("generate").disabled = true;
+  $("stop").disabled = false;
+  setStatus("generating…", "running");
+  state.controller = new AbortController();
+  const started = performance.now();
+  try {
+    const response = await fetch("/v1/completions", {
+      method: "POST",
+      headers: {"Content-Type": "application/json"},
+      body: JSON.stringify(requestBody()),
+      signal: state.controller.signal,
+    });
+    if (!response.ok) {
+      const body = await response.json().catch(() => ({error: {message: response.statusText}}));
+      throw new Error(body.error.message);
+    }
+    const finish = await readEvents(response);
+    const seconds = (performance.now() - started) / 1000;
+    setStatus(`${state.tokens.length} tokens in ${seconds.toFixed(2)} s (${finish})`, "done");
+  } catch (error) {
+    if (error.name === "AbortError") setStatus(`stopped after ${state.tokens.length} tokens`, "done");
+    else setStatus(`error: ${error.message}`, "error");
+  } finally {
+    $("generate").disabled = false;
+    $("stop").disabled = true;
+    state.controller = null;
+  }
+}
+
+async function readEvents(response) {
+  // Server-sent events: "data: {json}" lines separated by blank lines, ending with "data: [DONE]".
+  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  let finish = "";
+  for (;;) {
+    const {value, done} = await reader.read();
+    if (done) return finish;
+    buffer += value;
+    let end;
+    while ((end = buffer.indexOf("\n\n")) >= 0) {
+      const event = buffer.slice(0, end);
+      buffer = buffer.slice(end + 2);
+      if (!event.startsWith("data: ") || event === "data: [DONE]") continue;
+      const chunk = JSON.parse(event.slice(6));
+      if (chunk.error) throw new Error(chunk.error.message);
+      for (const token of chunk.tinyseek.tokens) addToken(token);
+      finish = chunk.choices[0].finish_reason || finish;
+    }
+  }
+}
+
+function addToken(token) {
+  const index = state.tokens.push(token) - 1;
+  const span = document.createElement("span");
+  span.className = "token";
+  span.dataset.index = String(index);
+  $("output").append(span);
+  paintToken(span, token);
+  drawHistograms();
+}
+
+function paintToken(span, token) {
+  const view = $("layer").value;
+  span.className = "token";
+  span.style.removeProperty("background-color");
+  span.style.removeProperty("--second");
+  span.textContent = token.text;
+  if (!$("colour-experts").checked || !token.experts || !token.experts.length) return;
+  if (view === STRIP) {
+    const layers = document.createElement("span");
+    layers.className = "layers";
+    for (const chosen of token.experts) {
+      const bar = document.createElement("i");
+      bar.style.background = expertColour(chosen[0]);
+      bar.title = chosen.join(", ");
+      layers.append(bar);
+    }
+    span.append(layers);
+    span.classList.add(`expert-${token.experts[0][0]}`);
+    return;
+  }
+  const chosen = token.experts[Number(view)];
+  span.classList.add(`expert-${chosen[0]}`);
+  span.style.backgroundColor = expertColour(chosen[0]);
+  if (chosen.length > 1) span.style.setProperty("--second", expertColour(chosen[1]));
+}
+
+function repaint() {
+  const output = $("output");
+  const colouring = $("colour-experts").checked && moeLayers().length > 0;
+  output.classList.toggle("coloured", colouring);
+  output.classList.toggle("strip", colouring && $("layer").value === STRIP);
+  $("legend").hidden = !colouring;
+  for (const span of output.querySelectorAll(".token")) paintToken(span, state.tokens[Number(span.dataset.index)]);
+}
+
+function drawHistograms() {
+  const container = $("histograms");
+  container.replaceChildren();
+  const info = state.model && state.model.tinyseek;
+  if (!info || !info.moe_layers.length) return;
+  info.moe_layers.forEach((layer, position) => {
+    const counts = new Array(info.n_routed_experts).fill(0);
+    for (const token of state.tokens) for (const expert of token.experts[position]) counts[expert] += 1;
+    const total = counts.reduce((a, b) => a + b, 0);
+    const mean = total / counts.length;
+    const maxVio = mean > 0 ? (Math.max(...counts) - mean) / mean : 0;
+    const peak = Math.max(1, ...counts);
+    const box = document.createElement("div");
+    box.className = "histogram";
+    box.innerHTML = `<h3>layer ${layer}<span>MaxVio ${maxVio.toFixed(2)}</span></h3>`;
+    const bars = document.createElement("div");
+    bars.className = "bars";
+    const labels = document.createElement("div");
+    labels.className = "bar-labels";
+    counts.forEach((count, expert) => {
+      const bar = document.createElement("div");
+      bar.style.height = `${(82 * count) / peak}%`;
+      bar.style.background = expertColour(expert);
+      bar.title = `expert ${expert}: ${count} tokens`;
+      bar.innerHTML = `<span>${count}</span>`;
+      bars.append(bar);
+      const label = document.createElement("span");
+      label.textContent = String(expert);
+      labels.append(label);
+    });
+    box.append(bars, labels);
+    container.append(box);
+  });
+}
+
+function visible(text) {
+  return text.replace(/ /g, "␣").replace(/\n/g, "⏎").replace(/\t/g, "⇥") || "∅";
+}
+
+function showTooltip(span, event) {
+  const token = state.tokens[Number(span.dataset.index)];
+  const tooltip = $("tooltip");
+  tooltip.replaceChildren();
+  const title = document.createElement("h4");
+  title.textContent = `token ${Number(span.dataset.index) + 1}: ${visible(token.text)}`;
+  tooltip.append(title);
+  if (token.experts && token.experts.length) {
+    const experts = document.createElement("div");
+    experts.className = "experts";
+    moeLayers().forEach((layer, position) => {
+      const line = document.createElement("div");
+      line.append(`layer ${layer}: `);
+      for (const expert of token.experts[position]) {
+        const badge = document.createElement("b");
+        badge.style.background = expertColour(expert);
+        badge.textContent = String(expert);
+        line.append(badge);
+      }
+      experts.append(line);
+    });
+    tooltip.append(experts);
+  }
+  const table = document.createElement("table");
+  for (const [text, probability] of token.alternatives || []) {
+    const row = table.insertRow();
+    if (text === token.text) row.className = "chosen";
+    row.insertCell().textContent = visible(text);
+    const barCell = row.insertCell();
+    barCell.style.width = "45%";
+    const bar = document.createElement("div");
+    bar.className = "bar";
+    bar.style.width = `${Math.max(2, 100 * probability)}%`;
+    barCell.append(bar);
+    const p = row.insertCell();
+    p.className = "p";
+    p.textContent = `${(100 * probability).toFixed(1)}%`;
+  }
+  tooltip.append(table);
+  tooltip.hidden = false;
+  moveTooltip(event);
+}
+
+function moveTooltip(event) {
+  const tooltip = $("tooltip");
+  const x = Math.min(event.clientX + 14, window.innerWidth - tooltip.offsetWidth - 8);
+  const y = event.clientY + 18 + tooltip.offsetHeight > window.innerHeight
+    ? event.clientY - tooltip.offsetHeight - 12 : event.clientY + 18;
+  tooltip.style.left = `${x}px`;
+  tooltip.style.top = `${y}px`;
+}
+
+$("generate").addEventListener("click", generate);
+$("stop").addEventListener("click", () => state.controller && state.controller.abort());
+$("colour-experts").addEventListener("change", repaint);
+$("layer").addEventListener("change", repaint);
+$("prompt").addEventListener("keydown", (event) => {
+  if (event.key === "Enter" && (event.ctrlKey || event.metaKey) && !$("generate").disabled) generate();
+});
+$("output").addEventListener("mouseover", (event) => {
+  const span = event.target.closest(".token");
+  if (span) showTooltip(span, event);
+});
+$("output").addEventListener("mousemove", (event) => { if (!$("tooltip").hidden) moveTooltip(event); });
+$("output").addEventListener("mouseout", (event) => {
+  if (event.target.closest(".token")) $("tooltip").hidden = true;
+});
+loadModel().catch((error) => setStatus(`cannot reach the server: ${error.message}`, "error"));

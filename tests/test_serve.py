@@ -1,0 +1,309 @@
+"""`tinyseek serve`: the official OpenAI client against a server on a loopback port, compared with `tinyseek generate`;
+every error case; concurrent streams; a client that goes away; the routing capture; the playground in Chromium."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+
+from tinyseek.cli import main as tinyseek_main
+from tinyseek.serve.protocol import CHAT_STOP, ChatMessage, chat_prompt
+from tinyseek.train.checkpoint import load_model_and_tokenizer
+
+from test_generate import byte_tokenizer, letters_only_model, write_run
+
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+from tinyseek.serve.app import Limits, create_app  # noqa: E402  (needs fastapi, from the serve extra)
+
+LIMITS = Limits(max_body_bytes=4096, max_streams=4, max_waiting=6, max_tokens=40)
+# Bounds every network wait of these tests.
+TIMEOUT = 60
+
+
+class LoopbackServer:
+    """A uvicorn server for `app` on a free 127.0.0.1 port, in a thread, for the duration of a `with` block."""
+
+    def __init__(self, app):
+        self.socket = socket.socket()
+        self.socket.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.socket.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
+
+    def __enter__(self) -> LoopbackServer:
+        self.thread.start()
+        deadline = time.monotonic() + TIMEOUT
+        while not self.server.started:
+            assert self.thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(TIMEOUT)
+        self.socket.close()
+
+    def client(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", timeout=TIMEOUT, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A run whose MoE model writes readable lowercase letters with the byte-level tokenizer."""
+    torch.set_num_threads(1)
+    model = letters_only_model(attention_type="linear", max_position_embeddings=64)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)  # letters far above every other token, so sampled text is letters too
+    return write_run(tmp_path_factory.mktemp("serve") / "run", model, byte_tokenizer()).parent.parent
+
+
+@pytest.fixture(scope="module")
+def server(run_dir):
+    model, tokenizer = load_model_and_tokenizer(run_dir, "cpu")
+    with LoopbackServer(create_app(model, tokenizer, model_name="letters", limits=LIMITS)) as running:
+        yield running
+
+
+def generate_command(run_dir, capsys, prompt: str, *options: str) -> str:
+    """What `tinyseek generate` prints for this prompt (its trailing newline removed)."""
+    capsys.readouterr()
+    assert tinyseek_main(["generate", "--run-dir", str(run_dir), "--prompt", prompt, "--device", "cpu", *options]) == 0
+    return capsys.readouterr().out.removesuffix("\n")
+
+
+SAMPLED = dict(temperature=0.9, top_p=0.8, seed=7, max_tokens=12)
+SAMPLED_FLAGS = ("--temperature", "0.9", "--top-p", "0.8", "--top-k", "0", "--seed", "7", "--max-new-tokens", "12")
+
+
+def completion_texts(client, **request) -> tuple[str, str]:
+    whole = client.completions.create(model="letters", **request)
+    streamed = "".join(chunk.choices[0].text for chunk in client.completions.create(model="letters", stream=True,
+                                                                                    **request) if chunk.choices)
+    assert whole.usage.completion_tokens == request["max_tokens"] and whole.choices[0].finish_reason == "length"
+    return whole.choices[0].text, streamed
+
+
+def test_openai_client_gets_the_text_of_tinyseek_generate_alone_and_while_another_request_streams(
+    server, run_dir, capsys
+):
+    client = server.client()
+    assert [model.id for model in client.models.list()] == ["letters"]
+    expected = generate_command(run_dir, capsys, "the cat", *SAMPLED_FLAGS)
+    assert expected
+    assert completion_texts(client, prompt="the cat", **SAMPLED) == (expected, expected)
+
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    chat_expected = generate_command(
+        run_dir, capsys, chat_prompt([ChatMessage(**m) for m in messages]), *SAMPLED_FLAGS, "--stop", CHAT_STOP
+    )
+    chat = client.chat.completions.create(model="letters", messages=messages, **SAMPLED)
+    assert chat.choices[0].message.content == chat_expected
+    assert chat.usage.prompt_tokens == len(chat_prompt([ChatMessage(**m) for m in messages])) + 1  # bytes + EOS
+
+    # Another request streams throughout: its tokens are interleaved with ours, our text must not change.
+    with client.completions.create(model="letters", prompt="a dog", max_tokens=40, stream=True) as other:
+        first = next(iter(other))
+        assert first.choices[0].text
+        assert completion_texts(client, prompt="the cat", **SAMPLED) == (expected, expected)
+        streamed_chat = client.chat.completions.create(model="letters", messages=messages, stream=True, **SAMPLED)
+        assert "".join(chunk.choices[0].delta.content or "" for chunk in streamed_chat) == chat_expected
+        assert server.client().with_options(timeout=TIMEOUT).models.list()  # still answering
+    assert httpx.get(f"{server.url}/health", timeout=TIMEOUT).json()["status"] == "ok"
+
+
+def test_stream_usage_and_stop_strings_follow_openai(server, run_dir, capsys):
+    client = server.client()
+    greedy = generate_command(run_dir, capsys, "on", "--temperature", "0", "--max-new-tokens", "20")
+    stop = greedy[5:7]
+    chunks = list(client.completions.create(model="letters", prompt="on", temperature=0, max_tokens=20, stop=[stop],
+                                            stream=True, stream_options={"include_usage": True}))
+    text = "".join(chunk.choices[0].text for chunk in chunks if chunk.choices)
+    assert text == greedy[: greedy.index(stop)]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].choices == [] and chunks[-1].usage.prompt_tokens == 3
+
+
+ERROR_CASES = [
+    # (body, status, param)
+    (b'{"prompt": "hi", "max_tokens": ', 400, None),
+    (b'["a list"]', 400, None),
+    (json.dumps({"prompt": "hi", "max_tokens": "5"}).encode(), 422, "max_tokens"),
+    (json.dumps({"prompt": "hi", "temperature": 2.5}).encode(), 422, "temperature"),
+    (json.dumps({"prompt": "hi", "top_p": 0}).encode(), 422, "top_p"),
+    (json.dumps({"prompt": "hi", "n": 2}).encode(), 422, "n"),
+    (json.dumps({"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}).encode(), 422, "stop"),
+    (json.dumps({"prompt": 5}).encode(), 422, "prompt"),
+    (json.dumps({"max_tokens": 5}).encode(), 422, "prompt"),
+    (json.dumps({"prompt": "hi", "max_tokens": 41}).encode(), 422, "max_tokens"),
+    (json.dumps({"prompt": "x" * 70}).encode(), 400, "prompt"),
+    (json.dumps({"prompt": "x" * 5000}).encode(), 413, None),
+]
+
+
+@pytest.mark.parametrize(("body", "status", "param"), ERROR_CASES)
+def test_each_bad_request_gets_its_status_and_an_openai_error_body_and_the_server_keeps_serving(
+    server, body, status, param
+):
+    response = httpx.post(f"{server.url}/v1/completions", content=body, timeout=TIMEOUT,
+                          headers={"Content-Type": "application/json"})
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert error["message"] and error["type"] and error["param"] == param
+    assert server.client().completions.create(model="letters", prompt="hi", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_chat_errors_and_ignored_unknown_fields(server):
+    url = f"{server.url}/v1/chat/completions"
+    bad_role = httpx.post(url, json={"messages": [{"role": "robot", "content": "hi"}]}, timeout=TIMEOUT)
+    assert bad_role.status_code == 422 and bad_role.json()["error"]["param"] == "messages[0].role"
+    assert httpx.post(url, json={"messages": []}, timeout=TIMEOUT).status_code == 422
+    # Open WebUI and others send fields of their own; they are ignored.
+    extra = {"messages": [{"role": "user", "content": "hi", "name": "x"}], "max_tokens": 3, "user": "u",
+             "options": {"a": 1}, "session_id": "s"}
+    reply = httpx.post(url, json=extra, timeout=TIMEOUT)
+    assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] <= 3
+    missing = httpx.get(f"{server.url}/v1/nothing", timeout=TIMEOUT)
+    assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found_error"
+
+
+async def stream_tokens(client: httpx.AsyncClient, url: str, max_tokens: int) -> tuple[float, int, str | None]:
+    """(seconds to the first token, tokens streamed, finish reason) of one streamed completion."""
+    start, first, tokens, finish = time.perf_counter(), None, 0, None
+    body = {"prompt": "the", "max_tokens": max_tokens, "stream": True, "routing": True, "temperature": 0}
+    async with client.stream("POST", url, json=body) as response:
+        assert response.status_code == 200
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            assert "error" not in chunk
+            first = first or time.perf_counter()
+            tokens += len(chunk["tinyseek"]["tokens"])
+            finish = chunk["choices"][0]["finish_reason"] or finish
+    return first - start, tokens, finish
+
+
+def test_eight_concurrent_streams_all_finish_with_their_full_length(run_dir):
+    model, tokenizer = load_model_and_tokenizer(run_dir, "cpu")
+    limits = Limits(max_streams=8, max_waiting=0, max_tokens=40)
+
+    async def eight(url: str):
+        async with httpx.AsyncClient(timeout=TIMEOUT) as client:
+            return await asyncio.gather(*(stream_tokens(client, url, 24) for _ in range(8)))
+
+    with LoopbackServer(create_app(model, tokenizer, limits=limits)) as server:
+        results = asyncio.run(asyncio.wait_for(eight(f"{server.url}/v1/completions"), TIMEOUT))
+        assert [(tokens, finish) for _, tokens, finish in results] == [(24, "length")] * 8
+        # Every slot was freed: a full round again is admitted.
+        assert httpx.get(f"{server.url}/health", timeout=TIMEOUT).json() == {
+            "status": "ok", "model": "tinyseek", "requests": 0}
+
+
+def test_a_full_server_answers_503_and_a_client_that_goes_away_frees_its_slot_at_once(run_dir):
+    model, tokenizer = load_model_and_tokenizer(run_dir, "cpu")
+    gate = threading.Event()
+    slowed = model.forward
+
+    def forward(*args, **kwargs):  # hold every step until the test lets it go: the slot stays taken
+        gate.wait(TIMEOUT)
+        return slowed(*args, **kwargs)
+
+    model.forward = forward
+    limits = Limits(max_streams=1, max_waiting=0, max_tokens=40)
+    with LoopbackServer(create_app(model, tokenizer, limits=limits)) as server:
+        def requests_held() -> int:
+            return httpx.get(f"{server.url}/health", timeout=TIMEOUT).json()["requests"]
+
+        try:
+            first = server.client().completions.create(model="m", prompt="a", max_tokens=40, stream=True)
+            busy = httpx.post(f"{server.url}/v1/completions", json={"prompt": "b"}, timeout=TIMEOUT)
+            assert busy.status_code == 503 and busy.json()["error"]["code"] == "queue_full"
+            assert requests_held() == 1
+            first.close()  # the client goes away mid-stream while its step is still running
+            deadline = time.monotonic() + TIMEOUT
+            while requests_held():
+                assert time.monotonic() < deadline, "the slot of a client that went away was not freed"
+                time.sleep(0.02)
+        finally:
+            gate.set()
+        assert server.client().completions.create(model="m", prompt="b", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_routing_names_the_experts_of_every_moe_layer_and_does_not_depend_on_what_else_runs(server):
+    def routed(**extra):
+        response = httpx.post(f"{server.url}/v1/completions", timeout=TIMEOUT,
+                              json={"prompt": "the", "max_tokens": 6, "temperature": 0, "routing": True, **extra})
+        return response.json()
+
+    alone = routed()
+    tokens = alone["tinyseek"]["tokens"]
+    assert "".join(token["text"] for token in tokens) == alone["choices"][0]["text"]
+    for token in tokens:
+        assert len(token["experts"]) == 2 and all(len(set(layer)) == 2 for layer in token["experts"])
+        assert all(0 <= expert < 4 for layer in token["experts"] for expert in layer)
+        probabilities = [p for _, p in token["alternatives"]]
+        assert len(probabilities) == 5 and probabilities == sorted(probabilities, reverse=True)
+    with server.client().completions.create(model="m", prompt="xyz", max_tokens=40, stream=True,
+                                            extra_body={"routing": True}) as other:
+        next(iter(other))
+        assert routed()["tinyseek"] == alone["tinyseek"]
+    info = httpx.get(f"{server.url}/v1/models", timeout=TIMEOUT).json()["data"][0]["tinyseek"]
+    assert info["moe_layers"] == [0, 1] and info["n_routed_experts"] == 4
+
+
+# --- the playground, in a real browser ------------------------------------------------------------------------
+
+
+def chromium_driver():
+    from selenium import webdriver
+
+    options = webdriver.ChromeOptions()
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,900"):
+        options.add_argument(flag)
+    options.binary_location = shutil.which("chromium")
+    service = webdriver.ChromeService(executable_path=shutil.which("chromedriver"))
+    return webdriver.Chrome(options=options, service=service)
+
+
+@pytest.mark.skipif(
+    not (shutil.which("chromium") and shutil.which("chromedriver")),
+    reason="needs headless Chromium and its driver: apt-get install chromium chromium-driver (CI installs them)",
+)
+def test_playground_streams_tokens_coloured_by_expert_in_chromium(server, tmp_path):
+    pytest.importorskip("selenium")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver = chromium_driver()
+    try:
+        driver.get(server.url + "/")
+        wait = WebDriverWait(driver, TIMEOUT)
+        wait.until(lambda d: "letters" in d.find_element(By.ID, "model-name").text)
+        prompt = driver.find_element(By.ID, "prompt")
+        prompt.clear()
+        prompt.send_keys("the cat")
+        driver.find_element(By.ID, "max-tokens").clear()
+        driver.find_element(By.ID, "max-tokens").send_keys("20")
+        driver.find_element(By.ID, "generate").click()
+        wait.until(lambda d: d.find_element(By.ID, "status").get_attribute("data-state") == "done")
+        tokens = driver.find_elements(By.CSS_SELECTOR, "#output .token")
+        assert len(tokens) == 20 and "".join(t.text for t in tokens).strip()
+        driver.find_element(By.ID, "colour-experts").click()
+        coloured = driver.find_elements(By.CSS_SELECTOR, "#output .token[class*='expert-']")
+        assert len(coloured) == 20
+        assert driver.find_elements(By.CSS_SELECTOR, "#histograms .histogram")
+        screenshot = tmp_path / "playground.png"
+        assert driver.save_screenshot(str(screenshot)) and screenshot.stat().st_size > 10_000
+        print(f"screenshot: {screenshot}")
+    finally:
+        driver.quit()
