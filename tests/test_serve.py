@@ -7,7 +7,6 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import threading
 import time
 
@@ -24,35 +23,14 @@ from test_generate import byte_tokenizer, letters_only_model, write_run
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 from tinyseek.serve.app import Limits, create_app  # noqa: E402  (needs fastapi, from the serve extra)
+from tinyseek.serve.background import BackgroundServer  # noqa: E402
 
 LIMITS = Limits(max_body_bytes=4096, max_streams=4, max_waiting=6, max_tokens=40)
 # Bounds every network wait of these tests.
 TIMEOUT = 60
 
 
-class LoopbackServer:
-    """A uvicorn server for `app` on a free 127.0.0.1 port, in a thread, for the duration of a `with` block."""
-
-    def __init__(self, app):
-        self.socket = socket.socket()
-        self.socket.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.socket.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
-
-    def __enter__(self) -> LoopbackServer:
-        self.thread.start()
-        deadline = time.monotonic() + TIMEOUT
-        while not self.server.started:
-            assert self.thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(TIMEOUT)
-        self.socket.close()
-
+class LoopbackServer(BackgroundServer):
     def client(self) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", timeout=TIMEOUT, max_retries=0)
 
@@ -275,11 +253,12 @@ def chromium_driver():
     return webdriver.Chrome(options=options, service=service)
 
 
-@pytest.mark.skipif(
-    not (shutil.which("chromium") and shutil.which("chromedriver")),
-    reason="needs headless Chromium and its driver: apt-get install chromium chromium-driver (CI installs them)",
-)
 def test_playground_streams_tokens_coloured_by_expert_in_chromium(server, tmp_path):
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
+        message = "needs headless Chromium and its driver: apt-get install chromium chromium-driver (.ci/run does)"
+        if os.environ.get("TINYSEEK_REQUIRE_BROWSER"):
+            pytest.fail(message)
+        pytest.skip(message)
     pytest.importorskip("selenium")
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
@@ -307,3 +286,34 @@ def test_playground_streams_tokens_coloured_by_expert_in_chromium(server, tmp_pa
         print(f"screenshot: {screenshot}")
     finally:
         driver.quit()
+
+
+# --- `tinyseek route` ----------------------------------------------------------------------------------------
+
+
+def test_route_command_draws_a_png_of_the_requested_size_for_a_seed_preset_model(tmp_path, capsys):
+    from PIL import Image
+
+    from tinyseek import TinySeekConfig, TinySeekForCausalLM
+    from tinyseek.data.tokenizer import load_tokenizer
+
+    torch.manual_seed(0)
+    model = TinySeekForCausalLM(TinySeekConfig.from_preset("seed")).eval()
+    run = write_run(tmp_path / "run", model, load_tokenizer("builtin")).parent.parent
+    out = tmp_path / "figures" / "routes.png"
+    argv = ["route", "--run-dir", str(run), "--text", "The cat sat on the mat.", "--out", str(out),
+            "--width", "1000", "--height", "700"]
+    assert tinyseek_main(argv) == 0
+    assert "4 MoE layers" in capsys.readouterr().out
+    with Image.open(out) as image:
+        assert image.size == (1000, 700)
+        colours = set(image.convert("RGB").get_flattened_data())
+    # Every expert's colour is in the picture (a load histogram bar each, whatever the routing).
+    from tinyseek.route import expert_colour
+    assert {tuple(int(expert_colour(e)[i:i + 2], 16) for i in (1, 3, 5)) for e in range(4)} <= colours
+
+
+def test_route_command_refuses_a_dense_model(tmp_path, capsys):
+    run = write_run(tmp_path / "run", letters_only_model(ffn_type="dense"), byte_tokenizer()).parent.parent
+    assert tinyseek_main(["route", "--run-dir", str(run), "--text", "hi", "--out", str(tmp_path / "r.png")]) == 2
+    assert "dense" in capsys.readouterr().err

@@ -1,0 +1,112 @@
+"""Load on `tinyseek serve`: many concurrent streaming completions against one server on a loopback port.
+
+Starts the server in this process (its generation thread and the HTTP event loop) and fires `--streams` streamed
+completions at once from an asynchronous client, each asking for exactly `--max-tokens` tokens (sampled with its
+own seed; EOS can end one early, and the count says so). Prints time to first token (p50/p99), total generated
+tokens per second over the whole run, and errors.
+
+    python benchmarks/serve_load.py [--run-dir DIR | --model DIR] [--streams 32] [--max-tokens 64] [--threads 2]
+
+Without a run or model it serves a randomly initialised `seed` preset with the built-in tokenizer (speed does not
+depend on the weights). About 30 s on an idle 2-core CPU with the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+from tinyseek import TinySeekConfig, TinySeekForCausalLM
+from tinyseek.data.tokenizer import load_tokenizer
+from tinyseek.generate.loading import load
+from tinyseek.serve.app import Limits, create_app
+from tinyseek.serve.background import BackgroundServer
+
+PROMPT = "Once upon a time there was a little dog who"
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--run-dir", type=Path)
+    source.add_argument("--model", type=Path)
+    parser.add_argument("--streams", type=int, default=32, help="concurrent streaming requests")
+    parser.add_argument("--max-tokens", type=int, default=64, help="tokens each request asks for")
+    parser.add_argument("--max-streams", type=int, default=32, help="the server's --max-streams")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
+    parser.add_argument("--timeout", type=float, default=600, help="give up after this many seconds")
+    return parser.parse_args()
+
+
+async def one_stream(client: httpx.AsyncClient, url: str, seed: int, max_tokens: int) -> dict:
+    """Time to first token, tokens received and the error (None when all went well) of one streamed completion."""
+    body = {"prompt": PROMPT, "max_tokens": max_tokens, "stream": True, "temperature": 0.8, "seed": seed,
+            "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    first, tokens = None, 0
+    try:
+        async with client.stream("POST", url, json=body) as response:
+            if response.status_code != 200:
+                return {"ttft": None, "tokens": 0, "error": f"HTTP {response.status_code}"}
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    return {"ttft": first, "tokens": tokens, "error": chunk["error"]["message"]}
+                if chunk["choices"] and first is None:
+                    first = time.perf_counter() - start
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+    except httpx.HTTPError as error:
+        return {"ttft": first, "tokens": tokens, "error": repr(error)}
+    return {"ttft": first, "tokens": tokens, "error": None}
+
+
+async def load_test(url: str, streams: int, max_tokens: int) -> tuple[list[dict], float]:
+    limits = httpx.Limits(max_connections=streams + 4)
+    async with httpx.AsyncClient(timeout=None, limits=limits) as client:
+        start = time.perf_counter()
+        results = await asyncio.gather(*(one_stream(client, url, seed, max_tokens) for seed in range(streams)))
+        return results, time.perf_counter() - start
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    if args.run_dir or args.model:
+        model, tokenizer = load(args, "cpu")
+    else:
+        torch.manual_seed(0)
+        model, tokenizer = TinySeekForCausalLM(TinySeekConfig.from_preset("seed")).eval(), load_tokenizer("builtin")
+    limits = Limits(max_streams=args.max_streams, max_waiting=args.streams, max_tokens=args.max_tokens)
+    with BackgroundServer(create_app(model, tokenizer, limits=limits)) as server:
+        # One request first, so the first measured one pays no one-off costs.
+        httpx.post(f"{server.url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 2}, timeout=args.timeout)
+        results, seconds = asyncio.run(asyncio.wait_for(
+            load_test(f"{server.url}/v1/completions", args.streams, args.max_tokens), args.timeout))
+    first_tokens = [r["ttft"] for r in results if r["ttft"] is not None]
+    errors = [r["error"] for r in results if r["error"]]
+    tokens = sum(r["tokens"] for r in results)
+    print(f"{args.streams} concurrent streams x {args.max_tokens} tokens, server --max-streams {args.max_streams}, "
+          f"{args.threads} torch threads, model {model.config.attention_type}/{model.config.ffn_type} "
+          f"({sum(p.numel() for p in model.parameters()):,} parameters)")
+    print(f"time to first token: p50 {percentile(first_tokens, 0.5):.3f} s, p99 {percentile(first_tokens, 0.99):.3f} s")
+    print(f"generated {tokens} tokens in {seconds:.2f} s: {tokens / seconds:.1f} tokens/s in total")
+    print(f"errors: {len(errors)}" + (f" ({errors[0]})" if errors else ""))
+
+
+if __name__ == "__main__":
+    main()
