@@ -271,15 +271,18 @@ def test_playground_streams_tokens_coloured_by_expert_in_chromium(server, tmp_pa
         prompt = driver.find_element(By.ID, "prompt")
         prompt.clear()
         prompt.send_keys("the cat")
-        driver.find_element(By.ID, "max-tokens").clear()
-        driver.find_element(By.ID, "max-tokens").send_keys("20")
+        for field, value in (("max-tokens", "20"), ("temperature", "0")):
+            driver.find_element(By.ID, field).clear()
+            driver.find_element(By.ID, field).send_keys(value)
         driver.find_element(By.ID, "generate").click()
         wait.until(lambda d: d.find_element(By.ID, "status").get_attribute("data-state") == "done")
+        expected = server.client().completions.create(model="letters", prompt="the cat", max_tokens=20, temperature=0)
         tokens = driver.find_elements(By.CSS_SELECTOR, "#output .token")
-        assert len(tokens) == 20 and "".join(t.text for t in tokens).strip()
+        assert len(tokens) == expected.usage.completion_tokens
+        assert "".join(token.text for token in tokens) == expected.choices[0].text.strip()
         driver.find_element(By.ID, "colour-experts").click()
         coloured = driver.find_elements(By.CSS_SELECTOR, "#output .token[class*='expert-']")
-        assert len(coloured) == 20
+        assert len(coloured) == len(tokens)
         assert driver.find_elements(By.CSS_SELECTOR, "#histograms .histogram")
         screenshot = tmp_path / "playground.png"
         assert driver.save_screenshot(str(screenshot)) and screenshot.stat().st_size > 10_000

@@ -65,6 +65,7 @@ def draw(experts: torch.Tensor, labels: list[str], moe_layers: list[int], num_ex
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.colors import ListedColormap
+    from matplotlib.ticker import MaxNLocator
 
     layers, tokens, top_k = experts.shape
     dpi = 100
@@ -85,6 +86,8 @@ def draw(experts: torch.Tensor, labels: list[str], moe_layers: list[int], num_ex
         picture.set_xticks(range(tokens), labels, rotation=90, fontsize=8, family="monospace")
     else:
         picture.set_xlabel(f"{tokens} tokens")
+    for boundary in range(1, tokens):
+        picture.axvline(boundary - 0.5, color="white", linewidth=0.8)
     picture.tick_params(length=0)
     for side in picture.spines.values():
         side.set_visible(False)
@@ -101,6 +104,7 @@ def draw(experts: torch.Tensor, labels: list[str], moe_layers: list[int], num_ex
         axis.set_title(f"layer {moe_layers[layer]}: MaxVio {max_violation:.2f}", fontsize=10)
         axis.set_xticks(range(num_experts), [str(e) for e in range(num_experts)], fontsize=7)
         axis.spines[["top", "right"]].set_visible(False)
+        axis.yaxis.set_major_locator(MaxNLocator(integer=True))
         if layer == 0:
             axis.set_ylabel("tokens routed")
     figure.savefig(out, dpi=dpi)

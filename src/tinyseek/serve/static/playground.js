@@ -243,7 +243,9 @@ function showTooltip(span, event) {
     tooltip.append(experts);
   }
   const table = document.createElement("table");
-  for (const [text, probability] of token.alternatives || []) {
+  const alternatives = token.alternatives || [];
+  const likeliest = Math.max(1e-9, ...alternatives.map(([, probability]) => probability));
+  for (const [text, probability] of alternatives) {
     const row = table.insertRow();
     if (text === token.text) row.className = "chosen";
     row.insertCell().textContent = visible(text);
@@ -251,7 +253,7 @@ function showTooltip(span, event) {
     barCell.style.width = "45%";
     const bar = document.createElement("div");
     bar.className = "bar";
-    bar.style.width = `${Math.max(2, 100 * probability)}%`;
+    bar.style.width = `${Math.max(2, (100 * probability) / likeliest)}%`;
     barCell.append(bar);
     const p = row.insertCell();
     p.className = "p";
