@@ -7,6 +7,9 @@ import asyncio
 import json
 import os
 import shutil
+import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -320,3 +323,32 @@ def test_route_command_refuses_a_dense_model(tmp_path, capsys):
     run = write_run(tmp_path / "run", letters_only_model(ffn_type="dense"), byte_tokenizer()).parent.parent
     assert tinyseek_main(["route", "--run-dir", str(run), "--text", "hi", "--out", str(tmp_path / "r.png")]) == 2
     assert "dense" in capsys.readouterr().err
+
+
+def test_serve_command_listens_on_loopback_by_default_and_refuses_bad_limits(run_dir, tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "tinyseek", "serve", "--run-dir", str(run_dir), "--port", str(port)]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 4 * TIMEOUT  # a fresh interpreter imports torch, transformers and FastAPI
+        while True:
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).json()
+                break
+            except httpx.TransportError:
+                assert process.poll() is None and time.monotonic() < deadline, "tinyseek serve did not start"
+                time.sleep(0.1)
+        assert health == {"status": "ok", "model": "run", "requests": 0}
+        page = httpx.get(f"http://127.0.0.1:{port}/", timeout=TIMEOUT)
+        assert page.status_code == 200 and "playground.js" in page.text
+        assert httpx.get(f"http://127.0.0.1:{port}/static/playground.js", timeout=TIMEOUT).status_code == 200
+    finally:
+        process.terminate()
+        _, err = process.communicate(timeout=TIMEOUT)
+    assert f"http://127.0.0.1:{port}/" in err
+
+    refused = subprocess.run([*command[:-2], "--max-streams", "0"], capture_output=True, text=True, timeout=TIMEOUT)
+    assert refused.returncode == 2 and "max-streams must be positive" in refused.stderr
+    assert "Traceback" not in refused.stderr
