@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from tinyseek.data.tokenizer import encode_prompt
 from tinyseek.errors import ConfigError, InputError
 from tinyseek.generate.loading import add_source_arguments, load
 from tinyseek.moe import Router
@@ -121,14 +122,13 @@ def main(argv: list[str]) -> int:
     moe_layers = [index for index in range(config.num_hidden_layers) if config.is_moe_layer(index)]
     if not moe_layers:
         raise ConfigError("this model is dense (ffn_type=dense): its tokens are not routed, so there is nothing to draw")
-    ids = tokenizer(args.text, add_special_tokens=False).input_ids
+    prompt = encode_prompt(tokenizer, args.text)
+    ids = prompt[1:]  # what follows the document start is what is drawn
     if not ids:
         raise InputError("--text is empty")
-    eos = tokenizer.eos_token_id
-    prompt = ([eos] if eos is not None else []) + ids
     if len(prompt) > config.max_position_embeddings:
         raise InputError(f"--text is {len(prompt)} tokens long; the model has {config.max_position_embeddings} positions")
-    experts = routed_experts(model, torch.tensor([prompt]))[:, len(prompt) - len(ids):]
+    experts = routed_experts(model, torch.tensor([prompt]))[:, 1:]
     labels = [visible(tokenizer.decode([token])) for token in ids]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     draw(experts, labels, moe_layers, config.n_routed_experts, args.out, args.width, args.height)

@@ -14,6 +14,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
+from tinyseek.data.tokenizer import encode_prompt
 from tinyseek.generate.engine import GenerationEngine
 from tinyseek.generate.sampling import Sampling
 from tinyseek.serve.protocol import (
@@ -160,12 +161,6 @@ def create_app(model, tokenizer, *, model_name: str = "tinyseek", limits: Limits
 
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
     return app
-
-
-def encode_prompt(tokenizer, text: str) -> list[int]:
-    ids = tokenizer(text, add_special_tokens=False).input_ids
-    eos = tokenizer.eos_token_id
-    return ([eos] if eos is not None else []) + ids
 
 
 async def read_body(request: Request, limit: int) -> bytes:
