@@ -29,6 +29,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -38,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tinyseek.data import TokenDataset, load_tokenizer, resolve_data
+from tinyseek.data import TokenDataset, load_tokenizer, open_source, resolve_data, train_bpe_tokenizer
 from tinyseek.evaluation import continuations, score_split
 from tinyseek.train.budget import CALIBRATION_HORIZON, BudgetCalibration, parse_duration
 from tinyseek.train.config import DataConfig, ScheduleConfig, load_config
@@ -58,9 +59,27 @@ PROMPTS = [
 EVAL_SEQ_LEN = 256
 SPLIT = {"split_by": "title", "val_fraction": 0.05}  # the same held-out books for every run and tokenizer
 REFERENCE = "reference"
+SCREENING_HEADING = "## Screening"
 
-# name -> (preset, overrides). Screening variants change one lever of their base at a time.
+# name -> (preset, overrides). Screening variants change one lever of their base at a time. A run whose overrides
+# name `data.tokenizer: bpe-N` gets a byte-level BPE of N tokens trained here on the training split (never on the
+# held-out books), as `tinyseek tokenizer train` trains one.
 RUNS: dict[str, tuple[str, dict]] = {
+    "cpu-15min": ("cpu-15min", {}),
+    # The screening: the preset with one lever moved.
+    "15min-vocab-32k": ("cpu-15min", {"data": {"tokenizer": None}, "model": {"vocab_size": 32256}}),
+    "15min-vocab-16k": ("cpu-15min", {"data": {"tokenizer": "bpe-16384"}, "model": {"vocab_size": 16384}}),
+    "15min-mla-moe": ("cpu-15min", {"model": {"preset": "deepseek-v3-tiny"}}),
+    "15min-seed-arch": ("cpu-15min", {"model": {"preset": "seed", "attention_dropout": 0.0}}),
+    "15min-hidden-192": ("cpu-15min", {"model": {"hidden_size": 192, "intermediate_size": 512}}),
+    "15min-6-layers": ("cpu-15min", {"model": {"num_hidden_layers": 6}}),
+    "15min-tied": ("cpu-15min", {"model": {"tie_word_embeddings": True}}),
+    "15min-seq-128": ("cpu-15min", {"data": {"seq_len": 128, "micro_batch_size": 32}}),
+    "15min-cosine": ("cpu-15min", {"schedule": {"kind": "cosine"}}),
+    "15min-lr-6e-3": ("cpu-15min", {"optim": {"lr": 6.0e-3}}),
+    "15min-mtp": ("cpu-15min", {"model": {"num_nextn_predict_layers": 1}}),
+    "15min-wiki-mix": ("cpu-15min", {"data": {"mixture": {str(SHARED / "corpus" / "library_of_phi_gpt35_wiki.jsonl.gz"): 1.0}}}),
+    # Earlier presets and architectures at cpu-quick's recipe.
     "cpu-quick": ("cpu-quick", {}),
     "seed-recipe": ("seed", {}),
     "seed-no-bias": ("cpu-quick", {"model": {"preset": "seed", "attention_dropout": 0.0, "bias_update_speed": 0.0}}),
@@ -129,13 +148,40 @@ class ReferenceRun:
                 "curve": curve, "maxvio": None}
 
 
-def run_tinyseek(name: str, args, budget_s: float | None) -> tuple[dict, object, object, TokenDataset]:
+def primary_data_dir(args) -> Path:
+    return resolve_data(args.data, args.tokenizer, Path(DataConfig.cache_dir).expanduser(), **SPLIT)
+
+
+def training_split_tokenizer(args, vocab_size: int) -> tuple[str, float]:
+    """A BPE of `vocab_size` tokens trained on the training split of --data (the held-out books left out), cached in
+    the work directory; with the seconds its training took (0 when cached)."""
+    out = Path(args.work_dir) / "tokenizers" / f"bpe-{vocab_size}"
+    if (out / "tokenizer.json").is_file():
+        return str(out), 0.0
+    held_out = set(TokenDataset(primary_data_dir(args), "val").meta["val"]["group_names"])
+    split_file = Path(args.work_dir) / "training-split.jsonl"
+    split_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(split_file, "w", encoding="utf-8") as handle:
+        for document in open_source(args.data, group_column=SPLIT["split_by"]).documents():
+            if document.group not in held_out:
+                handle.write(json.dumps({"text": document.text}, ensure_ascii=False) + "\n")
+    start = time.perf_counter()
+    train_bpe_tokenizer(str(split_file), vocab_size, out)
+    return str(out), time.perf_counter() - start
+
+
+def tinyseek_trainer(name: str, args, budget_s: float | None) -> tuple[Trainer, float]:
+    """The run's Trainer, fresh, and the seconds spent training its tokenizer."""
     preset, overrides = RUNS[name]
+    override_list = [([section, key], value) for section, values in overrides.items() for key, value in values.items()]
+    tokenizer, tokenizer_s = load_config(preset, override_list).data.tokenizer or args.tokenizer, 0.0
+    if re.fullmatch(r"bpe-\d+", Path(tokenizer).name):
+        tokenizer, tokenizer_s = training_split_tokenizer(args, int(Path(tokenizer).name.removeprefix("bpe-")))
     settings = {
         "out_dir": str(Path(args.work_dir) / name),
         "seed": 0,
-        "data.source": overrides.get("data", {}).get("source", args.data),
-        "data.tokenizer": overrides.get("data", {}).get("tokenizer", args.tokenizer),
+        "data.source": args.data,
+        "data.tokenizer": tokenizer,
         **{f"data.{key}": value for key, value in SPLIT.items()},
         "checkpoint.every": 10**9,
         "logging.eval_every": 10**9,
@@ -144,15 +190,21 @@ def run_tinyseek(name: str, args, budget_s: float | None) -> tuple[dict, object,
         "logging.progress_bar": False,
         "sample.prompts": [],
     }
-    override_list = [([section], value) for section, value in overrides.items()]
     override_list += [(key.split("."), value) for key, value in settings.items()]
     config = load_config(preset, override_list)
     if budget_s:
         config.time_budget = args.time_budget
-    else:
+    else:  # a fixed token budget (screening): the steps it takes, with a warmup of at most a tenth of them
+        config.time_budget = None
         config.max_steps = max(1, args.tokens // (config.data.seq_len * config.data.micro_batch_size * config.data.grad_accum))
+        config.schedule.warmup_steps = min(config.schedule.warmup_steps, max(1, config.max_steps // 10))
     shutil.rmtree(config.out_dir, ignore_errors=True)  # a benchmark run starts fresh, never resumes an old budget
-    trainer = Trainer(config)
+    return Trainer(config), tokenizer_s
+
+
+def run_tinyseek(name: str, args, budget_s: float | None) -> tuple[dict, object, object, TokenDataset]:
+    trainer, tokenizer_s = tinyseek_trainer(name, args, budget_s)
+    config = trainer.config
     if trainer.train() != 0:
         raise SystemExit(f"run {name} stopped before the end")
     records = [m for m in read_metrics(config.out_dir) if m["kind"] == "train"]
@@ -160,6 +212,7 @@ def run_tinyseek(name: str, args, budget_s: float | None) -> tuple[dict, object,
         "steps": trainer.step, "tokens": trainer.tokens, "train_s": trainer.train_seconds,
         "curve": [(m["train_seconds"], m["loss"]) for m in records],
         "maxvio": records[-1].get("maxvio") if records else None,
+        "tokenizer_s": tokenizer_s,
     }
     return result, trainer.model, trainer.tokenizer, trainer.val_set
 
@@ -167,7 +220,7 @@ def run_tinyseek(name: str, args, budget_s: float | None) -> tuple[dict, object,
 def measure(name: str, args, budget_s: float | None) -> dict:
     if name == REFERENCE:
         tokenizer = load_tokenizer(args.tokenizer)
-        data_dir = resolve_data(args.data, args.tokenizer, Path(DataConfig.cache_dir).expanduser(), **SPLIT)
+        data_dir = primary_data_dir(args)
         reference = ReferenceRun(data_dir, tokenizer)
         result = reference.run(budget_s, args.tokens)
         model, val_set = reference.model, TokenDataset(data_dir, "val")
@@ -191,17 +244,53 @@ def measure(name: str, args, budget_s: float | None) -> dict:
     }
 
 
+def side_by_side_throughput(names: list[str], args, rounds: int, steps: int = 2) -> str:
+    """Training tokens/s and text bytes/s of each run, measured in one process in interleaved rounds (a few steps of
+    each in turn), so every run sees the same share of a busy machine; as a markdown table."""
+    steppers, tokens_per_step, tokens_per_byte = {}, {}, {}
+    for name in names:
+        if name == REFERENCE:
+            reference = ReferenceRun(primary_data_dir(args), load_tokenizer(args.tokenizer))
+            reference.model.train()
+            steppers[name] = lambda step, reference=reference: reference.step(step, 10**9)
+            tokens_per_step[name] = reference.MICRO_BATCH * reference.SEQ_LEN
+            meta = TokenDataset(primary_data_dir(args), "train").meta
+        else:
+            trainer, _ = tinyseek_trainer(name, args, None)
+            steppers[name] = lambda step, trainer=trainer: trainer.train_step()
+            tokens_per_step[name] = trainer.tokens_per_step
+            meta = trainer.train_set.meta
+        tokens_per_byte[name] = meta["train"]["tokens"] / meta["train"]["bytes"]
+        steppers[name](0)  # warm-up, not timed
+    seconds = dict.fromkeys(names, 0.0)
+    for round_number in range(rounds):
+        for name in names:
+            start = time.perf_counter()
+            for step in range(steps):
+                steppers[name](1 + round_number * steps + step)
+            seconds[name] += time.perf_counter() - start
+    lines = ["| run | tokens/s | text bytes/s | ratio to the first |", "|---|---:|---:|---:|"]
+    first = None
+    for name in names:
+        tokens_per_s = rounds * steps * tokens_per_step[name] / seconds[name]
+        bytes_per_s = tokens_per_s / tokens_per_byte[name]
+        first = first or bytes_per_s
+        lines.append(f"| {name} | {tokens_per_s:,.0f} | {bytes_per_s:,.0f} | {bytes_per_s / first:.2f} |")
+    return "\n".join(lines)
+
+
 def table(results: list[dict]) -> str:
     lines = [
-        "| run | tokenizer | tokens | tokens/s | training time | val bits/byte | val nats/token | MaxVio "
+        "| run | tokenizer | tokens | tokens/s | text bytes/s | training time | val bits/byte | val nats/token | MaxVio "
         "| distinct 4-grams greedy | distinct 4-grams sampled |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         maxvio = "-" if r["maxvio"] is None else f"{r['maxvio']:.2f}"
         used = f" ({100 * r['train_s'] / r['budget_s']:.0f}%)" if r["budget_s"] else ""
         lines.append(
-            f"| {r['name']} | {r['tokenizer']} | {r['tokens']:,} | {r['tokens_per_s']:,.0f} | {r['train_s'] / 60:.1f} min{used} "
+            f"| {r['name']} | {r['tokenizer']} | {r['tokens']:,} | {r['tokens_per_s']:,.0f} "
+            f"| {r['tokens_per_s'] / r['train_tokens_per_byte']:,.0f} | {r['train_s'] / 60:.1f} min{used} "
             f"| {r['bits_per_byte']:.4f} | {r['nats_per_token']:.3f} | {maxvio} | {r['greedy_distinct_4grams']:.2f} "
             f"| {r['sampled_distinct_4grams']:.2f} |"
         )
@@ -294,7 +383,10 @@ repetition penalty. Training time is the training loop's wall clock; in parenthe
 Continuations of the first three prompts (all in `quality_samples.json`):
 
 """ + "\n".join(samples)
-    (out / "quality.md").write_text(report)
+    # The screening section (written from --tokens runs, see its commands) survives a rerun of the headline.
+    previous = (out / "quality.md").read_text() if (out / "quality.md").is_file() else ""
+    kept = previous[previous.index(SCREENING_HEADING):] if SCREENING_HEADING in previous else ""
+    (out / "quality.md").write_text(report.rstrip("\n") + "\n\n" + kept if kept else report)
 
 
 def main() -> int:
@@ -305,6 +397,8 @@ def main() -> int:
     budget.add_argument("--time-budget", default=None, help="wall-clock training budget per run, e.g. 15m (default)")
     budget.add_argument("--tokens", type=int, help="a fixed number of training tokens per run instead")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--throughput", type=int, metavar="ROUNDS",
+                        help="only measure training speed side by side, in ROUNDS interleaved rounds of 2 steps per run")
     parser.add_argument("--data", default=str(SHARED / "corpus" / "library_of_phi_gpt4.jsonl"))
     parser.add_argument("--tokenizer", default=str(SHARED / "tokenizers" / "deepseek-coder"))
     parser.add_argument("--work-dir", default=str(REPO / "runs" / "quality"), help="where the runs are written")
@@ -319,6 +413,10 @@ def main() -> int:
     if not Path(args.data).exists():
         sys.exit(f"quality: corpus {args.data} not found; pass --data or set TINYSEEK_SHARED_DATA")
     torch.set_num_threads(args.threads)
+    if args.throughput:
+        args.tokens = args.tokens or 10**9  # the schedule of a long run: the measured steps are its first
+        print(f"threads: {args.threads}\n" + side_by_side_throughput(names, args, args.throughput))
+        return 0
     budget_s = parse_duration(args.time_budget) if args.time_budget else None
     measured_at = commit()  # the code the runs use is the code at the start
     command = "python benchmarks/quality.py " + " ".join(sys.argv[1:])
