@@ -350,3 +350,39 @@ def test_model_generate_runs_on_the_engine_and_equals_transformers_loop(attentio
         beams = model.generate(input_ids, num_beams=2, **greedy)  # not the engine's: transformers does it
         assert len(calls) == 3
     assert torch.equal(beams, transformers_generate(model, input_ids, num_beams=2, **greedy))
+
+
+def test_without_a_working_compiler_generation_falls_back_to_the_eager_step_and_says_so(monkeypatch, tmp_path, capsys):
+    from torch._inductor.exc import InvalidCxxCompiler
+
+    from tinyseek.generate import lean
+
+    def compile_without_compiler(function, **options):
+        def compiled(*args, **kwargs):
+            raise InvalidCxxCompiler()  # what inductor raises at the first call when no C++ compiler works
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", compile_without_compiler)
+    lean.compiled_lean_step.cache_clear()
+    model = small_model(2, attention_type="mha")
+    expected = [greedy_by_recomputation(model, prompt, 6) for prompt in PROMPTS]
+    engine = GenerationEngine(model, eos_token_ids=[], compile=True)
+    with pytest.warns(RuntimeWarning, match="torch.compile failed .*decoding with the eager lean step") as caught:
+        assert greedy(engine, PROMPTS, 6) == expected
+    assert len(caught) == 1 and engine.path == "lean step"
+
+    write_run(tmp_path / "run", letters_only_model(attention_type="mla"), byte_tokenizer())
+    argv = ["generate", "--run-dir", str(tmp_path / "run"), "--prompt", "hi", "--max-new-tokens", "4", "--compile"]
+    with pytest.warns(RuntimeWarning, match="eager lean step"):
+        assert tinyseek_main(argv) == 0
+    assert "; lean step)" in capsys.readouterr().err
+    lean.compiled_lean_step.cache_clear()
+
+
+def test_the_engine_decodes_in_fp32_inside_a_bf16_autocast():
+    model = small_model(2, attention_type="mla")
+    expected = [greedy_by_recomputation(model, prompt, 8) for prompt in PROMPTS]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for lean in (True, False):
+            assert greedy(GenerationEngine(model, eos_token_ids=[], lean=lean), PROMPTS, 8) == expected

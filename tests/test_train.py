@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from tinyseek import TinySeekForCausalLM
 from tinyseek.cli import main as tinyseek_main
+from tinyseek.data.tokenizer import encode_prompt
 from tinyseek.errors import UserError
 from tinyseek.train import latest_checkpoint, load_config, load_model_and_tokenizer
 from tinyseek.train.checkpoint import list_checkpoints
@@ -309,3 +310,26 @@ def test_time_budget_resume_keeps_the_fixed_steps_and_is_bitwise_identical(tmp_p
     assert second.train() == 0 and second.step == 9
     expected, actual = final_weights(straight.run_dir), final_weights(second.run_dir)
     assert all(torch.equal(expected[key], actual[key]) for key in expected)
+
+
+def test_trainer_samples_tinyseek_generate_and_model_generate_give_the_same_text(tmp_path, tiny_corpus, capsys):
+    sample = {"prompts": ["the cat"], "max_new_tokens": 8, "temperature": 0.8, "top_k": 50, "top_p": 0.95,
+              "repetition_penalty": 1.1}
+    trainer = tiny_trainer(tmp_path, tiny_corpus, max_steps=2, dtype="bf16", seed=5, sample=sample)
+    trainer.train()
+    (from_trainer,) = trainer.sample()
+    capsys.readouterr()
+
+    argv = ["generate", "--run-dir", str(trainer.run_dir), "--prompt", "the cat", "--max-new-tokens", "8",
+            "--temperature", "0.8", "--top-k", "50", "--top-p", "0.95", "--repetition-penalty", "1.1", "--seed", "5"]
+    assert tinyseek_main(argv) == 0
+    from_cli = capsys.readouterr().out
+
+    model, tokenizer = load_model_and_tokenizer(trainer.run_dir)
+    ids = torch.tensor([encode_prompt(tokenizer, "the cat")])
+    torch.manual_seed(5)
+    output = model.generate(ids, max_new_tokens=8, do_sample=True, temperature=0.8, top_k=50, top_p=0.95,
+                            repetition_penalty=1.1, eos_token_id=tokenizer.eos_token_id)
+    from_model = tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True)
+    assert from_trainer["continuation"] + "\n" == from_cli == from_model + "\n"
+    assert len(from_model) > 0

@@ -16,7 +16,14 @@ from dataclasses import dataclass
 import torch
 
 from tinyseek.errors import InputError
-from tinyseek.generate.lean import LeanDecoder, LeanWeights, supports_lean_decoding, weights_version
+from tinyseek.generate.lean import (
+    LeanDecoder,
+    LeanWeights,
+    compiled_lean_step,
+    lean_step,
+    supports_lean_decoding,
+    weights_version,
+)
 from tinyseek.generate.sampling import Sampling
 from tinyseek.generate.streaming import TextStream
 from tinyseek.moe import Router
@@ -67,6 +74,8 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch
 class CachedForward:
     """Decoding through the model's own forward and its `TinySeekCache`, one call per step."""
 
+    path = "model forward"
+
     def __init__(self, model, batch: int, capacity: int, capture: bool):
         self.model, self.capacity, self.cache, self.attention_mask = model, capacity, None, None
         self.routers = [module for module in model.model.modules() if isinstance(module, Router)] if capture else []
@@ -111,7 +120,9 @@ class GenerationEngine:
 
     ``tokenizer`` may be None (then events carry no text and stop strings are unavailable); EOS comes from
     ``eos_token_ids``, else the tokenizer, else the model's config. ``device`` None keeps the model where it is.
-    ``lean=False`` decodes through the model's own forward (the reference the lean step is tested against).
+    ``lean=False`` decodes through the model's own forward (the reference the lean step is tested against);
+    ``compile=True`` compiles the lean step with torch.compile (tens of seconds once, then faster steps; it pays
+    for a server or long generations) and falls back to the eager step, with one warning, where that fails.
     """
 
     def __init__(
@@ -127,6 +138,7 @@ class GenerationEngine:
     ):
         self.model, self.tokenizer, self.compile, self.lean = model, tokenizer, compile, lean
         self.lean_weights: LeanWeights | None = None
+        self.decoder = None
         self.device = torch.device(device) if device is not None else model.device
         if model.device != self.device:
             model.to(self.device)
@@ -167,8 +179,8 @@ class GenerationEngine:
         was_training = self.model.training
         self.model.eval()
         try:
-            decoder = self.make_decoder(len(prompts), longest + steps, capture)
             with fp32_inference(self.device.type):
+                decoder = self.decoder = self.make_decoder(len(prompts), longest + steps, capture)
                 logits = decoder.prefill(input_ids, attention_mask)
             for step in range(steps):
                 length = longest + step
@@ -211,12 +223,19 @@ class GenerationEngine:
                     reasons[event.row] = event.finish_reason
         return [Completion(*fields) for fields in zip(ids, texts, reasons)]
 
+    @property
+    def path(self) -> str | None:
+        """How the latest stream decoded: "compiled lean step", "lean step" or "model forward"."""
+        return self.decoder.path if self.decoder is not None else None
+
     def make_decoder(self, batch: int, capacity: int, capture: bool):
         if not (self.lean and supports_lean_decoding(self.model)):
             return CachedForward(self.model, batch, capacity, capture)
         if self.lean_weights is None or self.lean_weights.version != weights_version(self.model):
             self.lean_weights = LeanWeights(self.model)
-        return LeanDecoder(self.model, self.lean_weights, batch, capacity, capture)
+        step = compiled_lean_step(self.device.type) if self.compile else lean_step
+        decoder = LeanDecoder(self.model, self.lean_weights, batch, capacity, capture, step_function=step)
+        return decoder
 
     def check(self, prompts: list[list[int]], max_new_tokens: int, stop: Sequence[str]) -> None:
         if not prompts or any(not prompt for prompt in prompts):

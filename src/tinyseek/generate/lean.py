@@ -25,6 +25,10 @@ decodes through the model's forward instead.
 
 from __future__ import annotations
 
+import functools
+import warnings
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -70,13 +74,17 @@ def rotated_rows(weight: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat((-second, first), dim=1).flatten(0, 1)
 
 
+@dataclass
 class Step:
-    """What every layer reads in one step: the rows' cos/sin (RoPE), the cache column written, the number of live
-    columns, and the additive mask over them (None without padding)."""
+    """What every layer reads in one step: the rows' cos/sin for RoPE ([B, 1, d] or None), the cache column written
+    (a one-element tensor, so a compiled step does not specialise on it), the number of cache columns attended, and
+    the additive mask over them (None when no column needs masking)."""
 
-    def __init__(self):
-        self.cos = self.sin = self.mask = None
-        self.column = self.length = 0
+    cos: torch.Tensor | None
+    sin: torch.Tensor | None
+    column: torch.Tensor
+    length: int
+    mask: torch.Tensor | None
 
 
 class LeanMultiHeadAttention:
@@ -106,8 +114,8 @@ class LeanMultiHeadAttention:
         heads = self.heads + self.kv_heads
         qkv = project(x, self.qkv, self.qkv_bias).view(batch, -1, self.head_dim)
         q_and_k = rotary.apply(qkv[:, :heads], qkv[:, heads + self.kv_heads :], step.cos, step.sin)
-        keys[:, :, step.column] = q_and_k[:, self.heads :]
-        values[:, :, step.column] = qkv[:, heads : heads + self.kv_heads]
+        keys.index_copy_(2, step.column, q_and_k[:, self.heads :, None])
+        values.index_copy_(2, step.column, qkv[:, heads : heads + self.kv_heads, None])
         output = F.scaled_dot_product_attention(
             q_and_k[:, : self.heads, None], keys[:, :, : step.length], values[:, :, : step.length],
             attn_mask=step.mask, enable_gqa=self.kv_heads != self.heads,
@@ -176,8 +184,9 @@ class LeanLatentAttention:
         q_latent = query[:, : heads * rank].view(batch, heads, rank)
         q_rope = query[:, heads * rank :].view(batch, 2, heads, rope)
         q_rope = Rotary.apply(q_rope[:, 0], q_rope[:, 1], step.cos, step.sin)
-        cache[:, step.column, :rank] = F.rms_norm(latent, latent.shape[-1:], self.kv_norm, self.kv_norm_eps)
-        cache[:, step.column, rank:] = Rotary.apply(k_rope, k_rotated, step.cos[:, 0], step.sin[:, 0])
+        latent = F.rms_norm(latent, latent.shape[-1:], self.kv_norm, self.kv_norm_eps)
+        k_rope = Rotary.apply(k_rope, k_rotated, step.cos[:, 0], step.sin[:, 0])
+        cache.index_copy_(1, step.column, torch.cat((latent, k_rope), dim=-1)[:, None])
         keys = cache[:, : step.length]
         scores = torch.bmm(torch.cat((q_latent, q_rope), dim=-1), keys.transpose(1, 2))
         if step.mask is not None:
@@ -283,7 +292,7 @@ class LeanMoE:
         chosen, weights = self.route(x)
         if routed is not None:
             routed.append(chosen)
-        if x.shape[0] == 1:
+        if x.shape[0] == 1 and not torch.compiler.is_compiling():  # a compiled step keeps to static shapes
             return self.single_token(x, chosen[0].tolist(), weights[0].tolist())
         gates = gates[: x.shape[0]]
         gates[:, :-1] = 0
@@ -339,21 +348,58 @@ def weights_version(model) -> tuple:
     return tuple((t.data_ptr(), t._version) for t in (*model.parameters(), *model.buffers()))
 
 
-class LeanDecoder:
-    """Prefill through the model's forward (`CachedForward`), then lean steps; the same interface."""
+def lean_step(weights: LeanWeights, caches: list, tokens: torch.Tensor, positions: torch.Tensor, column: torch.Tensor,
+              mask: torch.Tensor | None, length: int, capture: bool):
+    """Logits [B, V] for one new token per row, and with ``capture`` the routed experts [B, MoE layers, k]."""
+    rotary = weights.rotary
+    cos, sin = (rotary.cos[positions, None], rotary.sin[positions, None]) if rotary is not None else (None, None)
+    step = Step(cos, sin, column, length, mask)
+    routed = [] if capture else None
+    x = F.embedding(tokens, weights.embedding)
+    for ((norm, eps), attention, (ffn_norm, ffn_eps), feed_forward), (cache, gates) in zip(weights.layers, caches):
+        x = x + attention(F.rms_norm(x, x.shape[-1:], norm, eps), step, cache, rotary)
+        normed = F.rms_norm(x, x.shape[-1:], ffn_norm, ffn_eps)
+        x = x + (feed_forward(normed, gates, routed) if gates is not None else feed_forward(normed))
+    logits = F.rms_norm(x, x.shape[-1:], *weights.final_norm) @ weights.head
+    return logits, (torch.stack(routed, dim=1) if routed else None)
 
-    def __init__(self, model, weights: LeanWeights, batch: int, capacity: int, capture: bool):
+
+COMPILE_FAILED = "torch.compile failed ({}); decoding with the eager lean step instead"
+
+
+def warn_compile_failed(error: Exception) -> None:
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+    warnings.warn(COMPILE_FAILED.format(reason), RuntimeWarning, stacklevel=3)
+
+
+@functools.cache
+def compiled_lean_step(device_type: str):
+    """`lean_step` through torch.compile: C++/OpenMP kernels from the system compiler on CPU, CUDA graphs on GPU
+    (``reduce-overhead``). Compilation happens at the first call and takes tens of seconds."""
+    return torch.compile(lean_step, mode="reduce-overhead" if device_type == "cuda" else None, dynamic=False)
+
+
+class LeanDecoder:
+    """Prefill through the model's forward (`CachedForward`), then lean steps; the same interface.
+
+    ``step_function`` is `lean_step` or a compiled version of it. A compiled step attends over the whole
+    preallocated cache with future columns masked, so that its shapes never change; the eager one attends over the
+    live columns only."""
+
+    def __init__(self, model, weights: LeanWeights, batch: int, capacity: int, capture: bool, step_function=lean_step):
         from tinyseek.generate.engine import CachedForward  # the engine imports this module
 
         self.prefill_forward = CachedForward(model, batch, capacity, capture)
-        self.weights, self.capacity, self.capture = weights, capacity, capture
+        self.weights, self.capacity, self.capture, self.step_function = weights, capacity, capture, step_function
+        self.static = step_function is not lean_step
         self.caches = [
             (attention.new_cache(batch, capacity), feed_forward.new_cache(batch, capacity) if isinstance(feed_forward, LeanMoE) else None)
             for _, attention, _, feed_forward in weights.layers
         ]
-        self.step_state = Step()
+        self.column = torch.zeros(1, dtype=torch.long, device=weights.head.device)
         self.mask = None
-        self.routed: list | None = None
+        self.routed: torch.Tensor | None = None
+        self.prefilled = False
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         logits = self.prefill_forward.prefill(input_ids, attention_mask)
@@ -364,32 +410,46 @@ class LeanDecoder:
             attention.load(cache, cache_layer, width)
         self.prefill_forward.cache = None
         self.positions = attention_mask.sum(dim=1)
-        self.column = width
-        if not bool(attention_mask.all()):
-            self.mask = self.weights.head.new_zeros(input_ids.shape[0], 1, 1, self.capacity)
-            self.mask[:, 0, 0, :width].masked_fill_(~attention_mask.bool(), float("-inf"))
-        self.routed = None
+        self.width = width
+        if self.static or not bool(attention_mask.all()):
+            self.mask = self.weights.head.new_full((input_ids.shape[0], 1, 1, self.capacity), float("-inf"))
+            self.mask[:, 0, 0, :width].masked_fill_(attention_mask.bool(), 0.0)
+        self.prefilled = True
         return logits
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        weights, step = self.weights, self.step_state
-        step.column, step.length = self.column, self.column + 1
-        if weights.rotary is not None:
-            step.cos, step.sin = weights.rotary.cos[self.positions, None], weights.rotary.sin[self.positions, None]
-        step.mask = self.mask[..., : step.length] if self.mask is not None else None
-        self.routed = [] if self.capture else None
-        x = F.embedding(tokens, weights.embedding)
-        for ((norm, eps), attention, (ffn_norm, ffn_eps), feed_forward), (cache, gates) in zip(weights.layers, self.caches):
-            x = x + attention(F.rms_norm(x, x.shape[-1:], norm, eps), step, cache, weights.rotary)
-            normed = F.rms_norm(x, x.shape[-1:], ffn_norm, ffn_eps)
-            x = x + (feed_forward(normed, gates, self.routed) if gates is not None else feed_forward(normed))
-        self.column += 1
+        column = self.width
+        self.column.fill_(column)
+        if self.static:
+            self.mask[..., column] = 0.0
+            length, mask = self.capacity, self.mask
+        else:
+            length = column + 1
+            mask = self.mask[..., :length] if self.mask is not None else None
+            if mask is not None:
+                mask[..., column] = 0.0
+        try:
+            logits, self.routed = self.step_function(
+                self.weights, self.caches, tokens, self.positions, self.column, mask, length, self.capture
+            )
+        except Exception as error:  # noqa: BLE001 - whatever stops compilation (no C++ compiler, an unsupported op)
+            if not self.static:
+                raise
+            warn_compile_failed(error)
+            self.step_function, self.static = lean_step, False
+            return self.step(tokens)
+        self.width += 1
         self.positions += 1
-        return F.rms_norm(x, x.shape[-1:], *weights.final_norm) @ weights.head
+        self.prefilled = False
+        return logits
+
+    @property
+    def path(self) -> str:
+        return "compiled lean step" if self.static else "lean step"
 
     def experts(self) -> list[list[list[int]]]:
-        if self.routed is None:
+        if self.prefilled:
             return self.prefill_forward.experts()
-        if not self.routed:
+        if self.routed is None:
             return [[] for _ in range(len(self.positions))]
-        return torch.stack(self.routed, dim=1).tolist()
+        return self.routed.tolist()

@@ -31,16 +31,22 @@ class TextStream:
         if self.stopped:
             return ""
         self.tokens.append(int(token_id))
-        known = self.decode(self.tokens[self.prefix_offset : self.read_offset])
-        extended = self.decode(self.tokens[self.prefix_offset :])
-        if len(extended) > len(known) and not extended.endswith("\ufffd"):
-            self.text += extended[len(known) :]
-            self.prefix_offset, self.read_offset = self.read_offset, len(self.tokens)
+        self.take_new_text(complete_only=True)
         return self.release(final=False)
 
     def finish(self) -> str:
-        """The text still held back once generation is over."""
+        """The text still held back once generation is over, with an unfinished character as the tokenizer shows
+        it (so the whole text equals ``tokenizer.decode`` of the continuation)."""
+        if not self.stopped:
+            self.take_new_text(complete_only=False)
         return self.release(final=True)
+
+    def take_new_text(self, complete_only: bool) -> None:
+        known = self.decode(self.tokens[self.prefix_offset : self.read_offset])
+        extended = self.decode(self.tokens[self.prefix_offset :])
+        if len(extended) > len(known) and not (complete_only and extended.endswith("\ufffd")):
+            self.text += extended[len(known) :]
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.tokens)
 
     def decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
