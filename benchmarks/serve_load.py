@@ -3,12 +3,13 @@
 Starts the server in this process (its generation thread and the HTTP event loop) and fires `--streams` streamed
 completions at once from an asynchronous client, each asking for exactly `--max-tokens` tokens (sampled with its
 own seed; EOS can end one early, and the count says so). Prints time to first token (p50/p99), total generated
-tokens per second over the whole run, and errors.
+tokens per second over the whole run, and errors; then runs the same generations through the engine alone (no
+HTTP) in the same process, so the ratio shows what serving costs on top of decoding.
 
     python benchmarks/serve_load.py [--run-dir DIR | --model DIR] [--streams 32] [--max-tokens 64] [--threads 2]
 
 Without a run or model it serves a randomly initialised `seed` preset with the built-in tokenizer (speed does not
-depend on the weights). About 30 s on an idle 2-core CPU with the defaults.
+depend on the weights).
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ import httpx
 import torch
 
 from tinyseek import TinySeekConfig, TinySeekForCausalLM
-from tinyseek.data.tokenizer import load_tokenizer
+from tinyseek.data.tokenizer import encode_prompt, load_tokenizer
+from tinyseek.generate.engine import GenerationEngine
 from tinyseek.generate.loading import load
+from tinyseek.generate.sampling import Sampling
 from tinyseek.serve.app import Limits, create_app
 from tinyseek.serve.background import BackgroundServer
 
@@ -83,6 +86,25 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
+def engine_alone(model, tokenizer, streams: int, max_tokens: int) -> tuple[int, float]:
+    """(tokens, seconds) of the same generations advanced in turn by the engine in this thread: no HTTP, no JSON,
+    no event loop. The server's rate divided by this one is what serving costs on top of decoding."""
+    engine = GenerationEngine(model, tokenizer)
+    prompt = encode_prompt(tokenizer, PROMPT)
+    start = time.perf_counter()
+    running = [engine.stream([prompt], Sampling(temperature=0.8, top_k=0, seed=seed), max_tokens)
+               for seed in range(streams)]
+    tokens = 0
+    while running:
+        for steps in list(running):
+            events = next(steps, None)
+            if events is None:
+                running.remove(steps)
+            else:
+                tokens += len(events)
+    return tokens, time.perf_counter() - start
+
+
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
@@ -106,6 +128,9 @@ def main() -> None:
     print(f"time to first token: p50 {percentile(first_tokens, 0.5):.3f} s, p99 {percentile(first_tokens, 0.99):.3f} s")
     print(f"generated {tokens} tokens in {seconds:.2f} s: {tokens / seconds:.1f} tokens/s in total")
     print(f"errors: {len(errors)}" + (f" ({errors[0]})" if errors else ""))
+    alone_tokens, alone_seconds = engine_alone(model, tokenizer, args.streams, args.max_tokens)
+    print(f"the engine alone, same generations in turn in one thread: {alone_tokens / alone_seconds:.1f} tokens/s; "
+          f"the server reaches {(tokens / seconds) / (alone_tokens / alone_seconds):.0%} of it")
 
 
 if __name__ == "__main__":

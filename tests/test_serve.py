@@ -264,7 +264,7 @@ def test_playground_streams_tokens_coloured_by_expert_in_chromium(server, tmp_pa
         pytest.skip(message)
     pytest.importorskip("selenium")
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
+    from selenium.webdriver.support.ui import Select, WebDriverWait
 
     driver = chromium_driver()
     try:
@@ -286,10 +286,19 @@ def test_playground_streams_tokens_coloured_by_expert_in_chromium(server, tmp_pa
         driver.find_element(By.ID, "colour-experts").click()
         coloured = driver.find_elements(By.CSS_SELECTOR, "#output .token[class*='expert-']")
         assert len(coloured) == len(tokens)
-        assert driver.find_elements(By.CSS_SELECTOR, "#histograms .histogram")
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#histograms .histogram")) == 2
         screenshot = tmp_path / "playground.png"
         assert driver.save_screenshot(str(screenshot)) and screenshot.stat().st_size > 10_000
         print(f"screenshot: {screenshot}")
+        Select(driver.find_element(By.ID, "layer")).select_by_visible_text("all layers (strip)")
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#output .token .layers i")) == 2 * len(tokens)
+
+        dense = letters_only_model(ffn_type="dense")
+        with LoopbackServer(create_app(dense, byte_tokenizer(), model_name="dense")) as dense_server:
+            driver.get(dense_server.url + "/")
+            wait.until(lambda d: "dense" in d.find_element(By.ID, "model-name").text)
+            assert driver.find_element(By.ID, "dense-note").is_displayed()
+            assert not driver.find_element(By.ID, "colour-experts").is_enabled()
     finally:
         driver.quit()
 
@@ -350,5 +359,5 @@ def test_serve_command_listens_on_loopback_by_default_and_refuses_bad_limits(run
     assert f"http://127.0.0.1:{port}/" in err
 
     refused = subprocess.run([*command[:-2], "--max-streams", "0"], capture_output=True, text=True, timeout=TIMEOUT)
-    assert refused.returncode == 2 and "max-streams must be positive" in refused.stderr
+    assert refused.returncode == 2 and "--max-streams must be at least 1" in refused.stderr
     assert "Traceback" not in refused.stderr

@@ -15,6 +15,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
 from tinyseek.data.tokenizer import encode_prompt
+from tinyseek.errors import ConfigError
 from tinyseek.generate.engine import GenerationEngine
 from tinyseek.generate.sampling import Sampling
 from tinyseek.serve.protocol import (
@@ -30,8 +31,7 @@ from tinyseek.serve.protocol import (
 from tinyseek.serve.scheduler import FINISHED, Job, QueueFull, Scheduler
 
 STATIC = resources.files("tinyseek.serve") / "static"
-ERROR_TYPES = {404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
-               503: "server_overloaded"}
+ERROR_TYPES = {404: "not_found_error", 503: "server_overloaded"}
 
 
 @dataclass(frozen=True)
@@ -45,15 +45,14 @@ class Limits:
 
     def __post_init__(self):
         for name, value in vars(self).items():
-            if value < (0 if name == "max_waiting" else 1):
-                raise ValueError(f"{name} must be positive, got {value}")
+            least = 0 if name == "max_waiting" else 1
+            if value < least:
+                raise ConfigError(f"{name} must be at least {least}, got {value}")
 
 
-def create_app(model, tokenizer, *, model_name: str = "tinyseek", limits: Limits = Limits(),
-               engine: GenerationEngine | None = None) -> FastAPI:
+def create_app(model, tokenizer, *, model_name: str = "tinyseek", limits: Limits = Limits()) -> FastAPI:
     """The server for one model. The generation thread starts and stops with the application's lifespan."""
-    engine = engine or GenerationEngine(model, tokenizer)
-    scheduler = Scheduler(engine, model.device, max_streams=limits.max_streams, max_waiting=limits.max_waiting)
+    scheduler = Scheduler(GenerationEngine(model, tokenizer), model.device, max_streams=limits.max_streams, max_waiting=limits.max_waiting)
     config = model.config
     moe_layers = [index for index in range(config.num_hidden_layers) if config.is_moe_layer(index)]
 

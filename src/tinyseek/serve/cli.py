@@ -45,7 +45,7 @@ def main(argv: list[str]) -> int:
         raise ConfigError(f"--port must be in 1..65535, got {args.port}")
     try:
         limits = Limits(args.max_body_bytes, args.max_streams, args.max_waiting, args.max_tokens)
-    except ValueError as error:
+    except ConfigError as error:  # named after the flag that set it
         raise ConfigError(f"--{str(error).replace('_', '-')}") from None
     model, tokenizer = load(args, resolve_device(args.device))
     name = args.model_name or (args.run_dir or args.model).resolve().name

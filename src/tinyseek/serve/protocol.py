@@ -20,6 +20,12 @@ CHAT_STOP = "\nUser:"
 MAX_STOP_STRINGS = 4
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    include_usage: StrictBool = False
+
+
 class Request(BaseModel):
     """Fields shared by completions and chat completions."""
 
@@ -43,12 +49,6 @@ class Request(BaseModel):
         if self.stop is None:
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
-
-
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
-
-    include_usage: StrictBool = False
 
 
 class CompletionRequest(Request):
@@ -141,5 +141,3 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
 
-
-Request.model_rebuild()
