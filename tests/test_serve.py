@@ -149,8 +149,9 @@ def test_chat_errors_and_ignored_unknown_fields(server):
     assert bad_role.status_code == 422 and bad_role.json()["error"]["param"] == "messages[0].role"
     assert httpx.post(url, json={"messages": []}, timeout=TIMEOUT).status_code == 422
     # Open WebUI and others send fields of their own; they are ignored.
+    # Null means the default, as with OpenAI.
     extra = {"messages": [{"role": "user", "content": "hi", "name": "x"}], "max_tokens": 3, "user": "u",
-             "options": {"a": 1}, "session_id": "s"}
+             "options": {"a": 1}, "session_id": "s", "temperature": None, "stop": None, "seed": None}
     reply = httpx.post(url, json=extra, timeout=TIMEOUT)
     assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] <= 3
     missing = httpx.get(f"{server.url}/v1/nothing", timeout=TIMEOUT)

@@ -10,7 +10,7 @@ import time
 import uuid
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError, model_validator
 
 # A base model has no chat format of its own; this plain one is documented in docs/serving.md.
 CHAT_ROLE_NAMES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant", "tool": "Tool"}
@@ -44,6 +44,12 @@ class Request(BaseModel):
     # tinyseek's own: per token, the routed experts of each MoE layer and the top alternatives (an extra field
     # of the response, so OpenAI clients are unaffected).
     routing: StrictBool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def null_means_default(cls, body):
+        # OpenAI accepts null for any optional field, and some clients send it rather than leave the field out.
+        return {key: value for key, value in body.items() if value is not None} if isinstance(body, dict) else body
 
     def stop_strings(self) -> list[str]:
         if self.stop is None:
