@@ -386,3 +386,49 @@ def test_the_engine_decodes_in_fp32_inside_a_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         for lean in (True, False):
             assert greedy(GenerationEngine(model, eos_token_ids=[], lean=lean), PROMPTS, 8) == expected
+
+
+# --- self-speculative decoding with the MTP head ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("attention_type", ATTENTION_TYPES)
+def test_speculative_greedy_output_equals_plain_greedy_at_eos_and_at_the_last_position(attention_type):
+    model = small_model(2, attention_type=attention_type, num_nextn_predict_layers=1)
+    plain = GenerationEngine(model, eos_token_ids=[])
+    speculative = GenerationEngine(model, eos_token_ids=[], speculative=True)
+    room = model.config.max_position_embeddings - len(PROMPTS[1]) + 1
+    for prompt in PROMPTS:
+        expected = greedy(plain, [prompt], 200)[0]  # runs to the model's last position
+        assert len(expected) == model.config.max_position_embeddings - len(prompt) + 1
+        assert greedy(speculative, [prompt], 200)[0] == expected
+        assert speculative.path.startswith("speculative")
+        drafted, accepted = speculative.acceptance
+        assert drafted >= len(expected) // 2 - 1 and 0 <= accepted <= drafted
+        eos = expected[len(expected) // 3]
+        with_eos = GenerationEngine(model, eos_token_ids=[eos], speculative=True)
+        assert greedy(with_eos, [prompt], 200)[0] == expected[: expected.index(eos) + 1]
+    assert greedy(speculative, [PROMPTS[1]], room - 7)[0] == greedy(plain, [PROMPTS[1]], room - 7)[0]
+
+
+def draft_model(always_right: bool) -> TinySeekForCausalLM:
+    """A model whose main head always picks token 0 (its final norm is zero, so every logit is 0), with an MTP
+    head that then also drafts token 0 (its norm zero too) or never does (its own hidden state, with token 0's
+    head row zeroed: some other logit is positive)."""
+    model = small_model(attention_type="mla", num_nextn_predict_layers=1)
+    with torch.no_grad():
+        model.model.norm.weight.zero_()
+        model.lm_head.weight[0] = 0
+        if always_right:
+            model.mtp[0].norm.weight.zero_()
+    return model
+
+
+@pytest.mark.parametrize("always_right", [True, False])
+def test_speculative_acceptance_is_counted_on_drafts_that_are_always_right_or_always_wrong(always_right):
+    model = draft_model(always_right)
+    engine = GenerationEngine(model, eos_token_ids=[], speculative=True)
+    new_tokens = 9
+    assert greedy(engine, [PROMPTS[0]], new_tokens)[0] == [0] * new_tokens
+    # Steps follow tokens 1..8. Right drafts are checked every other step (an accepted one makes the next step
+    # need no forward, and no draft); wrong ones at every step after the first.
+    assert engine.acceptance == ((4, 4) if always_right else (7, 0))

@@ -195,9 +195,12 @@ class MultiTokenPrediction(nn.Module):
         self.block = DecoderLayer(config, layer_idx)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, previous_hidden, future_embeddings, rotary):
+    def forward(self, previous_hidden, future_embeddings, rotary, causal_mask=None, cache_layer=None):
+        """The cache (speculative decoding's drafts) holds this block's own attention state over its positions."""
         combined = torch.cat((self.hidden_norm(previous_hidden), self.embedding_norm(future_embeddings)), dim=-1)
-        hidden, balance_loss = self.block(self.projection(combined), rotary=rotary)
+        hidden, balance_loss = self.block(
+            self.projection(combined), rotary=rotary, causal_mask=causal_mask, cache_layer=cache_layer
+        )
         return hidden, self.norm(hidden), balance_loss
 
 

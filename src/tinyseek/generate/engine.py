@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tinyseek.errors import InputError
+from tinyseek.errors import ConfigError, InputError
 from tinyseek.generate.lean import (
     LeanDecoder,
     LeanWeights,
@@ -25,6 +25,7 @@ from tinyseek.generate.lean import (
     weights_version,
 )
 from tinyseek.generate.sampling import Sampling
+from tinyseek.generate.speculative import SpeculativeForward
 from tinyseek.generate.streaming import TextStream
 from tinyseek.moe import Router
 
@@ -121,7 +122,9 @@ class GenerationEngine:
     ``tokenizer`` may be None (then events carry no text and stop strings are unavailable); EOS comes from
     ``eos_token_ids``, else the tokenizer, else the model's config. ``device`` None keeps the model where it is.
     ``lean=False`` decodes through the model's own forward (the reference the lean step is tested against);
-    ``compile=True`` compiles the lean step with torch.compile (tens of seconds once, then faster steps; it pays
+    ``speculative=True`` drafts each next token with the model's MTP head and verifies it in the same forward as
+    the current one (single prompts without capture; see `tinyseek.generate.speculative`). ``compile=True`` compiles
+    the lean step with torch.compile (tens of seconds once, then faster steps; it pays
     for a server or long generations) and falls back to the eager step, with one warning, where that fails.
     """
 
@@ -135,8 +138,12 @@ class GenerationEngine:
         eos_token_ids=None,
         pad_token_id=None,
         lean: bool = True,
+        speculative: bool = False,
     ):
         self.model, self.tokenizer, self.compile, self.lean = model, tokenizer, compile, lean
+        if speculative and model.mtp is None:
+            raise ConfigError("speculative decoding drafts with the multi-token-prediction head; this model has none")
+        self.speculative = speculative
         self.lean_weights: LeanWeights | None = None
         self.decoder = None
         self.device = torch.device(device) if device is not None else model.device
@@ -228,7 +235,16 @@ class GenerationEngine:
         """How the latest stream decoded: "compiled lean step", "lean step" or "model forward"."""
         return self.decoder.path if self.decoder is not None else None
 
+    @property
+    def acceptance(self) -> tuple[int, int] | None:
+        """(drafts checked, drafts accepted) of the latest stream, when it decoded speculatively."""
+        if not isinstance(self.decoder, SpeculativeForward):
+            return None
+        return self.decoder.drafted, self.decoder.accepted
+
     def make_decoder(self, batch: int, capacity: int, capture: bool):
+        if self.speculative and batch == 1 and not capture:
+            return SpeculativeForward(self.model, batch, capacity, capture)
         if not (self.lean and supports_lean_decoding(self.model)):
             return CachedForward(self.model, batch, capacity, capture)
         if self.lean_weights is None or self.lean_weights.version != weights_version(self.model):
