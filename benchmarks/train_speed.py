@@ -12,21 +12,33 @@ for the dtype, measured here with torch.mm. For bf16 the peak is the faster of t
 
     python benchmarks/train_speed.py            # the full table (see docs/benchmarks.md)
     python benchmarks/train_speed.py --quick    # smoke run: 1x32 only, 2 timed steps
+
+The seed recipe (configs/seed.yaml as `python train.py` runs it: 1x32 windows, accumulation 8, dtype auto,
+gradient checkpointing) is timed through the trainer itself, in worker processes whose optimizer steps alternate:
+
+    python benchmarks/train_speed.py --recipe --compare-ref REV    # REV's tree (a temporary git worktree) vs this one
+    python benchmarks/train_speed.py --recipe --checkpointing      # gradient checkpointing none / full / selective
+    python benchmarks/train_speed.py --recipe --compile            # eager vs regionally compiled decoder layers
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import datetime
 import gc
+import json
 import os
 import platform
 import statistics
 import subprocess
+import sys
+import tempfile
 import threading
 import time
 import warnings
+from pathlib import Path
 
 import torch
 import transformers
@@ -207,6 +219,128 @@ def run_case(config_name: str, batch: int, seq_len: int, dtype: str, steps: int,
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The seed recipe through the trainer, in worker processes (one per tree and setting) that take turns
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def recipe_worker(spec: dict) -> None:
+    """Runs in a child process with PYTHONPATH at one tree's src/: builds that tree's Trainer for the recipe, then
+    answers "steps N" with the seconds N optimizer steps took and "memory" with the RSS growth of one step.
+    Only APIs that every tree since the trainer landed has are used (load_config, parse_assignment, Trainer,
+    train_step), so an older tree runs exactly its own code."""
+    protocol = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # the trainer's own output must not mix with the protocol
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    from tinyseek.train.config import load_config, parse_assignment
+    from tinyseek.train.trainer import Trainer
+
+    config = load_config(spec["config"], [parse_assignment(a) for a in spec["set"]])
+    trainer = Trainer(config)
+    for _ in range(spec["warmup"]):
+        trainer.train_step()
+    protocol.write(f"ready {trainer.tokens_per_step}\n")
+    for line in sys.stdin:
+        command, *args = line.split()
+        if command == "steps":
+            start = time.perf_counter()
+            for _ in range(int(args[0])):
+                trainer.train_step()
+            protocol.write(f"{time.perf_counter() - start}\n")
+        elif command == "memory":
+            trim_heap()
+            with PeakRSS() as peak:
+                before = rss_bytes()
+                trainer.train_step()
+            protocol.write(f"{peak.peak - before}\n")
+
+
+class RecipeRun:
+    """One worker: a tree (its src/ on PYTHONPATH) and `--set` overrides on top of the recipe."""
+
+    def __init__(self, label: str, tree: Path, overrides: list[str], args, scratch: Path):
+        self.label, self.times, self.memory = label, [], None
+        run_dir = scratch / label.replace(" ", "-")
+        spec = {
+            "config": args.recipe_config, "threads": args.threads, "warmup": args.warmup,
+            "set": [f"data.source={args.data}", f"data.tokenizer={args.tokenizer}", f"data.cache_dir={run_dir}/data",
+                    f"out_dir={run_dir}/run", "logging.progress_bar=false", *overrides],
+        }
+        env = {**os.environ, "PYTHONPATH": str(tree / "src")}
+        self.process = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "--recipe-worker", json.dumps(spec)], env=env, cwd=tree,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
+        )
+
+    def read(self) -> str:
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the {self.label} worker ended (exit {self.process.wait()}); its output is above")
+        return line.strip()
+
+    def ask(self, command: str) -> float:
+        self.process.stdin.write(command + "\n")
+        return float(self.read())
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait()
+
+
+@contextlib.contextmanager
+def git_worktree(revision: str, scratch: Path):
+    """The tree of `revision` checked out in a temporary git worktree, removed afterwards."""
+    path = scratch / "ref-tree"
+    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "--quiet", str(path), revision], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(path)], check=False)
+
+
+def recipe_variants(args, ref_tree: Path | None) -> list[tuple[str, Path, list[str]]]:
+    variants = []
+    if ref_tree is not None:
+        variants.append((f"{args.compare_ref} (ref)", ref_tree, []))
+    if args.checkpointing:
+        variants += [(f"checkpointing {mode}", REPO, [f"gradient_checkpointing={mode}"]) for mode in ("none", "full", "selective")]
+    else:
+        variants.append(("this tree", REPO, []))
+    if args.compile:
+        variants.append(("this tree, compiled", REPO, ["compile=true"]))
+    return variants
+
+
+def run_recipe(args) -> None:
+    with tempfile.TemporaryDirectory(prefix="tinyseek-recipe-") as scratch_name:
+        scratch = Path(scratch_name)
+        with git_worktree(args.compare_ref, scratch) if args.compare_ref else contextlib.nullcontext() as ref_tree:
+            runs = [RecipeRun(label, tree, overrides, args, scratch) for label, tree, overrides in recipe_variants(args, ref_tree)]
+            try:
+                tokens_per_step = {run.label: int(run.read().split()[1]) for run in runs}
+                for _ in range(args.rounds):  # A B C A B C ...
+                    for run in runs:
+                        run.times.append(run.ask(f"steps {args.steps}") / args.steps)
+                for run in runs:
+                    run.memory = run.ask("memory")
+            finally:
+                for run in runs:
+                    run.close()
+    print(f"\nrecipe {args.recipe_config} ({next(iter(tokens_per_step.values()))} tokens per optimizer step), "
+          f"{args.rounds} rounds x {args.steps} optimizer steps per worker, alternating; median step\n")
+    print("| run | tokens/s | optimizer step ms | vs first row | step memory MiB |")
+    print("|---|---|---|---|---|")
+    first = None
+    for run in runs:
+        seconds = statistics.median(run.times)
+        tokens_per_s = tokens_per_step[run.label] / seconds
+        first = first or tokens_per_s
+        print(f"| {run.label} | {tokens_per_s:,.0f} | {1e3 * seconds:,.0f} | **{tokens_per_s / first:.2f}x** | "
+              f"{run.memory / 2**20:,.0f} |")
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Report
 
 
@@ -236,7 +370,25 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads (default: torch's own choice, one per core). On a shared machine "
                              "2 OpenMP threads on a contended core ran 20x slower than 1 (docs/benchmarks.md)")
+    recipe = parser.add_argument_group("seed recipe (through the trainer, worker processes taking turns)")
+    recipe.add_argument("--recipe", action="store_true", help="time the recipe instead of the tables")
+    recipe.add_argument("--recipe-config", default="seed", help="config preset or file (default: seed)")
+    recipe.add_argument("--compare-ref", metavar="REV", help="also time git revision REV's tree (a temporary worktree)")
+    recipe.add_argument("--checkpointing", action="store_true", help="gradient checkpointing none / full / selective")
+    recipe.add_argument("--compile", action="store_true", help="also time this tree with compile=true")
+    recipe.add_argument("--data", default="builtin", help="training data (default: the built-in TinyStories sample)")
+    recipe.add_argument("--tokenizer", default="builtin", help="tokenizer (default: the built-in DeepSeek-Coder one)")
+    recipe.add_argument("--rounds", type=int, default=5, help="turns per worker (median reported)")
+    recipe.add_argument("--recipe-steps", dest="recipe_steps", type=int, default=3, help="optimizer steps per turn")
+    parser.add_argument("--recipe-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.recipe_worker:
+        return recipe_worker(json.loads(args.recipe_worker))
+    if args.recipe:
+        args.warmup, args.steps = max(args.warmup, 2), args.recipe_steps
+        print(f"{datetime.date.today()}  commit {git_commit()}  {cpu_model()}  torch {torch.__version__}  "
+              f"threads {args.threads or 'default'}  load average {os.getloadavg()[0]:.1f}", flush=True)
+        return run_recipe(args)
     if args.quick:
         args.shapes, args.steps, args.warmup = ["1x32"], 2, 1
     shapes = [tuple(int(n) for n in s.split("x")) for s in args.shapes]

@@ -26,6 +26,7 @@ from tinyseek.train.metrics import read_metrics
 from tinyseek.train.plot import plot_run
 from tinyseek.train.schedule import lr_multiplier
 from tinyseek.train.trainer import Trainer
+from test_training_speed import compiler_failure
 
 REPO = Path(__file__).resolve().parents[1]
 def tiny_config_file(tmp_path: Path, corpus: dict[str, str], **sections) -> Path:
@@ -82,20 +83,31 @@ def test_loss_falls_on_a_tiny_corpus(tmp_path, tiny_corpus):
     assert written["max_steps"] == 30 and written["model"]["hidden_size"] == 32
 
 
-def test_interrupted_and_resumed_run_is_bitwise_identical(tmp_path, tiny_corpus):
+@pytest.mark.parametrize("checkpointing", ["none", "selective"])
+def test_interrupted_and_resumed_run_is_bitwise_identical(tmp_path, tiny_corpus, checkpointing):
     # Dropout stays on (the seed preset's 0.1), so the restored torch RNG state matters.
-    straight = tiny_trainer(tmp_path, tiny_corpus, out_dir=tmp_path / "straight")
+    straight = tiny_trainer(tmp_path, tiny_corpus, out_dir=tmp_path / "straight", gradient_checkpointing=checkpointing)
     straight.train()
-    first = tiny_trainer(tmp_path, tiny_corpus, out_dir=tmp_path / "resumed", checkpoint={"every": 100})
+    first = tiny_trainer(tmp_path, tiny_corpus, out_dir=tmp_path / "resumed", checkpoint={"every": 100},
+                         gradient_checkpointing=checkpointing)
     first.train(stop_at_step=4)
     assert [p.name for p in list_checkpoints(first.run_dir)] == ["step_00000004"]
-    second = tiny_trainer(tmp_path, tiny_corpus, out_dir=tmp_path / "resumed", checkpoint={"every": 100})
+    second = tiny_trainer(tmp_path, tiny_corpus, out_dir=tmp_path / "resumed", checkpoint={"every": 100},
+                          gradient_checkpointing=checkpointing)
     assert second.step == 4 and second.resumed_from is not None
     second.train()
     expected, actual = final_weights(straight.run_dir), final_weights(second.run_dir)
     assert expected.keys() == actual.keys()
     assert any("bias" in key for key in actual)  # the MoE balancing buffers travel in the weights
     assert all(torch.equal(expected[key], actual[key]) for key in expected)
+
+
+def test_trainer_says_which_path_compile_took(tmp_path, tiny_corpus):
+    with compiler_failure():
+        trainer = tiny_trainer(tmp_path, tiny_corpus, max_steps=1, compile=True)
+    assert trainer.compile_path.startswith("eager (torch.compile unavailable here")
+    assert trainer.train() == 0
+    assert "compile eager (torch.compile unavailable here" in (trainer.run_dir / "train.log").read_text()
 
 
 def test_sigterm_mid_run_leaves_a_checkpoint_that_resumes(tmp_path, tiny_corpus):

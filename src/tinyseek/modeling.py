@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -117,9 +118,36 @@ class TinySeekPreTrainedModel(PreTrainedModel):
             init.zeros_(module.expert_counts)
             init.zeros_(module.last_expert_load)
 
-    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
+    def activation_checkpointing_enable(
+        self, activation_checkpointing_kwargs: dict | None = None, *, selective: bool = False, **kwargs
+    ) -> None:
+        """Checkpoint every decoder layer. ``selective=True`` keeps the outputs of matrix multiplies and attention
+        (the costly part of the recompute) and recomputes only the cheap element-wise ops, whose outputs are most of
+        the activation memory; gradients are the same either way."""
         # Non-reentrant checkpointing: it supports the layers' extra outputs and keyword arguments.
-        super().activation_checkpointing_enable(activation_checkpointing_kwargs or {"use_reentrant": False}, **kwargs)
+        checkpoint_kwargs = activation_checkpointing_kwargs or {"use_reentrant": False}
+        if selective:
+            checkpoint_kwargs = {**checkpoint_kwargs, "context_fn": keep_matmul_outputs}
+        super().activation_checkpointing_enable(checkpoint_kwargs, **kwargs)
+
+
+SAVED_BY_SELECTIVE_CHECKPOINTING = tuple(
+    getattr(torch.ops.aten, name).default
+    for name in ("mm", "addmm", "bmm", "_grouped_mm", "_scaled_dot_product_flash_attention_for_cpu",
+                 "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+                 "_scaled_dot_product_cudnn_attention")
+    if hasattr(torch.ops.aten, name)
+)
+
+
+def keep_matmul_outputs():
+    """torch.utils.checkpoint's selective-checkpoint contexts: save matmul and attention outputs, recompute the rest."""
+    def policy(ctx, op, *args, **kwargs):
+        if op in SAVED_BY_SELECTIVE_CHECKPOINTING:
+            return CheckpointPolicy.MUST_SAVE
+        return CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(policy)
 
 
 class TinySeekModel(TinySeekPreTrainedModel):

@@ -17,6 +17,7 @@ autocast); ``tests/test_speed_paths.py`` checks losses and gradients against it.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import math
 import platform
@@ -32,6 +33,7 @@ the probabilities), which fits next to the model in a 32 MB L3 well enough and k
 [V, H] head-gradient accumulator (one per chunk) small."""
 
 
+@torch.compiler.assume_constant_result  # torch.compile calls it once instead of tracing the file read
 @functools.cache
 def cpu_has_native_bf16_matmul() -> bool:
     """True where torch's CPU bf16 GEMM runs on bf16 hardware (oneDNN with AVX512-BF16 or AMX, or an ARM CPU with
@@ -54,6 +56,33 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
 def emulate_bf16_matmul(device_type: str) -> bool:
     """Whether bf16 matmuls on this device should run as fp32 GEMMs on bf16-rounded operands."""
     return device_type == "cpu" and autocast_dtype("cpu") == torch.bfloat16 and not cpu_has_native_bf16_matmul()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Memory
+
+GLIBC_M_TRIM_THRESHOLD, GLIBC_M_TOP_PAD, GLIBC_M_MMAP_THRESHOLD = -1, -2, -3
+GLIBC_MMAP_THRESHOLD_MAX = 32 * 2**20
+
+
+@functools.cache
+def keep_freed_memory() -> bool:
+    """Ask glibc's malloc to keep freed memory for reuse instead of handing it back to the kernel. Returns whether it
+    could (False off glibc, where this does nothing).
+
+    A training step on the CPU frees and re-allocates the same large blocks every micro-step (the 16 MB gradients of
+    the embedding and the LM head at the seed's size, logits, activations). By default glibc serves blocks above a
+    few MB with mmap and unmaps them on free, and trims the heap top above 128 KB, so every step page-faults those
+    blocks back in: at a 32-token micro-batch that was ~30% of the step. Blocks up to 32 MB then come from the heap
+    and freed memory stays mapped; the process's resident size stays at its peak, as with any caching allocator."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return all(libc.mallopt(option, value) == 1 for option, value in (
+            (GLIBC_M_MMAP_THRESHOLD, GLIBC_MMAP_THRESHOLD_MAX), (GLIBC_M_TRIM_THRESHOLD, 2**30),
+            (GLIBC_M_TOP_PAD, 64 * 2**20),
+        ))
+    except (OSError, AttributeError):
+        return False
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -160,6 +189,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
     For each chunk: logits = h_c W^T (fp32), p = softmax(logits), loss_c = -sum log p[target]; the gradient of the
     mean loss wrt the logits is (p - onehot) / n_valid, so grad_h_c = (p - onehot) W / n and
     grad_W += (p - onehot)^T h_c / n are accumulated right away. Backward only scales them by the incoming gradient.
+
+    When all tokens fit in one chunk (a 32-token micro-batch), the two gradient products wait for backward instead,
+    on the kept p - onehot: there the incoming gradient (1 / accumulation steps in the trainer) folds into the small
+    operands, where scaling the finished [V, H] head gradient would be one more full pass over it per micro-batch.
     """
 
     @staticmethod
@@ -175,22 +208,26 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 h_op, w_op = hidden.float(), weight.float()
             elif bf16_native:
                 h_op, w_op = hidden.to(operand_dtype), weight.to(operand_dtype)
-            else:
+            deferred = num_tokens <= chunk_rows and (need_grad_h or need_grad_w)
+            if operand_dtype is not None and not bf16_native:
                 h_op = hidden.to(operand_dtype).float()
-                w_op = workspace("weight", tuple(weight.shape), torch.float32, device)
+                # Kept for backward when deferred, so then not in the shared workspace another call could overwrite.
+                w_op = torch.empty(weight.shape, dtype=torch.float32, device=device) if deferred else workspace(
+                    "weight", tuple(weight.shape), torch.float32, device)
                 w_op.copy_(weight.to(operand_dtype))
             valid = targets != ignore_index
-            num_valid = int(valid.sum())
+            num_valid = valid.sum()  # stays a tensor: no host sync
             safe_targets = torch.where(valid, targets, 0)
             # Per-token factor of the gradient: 1/n for counted tokens, 0 for ignored ones.
-            row_scale = valid.float() / max(num_valid, 1)
+            row_scale = valid.float() / num_valid.clamp(min=1)
 
             rows = min(chunk_rows, num_tokens)
             logits_buf = workspace("logits", (rows, vocab), torch.float32, device)
-            probs_buf = workspace("probs", (rows, vocab), torch.float32, device)
-            grad_h = torch.empty(hidden.shape, dtype=torch.float32, device=device) if need_grad_h else None
+            probs_buf = torch.empty(rows, vocab, device=device) if deferred else workspace(
+                "probs", (rows, vocab), torch.float32, device)
+            grad_h = torch.empty(hidden.shape, dtype=torch.float32, device=device) if need_grad_h and not deferred else None
             # Written by the first chunk's product (no zero-fill pass over [V, H]), accumulated by the others.
-            grad_w = torch.empty(weight.shape, dtype=torch.float32, device=device) if need_grad_w else None
+            grad_w = torch.empty(weight.shape, dtype=torch.float32, device=device) if need_grad_w and not deferred else None
             loss_sum = torch.zeros((), dtype=torch.float32, device=device)
 
             for start in range(0, num_tokens, rows):
@@ -215,8 +252,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if not (need_grad_h or need_grad_w):
                     continue
                 probs[arange, t_c] -= 1.0  # p - onehot; the 1/n and ignore mask are applied to the small operands
-                scale = row_scale[start:stop, None]
                 grad_logits = probs.to(operand_dtype) if bf16_native else probs
+                if deferred:
+                    break
+                scale = row_scale[start:stop, None]
                 if need_grad_h:
                     if bf16_native:
                         grad_h[start:stop] = grad_logits @ w_op
@@ -239,8 +278,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # Kept on ctx rather than saved: they are neither inputs nor outputs, and backward hands them over (scaled in
         # place), so the graph cannot be back-propagated twice.
         ctx.grads = (grad_h, grad_w)
+        ctx.deferred = (grad_logits, h_op, w_op, row_scale) if deferred else None
+        ctx.needs = (need_grad_h, need_grad_w)
         ctx.dtypes = (hidden.dtype, weight.dtype)
-        return loss_sum / num_valid if num_valid else torch.full((), float("nan"), device=device)
+        return loss_sum / num_valid  # NaN when every target is ignored, as F.cross_entropy gives
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -248,10 +289,24 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if ctx.grads is None:
             raise RuntimeError("linear_cross_entropy computes its gradients once; it cannot be back-propagated twice")
         grads, ctx.grads = ctx.grads, None
-        # The loss is usually back-propagated as is (gradient 1): skip a pass over the 16 MB head gradient then.
-        unit = grad_loss.device.type == "cpu" and grad_loss.numel() == 1 and float(grad_loss) == 1.0
-        grad_h, grad_w = (None if g is None else (g if unit else g.mul_(grad_loss)).to(dtype) for g, dtype in zip(grads, ctx.dtypes))
+        if ctx.deferred is not None:
+            grads, ctx.deferred = _deferred_head_gradients(*ctx.deferred, grad_loss, *ctx.needs), None
+        else:
+            # The loss is usually back-propagated as is (gradient 1): skip a pass over the 16 MB head gradient then.
+            unit = grad_loss.device.type == "cpu" and grad_loss.numel() == 1 and float(grad_loss) == 1.0
+            grads = [None if g is None else (g if unit else g.mul_(grad_loss)) for g in grads]
+        grad_h, grad_w = (None if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes))
         return grad_h, grad_w, None, None, None, None
+
+
+def _deferred_head_gradients(grad_logits, h_op, w_op, row_scale, grad_loss, need_grad_h, need_grad_w):
+    """grad_h = (p - onehot) W * s and grad_W = (p - onehot)^T (h * s), with s = grad_loss / n per token, computed in
+    backward; operands as in the forward (fp32, or bf16 where the hardware multiplies bf16)."""
+    with torch.autocast(h_op.device.type, enabled=False):
+        scale = (row_scale * grad_loss.float())[:, None]
+        grad_h = (grad_logits @ w_op).float() * scale if need_grad_h else None
+        grad_w = (grad_logits.t() @ (h_op.float() * scale).to(grad_logits.dtype)).float() if need_grad_w else None
+    return grad_h, grad_w
 
 
 def linear_cross_entropy(

@@ -21,6 +21,7 @@ FLAG_KEYS = {
     "device": "device",
     "dtype": "dtype",
     "compile": "compile",
+    "gradient_checkpointing": "gradient_checkpointing",
     "parallel": "parallel",
     "tensorboard": "logging.tensorboard",
     "peak_flops": "logging.peak_flops",
@@ -47,7 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", help="cpu, cuda, cuda:1, mps, or auto (default)")
     parser.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], help="training precision")
     parser.add_argument("--parallel", choices=["ddp", "fsdp"], help="data parallelism under torchrun (default ddp)")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="torch.compile each decoder layer for training (eager if no compiler works)")
+    parser.add_argument("--gradient-checkpointing", choices=["none", "full", "selective"],
+                        help="recompute activations in the backward pass: none, full, or selective (cheap ops only)")
     parser.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--peak-flops", type=float, help="device peak FLOP/s for MFU (default: measured)")
     parser.add_argument(

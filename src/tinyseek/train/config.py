@@ -22,6 +22,7 @@ from tinyseek.train.budget import parse_duration
 # Inside the package (a link to the repository's configs/), so installed copies find the presets too.
 PRESET_DIR = Path(__file__).resolve().parents[1] / "configs"
 DTYPES = ("auto", "fp32", "bf16", "fp16")
+CHECKPOINTING_MODES = ("none", "full", "selective")
 SCHEDULES = ("cosine", "wsd", "constant")
 OPTIMIZER_IMPLEMENTATIONS = ("auto", "fused", "foreach", "for-loop")
 DEFAULT_MODEL_PRESET = "seed"
@@ -130,8 +131,13 @@ class TrainConfig:
     dtype: str = "auto"
     """"auto": bf16 autocast on CPU and on GPUs that support it, fp16 with a GradScaler on GPUs that don't, fp32
     on MPS; or one of "fp32", "bf16", "fp16"."""
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: str | bool = "none"
+    """"none"; "full": recompute each decoder layer's forward in the backward pass; "selective": recompute only its
+    cheap element-wise ops and keep matmul and attention outputs (most of full's memory saving at a fraction of its
+    recompute). `true`/`false` (older configs) mean "full"/"none"."""
     compile: bool = False
+    """torch.compile each decoder layer's training forward (regional compilation: one block compiled once and reused
+    by every layer, seconds rather than minutes); falls back to eager with a message where no compiler works."""
     parallel: str = "ddp"
     """Data parallelism under torchrun: "ddp" (DistributedDataParallel) or "fsdp" (FSDP2, parameters sharded per
     decoder layer). A single process ignores it."""
@@ -144,6 +150,10 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def __post_init__(self):
+        if isinstance(self.gradient_checkpointing, bool):
+            self.gradient_checkpointing = "full" if self.gradient_checkpointing else "none"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -329,6 +339,9 @@ def validate(config: TrainConfig) -> None:
             "data.mixture: needs data.split_by, so that no validation group is trained on from another source")
     require(config.parallel in STRATEGIES,
             f"parallel: unknown strategy {config.parallel!r}; choose one of {', '.join(STRATEGIES)}")
+    require(config.gradient_checkpointing in CHECKPOINTING_MODES,
+            f"gradient_checkpointing: unknown mode {config.gradient_checkpointing!r}; choose one of "
+            f"{', '.join(CHECKPOINTING_MODES)}")
     require(config.dtype in DTYPES, f"dtype: unknown dtype {config.dtype!r}; choose one of {', '.join(DTYPES)}")
     require(config.optim.lr > 0, f"optim.lr: must be positive, got {config.optim.lr}")
     require(config.optim.weight_decay >= 0, f"optim.weight_decay: must be non-negative, got {config.optim.weight_decay}")

@@ -33,11 +33,12 @@ from tinyseek.data import (
 )
 from tinyseek.data.builtin import resolve_sources
 from tinyseek.data.tokenizer import encode_prompt
-from tinyseek import distributed, faults
+from tinyseek import distributed, faults, ops
 from tinyseek.data.mixture import MixtureSampler, prepare_extra_sources
 from tinyseek.errors import FileError, UserError
 from tinyseek.generate.engine import GenerationEngine
 from tinyseek.train import checkpoint as ckpt
+from tinyseek.train.compile import compile_decoder_layers
 from tinyseek.train.config import TrainConfig
 from tinyseek.train.metrics import (
     MetricsWriter,
@@ -193,8 +194,8 @@ class Trainer:
         self.device = distributed.local_device(device, self.world)
         self.precision = choose_precision(config.dtype, self.device)
         self.amp_dtype = AMP_DTYPES[self.precision]
-        if self.device.type == "cpu" and config.compile:
-            log.info("note: torch.compile on CPU compiles for minutes before the first step")
+        if self.device.type == "cpu":
+            ops.keep_freed_memory()
 
         data = config.data
         # The resolved pair goes into the config, so the run directory's config.yaml pins it for every resume.
@@ -249,8 +250,9 @@ class Trainer:
 
         seed_everything(config.seed)
         self.model = TinySeekForCausalLM(self.model_config).to(self.device)
-        if config.gradient_checkpointing:
-            self.model.activation_checkpointing_enable()
+        if config.gradient_checkpointing != "none":
+            self.model.activation_checkpointing_enable(selective=config.gradient_checkpointing == "selective")
+        self.compile_path = compile_decoder_layers(self.model, self.device) if config.compile else "off"
         # The optimizer comes after the parallelize step: FSDP2 replaces parameters with sharded ones.
         self.forward_model = self.wrap_model()
         self.optimizer = build_optimizer(self.model, config, self.device)
@@ -262,9 +264,8 @@ class Trainer:
         self.resumed_from = self.resume()
 
     def wrap_model(self) -> torch.nn.Module:
-        """The module the loop calls: the model made data-parallel (under torchrun), then compiled if asked."""
-        parallel = distributed.parallelize(self.model, self.config.parallel, self.world, self.device)
-        return torch.compile(parallel) if self.config.compile else parallel
+        """The module the loop calls: the model made data-parallel under torchrun, else the model itself."""
+        return distributed.parallelize(self.model, self.config.parallel, self.world, self.device)
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -511,7 +512,7 @@ class Trainer:
         log.info(
             "device %s | precision %s | optimizer %s | gradient checkpointing %s | compile %s",
             self.device, self.precision, "fused AdamW" if self.optimizer.defaults.get("fused") else "AdamW",
-            self.config.gradient_checkpointing, self.config.compile,
+            self.config.gradient_checkpointing, self.compile_path,
         )
         log.info(
             "data %s (%s) | train %s tokens, %s documents | val %s tokens, %s documents | tokenizer %s",
