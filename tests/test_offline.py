@@ -1,7 +1,10 @@
 """Working without the Hugging Face Hub: the built-in corpus and tokenizer, presets inside the package."""
 
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from transformers import AutoTokenizer
 
@@ -51,3 +54,45 @@ def test_without_the_hub_a_run_trains_on_the_builtin_pair_and_a_resume_keeps_wha
     assert "resumed from" in err and "data builtin (" in err
     assert (run / "checkpoints" / "step_00000004").is_dir()
     assert AutoTokenizer.from_pretrained(latest_checkpoint(run))("Once upon").input_ids[0] == 32013
+
+
+HEAVY_MODULES = ("torch", "transformers", "datasets")
+# Runs in a fresh interpreter: the command line as the `tinyseek` script runs it, then which heavy modules it loaded.
+RUN_CLI = """
+import sys
+from tinyseek.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit:
+    pass
+print(sorted(name for name in {heavy} if name in sys.modules), file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize("command", [None, "info", "prepare", "tokenizer", "train", "plot", "generate", "export"])
+def test_help_and_argument_errors_import_neither_torch_nor_transformers(command, tmp_path):
+    script = RUN_CLI.format(heavy=HEAVY_MODULES)
+    for arguments in ([command, "--help"], [command, "--no-such-option"]) if command else (["--help"], ["nope"]):
+        result = subprocess.run(
+            [sys.executable, "-c", script, *arguments], capture_output=True, text=True, cwd=tmp_path
+        )
+        assert result.stderr.splitlines()[-1] == "[]", (arguments, result.stderr)
+        assert "usage: tinyseek" in result.stdout + result.stderr
+
+
+def test_plain_import_is_light_yet_tinyseek_folders_load_with_automodel_and_hf_is_reachable(tmp_path):
+    from tinyseek import TinySeekConfig, TinySeekForCausalLM
+
+    config = TinySeekConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                            intermediate_size=64, attention_type="mha", ffn_type="dense")
+    TinySeekForCausalLM(config).save_pretrained(tmp_path / "model")
+    script = f"""
+import sys
+import tinyseek
+heavy = sorted(name for name in {HEAVY_MODULES} if name in sys.modules)
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "model")!r})
+print(heavy, type(model).__name__, tinyseek.hf.to_transformers(model).__class__.__name__)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    assert result.stdout.split() == ["[]", "TinySeekForCausalLM", "LlamaForCausalLM"], result.stderr

@@ -1,13 +1,12 @@
-"""tinyseek: a small, fast, correct DeepSeek-style language model and the pipeline that trains it."""
+"""tinyseek: a small, fast, correct DeepSeek-style language model and the pipeline that trains it.
 
-from transformers import AutoConfig, AutoModelForCausalLM
+Names are imported on first use (`tinyseek.lazy`), so `import tinyseek` and the `tinyseek` command's `--help` stay
+instant; `tinyseek.TinySeekConfig`, `tinyseek.hf` and the rest work as if imported here.
+"""
 
-from tinyseek.config import PRESETS, TinySeekConfig
-from tinyseek.modeling import TinySeekForCausalLM, TinySeekModel
-from tinyseek.report import estimate_flops_per_token, format_parameter_report, parameter_report
+import importlib
 
-AutoConfig.register(TinySeekConfig.model_type, TinySeekConfig, exist_ok=True)
-AutoModelForCausalLM.register(TinySeekConfig, TinySeekForCausalLM, exist_ok=True)
+from tinyseek.lazy import after_import, is_importing, lazy_exports
 
 __all__ = [
     "PRESETS",
@@ -18,3 +17,30 @@ __all__ = [
     "format_parameter_report",
     "parameter_report",
 ]
+
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "PRESETS": "tinyseek.config",
+        "TinySeekConfig": "tinyseek.config",
+        "TinySeekForCausalLM": "tinyseek.modeling",
+        "TinySeekModel": "tinyseek.modeling",
+        "estimate_flops_per_token": "tinyseek.report",
+        "format_parameter_report": "tinyseek.report",
+        "parameter_report": "tinyseek.report",
+    },
+)
+
+# Modules that tinyseek.modeling needs: while one of them is being imported, importing the model would be circular.
+_MODEL_MODULES = ("tinyseek.config", "tinyseek.ops", "tinyseek.attention", "tinyseek.moe", "tinyseek.modeling")
+
+
+def _register_auto_classes() -> None:
+    """`import tinyseek` then `AutoModelForCausalLM.from_pretrained(folder)` must work: tinyseek.modeling registers
+    the Auto classes when it loads, so it loads as soon as transformers does (and no sooner, to keep the CLI light).
+    When transformers is first imported by the model's own modules, the model registers itself once complete."""
+    if not any(is_importing(name) for name in _MODEL_MODULES):
+        importlib.import_module("tinyseek.modeling")
+
+
+after_import("transformers", _register_auto_classes)

@@ -1,7 +1,8 @@
 """`tinyseek COMMAND ...`: one entry point that hands each command to the module that owns it.
 
 Commands are imported lazily so that `tinyseek info` does not pay for the trainer's imports, and each component
-keeps its own argument parser next to its code.
+keeps its own argument parser next to its code. A command module imports torch, transformers and datasets only
+once its arguments parse, so `--help` and argument errors answer at once (tests/test_offline.py checks this).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import sys
 from tinyseek.errors import UserError
 
 COMMANDS = {
-    "info": ("tinyseek.report", "print a preset's or config file's architecture and parameter report"),
+    "info": ("tinyseek.info", "print a preset's or config file's architecture and parameter report"),
     "prepare": ("tinyseek.data.cli", "tokenize a corpus into training-ready token files"),
     "tokenizer": ("tinyseek.data.cli", "train a byte-level BPE tokenizer (`tinyseek tokenizer train ...`)"),
     "train": ("tinyseek.train.cli", "train a model (the same program as `python train.py`)"),

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
@@ -336,3 +336,9 @@ class TinySeekForCausalLM(TinySeekPreTrainedModel, GenerationMixin):
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+
+
+# `import tinyseek` makes this module load as soon as transformers does, so this is enough for AutoConfig and
+# AutoModelForCausalLM to load tinyseek folders.
+AutoConfig.register(TinySeekConfig.model_type, TinySeekConfig, exist_ok=True)
+AutoModelForCausalLM.register(TinySeekConfig, TinySeekForCausalLM, exist_ok=True)

@@ -1,8 +1,7 @@
-"""Parameter counts, a FLOP estimate for MFU, and `tinyseek info`."""
+"""Parameter counts and a FLOP estimate for MFU (printed by `tinyseek info`)."""
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
@@ -87,13 +86,3 @@ def load_config(spec: str) -> TinySeekConfig:
         return TinySeekConfig.from_json_file(str(path))
     except ValueError as error:
         raise UserError(f"{path}: {error}") from None
-
-
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="tinyseek info", description="Print a model's architecture and parameter counts.")
-    parser.add_argument("config", help=f"a preset ({', '.join(PRESETS)}) or a config.json file or directory")
-    args = parser.parse_args(argv[1:])
-    model = TinySeekForCausalLM(load_config(args.config))
-    print(model)
-    print(format_parameter_report(parameter_report(model)))
-    return 0

@@ -11,6 +11,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+# The seed recipe's data and tokenizer, from the Hugging Face Hub; the built-in pair stands in for them without it.
+DEFAULT_DATASET = "HuggingFaceTB/cosmopedia-100k"
+DEFAULT_TOKENIZER = "deepseek-ai/deepseek-coder-1.3b-base"
 BUILTIN = "builtin"
 BUILTIN_ROOT = Path(__file__).resolve().parents[1] / "builtin"
 BUILTIN_CORPUS = BUILTIN_ROOT / "tinystories" / "tinystories_sample.jsonl.gz"
@@ -33,22 +36,19 @@ def resolve_sources(data: str | None, tokenizer: str | None, pinned: dict | None
     """The data and tokenizer a run uses. Given ones stay; a missing one is taken from `pinned` (what the run
     directory recorded on its first start), else the seed's Hub default where the Hub or the local Hugging Face
     cache can serve it, else the built-in one."""
-    from tinyseek.data.sources import DEFAULT_DATASET as HUB_DATASET
-    from tinyseek.data.tokenizer import DEFAULT_TOKENIZER as HUB_TOKENIZER
-
     pinned = {key: value for key, value in (pinned or {}).items() if value is not None}
     if (data is None and "data" in pinned) or (tokenizer is None and "tokenizer" in pinned):
         data = data if data is not None else pinned.get("data")
         tokenizer = tokenizer if tokenizer is not None else pinned.get("tokenizer")
-        note = f"resuming with the run's pinned data {data or HUB_DATASET} and tokenizer {tokenizer or HUB_TOKENIZER}"
-        return Sources(data or HUB_DATASET, tokenizer or HUB_TOKENIZER, note)
+        note = f"resuming with the run's pinned data {data or DEFAULT_DATASET} and tokenizer {tokenizer or DEFAULT_TOKENIZER}"
+        return Sources(data or DEFAULT_DATASET, tokenizer or DEFAULT_TOKENIZER, note)
     fallen_back = []
     if data is None:
-        data = HUB_DATASET if _hub_serves(HUB_DATASET, "dataset") else BUILTIN
+        data = DEFAULT_DATASET if _hub_serves(DEFAULT_DATASET, "dataset") else BUILTIN
         if data == BUILTIN:
             fallen_back.append(("the built-in TinyStories sample", "--data"))
     if tokenizer is None:
-        tokenizer = HUB_TOKENIZER if _hub_serves(HUB_TOKENIZER, "model") else BUILTIN
+        tokenizer = DEFAULT_TOKENIZER if _hub_serves(DEFAULT_TOKENIZER, "model") else BUILTIN
         if tokenizer == BUILTIN:
             fallen_back.append(("the built-in DeepSeek-Coder tokenizer", "--tokenizer"))
     if not fallen_back:

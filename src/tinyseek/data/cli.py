@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from tinyseek.data.prepare import prepare_corpus
-from tinyseek.data.sources import DEFAULT_DATASET
-from tinyseek.data.tokenizer import DEFAULT_TOKENIZER, train_bpe_tokenizer
+from tinyseek.data.builtin import DEFAULT_DATASET, DEFAULT_TOKENIZER
 
 
 def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
@@ -70,6 +68,8 @@ def main(argv: list[str]) -> int:
     command, rest = argv[0], argv[1:]
     if command == "prepare":
         args = _prepare_parser().parse_args(rest)
+        from tinyseek.data.prepare import prepare_corpus  # after parsing: --help needs no tokenizers or numpy
+
         prepared = prepare_corpus(
             args.data,
             args.tokenizer,
@@ -91,6 +91,8 @@ def main(argv: list[str]) -> int:
         print(prepared)
         return 0
     args = _tokenizer_parser().parse_args(rest)
+    from tinyseek.data.tokenizer import train_bpe_tokenizer
+
     out = train_bpe_tokenizer(
         args.data,
         args.vocab_size,

@@ -27,9 +27,9 @@ import numpy as np
 from tqdm import tqdm
 
 from tinyseek import faults
-from tinyseek.data.sources import DEFAULT_DATASET, Document, open_source, slug
+from tinyseek.data.builtin import DEFAULT_DATASET, DEFAULT_TOKENIZER
+from tinyseek.data.sources import Document, open_source, slug
 from tinyseek.data.tokenizer import (
-    DEFAULT_TOKENIZER,
     check_tokenizer_fits,
     document_start_id,
     load_tokenizer,

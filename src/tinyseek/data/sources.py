@@ -20,7 +20,6 @@ from tinyseek.data.builtin import BUILTIN_CORPUS, is_builtin
 from tinyseek.data.hub import first_line, require_hub
 from tinyseek.errors import UserError
 
-DEFAULT_DATASET = "HuggingFaceTB/cosmopedia-100k"
 LOCAL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet", ".txt")
 LOCAL_FILES_HINT = (
     "for local files pass --data PATH (a .jsonl, .jsonl.gz, .json, .parquet or .txt file, "

@@ -18,7 +18,6 @@ from tinyseek.data.sources import open_source
 from tinyseek.durable import staging_directory
 from tinyseek.errors import UserError
 
-DEFAULT_TOKENIZER = "deepseek-ai/deepseek-coder-1.3b-base"
 LOCAL_TOKENIZER_HINT = (
     "for a local tokenizer pass --tokenizer PATH (a tokenizer directory or tokenizer.json), or --tokenizer builtin"
 )

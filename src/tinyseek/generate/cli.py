@@ -7,11 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
-from tinyseek.data.tokenizer import encode_prompt
 from tinyseek.errors import UserError
-from tinyseek.generate.engine import GenerationEngine
 from tinyseek.generate.loading import add_source_arguments, load
 from tinyseek.generate.sampling import Sampling
 
@@ -48,6 +44,8 @@ class Session:
     """A loaded model and the settings every prompt is continued with."""
 
     def __init__(self, model, tokenizer, sampling: Sampling, args: argparse.Namespace):
+        from tinyseek.generate.engine import GenerationEngine  # torch: imported once the arguments parse
+
         self.tokenizer, self.sampling, self.args = tokenizer, sampling, args
         self.engine = GenerationEngine(model, tokenizer, compile=args.compile)
         self.positions = model.config.max_position_embeddings
@@ -55,6 +53,8 @@ class Session:
     def continue_prompt(self, prompt: str) -> str:
         """Write the continuation to stdout (as it comes with --stream) and the timings to stderr; return it."""
         out, log = sys.stdout, sys.stderr
+        from tinyseek.data.tokenizer import encode_prompt
+
         prompt_ids = encode_prompt(self.tokenizer, prompt)
         room = self.positions - len(prompt_ids) + 1
         if 0 < room < self.args.max_new_tokens:
@@ -85,6 +85,8 @@ class Session:
 
 
 def resolve_device(name: str) -> torch.device:
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

@@ -10,12 +10,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from transformers import GenerationConfig
-
-from tinyseek.data.tokenizer import match_prompt_convention
 from tinyseek.errors import UserError
 from tinyseek.generate.loading import add_source_arguments, load
-from tinyseek.hf import to_transformers, transformers_twin_problem
 
 FORMATS = ("tinyseek", "transformers")
 
@@ -30,6 +26,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def export(model, tokenizer, out: Path, format: str = "tinyseek") -> Path:
     """Write `model` and `tokenizer` to `out` in `format`; return `out`."""
+    # Imported here so that `tinyseek export --help` answers without transformers.
+    from transformers import GenerationConfig
+
+    from tinyseek.data.tokenizer import match_prompt_convention
+    from tinyseek.hf import to_transformers, transformers_twin_problem
+
     if format == "transformers":
         problem = transformers_twin_problem(model.config)
         if problem is not None:

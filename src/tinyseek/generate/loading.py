@@ -6,11 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-from transformers.utils.logging import disable_progress_bar
-
 from tinyseek.errors import UserError
-from tinyseek.train.checkpoint import latest_checkpoint, load_model_and_tokenizer
 
 TRANSFORMERS_TWIN_TYPES = ("deepseek_v3", "llama")
 
@@ -23,6 +19,11 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load(args: argparse.Namespace, device: str | torch.device | None = None):
     """(model in eval mode, tokenizer) from ``--run-dir`` or ``--model``."""
+    # Here, not at the top: the commands' parsers (add_source_arguments) answer --help without torch.
+    from transformers.utils.logging import disable_progress_bar
+
+    from tinyseek.train.checkpoint import latest_checkpoint, load_model_and_tokenizer
+
     # A command's stderr carries its own messages; transformers' weight-loading bar would bury them.
     disable_progress_bar()
     if args.run_dir is not None:

@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-from transformers.generation import (
-    LogitsProcessorList,
-    MinPLogitsWarper,
-    RepetitionPenaltyLogitsProcessor,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
+if TYPE_CHECKING:
+    import torch
+    from transformers.generation import LogitsProcessorList
 
 
 @dataclass(frozen=True)
@@ -44,6 +39,16 @@ class Sampling:
         return self.temperature == 0
 
     def logits_processor(self) -> LogitsProcessorList:
+        # Imported here so that the settings themselves (the commands' defaults) load without transformers.
+        from transformers.generation import (
+            LogitsProcessorList,
+            MinPLogitsWarper,
+            RepetitionPenaltyLogitsProcessor,
+            TemperatureLogitsWarper,
+            TopKLogitsWarper,
+            TopPLogitsWarper,
+        )
+
         processors = LogitsProcessorList()
         if self.repetition_penalty != 1.0:
             processors.append(RepetitionPenaltyLogitsProcessor(self.repetition_penalty))
@@ -61,12 +66,16 @@ class Sampling:
 
     def generator(self, device: torch.device | str = "cpu") -> torch.Generator | None:
         """A private random stream for reproducible sampling, or None to use torch's global one."""
+        import torch
+
         if self.seed is None or self.greedy:
             return None
         return torch.Generator(device=device).manual_seed(self.seed)
 
     def choose(self, scores: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Next token ids [B] from processed scores [B, V]; draws exactly as `model.generate()` does."""
+        import torch
+
         if self.greedy:
             return scores.argmax(dim=-1)
         probabilities = scores.softmax(dim=-1)

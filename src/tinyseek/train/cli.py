@@ -6,8 +6,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tinyseek.train.config import load_config, parse_assignment
-
 # Flag name -> the config key it sets.
 FLAG_KEYS = {
     "data": "data.source",
@@ -64,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     """`argv[0]` is the command name ("train"), as the `tinyseek` dispatcher passes it."""
     args = build_parser().parse_args(argv[1:])
+    # Imported once the arguments parse, so that --help and argument errors answer without torch or transformers.
+    from tinyseek.train.config import load_config, parse_assignment
+
     overrides = [
         (key.split("."), getattr(args, flag)) for flag, key in FLAG_KEYS.items() if getattr(args, flag) is not None
     ]

@@ -6,7 +6,6 @@ import argparse
 from pathlib import Path
 
 from tinyseek.errors import UserError
-from tinyseek.train.metrics import read_metrics
 
 PLOT_FILE = "loss.png"
 
@@ -17,6 +16,8 @@ def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from tinyseek.train.metrics import read_metrics  # torch, which `tinyseek plot --help` does without
 
     run_dir = Path(run_dir)
     records = read_metrics(run_dir)

@@ -1,0 +1,20 @@
+"""`tinyseek info`: a model's architecture and parameter counts, from a preset or a config.json."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def main(argv: list[str]) -> int:
+    """`argv[0]` is the command name ("info"), as the `tinyseek` dispatcher passes it."""
+    parser = argparse.ArgumentParser(prog="tinyseek info", description="Print a model's architecture and parameter counts.")
+    parser.add_argument("config", help="a model preset (seed, llama-tiny, ...) or a config.json file or directory")
+    args = parser.parse_args(argv[1:])
+    # After parsing, so that --help and argument errors answer without torch or transformers.
+    from tinyseek.modeling import TinySeekForCausalLM
+    from tinyseek.report import format_parameter_report, load_config, parameter_report
+
+    model = TinySeekForCausalLM(load_config(args.config))
+    print(model)
+    print(format_parameter_report(parameter_report(model)))
+    return 0
