@@ -8,7 +8,7 @@ import pytest
 import yaml
 from transformers import AutoTokenizer
 
-from tinyseek.cli import main as tinyseek
+from tinyseek.cli import COMMANDS, main as tinyseek
 from tinyseek.train.checkpoint import latest_checkpoint
 from tinyseek.data import load_tokenizer, open_source, tokenizer_identity
 from tinyseek.train.config import PRESET_DIR, load_config
@@ -69,7 +69,7 @@ print(sorted(name for name in {heavy} if name in sys.modules), file=sys.stderr)
 """
 
 
-@pytest.mark.parametrize("command", [None, "info", "prepare", "tokenizer", "train", "plot", "generate", "export"])
+@pytest.mark.parametrize("command", [None, *COMMANDS])
 def test_help_and_argument_errors_import_neither_torch_nor_transformers(command, tmp_path):
     script = RUN_CLI.format(heavy=HEAVY_MODULES)
     for arguments in ([command, "--help"], [command, "--no-such-option"]) if command else (["--help"], ["nope"]):

@@ -6,12 +6,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
+from typing import TYPE_CHECKING
 
-from tinyseek.data.tokenizer import encode_prompt
 from tinyseek.errors import ConfigError, InputError
 from tinyseek.generate.loading import add_source_arguments, load
-from tinyseek.moe import Router
+
+if TYPE_CHECKING:
+    import torch
 
 # The playground's colours (tinyseek/serve/static/playground.js), so a PNG and a screenshot read alike.
 PALETTE = ["#8ecae6", "#ffb703", "#90be6d", "#f4978e", "#b8a1e3", "#f9c74f", "#84dcc6", "#ffafcc",
@@ -30,14 +31,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-@torch.no_grad()
 def routed_experts(model, input_ids: torch.Tensor) -> torch.Tensor:
     """[MoE layers, T, k]: the experts each MoE layer routes each token of one sequence [1, T] to, best first."""
+    # torch and the model are imported by the command, not the module, so `tinyseek route --help` stays instant.
+    import torch
+
+    from tinyseek.moe import Router
+
     routed = []
     hooks = [router.register_forward_hook(lambda module, inputs, outputs: routed.append(outputs[0]))
              for router in model.modules() if isinstance(router, Router)]
     try:
-        model(input_ids)
+        with torch.no_grad():
+            model(input_ids)
     finally:
         for hook in hooks:
             hook.remove()
@@ -67,6 +73,7 @@ def draw(experts: torch.Tensor, labels: list[str], moe_layers: list[int], num_ex
     import matplotlib.pyplot as plt
     from matplotlib.colors import ListedColormap
     from matplotlib.ticker import MaxNLocator
+    import torch
 
     layers, tokens, top_k = experts.shape
     dpi = 100
@@ -117,6 +124,10 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv[1:])
     if args.width < 200 or args.height < 200:
         raise ConfigError(f"--width and --height must be at least 200 pixels, got {args.width}x{args.height}")
+    import torch
+
+    from tinyseek.data.tokenizer import encode_prompt
+
     model, tokenizer = load(args, "cpu")
     config = model.config
     moe_layers = [index for index in range(config.num_hidden_layers) if config.is_moe_layer(index)]

@@ -6,10 +6,14 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tinyseek.errors import UserError
 from tinyseek.generate.loading import add_source_arguments, load
 from tinyseek.generate.sampling import Sampling
+
+if TYPE_CHECKING:
+    import torch
 
 
 def build_parser() -> argparse.ArgumentParser:

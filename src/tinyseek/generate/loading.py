@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tinyseek.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 TRANSFORMERS_TWIN_TYPES = ("deepseek_v3", "llama")
 

@@ -6,7 +6,6 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from importlib import resources
 
 from fastapi import FastAPI, Request
@@ -15,7 +14,6 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
 from tinyseek.data.tokenizer import encode_prompt
-from tinyseek.errors import ConfigError
 from tinyseek.generate.engine import GenerationEngine
 from tinyseek.generate.sampling import Sampling
 from tinyseek.serve.protocol import (
@@ -28,26 +26,11 @@ from tinyseek.serve.protocol import (
     parse_request,
     usage,
 )
+from tinyseek.serve.limits import Limits
 from tinyseek.serve.scheduler import FINISHED, Job, QueueFull, Scheduler
 
 STATIC = resources.files("tinyseek.serve") / "static"
 ERROR_TYPES = {404: "not_found_error", 503: "server_overloaded"}
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What one request may ask of the server, and how many it serves at once."""
-
-    max_body_bytes: int = 1 << 20
-    max_streams: int = 16  # generations advanced together, one token each in turn
-    max_waiting: int = 64  # accepted requests waiting for a stream slot; beyond that, 503
-    max_tokens: int = 1024  # new tokens per request
-
-    def __post_init__(self):
-        for name, value in vars(self).items():
-            least = 0 if name == "max_waiting" else 1
-            if value < least:
-                raise ConfigError(f"{name} must be at least {least}, got {value}")
 
 
 def create_app(model, tokenizer, *, model_name: str = "tinyseek", limits: Limits = Limits()) -> FastAPI:

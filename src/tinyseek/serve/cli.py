@@ -8,11 +8,10 @@ import sys
 from tinyseek.errors import ConfigError
 from tinyseek.generate.cli import resolve_device
 from tinyseek.generate.loading import add_source_arguments, load
+from tinyseek.serve.limits import Limits
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from tinyseek.serve.app import Limits
-
     defaults = Limits()
     parser = argparse.ArgumentParser(prog="tinyseek serve", description=__doc__.split("\n\n")[0].split(": ", 1)[1])
     add_source_arguments(parser)
@@ -34,13 +33,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     """`argv[0]` is the command name ("serve"), as the `tinyseek` dispatcher passes it."""
+    args = build_parser().parse_args(argv[1:])
     try:
         import uvicorn
 
-        from tinyseek.serve.app import Limits, create_app
+        from tinyseek.serve.app import create_app
     except ImportError as error:
         raise ConfigError(f"tinyseek serve needs the serve extra: pip install 'tinyseek[serve]' ({error})") from None
-    args = build_parser().parse_args(argv[1:])
     if not 0 < args.port < 65536:
         raise ConfigError(f"--port must be in 1..65535, got {args.port}")
     try:
