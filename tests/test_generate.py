@@ -117,6 +117,7 @@ class RecordOutputShapes(TorchDispatchMode):
 
 
 def test_mla_decodes_from_the_latent_cache_without_expanding_per_head_keys_or_values():
+    """The decode step's attention, that is: a prefill attends in the expanded form."""
     config = TinySeekConfig(**{**SMALL, "attention_type": "mla", "q_lora_rank": 12})
     model = small_model(**config.to_diff_dict())
     heads, per_head = config.num_attention_heads, min(config.qk_nope_head_dim, config.v_head_dim)
@@ -124,9 +125,9 @@ def test_mla_decodes_from_the_latent_cache_without_expanding_per_head_keys_or_va
     input_ids, attention_mask = left_pad(PROMPTS, pad_token_id=0)
     batch, context = input_ids.shape[0], input_ids.shape[1] + 1
     up_projection_inputs = []
-    model.model.layers[0].self_attn.kv_b_proj.register_forward_hook(lambda m, args, out: up_projection_inputs.append(args[0].shape))
     with torch.no_grad():
-        prefill = model(input_ids, attention_mask=attention_mask, use_cache=True)
+        prefill = model(input_ids, attention_mask=attention_mask, use_cache=True)  # expanded, like training
+        model.model.layers[0].self_attn.kv_b_proj.register_forward_hook(lambda m, args, out: up_projection_inputs.append(args[0].shape))
         next_token = prefill.logits[:, -1:].argmax(-1)
         step_mask = torch.cat([attention_mask, torch.ones(batch, 1, dtype=torch.long)], 1)
         with RecordOutputShapes() as recorder:

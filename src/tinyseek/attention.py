@@ -183,7 +183,11 @@ class MultiHeadLatentAttention(nn.Module):
     token); a single RoPE key of qk_rope_head_dim is shared by all heads. Queries are optionally compressed the same
     way. The cache holds only c_kv and the RoPE key. With a cache, the key up-projection is absorbed into the query
     and the value up-projection into the output, so per-head keys and values are never expanded over the context.
+    A prefill (a prompt into an empty cache) attends in the expanded form, like training: over a whole prompt the
+    fused SDPA kernel beats the absorbed products (``benchmarks/decode_speed.py`` measures both).
     """
+
+    expanded_prefill = True
 
     def __init__(self, config: TinySeekConfig):
         super().__init__()
@@ -218,11 +222,11 @@ class MultiHeadLatentAttention(nn.Module):
         latent = self.kv_a_layernorm(latent).unsqueeze(1)  # [B, 1, T, r]: one "head", as the cache stores it
         q_rope, k_rope = apply_rotary(q_rope, rotary), apply_rotary(k_rope.unsqueeze(1), rotary)
         dropout = self.dropout if self.training else 0.0
-        if cache_layer is None:
-            output = self.expanded_attention(q_nope, q_rope, latent, k_rope, causal_mask, dropout)
-        else:
+        expanded = cache_layer is None or (self.expanded_prefill and seq_len > 1 and cache_layer.get_seq_length() == 0)
+        if cache_layer is not None:
             latent, k_rope = cache_layer.update(latent, k_rope)
-            output = self.absorbed_attention(q_nope, q_rope, latent, k_rope, causal_mask, dropout)
+        attention = self.expanded_attention if expanded else self.absorbed_attention
+        output = attention(q_nope, q_rope, latent, k_rope, causal_mask, dropout)
         return self.o_proj(output.transpose(1, 2).reshape(batch, seq_len, -1))
 
     def expanded_attention(self, q_nope, q_rope, latent, k_rope, causal_mask, dropout):
