@@ -8,6 +8,8 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from transformers import AutoModelForCausalLM
 
 from tinyseek.cli import main as tinyseek
 from tinyseek.data import TokenDataset, load_tokenizer, prepare_corpus
@@ -111,3 +113,25 @@ def test_plain_transformers_continues_an_export_as_tinyseek_generate_does(traine
         header, text = result.stdout.split("\n", 1)
         assert header == f"LlamaForCausalLM False {encode_prompt(tokenizer, prompt)}"
         assert text == generate_text(capsys, prompt, "--run-dir", str(trained_run))
+
+
+def test_echo_prints_the_prompt_before_the_same_continuation(trained_run, capsys):
+    plain = generate_text(capsys, PROMPT, "--run-dir", str(trained_run))
+    assert generate_text(capsys, PROMPT, "--run-dir", str(trained_run), "--echo") == PROMPT + plain
+    assert generate_text(capsys, PROMPT, "--run-dir", str(trained_run), "--echo", "--stream") == PROMPT + plain
+
+
+def test_a_model_folder_without_tokenizer_exports_its_weights_and_says_so(trained_run, tmp_path, capsys):
+    model = AutoModelForCausalLM.from_pretrained(latest_checkpoint(trained_run))
+    model.save_pretrained(tmp_path / "weights-only")
+    for format in ("tinyseek", "transformers"):
+        out = tmp_path / f"export-{format}"
+        assert tinyseek(["export", "--model", str(tmp_path / "weights-only"), "--out", str(out), "--format", format]) == 0
+        assert "no tokenizer included" in capsys.readouterr().out
+        assert not (out / "tokenizer.json").exists()
+        exported = AutoModelForCausalLM.from_pretrained(out)
+        tokens = torch.tensor([[0, 5, 9, 13]])
+        with torch.no_grad():
+            torch.testing.assert_close(exported(tokens).logits, model(tokens).logits, rtol=0, atol=1e-5)
+    assert tinyseek(["generate", "--model", str(tmp_path / "weights-only"), "--prompt", "a"]) == 2
+    assert "has no tokenizer files" in capsys.readouterr().err

@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, help="make sampling reproducible")
     parser.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop before this text (repeatable)")
     parser.add_argument("--stream", action="store_true", help="print the continuation token by token")
+    parser.add_argument("--echo", action="store_true", help="print the prompt before its continuation")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto (default)")
     parser.add_argument(
         "--compile", action="store_true",
@@ -55,7 +56,8 @@ class Session:
         self.positions = model.config.max_position_embeddings
 
     def continue_prompt(self, prompt: str) -> str:
-        """Write the continuation to stdout (as it comes with --stream) and the timings to stderr; return it."""
+        """Write the continuation (after the prompt with --echo) to stdout, as it comes with --stream, and the
+        timings to stderr; return the continuation."""
         out, log = sys.stdout, sys.stderr
         from tinyseek.data.tokenizer import encode_prompt
 
@@ -63,6 +65,9 @@ class Session:
         room = self.positions - len(prompt_ids) + 1
         if 0 < room < self.args.max_new_tokens:
             print(f"note: at most {room} new tokens fit in the model's {self.positions} positions", file=log)
+        if self.args.echo:
+            out.write(prompt)
+            out.flush()
         start = first_token_at = time.perf_counter()
         steps = self.engine.stream([prompt_ids], self.sampling, self.args.max_new_tokens, stop=self.args.stop)
         pieces = []

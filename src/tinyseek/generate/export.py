@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def export(model, tokenizer, out: Path, format: str = "tinyseek") -> Path:
-    """Write `model` and `tokenizer` to `out` in `format`; return `out`."""
+    """Write `model` and `tokenizer` (None: the weights alone) to `out` in `format`; return `out`."""
     # Imported here so that `tinyseek export --help` answers without transformers.
     from transformers import GenerationConfig
 
@@ -42,18 +42,22 @@ def export(model, tokenizer, out: Path, format: str = "tinyseek") -> Path:
         model = to_transformers(model)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out} already exists and is not an empty folder")
-    for field in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        setattr(model.config, field, getattr(tokenizer, field))
+    if tokenizer is not None:
+        for field in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            setattr(model.config, field, getattr(tokenizer, field))
     model.generation_config = GenerationConfig.from_model_config(model.config)
     model.save_pretrained(out)
-    match_prompt_convention(tokenizer).save_pretrained(out)
+    if tokenizer is not None:
+        match_prompt_convention(tokenizer).save_pretrained(out)
     return out
 
 
 def main(argv: list[str]) -> int:
     """`argv[0]` is the command name ("export"), as the `tinyseek` dispatcher passes it."""
     args = build_parser().parse_args(argv[1:])
-    model, tokenizer = load(args)
+    model, tokenizer = load(args, tokenizer_required=False)
     export(model, tokenizer, args.out, args.format)
     print(f"wrote {args.format} folder {args.out}")
+    if tokenizer is None:
+        print(f"no tokenizer included: {args.model} has none; copy one into {args.out} to generate from it")
     return 0

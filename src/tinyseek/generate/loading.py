@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tinyseek.errors import UserError
+from tinyseek.errors import InputError, UserError
 
 if TYPE_CHECKING:
     import torch
@@ -21,12 +21,13 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--model", type=Path, help="a checkpoint or an exported folder (tinyseek or transformers format)")
 
 
-def load(args: argparse.Namespace, device: str | torch.device | None = None):
-    """(model in eval mode, tokenizer) from ``--run-dir`` or ``--model``."""
+def load(args: argparse.Namespace, device: str | torch.device | None = None, *, tokenizer_required: bool = True):
+    """(model in eval mode, tokenizer) from ``--run-dir`` or ``--model``; the tokenizer is None for a model folder
+    without one unless `tokenizer_required` (then that is an InputError)."""
     # Here, not at the top: the commands' parsers (add_source_arguments) answer --help without torch.
     from transformers.utils.logging import disable_progress_bar
 
-    from tinyseek.train.checkpoint import latest_checkpoint, load_model_and_tokenizer
+    from tinyseek.train.checkpoint import has_tokenizer, latest_checkpoint, load_model_and_tokenizer
 
     # A command's stderr carries its own messages; transformers' weight-loading bar would bury them.
     disable_progress_bar()
@@ -36,10 +37,12 @@ def load(args: argparse.Namespace, device: str | torch.device | None = None):
         checkpoint = latest_checkpoint(args.run_dir)
         if checkpoint is None:
             raise UserError(f"run directory {args.run_dir} has no valid checkpoint under {args.run_dir / 'checkpoints'}")
-        return load_model_and_tokenizer(checkpoint, device)
+        return load_model_and_tokenizer(checkpoint, device, tokenizer_required=tokenizer_required)
     if model_type(args.model) in TRANSFORMERS_TWIN_TYPES:
+        if tokenizer_required and not has_tokenizer(args.model):
+            raise InputError(f"{args.model} has no tokenizer files; copy a tokenizer in")
         return load_transformers_twin(args.model, device)
-    return load_model_and_tokenizer(args.model, device)
+    return load_model_and_tokenizer(args.model, device, tokenizer_required=tokenizer_required)
 
 
 def model_type(folder: Path) -> str | None:
@@ -54,10 +57,11 @@ def load_transformers_twin(folder: Path, device):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tinyseek.hf import from_transformers
+    from tinyseek.train.checkpoint import has_tokenizer
 
     try:
         model = from_transformers(AutoModelForCausalLM.from_pretrained(folder))
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder) if has_tokenizer(folder) else None
     except (OSError, ValueError) as error:
         raise UserError(f"cannot load {folder}: {error}") from None
     return model.to(device or "cpu").eval(), tokenizer

@@ -35,9 +35,10 @@ from transformers.utils import logging as hf_logging
 from tinyseek import distributed, faults
 from tinyseek.durable import fsync_path, fsync_tree
 from tinyseek.config import TinySeekConfig
-from tinyseek.errors import FileError, UserError
+from tinyseek.errors import FileError, InputError, UserError
 
 CHECKPOINTS = "checkpoints"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 TRAINER_STATE = "trainer_state.json"
 OPTIMIZER_STATE = "optimizer.pt"
 WEIGHTS = "model.safetensors"
@@ -290,17 +291,27 @@ def resolve_checkpoint(path_or_run_dir: str | Path) -> Path:
     raise UserError(f"{path} is neither a checkpoint, a run directory, nor a Hugging Face model folder")
 
 
-def load_model_and_tokenizer(path_or_run_dir: str | Path, device: str | torch.device | None = None):
+def has_tokenizer(folder: str | Path) -> bool:
+    """Whether a model folder carries tokenizer files (a `save_pretrained` of the model alone does not)."""
+    return any((Path(folder) / name).is_file() for name in TOKENIZER_FILES)
+
+
+def load_model_and_tokenizer(
+    path_or_run_dir: str | Path, device: str | torch.device | None = None, *, tokenizer_required: bool = True
+):
     """(model in eval mode, tokenizer) from a checkpoint, a run directory (its latest valid checkpoint) or an
-    exported Hugging Face folder."""
+    exported Hugging Face folder. A folder without tokenizer files gives tokenizer None, or an InputError when
+    `tokenizer_required`."""
     from transformers import AutoTokenizer
 
     from tinyseek import TinySeekForCausalLM
 
     checkpoint = resolve_checkpoint(path_or_run_dir)
+    if tokenizer_required and not has_tokenizer(checkpoint):
+        raise InputError(f"{checkpoint} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); copy a tokenizer in")
     try:
         model = TinySeekForCausalLM.from_pretrained(checkpoint)
-        tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint) if has_tokenizer(checkpoint) else None
     except (OSError, ValueError) as error:
         raise UserError(f"cannot load {checkpoint}: {error}") from None
     if device is not None:
