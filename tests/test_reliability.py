@@ -8,9 +8,12 @@ import importlib.util
 import json
 import os
 import pickle
+import random
 import shutil
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -165,6 +168,7 @@ def test_consecutive_non_finite_steps_stop_without_saving(tmp_path, tiny_corpus,
 def load_benchmark(name: str):
     spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -183,3 +187,63 @@ def test_crash_harness_short_run_ends_bitwise_equal(tmp_path):
     assert result["prepare"]["identical"] and not result["prepare"]["stale_left"]  # ... and redone, the same
     assert not result["stale staging left"]
     assert result["equality"] == dict.fromkeys(result["equality"], True)
+
+
+@pytest.fixture(scope="module")
+def hostile_cases(tmp_path_factory, tiny_corpus):
+    """Every fixed hostile input of benchmarks/fuzz_inputs.py and 20 seeded config mutations, on the tiny corpus."""
+    fuzz = load_benchmark("fuzz_inputs")
+    workdir = tmp_path_factory.mktemp("hostile")
+    tokenizer = Path(tiny_corpus["tokenizer"])
+    fixture = {"corpus": tokenizer.parent / "corpus.jsonl", "tokenizer": tokenizer, "prepared": Path(tiny_corpus["data"])}
+    cases = fuzz.config_cases(fixture, workdir, random.Random(0), 20)
+    cases += fuzz.corpus_cases(fixture, workdir) + fuzz.model_cases(fixture, workdir)
+    return fuzz, cases
+
+
+@pytest.mark.parametrize("kind", ["config", "config file", "flags", "corpus", "tokenizer", "model folder"])
+def test_hostile_inputs_are_handled_or_refused_in_one_line(hostile_cases, kind):
+    fuzz, cases = hostile_cases
+    outcomes = {case.name: fuzz.run_case(case, timeout=120) for case in cases if case.kind == kind}
+    assert len(outcomes) >= 6
+    assert {name: outcome for name, outcome in outcomes.items() if outcome[0] not in ("handled", "clear error")} == {}
+
+
+def test_a_very_long_line_is_tokenized_in_pieces_with_the_same_ids(tmp_path, tiny_corpus, monkeypatch):
+    from tinyseek.data import prepare as prepare_module
+    from tinyseek.data.tokenizer import load_tokenizer
+
+    generator = random.Random(3)
+    pieces = ["the", "cat's", " ", "  ", "x=1;", "12345", "café", "日本語", "!!", "\t", "Hello", "a b", "= y"]
+    text = "".join(generator.choice(pieces) + " " * generator.randint(0, 1) for _ in range(20_000))
+    monkeypatch.setattr(prepare_module, "LONG_TEXT_CHARACTERS", 1000)
+    for spec in (tiny_corpus["tokenizer"], "builtin"):
+        tokenizer = load_tokenizer(spec)
+        encoder = prepare_module._Encoder(tokenizer.backend_tokenizer.to_str(), None, tokenizer.eos_token_id, "uint32")
+        assert encoder.splits_long_texts
+        whole = encoder.tokenizer.encode(text, add_special_tokens=False).ids
+        assert encoder.encode_long(text).tolist() == whole
+
+    line = tmp_path / "one-line.txt"
+    line.write_text(text.replace("\n", " ").replace("\t", " "))
+    prepared = prepare_module.prepare_corpus(str(line), tiny_corpus["tokenizer"], tmp_path / "out", val_fraction=0)
+    tokenizer = load_tokenizer(tiny_corpus["tokenizer"])
+    expected = tokenizer.backend_tokenizer.encode(line.read_text(), add_special_tokens=False).ids
+    tokens = np.fromfile(prepared / "train.bin", dtype=np.dtype(json.loads((prepared / "meta.json").read_text())["dtype"]))
+    assert expected == [t for t in tokens.tolist() if t not in (tokenizer.bos_token_id, tokenizer.eos_token_id)]
+
+
+def test_sizes_that_cannot_fit_are_refused_before_allocating(capsys):
+    from tinyseek.config import TinySeekConfig
+    from tinyseek.errors import ConfigError
+    from tinyseek.report import check_model_fits
+    from tinyseek.train import load_config
+
+    huge = TinySeekConfig.from_preset("seed", hidden_size=4096, num_hidden_layers=4096)
+    with pytest.raises(ConfigError, match=r"model: [\d,]+ parameters need [\d,.]+ GB"):
+        check_model_fits(huge, torch.device("cpu"))
+    assert tinyseek_main(["info", "seed"]) == 0 and "10,095,760" in capsys.readouterr().out  # counted on meta
+    with pytest.raises(ConfigError, match="optim.lr: expected a finite number, got inf"):
+        load_config(None, [(["optim", "lr"], float("inf"))])
+    with pytest.raises(ValueError, match="hidden_size: must be a positive integer, got 'big'"):
+        TinySeekConfig.from_dict({"hidden_size": "big"})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from huggingface_hub.errors import StrictDataclassError
 from transformers import PretrainedConfig
 
 ATTENTION_TYPES = ("linear", "mla", "mha")
@@ -95,13 +96,19 @@ class TinySeekConfig(PretrainedConfig):
         self.router_bias = router_bias
         self.num_nextn_predict_layers = num_nextn_predict_layers
         self.mtp_loss_weight = mtp_loss_weight
-        super().__init__(
-            tie_word_embeddings=tie_word_embeddings,
-            bos_token_id=bos_token_id,
-            eos_token_id=eos_token_id,
-            pad_token_id=pad_token_id,
-            **kwargs,
-        )
+        try:
+            super().__init__(
+                tie_word_embeddings=tie_word_embeddings,
+                bos_token_id=bos_token_id,
+                eos_token_id=eos_token_id,
+                pad_token_id=pad_token_id,
+                **kwargs,
+            )
+        except StrictDataclassError as error:
+            # transformers validates the generic fields first and wraps what it trips over (a string for a size);
+            # this class's own check names the field, else the wrapped reason is still a ValueError.
+            self.validate_architecture()
+            raise ValueError(str(error).replace("\n", " ")) from None
         self.validate_architecture()
 
     @property

@@ -11,10 +11,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("config", help="a model preset (seed, llama-tiny, ...) or a config.json file or directory")
     args = parser.parse_args(argv[1:])
     # After parsing, so that --help and argument errors answer without torch or transformers.
-    from tinyseek.modeling import TinySeekForCausalLM
-    from tinyseek.report import format_parameter_report, load_config, parameter_report
+    from tinyseek.report import format_parameter_report, load_config, meta_model, parameter_report
 
-    model = TinySeekForCausalLM(load_config(args.config))
+    model = meta_model(load_config(args.config))  # any size prints: nothing is allocated
     print(model)
     print(format_parameter_report(parameter_report(model)))
     return 0

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from tinyseek.config import PRESETS, TinySeekConfig
-from tinyseek.errors import UserError
+from tinyseek.errors import ConfigError, UserError
 from tinyseek.modeling import TinySeekForCausalLM
 from tinyseek.moe import DeepSeekMoE
 
@@ -59,9 +60,7 @@ def estimate_flops_per_token(config: TinySeekConfig, seq_len: int) -> float:
     Softmax attention adds 6 * layers * heads * (qk_dim + v_dim) * seq_len / 2 (causal: half the score matrix is
     computed on average); linear attention adds 6 * layers * heads * 2 * d_k * d_v per token for its state.
     """
-    with torch.device("meta"):  # shapes are all that counting needs: no memory, no random numbers drawn
-        model = TinySeekForCausalLM(config)
-    report = parameter_report(model)
+    report = parameter_report(meta_model(config))
     matrix_params = report["active_per_token"] - config.vocab_size * config.hidden_size  # the embedding is a lookup
     layers, heads = config.num_hidden_layers, config.num_attention_heads
     if config.attention_type == "linear":
@@ -71,6 +70,42 @@ def estimate_flops_per_token(config: TinySeekConfig, seq_len: int) -> float:
     else:
         attention = 6 * layers * heads * 2 * config.head_dim * seq_len / 2
     return 6 * matrix_params + attention
+
+
+def meta_model(config: TinySeekConfig) -> TinySeekForCausalLM:
+    """The model with shapes only: counting and printing need no memory and draw no random numbers."""
+    with torch.device("meta"):
+        return TinySeekForCausalLM(config)
+
+
+TRAINING_BYTES_PER_PARAMETER = 16  # fp32 weights and gradients, AdamW's two moments
+
+
+def check_model_fits(config: TinySeekConfig, device: torch.device) -> None:
+    """Refuse, before allocating anything, a model whose weights, gradients and AdamW state alone exceed the
+    device's memory: the allocation would fail with an allocator error, or the kernel would kill the process."""
+    capacity = device_memory_bytes(device)
+    if capacity is None:
+        return
+    parameters = parameter_report(meta_model(config))["total"]
+    needed = parameters * TRAINING_BYTES_PER_PARAMETER
+    if needed > capacity:
+        raise ConfigError(
+            f"model: {parameters:,} parameters need {needed / 1e9:,.1f} GB for fp32 weights, gradients and AdamW "
+            f"state, more than the {capacity / 1e9:,.1f} GB of the {device.type} device; make the model smaller"
+        )
+
+
+def device_memory_bytes(device: torch.device) -> int | None:
+    """Total memory of a CUDA device or of the machine (CPU); None where it cannot be told."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    if device.type == "cpu":
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (AttributeError, ValueError, OSError):
+            return None
+    return None
 
 
 def load_config(spec: str) -> TinySeekConfig:

@@ -14,6 +14,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import sys
 import threading
@@ -43,6 +44,7 @@ META_FILE = "meta.json"
 SPLITS = ("train", "val")
 BATCH_CHARACTERS = 1 << 20  # per worker task: large enough to amortise pickling, small enough for a smooth bar
 COPY_CHUNK_TOKENS = 1 << 24
+LONG_TEXT_CHARACTERS = 1 << 20  # longer documents are tokenized in pieces (see _Encoder.encode_long)
 
 
 def token_dtype(vocabulary_size: int) -> np.dtype:
@@ -62,13 +64,57 @@ class _Encoder:
         self.eos = np.array([eos_token_id], dtype=dtype)
         self.dtype = dtype
 
+        self.splits_long_texts = _splits_exactly(self.tokenizer)
+
     def __call__(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        encodings = self.tokenizer.encode_batch_fast(texts, add_special_tokens=False)
-        pieces = []
-        for encoding in encodings:
-            pieces += [self.start, np.asarray(encoding.ids, dtype=self.dtype), self.eos]
-        lengths = np.array([len(self.start) + len(encoding.ids) + 1 for encoding in encodings], dtype=np.int64)
-        return np.concatenate(pieces), lengths
+        long = {i for i, text in enumerate(texts) if len(text) > LONG_TEXT_CHARACTERS and self.splits_long_texts}
+        short = iter(self.tokenizer.encode_batch_fast([t for i, t in enumerate(texts) if i not in long],
+                                                      add_special_tokens=False))
+        pieces, lengths = [], []
+        for index, text in enumerate(texts):
+            ids = self.encode_long(text) if index in long else np.asarray(next(short).ids, dtype=self.dtype)
+            pieces += [self.start, ids, self.eos]
+            lengths.append(len(self.start) + len(ids) + 1)
+        return np.concatenate(pieces), np.array(lengths, dtype=np.int64)
+
+    def encode_long(self, text: str) -> np.ndarray:
+        """One very long text in pieces of about LONG_TEXT_CHARACTERS, so memory stays bounded: the tokenizer keeps
+        per-byte alignments while it encodes (a 20 MB line took 2.7 GB at once). Pieces start at a space between two
+        letters, where the pre-tokenizer always cuts, so the ids are those of the whole text."""
+        ids, start = [], 0
+        while start < len(text):
+            end = _piece_end(text, start + LONG_TEXT_CHARACTERS)
+            encoding = self.tokenizer.encode(text[start:end], add_special_tokens=False)
+            ids.append(np.asarray(encoding.ids, dtype=self.dtype))
+            start = end
+        return np.concatenate(ids)
+
+
+def _piece_end(text: str, at_least: int) -> int:
+    """The first position from `at_least` on that holds a space between two letters, or the end."""
+    position = at_least
+    while 0 < position < len(text):
+        position = text.find(" ", position)
+        if position < 0 or position + 1 >= len(text):
+            return len(text)
+        if text[position - 1].isalpha() and text[position + 1].isalpha():
+            return position
+        position += 1
+    return len(text)
+
+
+def _splits_exactly(tokenizer) -> bool:
+    """Whether cutting a text at a space between two letters gives the same ids as encoding it whole: true for
+    byte-level BPE without a normalizer (GPT-2, Llama 3, DeepSeek, Qwen and tinyseek's own BPE), whose pre-tokenizer
+    patterns end a run of letters at a space and start the next piece with " " + letters, and with no added token
+    that spans such a space."""
+    definition = json.loads(tokenizer.to_str())
+    normalizer = definition.get("normalizer")
+    if normalizer not in (None, {"type": "Sequence", "normalizers": []}):
+        return False
+    if "ByteLevel" not in json.dumps(definition.get("pre_tokenizer")):
+        return False
+    return not any(re.search(r"\w\s\w", token["content"]) for token in definition.get("added_tokens", []))
 
 
 _worker_encoder: _Encoder | None = None
@@ -130,6 +176,7 @@ def _encode_all(documents: Iterable[Document], encoder_args: tuple, num_workers:
 
 
 def _validation_mask(
+    source: str,
     groups: list[str] | None, num_documents: int, val_fraction: float, val_documents: int | None, seed: int
 ) -> np.ndarray:
     """Which documents go to validation: whole groups (or whole documents), chosen by a seeded permutation."""
@@ -144,7 +191,7 @@ def _validation_mask(
         count = max(1, round(val_fraction * num_units)) if val_fraction > 0 else 0
     if count and count >= num_units:
         raise UserError(
-            f"the corpus has {num_units} {unit_name}; a validation split of {count} would leave none for training "
+            f"the corpus {source} has {num_units} {unit_name}; a validation split of {count} would leave none for training "
             "(lower --val-fraction or --val-documents, or pass --val-fraction 0)"
         )
     validation_units = np.random.default_rng(seed).permutation(num_units)[:count]
@@ -295,7 +342,7 @@ def prepare_corpus(
         document_lengths = np.concatenate(lengths) if lengths else np.empty(0, np.int64)
         if not len(document_lengths):
             raise UserError(f"the corpus {source} has no non-blank documents in column {text_column!r}")
-        is_val = _validation_mask(groups, len(document_lengths), val_fraction, val_documents, seed)
+        is_val = _validation_mask(str(source), groups, len(document_lengths), val_fraction, val_documents, seed)
         counts = _split_files(staging, all_tokens, dtype, document_lengths, np.array(text_bytes, np.int64), is_val)
         all_tokens.unlink()
         if groups is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ import yaml
 
 from tinyseek.config import TinySeekConfig
 from tinyseek.distributed import STRATEGIES
-from tinyseek.errors import UserError
+from tinyseek.errors import ConfigError, UserError
 from tinyseek.generate.sampling import Sampling
 from tinyseek.train.budget import parse_duration
 
@@ -296,13 +297,18 @@ def check_type(key: str, value: Any, hint) -> Any:
         return value
     elif hint is float:
         # PyYAML reads `5e-5` (no dot) as a string, so numbers written that way are accepted here.
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None and math.isfinite(number):
+            return number
+        if number is not None:
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
     elif hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value

@@ -70,15 +70,18 @@ class MetricsWriter:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The run's metrics records; a torn last line (the process was killed mid-write) is ignored."""
+    """The run's metrics records; a torn line (the process was killed mid-write) or any other line that is not a
+    record is ignored."""
     path = Path(run_dir) / METRICS_FILE
     records = []
     if path.is_file():
-        for line in path.read_text().splitlines():
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError:
                 continue
+            if isinstance(record, dict) and isinstance(record.get("kind"), str):
+                records.append(record)
     return records
 
 

@@ -37,6 +37,7 @@ from tinyseek import distributed, faults, ops
 from tinyseek.data.mixture import MixtureSampler, prepare_extra_sources
 from tinyseek.errors import FileError, UserError
 from tinyseek.generate.engine import GenerationEngine
+from tinyseek.report import check_model_fits
 from tinyseek.train import checkpoint as ckpt
 from tinyseek.train.compile import compile_decoder_layers
 from tinyseek.train.config import TrainConfig
@@ -213,6 +214,7 @@ class Trainer:
             pad_token_id=self.tokenizer.pad_token_id,
         )
         check_tokenizer_fits(self.tokenizer, self.model_config.vocab_size)
+        check_model_fits(self.model_config, self.device)
         self.data_dir = resolve_data(
             data.source,
             self.tokenizer_spec,
