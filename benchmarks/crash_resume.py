@@ -46,6 +46,7 @@ WORDS = "the a cat dog sat ran on under mat tree red big small quickly slowly".s
 WRITE_POINTS = ("checkpoint.staging", "checkpoint.weights", "checkpoint.optimizer", "checkpoint.state",
                 "checkpoint.renamed")
 STEP_LINE = re.compile(r"\bstep (\d+)/\d+ \|")
+SKIPPED_LINE = re.compile(r"skipping unusable checkpoint (step_\d+)")
 TINY_MODEL = {"hidden_size": 32, "num_hidden_layers": 2, "intermediate_size": 64, "moe_intermediate_size": 32,
               "vocab_size": 304}
 
@@ -173,19 +174,19 @@ def checkpoint_step(run_dir: Path) -> int:
     return json.loads((checkpoint / "trainer_state.json").read_text())["step"] if checkpoint else 0
 
 
-def flip_a_byte(run_dir: Path, rng: random.Random) -> str | None:
+def flip_a_byte(run_dir: Path, rng: random.Random) -> tuple[str | None, str | None]:
     """Damage the newest checkpoint when there is an older valid one for the next process to fall back to."""
     from tinyseek.train.checkpoint import valid_checkpoints
 
     valid = list(valid_checkpoints(run_dir, report=lambda path, problem: None))
     if len(valid) < 2:
-        return None
+        return None, None
     checkpoint = valid[0]
     file = checkpoint / rng.choice(["model.safetensors", "optimizer.pt"])
     data = bytearray(file.read_bytes())
     data[rng.randrange(len(data))] ^= 0xFF
     file.write_bytes(bytes(data))
-    return f"{checkpoint.name}/{file.name}"
+    return checkpoint.name, file.name
 
 
 def staging_left(run_dir: Path) -> bool:
@@ -236,7 +237,8 @@ def run_harness(workdir: Path, kills: int = 20, seed: int = 0, steps: int = 60, 
     run_dir = workdir / "run"
     counts = {"kills": 0, "inside a write (hook)": 0, "inside a write (random instant)": 0, "SIGTERM": 0,
               "SIGINT": 0, "graceful stop saved its step": 0, "resumes": 0, "corrupted on purpose": 0,
-              "corrupt checkpoints skipped": 0, "processes": 0}
+              "damaged checkpoints skipped": 0, "processes": 0}
+    flipped = None  # the checkpoint damaged after the last process: the next one must skip it
     graceful_rounds = {kills // 3: signal.SIGTERM, (2 * kills) // 3: signal.SIGINT} if graceful else {}
     hook_rounds = set(rng.sample(range(kills), round(kills * write_share)))
     round_number, kill_round = 0, 0
@@ -279,20 +281,20 @@ def run_harness(workdir: Path, kills: int = 20, seed: int = 0, steps: int = 60, 
             kill_round += 1
         output = process.output()
         counts["resumes"] += "resumed from" in output
-        counts["corrupt checkpoints skipped"] += output.count("skipping unusable checkpoint")
+        counts["damaged checkpoints skipped"] += flipped is not None and flipped in SKIPPED_LINE.findall(output)
         if "Traceback" in output:
             raise SystemExit(f"a traceback in {process.log}")
-        flipped = flip_a_byte(run_dir, rng) if rng.random() < corrupt_share else None
+        flipped, damaged_file = flip_a_byte(run_dir, rng) if rng.random() < corrupt_share else (None, None)
         counts["corrupted on purpose"] += flipped is not None
         log(f"round {round_number:2d}: resumed at step {resume_step:3d}, {description}"
-            + (f"; flipped a byte of {flipped}" if flipped else ""))
+            + (f"; flipped a byte of {flipped}/{damaged_file}" if flipped else ""))
 
     final = Process(config, run_dir, workdir / "final.log")
     status = final.finish()
     output = final.output()
     counts["processes"] += 1
     counts["resumes"] += "resumed from" in output
-    counts["corrupt checkpoints skipped"] += output.count("skipping unusable checkpoint")
+    counts["damaged checkpoints skipped"] += flipped is not None and flipped in SKIPPED_LINE.findall(output)
     if status != 0:
         raise SystemExit(f"the final process failed with status {status}; see {final.log}")
     equality = compare_final(workdir / "reference", run_dir)

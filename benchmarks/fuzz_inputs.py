@@ -64,7 +64,7 @@ class Case:
     name: str
     argv: list[str]
     names: list[str]  # a clear error mentions one of these
-    must_not_exist: list[Path] = field(default_factory=list)
+    must_not_exist: list[Path] = field(default_factory=list)  # a refused command leaves these absent or empty
     watch: list[Path] = field(default_factory=list)  # folders where no .partial-/.tmp- may remain
 
 
@@ -102,8 +102,8 @@ def run_case(case: Case, timeout: float) -> tuple[str, str]:
     if status == 0:
         return "handled", ""
     for path in case.must_not_exist:
-        if path.exists():
-            return "leftover", f"{path} was created by a refused command"
+        if path.is_file() or (path.is_dir() and any(path.iterdir())):
+            return "leftover", f"{path} was written by a refused command"
     lines = [line for line in stderr.getvalue().splitlines() if line.strip()]
     errors = [line for line in lines if ": error: " in line]
     message = errors[-1] if errors else (lines[-1] if lines else "")
@@ -249,7 +249,7 @@ def commands_on_corpus(fixture, workdir: Path, kind: str, name: str, path: Path)
     names = [path.name, str(path)]
     return [
         Case(kind, f"prepare: {name}", ["prepare", "--data", str(path), "--tokenizer", str(fixture["tokenizer"]),
-                                         "--out", str(prepared)], names, [], [prepared]),
+                                         "--out", str(prepared)], names, [prepared], [prepared]),
         Case(kind, f"tokenizer train: {name}", ["tokenizer", "train", "--data", str(path), "--vocab-size", "300",
                                                 "--out", str(tokenizer_out)], names, [tokenizer_out], [workdir]),
         Case(kind, f"train --data: {name}", ["train", "--config", str(workdir / "config-base.yaml"), "--data",
@@ -264,8 +264,8 @@ def commands_on_tokenizer(fixture, workdir: Path, name: str, path: Path) -> list
     names = [path.name, str(path)]
     return [
         Case("tokenizer", f"prepare: {name}", ["prepare", "--data", str(fixture["corpus"]), "--tokenizer", str(path),
-                                               "--out", str(workdir / f"prep-tok-{slug}")], names, [],
-             [workdir / f"prep-tok-{slug}"]),
+                                               "--out", str(workdir / f"prep-tok-{slug}")], names,
+             [workdir / f"prep-tok-{slug}"], [workdir / f"prep-tok-{slug}"]),
         Case("tokenizer", f"train: {name}", ["train", "--config", str(workdir / "config-base.yaml"), "--tokenizer",
                                              str(path), "--out-dir", str(run)], names, [run], [workdir]),
     ]

@@ -279,13 +279,12 @@ class Trainer:
     def resume(self) -> Path | None:
         """Load the latest usable checkpoint of the run directory, if any; refuse one that does not fit. A checkpoint
         whose files do not match their manifest, or whose optimizer state is more than tensors, is skipped."""
-        skip = lambda path, problem: self.skipped_checkpoints.append(f"{path.name}: {problem}")  # noqa: E731
-        for checkpoint in ckpt.valid_checkpoints(self.run_dir, report=skip):
+        for checkpoint in ckpt.valid_checkpoints(self.run_dir, report=self.note_skipped):
             try:
                 blobs = ckpt.load_optimizer_state(checkpoint)
                 break
             except FileError as error:
-                skip(checkpoint, str(error))
+                self.note_skipped(checkpoint, str(error))
         else:
             checkpoint = None
         for skipped in self.skipped_checkpoints:
@@ -320,6 +319,9 @@ class Trainer:
         self.continue_data_order(state)
         self.saved_rng = state["rng"]
         return checkpoint
+
+    def note_skipped(self, checkpoint: Path, problem: str) -> None:
+        self.skipped_checkpoints.append(f"{checkpoint.name}: {problem}")
 
     def continue_data_order(self, state: dict[str, Any]) -> None:
         """Pick the data order up at the first window the checkpoint had not read, also when the global batch
