@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from importlib import resources
 
@@ -113,8 +113,7 @@ def create_app(model, tokenizer, *, model_name: str = "tinyseek", limits: Limits
     async def respond(request: Request, body: GenerationRequest, job: Job, reply: Reply):
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
-            return StreamingResponse(sse(reply.chunks(include_usage), job), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return EventStream(reply.chunks(include_usage), release=lambda: scheduler.cancel(job))
         collect = asyncio.ensure_future(reply.collect())
         disconnect = asyncio.ensure_future(until_disconnected(request))
         try:
@@ -128,21 +127,34 @@ def create_app(model, tokenizer, *, model_name: str = "tinyseek", limits: Limits
             return Response(status_code=499)
         return JSONResponse(collect.result())
 
-    async def sse(chunks: AsyncIterator[dict], job: Job) -> AsyncIterator[str]:
-        """Server-sent events; when the client goes away Starlette cancels this and the slot is freed at once."""
-        try:
-            async for chunk in chunks:
-                yield f"data: {json.dumps(chunk)}\n\n"
-            yield "data: [DONE]\n\n"
-        finally:
-            scheduler.cancel(job)
-
     @app.get("/", include_in_schema=False)
     async def playground() -> FileResponse:
         return FileResponse(STATIC / "index.html")
 
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
     return app
+
+
+class EventStream(StreamingResponse):
+    """Server-sent events of OpenAI chunks, ending with [DONE]. However the response ends (finished, or the client
+    went away, even before the first event) `release` runs at once, so a departed client's slot is freed."""
+
+    def __init__(self, chunks: AsyncIterator[dict], release: Callable[[], None]):
+        super().__init__(self.events(chunks), media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.release = release
+
+    @staticmethod
+    async def events(chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
+        async for chunk in chunks:
+            yield f"data: {json.dumps(chunk)}\n\n"
+        yield "data: [DONE]\n\n"
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.release()
 
 
 async def read_body(request: Request, limit: int) -> bytes:
