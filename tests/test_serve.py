@@ -206,19 +206,29 @@ def test_a_full_server_answers_503_and_a_client_that_goes_away_frees_its_slot_at
         def requests_held() -> int:
             return httpx.get(f"{server.url}/health", timeout=TIMEOUT).json()["requests"]
 
+        def wait_until_freed() -> None:
+            deadline = time.monotonic() + TIMEOUT
+            while requests_held():
+                assert time.monotonic() < deadline, "the slot of a client that went away was not freed"
+                time.sleep(0.02)
+
         try:
             first = server.client().completions.create(model="m", prompt="a", max_tokens=40, stream=True)
             busy = httpx.post(f"{server.url}/v1/completions", json={"prompt": "b"}, timeout=TIMEOUT)
             assert busy.status_code == 503 and busy.json()["error"]["code"] == "queue_full"
             assert requests_held() == 1
             first.close()  # the client goes away mid-stream while its step is still running
-            deadline = time.monotonic() + TIMEOUT
-            while requests_held():
-                assert time.monotonic() < deadline, "the slot of a client that went away was not freed"
-                time.sleep(0.02)
+            wait_until_freed()
+            gate.set()
+            assert server.client().completions.create(model="m", prompt="b", max_tokens=2).usage.completion_tokens == 2
+
+            gate.clear()  # the same for a client that gives up waiting for a whole (not streamed) response
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(f"{server.url}/v1/completions", json={"prompt": "c", "max_tokens": 40}, timeout=1)
+            wait_until_freed()
         finally:
             gate.set()
-        assert server.client().completions.create(model="m", prompt="b", max_tokens=2).usage.completion_tokens == 2
+        assert server.client().completions.create(model="m", prompt="d", max_tokens=2).usage.completion_tokens == 2
 
 
 def test_routing_names_the_experts_of_every_moe_layer_and_does_not_depend_on_what_else_runs(server):
