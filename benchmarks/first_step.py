@@ -1,0 +1,67 @@
+"""The README's first command where the Hugging Face Hub cannot be reached: from a fresh clone to the first logged
+training step of `python train.py` (it falls back to the built-in TinyStories sample and tokenizer).
+
+    python benchmarks/first_step.py             # clone, then `python train.py` with this Python's packages
+    python benchmarks/first_step.py --install   # clone, a fresh venv and the README's pip install, then train.py
+
+Without --install (about a minute on an idle 2-core machine) the install is not timed; with it, the time is mostly
+downloading torch and its dependencies, which depends on the network far more than on tinyseek. The Hub is made
+unreachable with HF_HUB_OFFLINE=1 and an empty HOME and HF_HOME; training runs with OMP_NUM_THREADS=1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def timed(command: list[str], **options) -> float:
+    start = time.perf_counter()
+    subprocess.run(command, check=True, **options)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--install", action="store_true", help="also time a fresh venv and the README's pip install")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="tinyseek-first-step-") as root:
+        root = Path(root)
+        clone = root / "clone"
+        print(f"clone: {timed(['git', 'clone', '-q', str(REPO), str(clone)]):.1f} s")
+        env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "TINYSEEK_SHARED_DATA")}
+        env.update(HOME=str(root / "home"), HF_HOME=str(root / "home" / "hf"), HF_HUB_OFFLINE="1",
+                   HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")
+        python = sys.executable
+        if args.install:
+            venv = clone / ".venv"
+            seconds = timed([sys.executable, "-m", "venv", str(venv)]) + timed(
+                [str(venv / "bin" / "pip"), "install", "-q", "torch==2.13.0", "-e", ".[test]"], cwd=clone)
+            print(f"venv + pip install torch==2.13.0 -e '.[test]': {seconds:.1f} s")
+            python = str(venv / "bin" / "python")
+        else:
+            env["PYTHONPATH"] = str(clone / "src")  # the clone's code with this Python's packages
+        start = time.perf_counter()
+        process = subprocess.Popen([python, "train.py", "--out-dir", str(root / "run")], cwd=clone, env=env,
+                                   stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+        fallback = None
+        for line in process.stderr:
+            if "training on the built-in" in line:
+                fallback = line.strip()
+            if " loss " in line and "step " in line:
+                print(f"python train.py to its first logged step: {time.perf_counter() - start:.1f} s")
+                print(f"  {fallback}\n  {line.strip()}")
+                break
+        process.terminate()
+        process.wait()
+
+
+if __name__ == "__main__":
+    main()
