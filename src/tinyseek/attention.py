@@ -16,6 +16,7 @@ from torch import nn
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
 from tinyseek.config import TinySeekConfig
+from tinyseek.layers import RMSNorm, apply_rotary
 # A drop-in nn.Linear whose bf16-autocast matmuls avoid torch's slow CPU fallback (see tinyseek.ops).
 from tinyseek.ops import Linear, fused_linear, scaled_dot_product_attention
 
@@ -23,31 +24,6 @@ from tinyseek.ops import Linear, fused_linear, scaled_dot_product_attention
 LATENT_NORM_EPS = 1e-6
 # Keeps the linear-attention normaliser away from zero for rows that have seen only padding.
 LINEAR_ATTENTION_EPS = 1e-6
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 (bf16 squares overflow and lose precision), like transformers' LlamaRMSNorm.
-        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
-
-    def extra_repr(self) -> str:
-        return f"{self.weight.shape[0]}, eps={self.eps}"
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat((-second, first), dim=-1)
-
-
-def apply_rotary(x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """RoPE on x [B, heads, T, d] with cos/sin [B, T, d] (the half-split layout of LLaMA and transformers)."""
-    cos, sin = (t.unsqueeze(1).to(x.dtype) for t in rotary)
-    return x * cos + rotate_half(x) * sin
 
 
 class LinearAttentionState(CacheLayerMixin):

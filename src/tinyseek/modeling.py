@@ -19,8 +19,9 @@ from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from tinyseek.attention import ATTENTION_CLASSES, RMSNorm, TinySeekCache, build_causal_mask
+from tinyseek.attention import ATTENTION_CLASSES, TinySeekCache, build_causal_mask
 from tinyseek.config import TinySeekConfig
+from tinyseek.layers import RMSNorm, RotaryEmbedding
 from tinyseek.moe import DeepSeekMoE, RoutedExperts, Router, build_feed_forward
 from tinyseek.ops import Linear, linear_cross_entropy
 
@@ -45,23 +46,6 @@ class DecoderLayer(GradientCheckpointingLayer):
         else:
             feed_forward = self.mlp(self.post_attention_layernorm(hidden_states))
         return hidden_states + feed_forward, balance_loss
-
-
-class RotaryEmbedding(nn.Module):
-    """cos/sin tables for RoPE, computed per call from the positions (cheap, and exact for any position)."""
-
-    def __init__(self, dim: int, theta: float):
-        super().__init__()
-        self.dim, self.theta = dim, theta
-        self.register_buffer("inv_freq", self.inverse_frequencies(), persistent=False)
-
-    def inverse_frequencies(self) -> torch.Tensor:
-        return 1.0 / self.theta ** (torch.arange(0, self.dim, 2).float() / self.dim)
-
-    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = position_ids[..., None].float() * self.inv_freq
-        angles = torch.cat((freqs, freqs), dim=-1)
-        return angles.cos(), angles.sin()
 
 
 def rotary_dim(config: TinySeekConfig) -> int | None:

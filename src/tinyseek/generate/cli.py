@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tinyseek.errors import UserError
-from tinyseek.generate.loading import add_source_arguments, load
 from tinyseek.generate.sampling import Sampling
+from tinyseek.loading import add_source_arguments, load_from_arguments
 
 if TYPE_CHECKING:
     import torch
@@ -93,17 +93,6 @@ class Session:
         return text
 
 
-def resolve_device(name: str) -> torch.device:
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError as error:
-        raise UserError(f"--device: {error}") from None
-
-
 def main(argv: list[str]) -> int:
     """`argv[0]` is the command name ("generate"), as the `tinyseek` dispatcher passes it."""
     args = build_parser().parse_args(argv[1:])
@@ -118,7 +107,9 @@ def main(argv: list[str]) -> int:
             args.prompt = args.prompt_file.read_text()
         except OSError as error:
             raise UserError(f"--prompt-file: {error}") from None
-    model, tokenizer = load(args, resolve_device(args.device))
+    from tinyseek.device import choose_device  # here, not at the top: `--help` answers without torch
+
+    model, tokenizer = load_from_arguments(args, choose_device(args.device))
     session = Session(model, tokenizer, sampling, args)
     if not args.interactive:
         session.continue_prompt(args.prompt)

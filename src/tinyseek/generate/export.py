@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 
 from tinyseek.errors import UserError
-from tinyseek.generate.loading import add_source_arguments, load
+from tinyseek.loading import add_source_arguments, load_from_arguments
 
 FORMATS = ("tinyseek", "transformers")
 
@@ -55,7 +55,7 @@ def export(model, tokenizer, out: Path, format: str = "tinyseek") -> Path:
 def main(argv: list[str]) -> int:
     """`argv[0]` is the command name ("export"), as the `tinyseek` dispatcher passes it."""
     args = build_parser().parse_args(argv[1:])
-    model, tokenizer = load(args, tokenizer_required=False)
+    model, tokenizer = load_from_arguments(args, tokenizer_required=False)
     export(model, tokenizer, args.out, args.format)
     print(f"wrote {args.format} folder {args.out}")
     if tokenizer is None:

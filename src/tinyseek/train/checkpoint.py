@@ -271,49 +271,6 @@ def load_optimizer_state(checkpoint: Path) -> dict[str, Any]:
         raise FileError(f"{path} is not a readable optimizer state ({str(error).splitlines()[0]})") from None
 
 
-def resolve_checkpoint(path_or_run_dir: str | Path) -> Path:
-    """A checkpoint directory, or the latest valid checkpoint of a run directory; UserError if there is none."""
-    path = Path(path_or_run_dir)
-    if not path.exists():
-        raise UserError(f"{path}: no such file or directory")
-    if (path / TRAINER_STATE).exists() or STEP_DIR.match(path.name):
-        problem = checkpoint_problem(path)
-        if problem:
-            raise UserError(f"checkpoint {path} is unusable: {problem}")
-        return path
-    if checkpoint_root(path).is_dir():
-        latest = latest_checkpoint(path)
-        if latest is None:
-            raise UserError(f"run {path} has no valid checkpoint")
-        return latest
-    if (path / "config.json").is_file():
-        return path
-    raise UserError(f"{path} is neither a checkpoint, a run directory, nor a Hugging Face model folder")
-
-
 def has_tokenizer(folder: str | Path) -> bool:
     """Whether a model folder carries tokenizer files (a `save_pretrained` of the model alone does not)."""
     return any((Path(folder) / name).is_file() for name in TOKENIZER_FILES)
-
-
-def load_model_and_tokenizer(
-    path_or_run_dir: str | Path, device: str | torch.device | None = None, *, tokenizer_required: bool = True
-):
-    """(model in eval mode, tokenizer) from a checkpoint, a run directory (its latest valid checkpoint) or an
-    exported Hugging Face folder. A folder without tokenizer files gives tokenizer None, or an InputError when
-    `tokenizer_required`."""
-    from transformers import AutoTokenizer
-
-    from tinyseek import TinySeekForCausalLM
-
-    checkpoint = resolve_checkpoint(path_or_run_dir)
-    if tokenizer_required and not has_tokenizer(checkpoint):
-        raise InputError(f"{checkpoint} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); copy a tokenizer in")
-    try:
-        model = TinySeekForCausalLM.from_pretrained(checkpoint)
-        tokenizer = AutoTokenizer.from_pretrained(checkpoint) if has_tokenizer(checkpoint) else None
-    except (OSError, ValueError) as error:
-        raise UserError(f"cannot load {checkpoint}: {error}") from None
-    if device is not None:
-        model.to(device)
-    return model.eval(), tokenizer

@@ -35,6 +35,7 @@ from tinyseek.data.builtin import resolve_sources
 from tinyseek.data.tokenizer import encode_prompt
 from tinyseek import distributed, faults, ops
 from tinyseek.data.mixture import MixtureSampler, prepare_extra_sources
+from tinyseek.device import choose_device
 from tinyseek.errors import FileError, UserError
 from tinyseek.generate.engine import GenerationEngine
 from tinyseek.report import check_model_fits
@@ -68,24 +69,6 @@ def pinned_sources(run_dir: Path) -> dict[str, str | None]:
 # Exit statuses besides 0 (finished), 2 (bad input, from the CLI) and 128 + signal (stopped by SIGINT/SIGTERM).
 EXIT_NON_FINITE = 3  # optim.max_non_finite_steps steps in a row had a non-finite loss or gradient
 EXIT_CHECKPOINT_WRITE_FAILED = 4  # a checkpoint could not be written (disk full, I/O error)
-
-
-def choose_device(requested: str) -> torch.device:
-    if requested != "auto":
-        try:
-            device = torch.device(requested)
-        except RuntimeError as error:
-            raise UserError(f"device: {error}") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise UserError(f"device {requested!r}: CUDA is not available on this machine")
-        if device.type == "mps" and not torch.backends.mps.is_available():
-            raise UserError(f"device {requested!r}: MPS is not available on this machine")
-        return device
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
 
 
 def choose_precision(requested: str, device: torch.device) -> str:
