@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import final_weights, tiny_config_file
 
 from tinyseek.train import load_config
 from tinyseek.train.metrics import read_metrics
@@ -47,14 +46,20 @@ STEPS = 6
 MODEL = {"attention_dropout": 0.0}
 
 
-def config_file(tmp_path: Path, corpus, name: str, micro_batch: int, **sections) -> Path:
-    directory = tmp_path / name
-    directory.mkdir(exist_ok=True)
-    settings = {
-        "out_dir": str(directory / "run"), "max_steps": STEPS, "model": MODEL,
-        "data": {"micro_batch_size": micro_batch}, "logging": {"eval_every": STEPS}, **sections,
-    }
-    return tiny_config_file(directory, corpus, **settings)
+@pytest.fixture(scope="module")
+def config_file(train_config_file):
+    """``config_file(tmp_path, corpus, name, micro_batch, **sections)``: the tiny config in tmp_path/name."""
+
+    def write(tmp_path: Path, corpus, name: str, micro_batch: int, **sections) -> Path:
+        directory = tmp_path / name
+        directory.mkdir(exist_ok=True)
+        settings = {
+            "out_dir": str(directory / "run"), "max_steps": STEPS, "model": MODEL,
+            "data": {"micro_batch_size": micro_batch}, "logging": {"eval_every": STEPS}, **sections,
+        }
+        return train_config_file(directory, corpus, **settings)
+
+    return write
 
 
 def torchrun(tmp_path: Path, config: Path, *args: str, fail_rank: int | None = None, timeout: float = 240):
@@ -72,7 +77,7 @@ def train_losses(run_dir: Path) -> list[float]:
     return [r["loss"] for r in read_metrics(run_dir) if r["kind"] == "train"]
 
 
-def assert_same_run(run_dir: Path, reference_dir: Path):
+def assert_same_run(run_dir: Path, reference_dir: Path, final_weights):
     assert len(train_losses(run_dir)) == STEPS
     torch.testing.assert_close(train_losses(run_dir), train_losses(reference_dir), rtol=0, atol=1e-5)
     reference = final_weights(reference_dir)
@@ -81,7 +86,7 @@ def assert_same_run(run_dir: Path, reference_dir: Path):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_corpus):
+def runs(tmp_path_factory, tiny_corpus, config_file):
     """One process with micro-batch 4, and 2 processes x micro-batch 2 under DDP and FSDP2, on the same data."""
     tmp_path = tmp_path_factory.mktemp("distributed")
     single = Trainer(load_config(str(config_file(tmp_path, tiny_corpus, "single", micro_batch=4))))
@@ -96,16 +101,16 @@ def runs(tmp_path_factory, tiny_corpus):
     return results
 
 
-def test_ddp_on_two_processes_matches_one_process_with_twice_the_micro_batch(runs):
+def test_ddp_on_two_processes_matches_one_process_with_twice_the_micro_batch(runs, final_weights):
     assert "micro-batch 2 x accumulation 2 x 2 processes" in runs["ddp_log"]
-    assert_same_run(runs["ddp"], runs["single"])
+    assert_same_run(runs["ddp"], runs["single"], final_weights)
 
 
-def test_fsdp_on_two_processes_matches_ddp(runs):
-    assert_same_run(runs["fsdp"], runs["ddp"])
+def test_fsdp_on_two_processes_matches_ddp(runs, final_weights):
+    assert_same_run(runs["fsdp"], runs["ddp"], final_weights)
 
 
-def test_moe_biases_agree_on_every_rank_and_with_one_process(runs):
+def test_moe_biases_agree_on_every_rank_and_with_one_process(runs, final_weights):
     single = {n: b for n, b in final_weights(runs["single"]).items() if n.endswith("e_score_correction_bias")}
     assert single and any(b.abs().sum() > 0 for b in single.values())  # the updates did happen
     for strategy in ("ddp", "fsdp"):
@@ -115,7 +120,9 @@ def test_moe_biases_agree_on_every_rank_and_with_one_process(runs):
             torch.testing.assert_close(rank0[name], bias, rtol=0, atol=1e-6)
 
 
-def test_a_two_process_checkpoint_resumes_in_one_process_with_identical_weights(runs, tiny_corpus, caplog):
+def test_a_two_process_checkpoint_resumes_in_one_process_with_identical_weights(
+    runs, tiny_corpus, caplog, config_file, final_weights
+):
     tmp_path = runs["tmp_path"]
     run_dir = tmp_path / "resume-1" / "run"
     shutil.copytree(runs["ddp"], run_dir)
@@ -130,7 +137,7 @@ def test_a_two_process_checkpoint_resumes_in_one_process_with_identical_weights(
     assert resumed.train() == 0 and resumed.step == STEPS + 2
 
 
-def test_a_one_process_checkpoint_resumes_under_fsdp_on_two_processes(runs, tiny_corpus):
+def test_a_one_process_checkpoint_resumes_under_fsdp_on_two_processes(runs, tiny_corpus, config_file):
     tmp_path = runs["tmp_path"]
     run_dir = tmp_path / "resume-2" / "run"
     shutil.copytree(runs["single"], run_dir)
@@ -141,7 +148,7 @@ def test_a_one_process_checkpoint_resumes_under_fsdp_on_two_processes(runs, tiny
     assert len(train_losses(run_dir)) == STEPS + 2
 
 
-def test_a_failing_rank_ends_the_whole_job_with_a_message_naming_it(tmp_path, tiny_corpus):
+def test_a_failing_rank_ends_the_whole_job_with_a_message_naming_it(tmp_path, tiny_corpus, config_file):
     config = config_file(tmp_path, tiny_corpus, "failing", micro_batch=2, max_steps=50)
     result = torchrun(tmp_path, config, fail_rank=1, timeout=180)
     assert result.returncode != 0

@@ -7,18 +7,20 @@ import sys
 
 import pytest
 import torch
-from test_generate import EOS, byte_tokenizer, one_thread, small_model, write_run  # noqa: F401 (one_thread: fixture)
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationMixin
 
 from tinyseek import TinySeekForCausalLM
 from tinyseek.cli import main as tinyseek_main
 from tinyseek.data.tokenizer import encode_prompt
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 DEEPSEEK_V3_LIKE = dict(
     attention_type="mla", q_lora_rank=12, ffn_type="moe", scoring_func="sigmoid", n_routed_experts=8,
     num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, routed_scaling_factor=2.5,
 )
 LLAMA_LIKE = dict(attention_type="mha", ffn_type="dense", num_key_value_heads=2)
+EOS = 256  # the byte tokenizer's (conftest.py)
 TOKENS = [[EOS, 104, 101, 108, 108, 111, 32, 119, 111, 114, 108, 100], [EOS, 0, 255, 7, 128, 64, 32, 16, 8, 4, 2, 1]]
 
 # Runs in a fresh interpreter: loads each folder with transformers alone and prints its class and logits.
@@ -44,8 +46,10 @@ def trained_looking(model: TinySeekForCausalLM) -> TinySeekForCausalLM:
     return model
 
 
-def test_export_writes_a_folder_that_automodel_and_autotokenizer_load_with_identical_logits(tmp_path):
-    model, tokenizer = trained_looking(small_model(**DEEPSEEK_V3_LIKE)), byte_tokenizer()
+def test_export_writes_a_folder_that_automodel_and_autotokenizer_load_with_identical_logits(
+    tmp_path, tiny_model, byte_tokenizer, write_run
+):
+    model, tokenizer = trained_looking(tiny_model(**DEEPSEEK_V3_LIKE)), byte_tokenizer
     write_run(tmp_path / "run", model, tokenizer)
     out = tmp_path / "exported"
     assert tinyseek_main(["export", "--run-dir", str(tmp_path / "run"), "--out", str(out)]) == 0
@@ -68,11 +72,13 @@ def test_export_writes_a_folder_that_automodel_and_autotokenizer_load_with_ident
     assert torch.equal(loaded.generate(tokens, attention_mask=torch.ones_like(tokens), max_new_tokens=5), ours)
 
 
-def test_transformers_format_loads_without_tinyseek_as_deepseek_v3_and_llama_with_matching_logits(tmp_path, capsys):
+def test_transformers_format_loads_without_tinyseek_as_deepseek_v3_and_llama_with_matching_logits(
+    tmp_path, capsys, tiny_model, byte_tokenizer, write_run
+):
     expected, folders = {}, {}
     for name, overrides in (("DeepseekV3ForCausalLM", DEEPSEEK_V3_LIKE), ("LlamaForCausalLM", LLAMA_LIKE)):
-        model = trained_looking(small_model(**overrides))
-        write_run(tmp_path / name, model, byte_tokenizer())
+        model = trained_looking(tiny_model(**overrides))
+        write_run(tmp_path / name, model, byte_tokenizer)
         folders[name] = tmp_path / f"{name}-export"
         argv = ["export", "--run-dir", str(tmp_path / name), "--out", str(folders[name]), "--format", "transformers"]
         assert tinyseek_main(argv) == 0
@@ -106,8 +112,10 @@ def test_transformers_format_loads_without_tinyseek_as_deepseek_v3_and_llama_wit
     "overrides, reason",
     [(dict(attention_type="linear"), "linear attention"), (dict(attention_type="mla", scoring_func="softmax"), "sigmoid")],
 )
-def test_transformers_format_is_refused_with_the_reason_where_there_is_no_twin(tmp_path, capsys, overrides, reason):
-    write_run(tmp_path / "run", small_model(**overrides), byte_tokenizer())
+def test_transformers_format_is_refused_with_the_reason_where_there_is_no_twin(
+    tmp_path, capsys, overrides, reason, tiny_model, byte_tokenizer, write_run
+):
+    write_run(tmp_path / "run", tiny_model(**overrides), byte_tokenizer)
     argv = ["export", "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "out"), "--format", "transformers"]
     assert tinyseek_main(argv) == 2
     err = capsys.readouterr().err

@@ -6,59 +6,17 @@ import sys
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from tokenizers import decoders as token_decoders
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import GenerationMixin, PreTrainedTokenizerFast
+from transformers import GenerationMixin
 
 from tinyseek import TinySeekConfig, TinySeekForCausalLM
 from tinyseek.cli import main as tinyseek_main
 from tinyseek.generate import GenerationEngine, Sampling, TextStream, left_pad
-from tinyseek.train.checkpoint import save_checkpoint
 
-SMALL = dict(
-    vocab_size=257, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=96,
-    kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, intermediate_size=48,
-    moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2, linear_attention_chunk_size=4,
-)
-ATTENTION_TYPES = ["linear", "mla", "mha"]
 PROMPTS = [[5, 17, 99], [40, 41, 42, 43, 44, 45, 46, 47], [200, 3, 3, 150, 7]]
-EOS = 256
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: a second thread only adds synchronisation, which on a busy machine costs seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def small_model(seed: int = 0, **overrides) -> TinySeekForCausalLM:
-    torch.manual_seed(seed)
-    return TinySeekForCausalLM(TinySeekConfig(**{**SMALL, **overrides})).eval()
-
-
-def byte_tokenizer() -> PreTrainedTokenizerFast:
-    """GPT-2-style byte-level tokenizer with one token per byte (id = byte value) and EOS = 256: every character
-    outside ASCII spans several tokens."""
-    backend = Tokenizer(models.BPE(vocab={symbol: byte for byte, symbol in enumerate(byte_symbols())}, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = token_decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|eos|>", pad_token="<|eos|>")
-    assert tokenizer.eos_token_id == EOS
-    return tokenizer
-
-
-def byte_symbols() -> list[str]:
-    """GPT-2's printable stand-in for each byte 0..255: printable bytes stand for themselves, the others take the
-    characters from U+0100 on, in byte order."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    stand_ins = iter(range(256, 512))
-    symbols = [chr(byte) if byte in printable else chr(next(stand_ins)) for byte in range(256)]
-    assert set(symbols) == set(pre_tokenizers.ByteLevel.alphabet())
-    return symbols
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TIE = 1e-4  # the equality rule: where the reference's top two logits are this close, either choice is right
@@ -82,10 +40,11 @@ def greedy(engine: GenerationEngine, prompts, new_tokens: int) -> list[list[int]
 
 
 @pytest.mark.parametrize("ffn_type", ["moe", "dense"])
-@pytest.mark.parametrize("attention_type", ATTENTION_TYPES)
-def test_lean_previous_and_transformers_paths_equal_recomputation_batched_and_alone(attention_type, ffn_type):
+def test_lean_previous_and_transformers_paths_equal_recomputation_batched_and_alone(
+    attention_type, ffn_type, tiny_model
+):
     # Seed 2 has no near-tie in any of these models' first ten greedy steps (greedy_by_recomputation checks).
-    model = small_model(2, attention_type=attention_type, ffn_type=ffn_type, q_lora_rank=12 if ffn_type == "dense" else None)
+    model = tiny_model(2, attention_type=attention_type, ffn_type=ffn_type, q_lora_rank=12 if ffn_type == "dense" else None)
     new_tokens = 10
     expected = [greedy_by_recomputation(model, prompt, new_tokens) for prompt in PROMPTS]
     lean, previous = GenerationEngine(model, eos_token_ids=[]), GenerationEngine(model, eos_token_ids=[], lean=False)
@@ -97,12 +56,13 @@ def test_lean_previous_and_transformers_paths_equal_recomputation_batched_and_al
     assert theirs[:, input_ids.shape[1]:].tolist() == expected
 
 
-def test_lean_step_handles_grouped_query_heads_biases_shared_experts_and_a_dense_first_layer():
+def test_lean_step_handles_grouped_query_heads_biases_shared_experts_and_a_dense_first_layer(
+    attention_type, tiny_model
+):
     overrides = dict(num_key_value_heads=2, attention_bias=True, n_shared_experts=1, first_k_dense_replace=1, scoring_func="sigmoid")
-    for attention_type in ATTENTION_TYPES:
-        model = small_model(2, attention_type=attention_type, **overrides)
-        expected = [greedy_by_recomputation(model, prompt, 8) for prompt in PROMPTS]
-        assert greedy(GenerationEngine(model, eos_token_ids=[]), PROMPTS, 8) == expected
+    model = tiny_model(2, attention_type=attention_type, **overrides)
+    expected = [greedy_by_recomputation(model, prompt, 8) for prompt in PROMPTS]
+    assert greedy(GenerationEngine(model, eos_token_ids=[]), PROMPTS, 8) == expected
 
 
 class RecordOutputShapes(TorchDispatchMode):
@@ -116,10 +76,10 @@ class RecordOutputShapes(TorchDispatchMode):
         return result
 
 
-def test_mla_decodes_from_the_latent_cache_without_expanding_per_head_keys_or_values():
+def test_mla_decodes_from_the_latent_cache_without_expanding_per_head_keys_or_values(tiny_model):
     """The decode step's attention, that is: a prefill attends in the expanded form."""
-    config = TinySeekConfig(**{**SMALL, "attention_type": "mla", "q_lora_rank": 12})
-    model = small_model(**config.to_diff_dict())
+    model = tiny_model(attention_type="mla", q_lora_rank=12)
+    config = model.config
     heads, per_head = config.num_attention_heads, min(config.qk_nope_head_dim, config.v_head_dim)
     assert config.kv_lora_rank < heads * per_head  # otherwise an expanded tensor would not stand out by size
     input_ids, attention_mask = left_pad(PROMPTS, pad_token_id=0)
@@ -143,9 +103,8 @@ def test_mla_decodes_from_the_latent_cache_without_expanding_per_head_keys_or_va
     assert any(s == (batch, 1, context, config.kv_lora_rank) for s in recorder.shapes)
 
 
-@pytest.mark.parametrize("attention_type", ATTENTION_TYPES)
-def test_seeded_sampling_is_reproducible_and_draws_like_transformers(attention_type):
-    model = small_model(attention_type=attention_type)
+def test_seeded_sampling_is_reproducible_and_draws_like_transformers(attention_type, tiny_model):
+    model = tiny_model(attention_type=attention_type)
     sampling = Sampling(temperature=0.9, top_k=40, top_p=0.9, min_p=0.02, repetition_penalty=1.3, seed=7)
 
     def sample(engine, sampling):
@@ -164,27 +123,17 @@ def test_seeded_sampling_is_reproducible_and_draws_like_transformers(attention_t
     assert reference[:, input_ids.shape[1]:].tolist() == first
 
 
-def test_top_k_of_one_is_greedy():
-    model = small_model(attention_type="mla")
+def test_top_k_of_one_is_greedy(tiny_model):
+    model = tiny_model(attention_type="mla")
     engine = GenerationEngine(model, eos_token_ids=[])
     top_1 = [c.token_ids for c in engine.generate(PROMPTS, Sampling(temperature=1.5, top_k=1, seed=0), 10)]
     assert top_1 == greedy(engine, PROMPTS, 10)
 
 
-def letters_only_model(**overrides) -> TinySeekForCausalLM:
-    """A random model whose head can only favour lowercase ASCII letters (every other row of the head is zero, so
-    its logit is 0 while the best letter's is positive), so that its byte-level output is readable text."""
-    model = small_model(**overrides)
-    letters = torch.tensor(list(b"abcdefghijklmnopqrstuvwxyz"))
-    with torch.no_grad():
-        keep = torch.zeros(model.config.vocab_size, dtype=torch.bool)
-        keep[letters] = True
-        model.lm_head.weight[~keep] = 0
-    return model
-
-
-def test_generation_stops_at_eos_and_at_stop_strings_and_cuts_the_text_before_them():
-    model, tokenizer = letters_only_model(attention_type="mla"), byte_tokenizer()
+def test_generation_stops_at_eos_and_at_stop_strings_and_cuts_the_text_before_them(
+    tiny_model, byte_tokenizer, letters_only
+):
+    model, tokenizer = letters_only(tiny_model(attention_type="mla")), byte_tokenizer
     prompt = tokenizer("hello", add_special_tokens=False).input_ids
     free = greedy(GenerationEngine(model, tokenizer), [prompt], 24)[0]
     text = tokenizer.decode(free)
@@ -207,8 +156,8 @@ def test_generation_stops_at_eos_and_at_stop_strings_and_cuts_the_text_before_th
     assert "".join(pieces) == text and reason == "length"
 
 
-def test_streamed_text_never_splits_a_multi_byte_character():
-    tokenizer = byte_tokenizer()
+def test_streamed_text_never_splits_a_multi_byte_character(byte_tokenizer):
+    tokenizer = byte_tokenizer
     text = "naïve café → 日本語 ✓ done"
     ids = tokenizer(text, add_special_tokens=False).input_ids
     assert len(ids) > len(text)  # several tokens per character
@@ -221,17 +170,13 @@ def test_streamed_text_never_splits_a_multi_byte_character():
 # --- `tinyseek generate` -----------------------------------------------------------------------------------------
 
 
-def write_run(run_dir, model, tokenizer, step: int = 10):
-    """A run directory laid out by the trainer's own checkpoint writer."""
-    model.config.eos_token_id = tokenizer.eos_token_id
-    return save_checkpoint(run_dir, step, model, tokenizer, optimizer_state={}, trainer_state={"step": step}, keep=1)
-
-
-def test_generate_command_streams_the_greedy_continuation_of_the_latest_checkpoint(tmp_path, capsys):
-    model, tokenizer = letters_only_model(attention_type="linear"), byte_tokenizer()
-    write_run(tmp_path / "run", small_model(attention_type="linear"), tokenizer, step=5)  # an older checkpoint
+def test_generate_command_streams_the_greedy_continuation_of_the_latest_checkpoint(
+    tmp_path, capsys, tiny_model, byte_tokenizer, write_run, letters_only
+):
+    model, tokenizer = letters_only(tiny_model(attention_type="linear")), byte_tokenizer
+    write_run(tmp_path / "run", tiny_model(attention_type="linear"), tokenizer, step=5)  # an older checkpoint
     write_run(tmp_path / "run", model, tokenizer, step=10)
-    prompt = [EOS] + tokenizer("once upon", add_special_tokens=False).input_ids
+    prompt = [tokenizer.eos_token_id] + tokenizer("once upon", add_special_tokens=False).input_ids
     expected = tokenizer.decode(greedy_by_recomputation(model, prompt, 9))
 
     argv = ["generate", "--run-dir", str(tmp_path / "run"), "--prompt", "once upon", "--max-new-tokens", "9",
@@ -242,12 +187,14 @@ def test_generate_command_streams_the_greedy_continuation_of_the_latest_checkpoi
     assert "9 tokens in" in captured.err and "tokens/s" in captured.err
 
 
-def test_generate_command_refuses_a_run_without_checkpoint_and_a_prompt_beyond_the_positions(tmp_path, capsys):
+def test_generate_command_refuses_a_run_without_checkpoint_and_a_prompt_beyond_the_positions(
+    tmp_path, capsys, tiny_model, byte_tokenizer, write_run
+):
     (tmp_path / "empty-run" / "checkpoints").mkdir(parents=True)
     assert tinyseek_main(["generate", "--run-dir", str(tmp_path / "empty-run"), "--prompt", "hi"]) == 2
     assert "has no valid checkpoint" in capsys.readouterr().err
 
-    write_run(tmp_path / "run", small_model(max_position_embeddings=16), byte_tokenizer())
+    write_run(tmp_path / "run", tiny_model(max_position_embeddings=16), byte_tokenizer)
     argv = ["generate", "--run-dir", str(tmp_path / "run"), "--prompt", "a prompt of well over sixteen bytes"]
     assert tinyseek_main(argv) == 2
     err = capsys.readouterr().err
@@ -282,12 +229,12 @@ def routing_by_full_forward(model, sequence: list[int]) -> list[list[list[int]]]
     return torch.stack(recorded, dim=1).tolist(), logits
 
 
-def test_capture_returns_the_routed_experts_and_alternatives_of_a_forward_pass():
-    model = small_model(**{**TinySeekConfig.from_preset("seed").to_diff_dict(), **SMALL, "attention_type": "linear"})
+def test_capture_returns_the_routed_experts_and_alternatives_of_a_forward_pass(tiny_model, byte_tokenizer):
+    model = tiny_model(**{**TinySeekConfig.from_preset("seed").to_diff_dict(), "attention_type": "linear"})
     moe_layers = len(model.moe_layers())
     assert moe_layers == model.config.num_hidden_layers
     prompt, new_tokens = PROMPTS[1], 6
-    engine = GenerationEngine(model, byte_tokenizer())
+    engine = GenerationEngine(model, byte_tokenizer)
     events = [step[0] for step in engine.stream([prompt], Sampling(temperature=0), new_tokens, capture=True)]
     generated = [event.token_id for event in events]
     routing, logits = routing_by_full_forward(model, prompt + generated)
@@ -299,14 +246,16 @@ def test_capture_returns_the_routed_experts_and_alternatives_of_a_forward_pass()
         top = probabilities[position].topk(5)
         assert [token for token, _, _ in event.alternatives] == top.indices.tolist()
         assert [probability for _, _, probability in event.alternatives] == pytest.approx(top.values.tolist(), abs=1e-6)
-        assert event.alternatives[0][1] == byte_tokenizer().decode([event.alternatives[0][0]])
+        assert event.alternatives[0][1] == byte_tokenizer.decode([event.alternatives[0][0]])
     plain = [step[0] for step in engine.stream([prompt], Sampling(temperature=0), new_tokens)]
     assert [event.token_id for event in plain] == generated
     assert all(event.experts is None and event.alternatives is None for event in plain)
 
 
-def test_engine_events_finish_rows_at_eos_and_at_the_length_limit_and_drop_finished_rows():
-    model, tokenizer = letters_only_model(attention_type="mha"), byte_tokenizer()
+def test_engine_events_finish_rows_at_eos_and_at_the_length_limit_and_drop_finished_rows(
+    tiny_model, byte_tokenizer, letters_only
+):
+    model, tokenizer = letters_only(tiny_model(attention_type="mha")), byte_tokenizer
     engine = GenerationEngine(model, tokenizer)
     free = engine.generate(PROMPTS, Sampling(temperature=0), 12)
     assert [completion.finish_reason for completion in free] == ["length"] * 3
@@ -329,9 +278,8 @@ def transformers_generate(model, *args, **kwargs):
     return GenerationMixin.generate(model, *args, **kwargs)
 
 
-@pytest.mark.parametrize("attention_type", ATTENTION_TYPES)
-def test_model_generate_runs_on_the_engine_and_equals_transformers_loop(attention_type):
-    model = letters_only_model(attention_type=attention_type)
+def test_model_generate_runs_on_the_engine_and_equals_transformers_loop(attention_type, tiny_model, letters_only):
+    model = letters_only(tiny_model(attention_type=attention_type))
     input_ids, attention_mask = left_pad(PROMPTS, pad_token_id=0)
     greedy = dict(attention_mask=attention_mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
     free = transformers_generate(model, input_ids, **greedy)
@@ -353,7 +301,9 @@ def test_model_generate_runs_on_the_engine_and_equals_transformers_loop(attentio
     assert torch.equal(beams, transformers_generate(model, input_ids, num_beams=2, **greedy))
 
 
-def test_without_a_working_compiler_generation_falls_back_to_the_eager_step_and_says_so(monkeypatch, tmp_path, capsys):
+def test_without_a_working_compiler_generation_falls_back_to_the_eager_step_and_says_so(
+    monkeypatch, tmp_path, capsys, tiny_model, byte_tokenizer, write_run, letters_only
+):
     from torch._inductor.exc import InvalidCxxCompiler
 
     from tinyseek.generate import lean
@@ -366,14 +316,14 @@ def test_without_a_working_compiler_generation_falls_back_to_the_eager_step_and_
 
     monkeypatch.setattr(torch, "compile", compile_without_compiler)
     lean.compiled_lean_step.cache_clear()
-    model = small_model(2, attention_type="mha")
+    model = tiny_model(2, attention_type="mha")
     expected = [greedy_by_recomputation(model, prompt, 6) for prompt in PROMPTS]
     engine = GenerationEngine(model, eos_token_ids=[], compile=True)
     with pytest.warns(RuntimeWarning, match="torch.compile failed .*decoding with the eager lean step") as caught:
         assert greedy(engine, PROMPTS, 6) == expected
     assert len(caught) == 1 and engine.path == "lean step"
 
-    write_run(tmp_path / "run", letters_only_model(attention_type="mla"), byte_tokenizer())
+    write_run(tmp_path / "run", letters_only(tiny_model(attention_type="mla")), byte_tokenizer)
     argv = ["generate", "--run-dir", str(tmp_path / "run"), "--prompt", "hi", "--max-new-tokens", "4", "--compile"]
     with pytest.warns(RuntimeWarning, match="eager lean step"):
         assert tinyseek_main(argv) == 0
@@ -381,8 +331,8 @@ def test_without_a_working_compiler_generation_falls_back_to_the_eager_step_and_
     lean.compiled_lean_step.cache_clear()
 
 
-def test_the_engine_decodes_in_fp32_inside_a_bf16_autocast():
-    model = small_model(2, attention_type="mla")
+def test_the_engine_decodes_in_fp32_inside_a_bf16_autocast(tiny_model):
+    model = tiny_model(2, attention_type="mla")
     expected = [greedy_by_recomputation(model, prompt, 8) for prompt in PROMPTS]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         for lean in (True, False):
@@ -392,9 +342,8 @@ def test_the_engine_decodes_in_fp32_inside_a_bf16_autocast():
 # --- self-speculative decoding with the MTP head ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("attention_type", ATTENTION_TYPES)
-def test_speculative_greedy_output_equals_plain_greedy_at_eos_and_at_the_last_position(attention_type):
-    model = small_model(2, attention_type=attention_type, num_nextn_predict_layers=1)
+def test_speculative_greedy_output_equals_plain_greedy_at_eos_and_at_the_last_position(attention_type, tiny_model):
+    model = tiny_model(2, attention_type=attention_type, num_nextn_predict_layers=1)
     plain = GenerationEngine(model, eos_token_ids=[])
     speculative = GenerationEngine(model, eos_token_ids=[], speculative=True)
     room = model.config.max_position_embeddings - len(PROMPTS[1]) + 1
@@ -411,11 +360,10 @@ def test_speculative_greedy_output_equals_plain_greedy_at_eos_and_at_the_last_po
     assert greedy(speculative, [PROMPTS[1]], room - 7)[0] == greedy(plain, [PROMPTS[1]], room - 7)[0]
 
 
-def draft_model(always_right: bool) -> TinySeekForCausalLM:
-    """A model whose main head always picks token 0 (its final norm is zero, so every logit is 0), with an MTP
-    head that then also drafts token 0 (its norm zero too) or never does (its own hidden state, with token 0's
-    head row zeroed: some other logit is positive)."""
-    model = small_model(attention_type="mla", num_nextn_predict_layers=1)
+def draft_model(model: TinySeekForCausalLM, always_right: bool) -> TinySeekForCausalLM:
+    """The model (with MTP) changed so its main head always picks token 0 (its final norm is zero, so every logit is
+    0), with an MTP head that then also drafts token 0 (its norm zero too) or never does (its own hidden state, with
+    token 0's head row zeroed: some other logit is positive)."""
     with torch.no_grad():
         model.model.norm.weight.zero_()
         model.lm_head.weight[0] = 0
@@ -425,8 +373,8 @@ def draft_model(always_right: bool) -> TinySeekForCausalLM:
 
 
 @pytest.mark.parametrize("always_right", [True, False])
-def test_speculative_acceptance_is_counted_on_drafts_that_are_always_right_or_always_wrong(always_right):
-    model = draft_model(always_right)
+def test_speculative_acceptance_is_counted_on_drafts_that_are_always_right_or_always_wrong(always_right, tiny_model):
+    model = draft_model(tiny_model(attention_type="mla", num_nextn_predict_layers=1), always_right)
     engine = GenerationEngine(model, eos_token_ids=[], speculative=True)
     new_tokens = 9
     assert greedy(engine, [PROMPTS[0]], new_tokens)[0] == [0] * new_tokens

@@ -4,14 +4,11 @@ import pytest
 import torch
 from transformers import DeepseekV3ForCausalLM, LlamaForCausalLM
 
-from tinyseek import TinySeekConfig, TinySeekForCausalLM
+from tinyseek import TinySeekForCausalLM
 from tinyseek.hf import from_transformers, to_transformers
 
-BASE = dict(
-    vocab_size=101, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=64,
-    kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, intermediate_size=48,
-    moe_intermediate_size=16,
-)
+# Three layers, so that a dense first layer (first_k_dense_replace=1) is followed by more than one MoE layer.
+LAYERS = 3
 CONVERTIBLE = {
     "mla+sigmoid-moe": (dict(attention_type="mla", ffn_type="moe", scoring_func="sigmoid", n_routed_experts=8,
                              num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=24,
@@ -22,10 +19,10 @@ CONVERTIBLE = {
 
 
 @pytest.mark.parametrize("name", CONVERTIBLE)
-def test_to_transformers_matches_logits_and_from_transformers_round_trips(name):
+def test_to_transformers_matches_logits_and_from_transformers_round_trips(name, tiny_config):
     overrides, expected_class = CONVERTIBLE[name]
     torch.manual_seed(0)
-    model = TinySeekForCausalLM(TinySeekConfig(**BASE, **overrides)).eval()
+    model = TinySeekForCausalLM(tiny_config(num_hidden_layers=LAYERS, **overrides)).eval()
     with torch.no_grad():  # a trained-looking balancing bias, so selection really depends on it
         for moe in model.moe_layers():
             moe.gate.e_score_correction_bias.normal_(0, 0.05)
@@ -51,7 +48,7 @@ def test_to_transformers_matches_logits_and_from_transformers_round_trips(name):
         (dict(attention_type="mla", ffn_type="dense", num_nextn_predict_layers=1), "multi-token"),
     ],
 )
-def test_architectures_without_a_transformers_twin_are_refused_with_the_reason(overrides, reason):
-    model = TinySeekForCausalLM(TinySeekConfig(**{**BASE, **overrides}))
+def test_architectures_without_a_transformers_twin_are_refused_with_the_reason(overrides, reason, tiny_config):
+    model = TinySeekForCausalLM(tiny_config(num_hidden_layers=LAYERS, **overrides))
     with pytest.raises(ValueError, match=reason):
         to_transformers(model)

@@ -7,19 +7,6 @@ from transformers import AutoModelForCausalLM
 from tinyseek import TinySeekConfig, TinySeekForCausalLM, parameter_report
 from tinyseek.attention import TinySeekCache
 
-SMALL = dict(
-    vocab_size=101, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64,
-    kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, intermediate_size=48,
-    moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2, linear_attention_chunk_size=4,
-)
-ATTENTION_TYPES = ["linear", "mla", "mha"]
-
-
-def small_model(**overrides) -> TinySeekForCausalLM:
-    torch.manual_seed(0)
-    return TinySeekForCausalLM(TinySeekConfig(**{**SMALL, **overrides})).eval()
-
-
 def test_seed_preset_has_exactly_the_seed_parameter_count_and_structure():
     model = TinySeekForCausalLM(TinySeekConfig.from_preset("seed"))
     assert parameter_report(model)["total"] == 10_095_760
@@ -39,18 +26,17 @@ def test_seed_preset_has_exactly_the_seed_parameter_count_and_structure():
     assert experts.gate_up_proj.shape == (4, 2 * 256, 128) and experts.down_proj.shape == (4, 128, 256)
 
 
-def test_parameter_report_counts_only_chosen_routed_experts_as_active():
-    model = small_model(n_shared_experts=1)
+def test_parameter_report_counts_only_chosen_routed_experts_as_active(tiny_model):
+    model = tiny_model(n_shared_experts=1)
     report = parameter_report(model)
     routed_per_layer = sum(p.numel() for p in model.model.layers[0].mlp.experts.parameters())
     assert report["total"] - report["active_per_token"] == 2 * routed_per_layer // 2  # top-2 of 4 in 2 layers
-    assert report["embedding"] == 2 * 101 * 32
+    assert report["embedding"] == 2 * 257 * 32
     assert report["non_embedding"] == report["total"] - report["embedding"]
 
 
-@pytest.mark.parametrize("attention_type", ATTENTION_TYPES)
-def test_changing_later_tokens_leaves_earlier_logits_unchanged(attention_type):
-    model = small_model(attention_type=attention_type)
+def test_changing_later_tokens_leaves_earlier_logits_unchanged(attention_type, tiny_model):
+    model = tiny_model(attention_type=attention_type)
     tokens = torch.randint(0, 101, (2, 12))
     changed = tokens.clone()
     changed[:, 7:] = torch.randint(0, 101, (2, 5))
@@ -60,9 +46,8 @@ def test_changing_later_tokens_leaves_earlier_logits_unchanged(attention_type):
     assert not torch.allclose(original[:, 7:], perturbed[:, 7:])
 
 
-@pytest.mark.parametrize("attention_type", ATTENTION_TYPES)
-def test_token_by_token_cached_decoding_equals_the_full_forward(attention_type):
-    model = small_model(attention_type=attention_type)
+def test_token_by_token_cached_decoding_equals_the_full_forward(attention_type, tiny_model):
+    model = tiny_model(attention_type=attention_type)
     tokens = torch.randint(0, 101, (2, 11))
     with torch.no_grad():
         full = model(tokens).logits
@@ -77,8 +62,8 @@ def test_token_by_token_cached_decoding_equals_the_full_forward(attention_type):
     torch.testing.assert_close(torch.cat([prefix.logits, rest.logits], 1), full, rtol=0, atol=1e-5)
 
 
-def test_linear_attention_cache_is_a_fixed_size_state():
-    model = small_model(attention_type="linear")
+def test_linear_attention_cache_is_a_fixed_size_state(tiny_model):
+    model = tiny_model(attention_type="linear")
     with torch.no_grad():
         out = model(torch.randint(0, 101, (1, 9)), use_cache=True)
         sizes = [(layer.state.shape, layer.normalizer.shape) for layer in out.cache.layers]
@@ -88,20 +73,19 @@ def test_linear_attention_cache_is_a_fixed_size_state():
     assert out.cache.get_seq_length() == 10
 
 
-def test_mla_cache_holds_only_the_latent_and_the_shared_rope_key():
-    model = small_model(attention_type="mla", q_lora_rank=12)
+def test_mla_cache_holds_only_the_latent_and_the_shared_rope_key(tiny_model):
+    model = tiny_model(attention_type="mla", q_lora_rank=12)
     with torch.no_grad():
         out = model(torch.randint(0, 101, (3, 7)), use_cache=True)
     assert isinstance(out.cache, TinySeekCache)
     for layer in out.cache.layers:
         per_token = sum(t.shape[-1] for t in (layer.keys, layer.values))
-        assert per_token == SMALL["kv_lora_rank"] + SMALL["qk_rope_head_dim"]
-        assert layer.keys.shape == (3, 1, 7, SMALL["kv_lora_rank"]) and layer.values.shape == (3, 1, 7, 4)
+        assert per_token == model.config.kv_lora_rank + model.config.qk_rope_head_dim
+        assert layer.keys.shape == (3, 1, 7, model.config.kv_lora_rank) and layer.values.shape == (3, 1, 7, 4)
 
 
-@pytest.mark.parametrize("attention_type", ATTENTION_TYPES)
-def test_generate_with_cache_equals_greedy_recomputation(attention_type):
-    model = small_model(attention_type=attention_type)
+def test_generate_with_cache_equals_greedy_recomputation(attention_type, tiny_model):
+    model = tiny_model(attention_type=attention_type)
     prompt = torch.randint(0, 101, (2, 5))
     generated = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False, pad_token_id=0)
     sequence = prompt
@@ -111,8 +95,8 @@ def test_generate_with_cache_equals_greedy_recomputation(attention_type):
     assert torch.equal(generated, sequence)
 
 
-def test_save_pretrained_then_from_pretrained_and_automodel_give_identical_logits(tmp_path):
-    model = small_model(attention_type="mla")
+def test_save_pretrained_then_from_pretrained_and_automodel_give_identical_logits(tmp_path, tiny_model):
+    model = tiny_model(attention_type="mla")
     with torch.no_grad():
         model.moe_layers()[0].gate.e_score_correction_bias.copy_(torch.tensor([0.1, -0.1, 0.05, -0.05]))
     model.save_pretrained(tmp_path)
@@ -125,20 +109,20 @@ def test_save_pretrained_then_from_pretrained_and_automodel_give_identical_logit
             assert torch.equal(loaded.eval()(tokens).logits, expected)
 
 
-def test_tied_embeddings_share_one_tensor():
-    model = small_model(tie_word_embeddings=True)
+def test_tied_embeddings_share_one_tensor(tiny_model):
+    model = tiny_model(tie_word_embeddings=True)
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    assert parameter_report(model)["embedding"] == 101 * 32
+    assert parameter_report(model)["embedding"] == 257 * 32
 
 
-def test_prompt_longer_than_positions_is_refused():
-    model = small_model(max_position_embeddings=8)
+def test_prompt_longer_than_positions_is_refused(tiny_model):
+    model = tiny_model(max_position_embeddings=8)
     with pytest.raises(ValueError, match="max_position_embeddings=8"):
         model(torch.zeros(1, 9, dtype=torch.long))
 
 
-def test_multi_token_prediction_adds_a_weighted_loss_without_touching_the_logits():
-    model = small_model(num_nextn_predict_layers=1, mtp_loss_weight=0.5).train()
+def test_multi_token_prediction_adds_a_weighted_loss_without_touching_the_logits(tiny_model):
+    model = tiny_model(num_nextn_predict_layers=1, mtp_loss_weight=0.5).train()
     tokens = torch.randint(0, 101, (2, 10))
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     out = model(input_ids=inputs, shift_labels=targets)
@@ -177,9 +161,9 @@ BAD_CONFIGS = [
 
 
 @pytest.mark.parametrize("overrides, field", BAD_CONFIGS)
-def test_bad_config_raises_value_error_naming_the_field(overrides, field):
+def test_bad_config_raises_value_error_naming_the_field(overrides, field, tiny_config):
     with pytest.raises(ValueError, match=rf"^{field}:"):
-        TinySeekConfig(**{**SMALL, **overrides})
+        tiny_config(**overrides)
 
 
 def test_unknown_preset_is_refused():

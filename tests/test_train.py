@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 
 from tinyseek import TinySeekForCausalLM
 from tinyseek.cli import main as tinyseek_main
 from tinyseek.data.tokenizer import encode_prompt
 from tinyseek.errors import UserError
-from tinyseek.train import latest_checkpoint, load_config, load_model_and_tokenizer
+from tinyseek.loading import load_model_and_tokenizer
+from tinyseek.train import latest_checkpoint, load_config
 from tinyseek.train.checkpoint import list_checkpoints
 from tinyseek.train.cli import main as train_main
 from tinyseek.train.config import ScheduleConfig, parse_assignment
@@ -29,45 +29,9 @@ from tinyseek.train.trainer import Trainer
 from test_training_speed import compiler_failure
 
 REPO = Path(__file__).resolve().parents[1]
-def tiny_config_file(tmp_path: Path, corpus: dict[str, str], **sections) -> Path:
-    config = {
-        "out_dir": str(tmp_path / "run"),
-        "max_steps": 6,
-        "dtype": "fp32",
-        "device": "cpu",
-        "model": {
-            "preset": "seed", "vocab_size": 304, "hidden_size": 32, "num_hidden_layers": 2,
-            "intermediate_size": 64, "moe_intermediate_size": 32,
-        },
-        "data": {"source": corpus["data"], "tokenizer": corpus["tokenizer"], "seq_len": 16,
-                 "micro_batch_size": 2, "grad_accum": 2},
-        "optim": {"lr": 3.0e-3},
-        "schedule": {"warmup_steps": 2},
-        "checkpoint": {"every": 3, "keep": 1},
-        "logging": {"log_every": 1, "eval_every": 3, "eval_batches": 2, "sample_every": 1000,
-                    "progress_bar": False, "peak_flops": 1.0e11},
-        "sample": {"prompts": ["the cat"], "max_new_tokens": 4},
-    }
-    for section, values in sections.items():
-        if isinstance(values, dict):
-            config[section].update(values)
-        else:
-            config[section] = values
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
 
 
-def tiny_trainer(tmp_path, corpus, out_dir=None, **sections) -> Trainer:
-    overrides = [(["out_dir"], str(out_dir))] if out_dir else []
-    return Trainer(load_config(str(tiny_config_file(tmp_path, corpus, **sections)), overrides))
-
-
-def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(latest_checkpoint(run_dir) / "model.safetensors")
-
-
-def test_loss_falls_on_a_tiny_corpus(tmp_path, tiny_corpus):
+def test_loss_falls_on_a_tiny_corpus(tmp_path, tiny_corpus, tiny_trainer):
     trainer = tiny_trainer(tmp_path, tiny_corpus, max_steps=30, optim={"lr": 1.0e-2}, logging={"eval_every": 30})
     assert trainer.train() == 0
     records = read_metrics(trainer.run_dir)
@@ -84,7 +48,9 @@ def test_loss_falls_on_a_tiny_corpus(tmp_path, tiny_corpus):
 
 
 @pytest.mark.parametrize("checkpointing", ["none", "selective"])
-def test_interrupted_and_resumed_run_is_bitwise_identical(tmp_path, tiny_corpus, checkpointing):
+def test_interrupted_and_resumed_run_is_bitwise_identical(
+    tmp_path, tiny_corpus, checkpointing, tiny_trainer, final_weights
+):
     # Dropout stays on (the seed preset's 0.1), so the restored torch RNG state matters.
     straight = tiny_trainer(tmp_path, tiny_corpus, out_dir=tmp_path / "straight", gradient_checkpointing=checkpointing)
     straight.train()
@@ -102,7 +68,7 @@ def test_interrupted_and_resumed_run_is_bitwise_identical(tmp_path, tiny_corpus,
     assert all(torch.equal(expected[key], actual[key]) for key in expected)
 
 
-def test_trainer_says_which_path_compile_took(tmp_path, tiny_corpus):
+def test_trainer_says_which_path_compile_took(tmp_path, tiny_corpus, tiny_trainer):
     with compiler_failure():
         trainer = tiny_trainer(tmp_path, tiny_corpus, max_steps=1, compile=True)
     assert trainer.compile_path.startswith("eager (torch.compile unavailable here")
@@ -110,7 +76,9 @@ def test_trainer_says_which_path_compile_took(tmp_path, tiny_corpus):
     assert "compile eager (torch.compile unavailable here" in (trainer.run_dir / "train.log").read_text()
 
 
-def test_sigterm_mid_run_leaves_a_checkpoint_that_resumes(tmp_path, tiny_corpus):
+def test_sigterm_mid_run_leaves_a_checkpoint_that_resumes(
+    tmp_path, tiny_corpus, tiny_trainer, tiny_config_file, final_weights
+):
     config = tiny_config_file(
         tmp_path, tiny_corpus, max_steps=100_000, schedule={"kind": "constant", "warmup_steps": 0},
         checkpoint={"every": 100_000},
@@ -143,13 +111,13 @@ def test_sigterm_mid_run_leaves_a_checkpoint_that_resumes(tmp_path, tiny_corpus)
     assert all(torch.equal(expected[key], actual[key]) for key in expected)
 
 
-def test_keeps_only_the_latest_k_checkpoints(tmp_path, tiny_corpus):
+def test_keeps_only_the_latest_k_checkpoints(tmp_path, tiny_corpus, tiny_trainer):
     trainer = tiny_trainer(tmp_path, tiny_corpus, max_steps=5, checkpoint={"every": 1, "keep": 2})
     trainer.train()
     assert sorted(p.name for p in (trainer.run_dir / "checkpoints").iterdir()) == ["step_00000004", "step_00000005"]
 
 
-def test_corrupt_latest_checkpoint_falls_back_to_the_one_before(tmp_path, tiny_corpus, caplog):
+def test_corrupt_latest_checkpoint_falls_back_to_the_one_before(tmp_path, tiny_corpus, caplog, tiny_trainer):
     tiny_trainer(tmp_path, tiny_corpus, max_steps=4, checkpoint={"every": 2, "keep": 2}).train()
     run_dir = tmp_path / "run"
     weights = run_dir / "checkpoints" / "step_00000004" / "model.safetensors"
@@ -163,7 +131,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_one_before(tmp_path, tiny_c
     assert latest_checkpoint(run_dir).name == "step_00000004"
 
 
-def test_bias_update_runs_once_per_optimizer_step(tmp_path, tiny_corpus, monkeypatch):
+def test_bias_update_runs_once_per_optimizer_step(tmp_path, tiny_corpus, monkeypatch, tiny_trainer):
     calls = {"update": 0, "train_forward": 0}
     original_update, original_forward = TinySeekForCausalLM.update_load_balance_bias, TinySeekForCausalLM.forward
 
@@ -205,7 +173,7 @@ def test_config_errors_are_clear(arguments, message):
         train_main(["train", *arguments])
 
 
-def test_bad_input_exits_with_one_line_and_touches_nothing(tmp_path, tiny_corpus, capsys):
+def test_bad_input_exits_with_one_line_and_touches_nothing(tmp_path, tiny_corpus, capsys, tiny_trainer):
     tiny_trainer(tmp_path, tiny_corpus, max_steps=2).train()
     checkpoint = latest_checkpoint(tmp_path / "run")
     before = {p.name: p.stat().st_mtime_ns for p in checkpoint.iterdir()}
@@ -231,7 +199,7 @@ def test_bad_input_exits_with_one_line_and_touches_nothing(tmp_path, tiny_corpus
     assert not (tmp_path / "other").exists()
 
 
-def test_checkpoint_loads_for_generation(tmp_path, tiny_corpus):
+def test_checkpoint_loads_for_generation(tmp_path, tiny_corpus, tiny_trainer):
     trainer = tiny_trainer(tmp_path, tiny_corpus, max_steps=2)
     trainer.train()
     model, tokenizer = load_model_and_tokenizer(trainer.run_dir)
@@ -290,7 +258,7 @@ def test_parse_duration():
             parse_duration(bad)
 
 
-def test_time_budget_fixes_max_steps_once_from_the_measured_speed(tmp_path, tiny_corpus):
+def test_time_budget_fixes_max_steps_once_from_the_measured_speed(tmp_path, tiny_corpus, tiny_trainer):
     trainer = tiny_trainer(tmp_path, tiny_corpus, time_budget="1s", max_steps=3)
     fixed = []
     original = Trainer.fix_max_steps
@@ -305,7 +273,9 @@ def test_time_budget_fixes_max_steps_once_from_the_measured_speed(tmp_path, tiny
     assert "% of the budget" in (trainer.run_dir / "train.log").read_text()
 
 
-def test_time_budget_resume_keeps_the_fixed_steps_and_is_bitwise_identical(tmp_path, tiny_corpus, monkeypatch):
+def test_time_budget_resume_keeps_the_fixed_steps_and_is_bitwise_identical(
+    tmp_path, tiny_corpus, monkeypatch, tiny_trainer, final_weights
+):
     from tinyseek.train.budget import BudgetCalibration
 
     # The clock decides the step count; here it decides 9 at step 3 in both runs, so their weights can be compared.
@@ -324,7 +294,9 @@ def test_time_budget_resume_keeps_the_fixed_steps_and_is_bitwise_identical(tmp_p
     assert all(torch.equal(expected[key], actual[key]) for key in expected)
 
 
-def test_trainer_samples_tinyseek_generate_and_model_generate_give_the_same_text(tmp_path, tiny_corpus, capsys):
+def test_trainer_samples_tinyseek_generate_and_model_generate_give_the_same_text(
+    tmp_path, tiny_corpus, capsys, tiny_trainer
+):
     sample = {"prompts": ["the cat"], "max_new_tokens": 8, "temperature": 0.8, "top_k": 50, "top_p": 0.95,
               "repetition_penalty": 1.1}
     trainer = tiny_trainer(tmp_path, tiny_corpus, max_steps=2, dtype="bf16", seed=5, sample=sample)
