@@ -127,8 +127,8 @@ def write_run():
 
 
 @pytest.fixture(scope="session")
-def train_config_file():
-    """``train_config_file(directory, corpus, **sections)``: a training config for the tiny seed-shaped model on
+def tiny_config_file():
+    """``tiny_config_file(directory, corpus, **sections)``: a training config for the tiny seed-shaped model on
     `corpus` (the `tiny_corpus` fixture), six steps in fp32 on the CPU; `sections` update or replace its sections."""
 
     def write(directory: Path, corpus: dict[str, str], **sections) -> Path:
@@ -160,6 +160,19 @@ def train_config_file():
         return path
 
     return write
+
+
+@pytest.fixture(scope="session")
+def tiny_trainer(tiny_config_file):
+    """``tiny_trainer(directory, corpus, out_dir=None, **sections)``: a Trainer on `tiny_config_file`'s config."""
+    from tinyseek.train import load_config
+    from tinyseek.train.trainer import Trainer
+
+    def build(directory: Path, corpus: dict[str, str], out_dir=None, **sections) -> Trainer:
+        overrides = [(["out_dir"], str(out_dir))] if out_dir else []
+        return Trainer(load_config(str(tiny_config_file(directory, corpus, **sections)), overrides))
+
+    return build
 
 
 @pytest.fixture(scope="session")

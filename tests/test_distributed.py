@@ -47,7 +47,7 @@ MODEL = {"attention_dropout": 0.0}
 
 
 @pytest.fixture(scope="module")
-def config_file(train_config_file):
+def config_file(tiny_config_file):
     """``config_file(tmp_path, corpus, name, micro_batch, **sections)``: the tiny config in tmp_path/name."""
 
     def write(tmp_path: Path, corpus, name: str, micro_batch: int, **sections) -> Path:
@@ -57,7 +57,7 @@ def config_file(train_config_file):
             "out_dir": str(directory / "run"), "max_steps": STEPS, "model": MODEL,
             "data": {"micro_batch_size": micro_batch}, "logging": {"eval_every": STEPS}, **sections,
         }
-        return train_config_file(directory, corpus, **settings)
+        return tiny_config_file(directory, corpus, **settings)
 
     return write
 

@@ -18,7 +18,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_train import tiny_config_file, tiny_trainer
 from tinyseek import faults
 from tinyseek.cli import main as tinyseek_main
 from tinyseek.errors import FileError
@@ -43,7 +42,7 @@ def inject(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, tiny_corpus) -> Path:
+def trained_run(tmp_path_factory, tiny_corpus, tiny_trainer) -> Path:
     """A finished 4-step run with checkpoints at steps 2 and 4; tests work on copies of it."""
     root = tmp_path_factory.mktemp("trained")
     trainer = tiny_trainer(root, tiny_corpus, max_steps=4, checkpoint={"every": 2, "keep": 2})
@@ -69,7 +68,9 @@ def forge_manifest(checkpoint: Path, name: str) -> None:
     state_file.write_text(json.dumps(state))
 
 
-def test_full_disk_during_a_checkpoint_write_keeps_the_previous_one(tmp_path, tiny_corpus, inject, capsys):
+def test_full_disk_during_a_checkpoint_write_keeps_the_previous_one(
+    tmp_path, tiny_corpus, inject, capsys, tiny_trainer, tiny_config_file
+):
     inject("checkpoint.optimizer@2=enospc")  # the second checkpoint write (step 4) finds the disk full
     config = tiny_config_file(tmp_path, tiny_corpus, max_steps=6, checkpoint={"every": 2, "keep": 2})
     assert tinyseek_main(["train", "--config", str(config)]) == EXIT_CHECKPOINT_WRITE_FAILED
@@ -85,7 +86,9 @@ def test_full_disk_during_a_checkpoint_write_keeps_the_previous_one(tmp_path, ti
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip a bit"])
-def test_damaged_checkpoint_is_detected_and_the_one_before_used(trained_run, tmp_path, tiny_corpus, damage):
+def test_damaged_checkpoint_is_detected_and_the_one_before_used(
+    trained_run, tmp_path, tiny_corpus, damage, tiny_trainer
+):
     run_dir = copy_run(trained_run, tmp_path)
     optimizer_file = run_dir / "checkpoints" / "step_00000004" / "optimizer.pt"
     data = bytearray(optimizer_file.read_bytes())
@@ -100,7 +103,7 @@ def test_damaged_checkpoint_is_detected_and_the_one_before_used(trained_run, tmp
     assert trainer.skipped_checkpoints and "step_00000004: optimizer.pt" in trainer.skipped_checkpoints[0]
 
 
-def test_code_running_optimizer_state_is_refused_unrun(trained_run, tmp_path, tiny_corpus):
+def test_code_running_optimizer_state_is_refused_unrun(trained_run, tmp_path, tiny_corpus, tiny_trainer):
     run_dir = copy_run(trained_run, tmp_path)
     marker = tmp_path / "payload-ran"
 
@@ -120,7 +123,7 @@ def test_code_running_optimizer_state_is_refused_unrun(trained_run, tmp_path, ti
     assert not marker.exists()
 
 
-def test_unwritable_run_directory_fails_before_training(tmp_path, tiny_corpus, inject, capsys):
+def test_unwritable_run_directory_fails_before_training(tmp_path, tiny_corpus, inject, capsys, tiny_config_file):
     inject("run_dir.write=eacces")  # root ignores permission bits, so the refusal is injected
     config = tiny_config_file(tmp_path, tiny_corpus)
     assert tinyseek_main(["train", "--config", str(config)]) == 2
@@ -129,7 +132,7 @@ def test_unwritable_run_directory_fails_before_training(tmp_path, tiny_corpus, i
     assert not (tmp_path / "run").exists()
 
 
-def test_non_finite_step_is_skipped_and_resume_stays_exact(tmp_path, tiny_corpus, inject):
+def test_non_finite_step_is_skipped_and_resume_stays_exact(tmp_path, tiny_corpus, inject, tiny_trainer):
     inject("train.loss@2=nan")  # the loss of optimizer step 2 is NaN, as after an overflow
     straight = tiny_trainer(tmp_path, tiny_corpus, out_dir=tmp_path / "straight", max_steps=4,
                             checkpoint=EVERY_STEP)
@@ -154,7 +157,7 @@ def test_non_finite_step_is_skipped_and_resume_stays_exact(tmp_path, tiny_corpus
     assert all(torch.equal(expected[key], actual[key]) for key in expected)
 
 
-def test_consecutive_non_finite_steps_stop_without_saving(tmp_path, tiny_corpus, inject, capsys):
+def test_consecutive_non_finite_steps_stop_without_saving(tmp_path, tiny_corpus, inject, capsys, tiny_config_file):
     inject("train.loss@3=nan,train.loss@4=nan")
     config = tiny_config_file(tmp_path, tiny_corpus, max_steps=6, checkpoint={"every": 2, "keep": 2},
                               optim={"lr": 3.0e-3, "max_non_finite_steps": 2})
