@@ -171,19 +171,19 @@ def unfused_linear(x, layers):
     ("mha", "dense", dict(num_key_value_heads=2)),
     ("mha", "moe", dict(attention_bias=True)),
 ])
-def test_fused_projections_and_dense_dispatch_match_separate_layers_and_routed_experts(monkeypatch, attention_type,
-                                                                                        ffn_type, extra):
+def test_fused_projections_and_dense_dispatch_match_separate_layers_and_routed_experts(
+    monkeypatch, tiny_config, attention_type, ffn_type, extra
+):
     """One GEMM for q/k/v (or the two MLA projections of x) and for gate/up, and every-expert dispatch for few
     tokens, against separate nn.Linear calls and per-expert routed matmuls: logits and gradients within 1e-6."""
     torch.manual_seed(0)
-    config = TinySeekConfig(**{**SMALL, **extra}, attention_type=attention_type, ffn_type=ffn_type,
-                            scoring_func="sigmoid")
-    model = TinySeekForCausalLM(config)
+    model = TinySeekForCausalLM(tiny_config(**extra, attention_type=attention_type, ffn_type=ffn_type,
+                                            scoring_func="sigmoid"))
     with torch.no_grad():  # non-zero biases, so their place in the fused bias matters
         for name, parameter in model.named_parameters():
             if name.endswith("bias"):
                 parameter.normal_()
-    tokens, targets = torch.randint(0, 211, (2, 13)), torch.randint(0, 211, (2, 13))
+    tokens, targets = torch.randint(0, 257, (2, 13)), torch.randint(0, 257, (2, 13))
 
     def logits_and_grads():
         model.eval()
@@ -205,10 +205,10 @@ def test_fused_projections_and_dense_dispatch_match_separate_layers_and_routed_e
         torch.testing.assert_close(fused[name], plain[name], rtol=0, atol=1e-6, msg=name)
 
 
-def test_fused_projections_keep_the_stored_parameter_names():
+def test_fused_projections_keep_the_stored_parameter_names(tiny_config):
     """Checkpoints written before the projections were fused load unchanged: the state dict has the same names."""
     for attention_type in ("linear", "mla", "mha"):
-        names = set(TinySeekForCausalLM(TinySeekConfig(**SMALL, attention_type=attention_type)).state_dict())
+        names = set(TinySeekForCausalLM(tiny_config(attention_type=attention_type)).state_dict())
         attention_names = {"linear": ("q_proj", "k_proj", "v_proj"), "mha": ("q_proj", "k_proj", "v_proj"),
                            "mla": ("q_proj", "kv_a_proj_with_mqa")}[attention_type]
         for projection in attention_names:
