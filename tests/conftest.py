@@ -11,7 +11,7 @@ from tokenizers import decoders as token_decoders
 from transformers import PreTrainedTokenizerFast
 
 from tinyseek import TinySeekConfig, TinySeekForCausalLM
-from tinyseek.attention import ATTENTION_CLASSES
+from tinyseek.attention import ATTENTION_REGISTRY
 from tinyseek.data import resolve_data, train_bpe_tokenizer
 from tinyseek.train import latest_checkpoint
 from tinyseek.train.checkpoint import save_checkpoint
@@ -78,7 +78,7 @@ def tiny_model(tiny_config):
     return build
 
 
-@pytest.fixture(params=sorted(ATTENTION_CLASSES))
+@pytest.fixture(params=sorted(ATTENTION_REGISTRY))
 def attention_type(request) -> str:
     """Every registered attention type: a test that takes this fixture runs once per type, new ones included."""
     return request.param

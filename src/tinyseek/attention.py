@@ -1,4 +1,8 @@
-"""The three attention mechanisms behind one interface, and the cache each decodes from.
+"""The attention mechanisms behind one interface, the cache each decodes from, and the registry that declares them.
+
+Each type is registered with ``@register_attention(name, AttentionSpec(...))``: the spec states everything the rest of
+tinyseek needs to know about it (its cache layer, RoPE dimension, mask, FLOPs per token, transformers export target),
+so the model, the cache, the FLOP count and the export read the spec instead of branching on the type's name.
 
 Every attention module is called as ``attn(x, rotary, causal_mask, padding_mask, cache_layer)``:
   x            [B, T, hidden] the new tokens' (normalised) hidden states
@@ -10,12 +14,16 @@ Every attention module is called as ``attn(x, rotary, causal_mask, padding_mask,
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
-from tinyseek.config import TinySeekConfig
+from tinyseek.config import TinySeekConfig, require_positive
+from tinyseek.errors import ConfigError
 from tinyseek.layers import RMSNorm, apply_rotary
 # A drop-in nn.Linear whose bf16-autocast matmuls avoid torch's slow CPU fallback (see tinyseek.ops).
 from tinyseek.ops import Linear, fused_linear, scaled_dot_product_attention
@@ -24,6 +32,85 @@ from tinyseek.ops import Linear, fused_linear, scaled_dot_product_attention
 LATENT_NORM_EPS = 1e-6
 # Keeps the linear-attention normaliser away from zero for rows that have seen only padding.
 LINEAR_ATTENTION_EPS = 1e-6
+
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """What the model, the cache, the FLOP count and the export need to know about one attention type.
+
+    Every field is required, so a new type states each of these rather than inheriting a default that is wrong
+    for it. Exactly one of ``transformers_export`` and ``no_export_reason`` is set.
+    """
+
+    cache_layer: Callable[[TinySeekConfig], CacheLayerMixin]
+    """A fresh decoding-cache entry for one layer."""
+    rotary_dim: Callable[[TinySeekConfig], int | None]
+    """The dimension the module applies RoPE to, or None when it takes no rotary embedding."""
+    mask: Callable[..., torch.Tensor | None]
+    """``mask(config, padding_mask, q_len, past_len, device)``: what the module receives as ``causal_mask``."""
+    flops_per_token: Callable[[TinySeekConfig, int], float]
+    """Training FLOPs (forward and backward) per token of one layer's attention, besides its weight matmuls, at a
+    given sequence length."""
+    validate: Callable[[TinySeekConfig], None]
+    """Raise ConfigError naming the field when the config's fields for this type are inconsistent."""
+    transformers_export: str | None
+    """The transformers ``model_type`` this attention converts to (a key of ``tinyseek.hf.TWINS``), or None."""
+    no_export_reason: str | None
+    """Why there is no transformers twin, when there is none."""
+    module: type[nn.Module] | None = None
+    """Filled in by ``register_attention``."""
+
+    def __post_init__(self):
+        if (self.transformers_export is None) == (self.no_export_reason is None):
+            raise TypeError("an AttentionSpec names either its transformers_export target or its no_export_reason")
+
+
+ATTENTION_REGISTRY: dict[str, AttentionSpec] = {}
+
+
+def register_attention(name: str, spec: AttentionSpec | None = None):
+    """Class decorator: make `name` a valid ``attention_type`` built by the decorated module, declared by `spec`."""
+    if not isinstance(spec, AttentionSpec):
+        raise TypeError(
+            f"attention type {name!r} is registered without an AttentionSpec (got {spec!r}); declare its cache layer, "
+            "rotary dimension, mask, FLOPs per token, config validation and transformers export target"
+        )
+    if name in ATTENTION_REGISTRY:
+        raise TypeError(f"attention type {name!r} is already registered by {ATTENTION_REGISTRY[name].module.__name__}")
+
+    def register(module: type[nn.Module]) -> type[nn.Module]:
+        ATTENTION_REGISTRY[name] = replace(spec, module=module)
+        return module
+
+    return register
+
+
+def attention_spec(name: str) -> AttentionSpec:
+    if name not in ATTENTION_REGISTRY:
+        raise ConfigError(f"attention_type: unknown attention type {name!r}; choose one of {tuple(ATTENTION_REGISTRY)}")
+    return ATTENTION_REGISTRY[name]
+
+
+def causal_mask(config, padding_mask, q_len: int, past_len: int, device) -> torch.Tensor | None:
+    return build_causal_mask(padding_mask, q_len, past_len, device)
+
+
+def no_mask(config, padding_mask, q_len: int, past_len: int, device) -> None:
+    """For modules that apply causality and the padding mask themselves."""
+    return None
+
+
+def require_whole_heads(config: TinySeekConfig) -> None:
+    if config.hidden_size % config.num_attention_heads:
+        raise ConfigError(
+            f"hidden_size: {config.hidden_size} is not divisible by num_attention_heads={config.num_attention_heads}"
+        )
+
+
+def mean_causal_context(seq_len: int) -> float:
+    """Keys a query sees on average under a causal mask (half the score matrix is computed)."""
+    return seq_len / 2
 
 
 class LinearAttentionState(CacheLayerMixin):
@@ -67,14 +154,30 @@ class LinearAttentionState(CacheLayerMixin):
 
 
 class TinySeekCache(Cache):
-    """One entry per decoder layer: keys/values for "mha"; the compressed latent c_kv and the shared RoPE key for
-    "mla" (kv_lora_rank + qk_rope_head_dim numbers per token); the recurrent state for "linear"."""
+    """One entry per decoder layer, of the kind the attention type declares: keys/values for "mha"; the compressed
+    latent c_kv and the shared RoPE key for "mla" (kv_lora_rank + qk_rope_head_dim numbers per token); the recurrent
+    state for "linear"."""
 
     def __init__(self, config: TinySeekConfig):
-        make_layer = LinearAttentionState if config.attention_type == "linear" else DynamicLayer
-        super().__init__(layers=[make_layer() for _ in range(config.num_hidden_layers)])
+        make_layer = attention_spec(config.attention_type).cache_layer
+        super().__init__(layers=[make_layer(config) for _ in range(config.num_hidden_layers)])
 
 
+def validate_linear_attention(config: TinySeekConfig) -> None:
+    require_whole_heads(config)
+    require_positive(config, "linear_attention_chunk_size")
+
+
+@register_attention("linear", AttentionSpec(
+    cache_layer=lambda config: LinearAttentionState(),
+    rotary_dim=lambda config: None,
+    mask=no_mask,
+    # The state update and the query against the state: 2 * d_k * d_v multiply-adds per head, forward.
+    flops_per_token=lambda config, seq_len: 6 * config.num_attention_heads * 2 * config.head_dim * config.head_dim,
+    validate=validate_linear_attention,
+    transformers_export=None,
+    no_export_reason="transformers has no ELU+1 causal linear attention model",
+))
 class LinearAttention(nn.Module):
     """Causal linear attention with the feature map phi(x) = ELU(x) + 1 (Katharopoulos et al., 2020).
 
@@ -152,6 +255,27 @@ def chunked_linear_attention(query, key, value, chunk_size: int, initial=None):
     return output, final_state, final_normalizer
 
 
+def validate_latent_attention(config: TinySeekConfig) -> None:
+    require_positive(config, "kv_lora_rank", "qk_rope_head_dim", "v_head_dim")
+    if not isinstance(config.qk_nope_head_dim, int) or config.qk_nope_head_dim < 0:
+        raise ConfigError(f"qk_nope_head_dim: must be a non-negative integer, got {config.qk_nope_head_dim!r}")
+    if config.q_lora_rank is not None:
+        require_positive(config, "q_lora_rank")
+    if config.qk_rope_head_dim % 2:
+        raise ConfigError(f"qk_rope_head_dim: must be even for RoPE, got {config.qk_rope_head_dim}")
+
+
+@register_attention("mla", AttentionSpec(
+    cache_layer=lambda config: DynamicLayer(),  # holds the latent as "keys" and the shared RoPE key as "values"
+    rotary_dim=lambda config: config.qk_rope_head_dim,
+    mask=causal_mask,
+    flops_per_token=lambda config, seq_len: (
+        6 * config.num_attention_heads * (config.qk_head_dim + config.v_head_dim) * mean_causal_context(seq_len)
+    ),
+    validate=validate_latent_attention,
+    transformers_export="deepseek_v3",
+    no_export_reason=None,
+))
 class MultiHeadLatentAttention(nn.Module):
     """DeepSeek-V2/V3 multi-head latent attention.
 
@@ -245,6 +369,27 @@ class MultiHeadLatentAttention(nn.Module):
         return torch.einsum("bhtr,hvr->bhtv", context, up_value.to(context.dtype))
 
 
+def validate_multi_head_attention(config: TinySeekConfig) -> None:
+    require_whole_heads(config)
+    require_positive(config, "num_key_value_heads")
+    if config.num_attention_heads % config.num_key_value_heads:
+        raise ConfigError(
+            f"num_key_value_heads: num_attention_heads={config.num_attention_heads} is not a multiple of "
+            f"num_key_value_heads={config.num_key_value_heads}"
+        )
+    if config.head_dim % 2:
+        raise ConfigError(f"hidden_size: head dimension {config.head_dim} must be even for RoPE")
+
+
+@register_attention("mha", AttentionSpec(
+    cache_layer=lambda config: DynamicLayer(),
+    rotary_dim=lambda config: config.head_dim,
+    mask=causal_mask,
+    flops_per_token=lambda config, seq_len: 6 * config.num_attention_heads * 2 * config.head_dim * mean_causal_context(seq_len),
+    validate=validate_multi_head_attention,
+    transformers_export="llama",
+    no_export_reason=None,
+))
 class MultiHeadAttention(nn.Module):
     """Causal softmax attention with RoPE and grouped-query heads, through fused SDPA."""
 
@@ -272,9 +417,6 @@ class MultiHeadAttention(nn.Module):
             is_causal=causal_mask is None and seq_len > 1, enable_gqa=self.num_kv_heads != self.num_heads,
         )
         return self.o_proj(output.transpose(1, 2).reshape(batch, seq_len, -1))
-
-
-ATTENTION_CLASSES = {"linear": LinearAttention, "mla": MultiHeadLatentAttention, "mha": MultiHeadAttention}
 
 
 def build_causal_mask(padding_mask: torch.Tensor | None, q_len: int, past_len: int, device) -> torch.Tensor | None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from huggingface_hub.errors import StrictDataclassError
 from transformers import PretrainedConfig
 
-ATTENTION_TYPES = ("linear", "mla", "mha")
+from tinyseek.errors import ConfigError
+
 FFN_TYPES = ("moe", "dense")
 SCORING_FUNCS = ("softmax", "sigmoid")
 
@@ -13,8 +14,9 @@ SCORING_FUNCS = ("softmax", "sigmoid")
 class TinySeekConfig(PretrainedConfig):
     """Architecture of a TinySeek decoder.
 
-    Attention is one of ``"linear"`` (causal ELU+1 linear attention), ``"mla"`` (DeepSeek's multi-head latent
-    attention) or ``"mha"`` (softmax attention with optional grouped-query heads). The feed-forward block is a
+    Attention is any registered type (``tinyseek.attention.ATTENTION_REGISTRY``): ``"linear"`` (causal ELU+1 linear
+    attention), ``"mla"`` (DeepSeek's multi-head latent attention), ``"mha"`` (softmax attention with optional
+    grouped-query heads) and the others registered there. The feed-forward block is a
     DeepSeekMoE (``"moe"``: shared plus fine-grained routed SwiGLU experts) or a dense SwiGLU MLP (``"dense"``).
     Invalid combinations raise ``ValueError`` naming the field at fault.
     """
@@ -123,24 +125,15 @@ class TinySeekConfig(PretrainedConfig):
         return self.ffn_type == "moe" and layer_idx >= self.first_k_dense_replace
 
     def validate_architecture(self) -> None:
+        # Imported here, not at the top: the attention modules are built from this config.
+        from tinyseek.attention import attention_spec
+
         def fail(field: str, reason: str):
-            raise ValueError(f"{field}: {reason}")
+            raise ConfigError(f"{field}: {reason}")
 
-        def positive(*fields: str):
-            for field in fields:
-                value = getattr(self, field)
-                if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                    fail(field, f"must be a positive integer, got {value!r}")
-
-        def non_negative(*fields: str):
-            for field in fields:
-                value = getattr(self, field)
-                if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                    fail(field, f"must be a non-negative integer, got {value!r}")
-
-        positive("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings")
-        if self.attention_type not in ATTENTION_TYPES:
-            fail("attention_type", f"unknown attention type {self.attention_type!r}; choose one of {ATTENTION_TYPES}")
+        require_positive(self, "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                         "max_position_embeddings")
+        attention = attention_spec(self.attention_type)
         if self.ffn_type not in FFN_TYPES:
             fail("ffn_type", f"unknown feed-forward type {self.ffn_type!r}; choose one of {FFN_TYPES}")
         if not 0.0 <= self.attention_dropout < 1.0:
@@ -149,37 +142,13 @@ class TinySeekConfig(PretrainedConfig):
             fail("rms_norm_eps", f"must be positive, got {self.rms_norm_eps}")
         if self.rope_theta <= 0:
             fail("rope_theta", f"must be positive, got {self.rope_theta}")
+        attention.validate(self)
 
-        if self.attention_type in ("linear", "mha") and self.hidden_size % self.num_attention_heads:
-            fail(
-                "hidden_size",
-                f"{self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}",
-            )
-        if self.attention_type == "linear":
-            positive("linear_attention_chunk_size")
-        if self.attention_type == "mha":
-            positive("num_key_value_heads")
-            if self.num_attention_heads % self.num_key_value_heads:
-                fail(
-                    "num_key_value_heads",
-                    f"num_attention_heads={self.num_attention_heads} is not a multiple of "
-                    f"num_key_value_heads={self.num_key_value_heads}",
-                )
-            if self.head_dim % 2:
-                fail("hidden_size", f"head dimension {self.head_dim} must be even for RoPE")
-        if self.attention_type == "mla":
-            positive("kv_lora_rank", "qk_rope_head_dim", "v_head_dim")
-            non_negative("qk_nope_head_dim")
-            if self.q_lora_rank is not None:
-                positive("q_lora_rank")
-            if self.qk_rope_head_dim % 2:
-                fail("qk_rope_head_dim", f"must be even for RoPE, got {self.qk_rope_head_dim}")
-
-        positive("intermediate_size")
-        non_negative("first_k_dense_replace", "num_nextn_predict_layers")
+        require_positive(self, "intermediate_size")
+        require_non_negative(self, "first_k_dense_replace", "num_nextn_predict_layers")
         if self.ffn_type == "moe":
-            positive("moe_intermediate_size", "n_routed_experts", "num_experts_per_tok")
-            non_negative("n_shared_experts")
+            require_positive(self, "moe_intermediate_size", "n_routed_experts", "num_experts_per_tok")
+            require_non_negative(self, "n_shared_experts")
             if self.num_experts_per_tok > self.n_routed_experts:
                 fail(
                     "num_experts_per_tok",
@@ -206,8 +175,22 @@ class TinySeekConfig(PretrainedConfig):
     def from_preset(cls, name: str, **overrides) -> "TinySeekConfig":
         """Build a named preset (see ``PRESETS``), with any field overridden by keyword."""
         if name not in PRESETS:
-            raise ValueError(f"preset: unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+            raise ConfigError(f"preset: unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
+
+
+def require_positive(config: TinySeekConfig, *fields: str) -> None:
+    for field in fields:
+        value = getattr(config, field)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(f"{field}: must be a positive integer, got {value!r}")
+
+
+def require_non_negative(config: TinySeekConfig, *fields: str) -> None:
+    for field in fields:
+        value = getattr(config, field)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ConfigError(f"{field}: must be a non-negative integer, got {value!r}")
 
 
 SEED = dict(

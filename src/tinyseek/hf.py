@@ -1,16 +1,24 @@
 """Conversion to and from transformers' own models where the architectures coincide.
 
 TinySeek's module names follow transformers' DeepseekV3 and Llama, so a conversion is a config translation plus a
-state-dict copy by name. MLA with a sigmoid-scored MoE (or a dense MLP) is a ``DeepseekV3ForCausalLM``; MHA with a
-dense MLP is a ``LlamaForCausalLM``. Everything else has no transformers twin and is refused with the reason.
+state-dict copy by name. Each attention type declares its twin (``AttentionSpec.transformers_export``, a key of
+``TWINS``) or why it has none: MLA with a sigmoid-scored MoE (or a dense MLP) is a ``DeepseekV3ForCausalLM``; MHA with
+a dense MLP is a ``LlamaForCausalLM``. Everything else is refused with the reason.
 """
 
 from __future__ import annotations
 
-import torch
-from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+from dataclasses import dataclass
+from typing import Callable
 
+import torch
+from transformers import (
+    DeepseekV3Config, DeepseekV3ForCausalLM, LlamaConfig, LlamaForCausalLM, PretrainedConfig, PreTrainedModel,
+)
+
+from tinyseek.attention import ATTENTION_REGISTRY, attention_spec
 from tinyseek.config import TinySeekConfig
+from tinyseek.errors import ConfigError
 from tinyseek.modeling import TinySeekForCausalLM
 
 COMMON_FIELDS = (
@@ -25,18 +33,43 @@ MOE_FIELDS = (
 )
 
 
-def transformers_twin_problem(config: TinySeekConfig) -> str | None:
-    """Why this architecture has no transformers equivalent, or None when it has one."""
-    if config.num_nextn_predict_layers:
-        return "multi-token-prediction modules have no counterpart in transformers' forward pass"
-    if config.attention_bias:
-        return "attention projections with bias are not supported by the conversion"
-    if config.attention_type == "linear":
-        return "transformers has no ELU+1 causal linear attention model"
-    if config.attention_type == "mha":
-        if config.ffn_type != "dense":
-            return "MHA with a MoE has no transformers twin here (LlamaForCausalLM is dense); use ffn_type='dense'"
-        return None
+@dataclass(frozen=True)
+class TransformersTwin:
+    """A transformers model family that some tinyseek architectures equal exactly."""
+
+    model_class: type[PreTrainedModel]
+    problem: Callable[[TinySeekConfig], str | None]
+    """Why this tinyseek config has no twin in the family (the attention already matches), or None."""
+    to_config: Callable[[TinySeekConfig, dict], PretrainedConfig]
+    """The family's config, from the tinyseek config and the fields they share (COMMON_FIELDS and rope_parameters)."""
+    from_config: Callable[[PretrainedConfig, dict, str], TinySeekConfig]
+    """The tinyseek config, from the family's config, the shared fields and the attention type exported to it."""
+
+
+def llama_problem(config: TinySeekConfig) -> str | None:
+    if config.ffn_type != "dense":
+        return "MHA with a MoE has no transformers twin here (LlamaForCausalLM is dense); use ffn_type='dense'"
+    return None
+
+
+def llama_config(config: TinySeekConfig, common: dict) -> LlamaConfig:
+    return LlamaConfig(
+        **common, num_key_value_heads=config.num_key_value_heads, head_dim=config.head_dim, attention_bias=False,
+        mlp_bias=False,
+    )
+
+
+def from_llama_config(hf_config: LlamaConfig, common: dict, attention_type: str) -> TinySeekConfig:
+    if hf_config.attention_bias or hf_config.mlp_bias:
+        raise ConfigError("Llama models with attention or MLP bias are not supported")
+    if hf_config.head_dim != hf_config.hidden_size // hf_config.num_attention_heads:
+        raise ConfigError("Llama models whose head_dim differs from hidden_size / heads are not supported")
+    return TinySeekConfig(
+        **common, attention_type=attention_type, ffn_type="dense", num_key_value_heads=hf_config.num_key_value_heads
+    )
+
+
+def deepseek_v3_problem(config: TinySeekConfig) -> str | None:
     if config.ffn_type == "moe":
         if config.scoring_func != "sigmoid":
             return "transformers' DeepseekV3 router scores experts with a sigmoid; this model uses softmax"
@@ -47,32 +80,64 @@ def transformers_twin_problem(config: TinySeekConfig) -> str | None:
     return None
 
 
-def to_transformers_config(config: TinySeekConfig) -> DeepseekV3Config | LlamaConfig:
-    problem = transformers_twin_problem(config)
-    if problem is not None:
-        raise ValueError(f"cannot convert this {config.attention_type}/{config.ffn_type} model to transformers: {problem}")
-    common = {field: getattr(config, field) for field in COMMON_FIELDS}
-    rope = {"rope_type": "default", "rope_theta": config.rope_theta}
-    if config.attention_type == "mha":
-        return LlamaConfig(
-            **common, num_key_value_heads=config.num_key_value_heads, head_dim=config.head_dim,
-            rope_parameters=rope, attention_bias=False, mlp_bias=False,
-        )
+def deepseek_v3_config(config: TinySeekConfig, common: dict) -> DeepseekV3Config:
     moe = {field: getattr(config, field) for field in MOE_FIELDS}
     if config.ffn_type == "dense":  # DeepseekV3 expresses "no MoE" as every layer being one of the first dense ones
         moe["first_k_dense_replace"] = config.num_hidden_layers
     return DeepseekV3Config(
         **common, **moe, **{field: getattr(config, field) for field in MLA_FIELDS},
-        num_key_value_heads=config.num_attention_heads, n_group=1, topk_group=1, rope_parameters=rope,
-        rope_interleave=False, attention_bias=False, num_nextn_predict_layers=0,
+        num_key_value_heads=config.num_attention_heads, n_group=1, topk_group=1, rope_interleave=False,
+        attention_bias=False, num_nextn_predict_layers=0,
     )
 
 
-def to_transformers(model: TinySeekForCausalLM) -> DeepseekV3ForCausalLM | LlamaForCausalLM:
+def from_deepseek_v3_config(hf_config: DeepseekV3Config, common: dict, attention_type: str) -> TinySeekConfig:
+    if hf_config.rope_interleave:
+        raise ConfigError("interleaved RoPE (rope_interleave=True) is not supported; tinyseek uses the half-split layout")
+    if (hf_config.n_group or 1) != (hf_config.topk_group or 1):
+        raise ConfigError("group-limited routing (topk_group < n_group) is not supported")
+    dense = hf_config.first_k_dense_replace >= hf_config.num_hidden_layers
+    return TinySeekConfig(
+        **common,
+        **{field: getattr(hf_config, field) for field in MLA_FIELDS + MOE_FIELDS},
+        attention_type=attention_type,
+        ffn_type="dense" if dense else "moe",
+        scoring_func="sigmoid",
+    )
+
+
+TWINS = {
+    "llama": TransformersTwin(LlamaForCausalLM, llama_problem, llama_config, from_llama_config),
+    "deepseek_v3": TransformersTwin(DeepseekV3ForCausalLM, deepseek_v3_problem, deepseek_v3_config,
+                                    from_deepseek_v3_config),
+}
+
+
+def transformers_twin_problem(config: TinySeekConfig) -> str | None:
+    """Why this architecture has no transformers equivalent, or None when it has one."""
+    if config.num_nextn_predict_layers:
+        return "multi-token-prediction modules have no counterpart in transformers' forward pass"
+    if config.attention_bias:
+        return "attention projections with bias are not supported by the conversion"
+    attention = attention_spec(config.attention_type)
+    if attention.transformers_export is None:
+        return attention.no_export_reason
+    return TWINS[attention.transformers_export].problem(config)
+
+
+def to_transformers_config(config: TinySeekConfig) -> PretrainedConfig:
+    problem = transformers_twin_problem(config)
+    if problem is not None:
+        raise ConfigError(f"cannot convert this {config.attention_type}/{config.ffn_type} model to transformers: {problem}")
+    common = {field: getattr(config, field) for field in COMMON_FIELDS}
+    common["rope_parameters"] = {"rope_type": "default", "rope_theta": config.rope_theta}
+    return TWINS[attention_spec(config.attention_type).transformers_export].to_config(config, common)
+
+
+def to_transformers(model: TinySeekForCausalLM) -> PreTrainedModel:
     """The equivalent transformers model, with the same weights (copied), in the same dtype."""
     hf_config = to_transformers_config(model.config)
-    model_class = LlamaForCausalLM if isinstance(hf_config, LlamaConfig) else DeepseekV3ForCausalLM
-    hf_model = model_class(hf_config).to(dtype=model.dtype)
+    hf_model = TWINS[hf_config.model_type].model_class(hf_config).to(dtype=model.dtype)
     copy_weights(model.state_dict(), hf_model)
     return hf_model.eval() if not model.training else hf_model
 
@@ -86,31 +151,15 @@ def from_transformers(hf_model: PreTrainedModel) -> TinySeekForCausalLM:
 
 
 def from_transformers_config(hf_config) -> TinySeekConfig:
+    attention_types = [name for name, spec in ATTENTION_REGISTRY.items() if spec.transformers_export == hf_config.model_type]
+    if not attention_types:
+        raise ConfigError(f"no conversion from model type {hf_config.model_type!r}; expected one of {tuple(TWINS)}")
     rope = hf_config.rope_parameters or {}
     if rope.get("rope_type", "default") != "default":
-        raise ValueError(f"rope_type {rope['rope_type']!r} is not supported; tinyseek uses plain RoPE")
+        raise ConfigError(f"rope_type {rope['rope_type']!r} is not supported; tinyseek uses plain RoPE")
     common = {field: getattr(hf_config, field) for field in COMMON_FIELDS}
     common["rope_theta"] = rope.get("rope_theta", 10000.0)
-    if hf_config.model_type == "llama":
-        if hf_config.attention_bias or hf_config.mlp_bias:
-            raise ValueError("Llama models with attention or MLP bias are not supported")
-        if hf_config.head_dim != hf_config.hidden_size // hf_config.num_attention_heads:
-            raise ValueError("Llama models whose head_dim differs from hidden_size / heads are not supported")
-        return TinySeekConfig(**common, attention_type="mha", ffn_type="dense", num_key_value_heads=hf_config.num_key_value_heads)
-    if hf_config.model_type != "deepseek_v3":
-        raise ValueError(f"no conversion from model type {hf_config.model_type!r}; expected 'deepseek_v3' or 'llama'")
-    if hf_config.rope_interleave:
-        raise ValueError("interleaved RoPE (rope_interleave=True) is not supported; tinyseek uses the half-split layout")
-    if (hf_config.n_group or 1) != (hf_config.topk_group or 1):
-        raise ValueError("group-limited routing (topk_group < n_group) is not supported")
-    dense = hf_config.first_k_dense_replace >= hf_config.num_hidden_layers
-    return TinySeekConfig(
-        **common,
-        **{field: getattr(hf_config, field) for field in MLA_FIELDS + MOE_FIELDS},
-        attention_type="mla",
-        ffn_type="dense" if dense else "moe",
-        scoring_func="sigmoid",
-    )
+    return TWINS[hf_config.model_type].from_config(hf_config, common, attention_types[0])
 
 
 def copy_weights(source: dict[str, torch.Tensor], target: torch.nn.Module) -> None:
@@ -119,4 +168,4 @@ def copy_weights(source: dict[str, torch.Tensor], target: torch.nn.Module) -> No
     target_state = target.state_dict()
     problems = [name for name in missing if target_state[name].numel()] + [n for n in unexpected if source[n].numel()]
     if problems:
-        raise ValueError(f"weights do not correspond: {sorted(problems)[:8]}")
+        raise ConfigError(f"weights do not correspond: {sorted(problems)[:8]}")

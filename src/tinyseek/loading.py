@@ -14,9 +14,6 @@ from tinyseek.errors import FileError, InputError
 if TYPE_CHECKING:
     import torch
 
-# Exports that plain transformers loads as DeepseekV3ForCausalLM / LlamaForCausalLM (see tinyseek.hf).
-TRANSFORMERS_TWIN_TYPES = ("deepseek_v3", "llama")
-
 
 def resolve_checkpoint(path_or_run_dir: str | Path) -> Path:
     """A checkpoint directory, the latest valid checkpoint of a run directory, or a model folder as it is."""

@@ -19,7 +19,7 @@ from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from tinyseek.attention import ATTENTION_CLASSES, TinySeekCache, build_causal_mask
+from tinyseek.attention import TinySeekCache, attention_spec
 from tinyseek.config import TinySeekConfig
 from tinyseek.layers import RMSNorm, RotaryEmbedding
 from tinyseek.moe import DeepSeekMoE, RoutedExperts, Router, build_feed_forward
@@ -31,7 +31,7 @@ IGNORE_INDEX = -100
 class DecoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: TinySeekConfig, layer_idx: int):
         super().__init__()
-        self.self_attn = ATTENTION_CLASSES[config.attention_type](config)
+        self.self_attn = attention_spec(config.attention_type).module(config)
         self.mlp = build_feed_forward(config, layer_idx)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -46,10 +46,6 @@ class DecoderLayer(GradientCheckpointingLayer):
         else:
             feed_forward = self.mlp(self.post_attention_layernorm(hidden_states))
         return hidden_states + feed_forward, balance_loss
-
-
-def rotary_dim(config: TinySeekConfig) -> int | None:
-    return {"mla": config.qk_rope_head_dim, "mha": config.head_dim}.get(config.attention_type)
 
 
 @dataclass
@@ -140,7 +136,8 @@ class TinySeekModel(TinySeekPreTrainedModel):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        dim = rotary_dim(config)
+        self.attention = attention_spec(config.attention_type)
+        dim = self.attention.rotary_dim(config)
         self.rotary_emb = RotaryEmbedding(dim, config.rope_theta) if dim else None
         self.post_init()
 
@@ -175,9 +172,7 @@ class TinySeekModel(TinySeekPreTrainedModel):
             else:
                 position_ids = torch.arange(past_len, past_len + seq_len, device=hidden_states.device)[None]
         rotary = self.rotary_emb(position_ids) if self.rotary_emb is not None else None
-        causal_mask = None
-        if self.config.attention_type != "linear":
-            causal_mask = build_causal_mask(padding_mask, seq_len, past_len, hidden_states.device)
+        causal_mask = self.attention.mask(self.config, padding_mask, seq_len, past_len, hidden_states.device)
 
         balance_loss = None
         for i, layer in enumerate(self.layers):
@@ -289,7 +284,8 @@ class TinySeekForCausalLM(TinySeekPreTrainedModel, GenerationMixin):
                 break
             rotary = self.model.rotary_emb(positions[:, : seq_len - depth]) if self.model.rotary_emb is not None else None
             future = self.model.embed_tokens(input_ids[:, depth:])
-            hidden, normed, balance_loss = module(hidden[:, : seq_len - depth], future, rotary)
+            mask = self.model.attention.mask(self.config, None, seq_len - depth, 0, hidden.device)
+            hidden, normed, balance_loss = module(hidden[:, : seq_len - depth], future, rotary, mask)
             depth_loss = self.lm_loss(normed, shift_labels[:, depth:])
             losses.append(depth_loss if balance_loss is None else depth_loss + balance_loss)
         return torch.stack(losses).mean()

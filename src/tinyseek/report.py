@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from tinyseek.attention import attention_spec
 from tinyseek.config import PRESETS, TinySeekConfig
 from tinyseek.errors import ConfigError, UserError
 from tinyseek.modeling import TinySeekForCausalLM
@@ -55,21 +56,13 @@ def format_parameter_report(report: dict[str, int]) -> str:
 
 
 def estimate_flops_per_token(config: TinySeekConfig, seq_len: int) -> float:
-    """Training FLOPs (forward + backward) per token: 6 x the matrix parameters a token touches, plus attention.
-
-    Softmax attention adds 6 * layers * heads * (qk_dim + v_dim) * seq_len / 2 (causal: half the score matrix is
-    computed on average); linear attention adds 6 * layers * heads * 2 * d_k * d_v per token for its state.
-    """
+    """Training FLOPs (forward + backward) per token: 6 x the matrix parameters a token touches, plus what each
+    layer's attention declares for itself (``AttentionSpec.flops_per_token``: scores and values for softmax
+    attention, the recurrent state for linear attention)."""
     report = parameter_report(meta_model(config))
     matrix_params = report["active_per_token"] - config.vocab_size * config.hidden_size  # the embedding is a lookup
-    layers, heads = config.num_hidden_layers, config.num_attention_heads
-    if config.attention_type == "linear":
-        attention = 6 * layers * heads * 2 * config.head_dim * config.head_dim
-    elif config.attention_type == "mla":
-        attention = 6 * layers * heads * (config.qk_head_dim + config.v_head_dim) * seq_len / 2
-    else:
-        attention = 6 * layers * heads * 2 * config.head_dim * seq_len / 2
-    return 6 * matrix_params + attention
+    attention = attention_spec(config.attention_type).flops_per_token(config, seq_len)
+    return 6 * matrix_params + config.num_hidden_layers * attention
 
 
 def meta_model(config: TinySeekConfig) -> TinySeekForCausalLM:

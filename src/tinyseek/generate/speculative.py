@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from tinyseek.attention import TinySeekCache, build_causal_mask
+from tinyseek.attention import TinySeekCache
 
 
 class SpeculativeForward:
@@ -77,9 +77,7 @@ class SpeculativeForward:
         count = tokens.shape[1]
         positions = torch.arange(past, past + count, device=hidden.device)[None]
         rotary = self.model.model.rotary_emb(positions) if self.model.model.rotary_emb is not None else None
-        causal_mask = None
-        if self.model.config.attention_type != "linear":
-            causal_mask = build_causal_mask(None, count, past, hidden.device)
+        causal_mask = self.model.model.attention.mask(self.model.config, None, count, past, hidden.device)
         _, normed, _ = self.mtp(
             hidden, self.model.model.embed_tokens(tokens), rotary, causal_mask=causal_mask,
             cache_layer=self.mtp_cache.layers[0],
