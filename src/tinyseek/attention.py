@@ -419,6 +419,41 @@ class MultiHeadAttention(nn.Module):
         return self.o_proj(output.transpose(1, 2).reshape(batch, seq_len, -1))
 
 
+
+def validate_sliding_window_attention(config: TinySeekConfig) -> None:
+    validate_multi_head_attention(config)
+    require_positive(config, "sliding_window")
+
+
+def sliding_window_mask(config, padding_mask, q_len: int, past_len: int, device) -> torch.Tensor:
+    """Causal, and each query sees only the `sliding_window` newest keys up to itself (its own included)."""
+    context_len = past_len + q_len
+    query_positions = torch.arange(past_len, context_len, device=device)[:, None]
+    key_positions = torch.arange(context_len, device=device)[None]
+    in_window = (key_positions <= query_positions) & (query_positions - key_positions < config.sliding_window)
+    mask = in_window[None, None]
+    if padding_mask is not None:  # left padding: real tokens are contiguous, so distances in the window still hold
+        mask = mask & padding_mask[:, None, None, :context_len]
+    # A left-padding query row sees no real key at all; letting it see its window avoids NaNs in rows nobody reads.
+    return mask | (in_window[None, None] & ~mask.any(dim=-1, keepdim=True))
+
+
+@register_attention("sliding-window-mha", AttentionSpec(
+    # Keeps every key: the mask hides the old ones. A cache bounded to the window would save memory, not compute.
+    cache_layer=lambda config: DynamicLayer(),
+    rotary_dim=lambda config: config.head_dim,
+    mask=sliding_window_mask,
+    flops_per_token=lambda config, seq_len: 6 * config.num_attention_heads * 2 * config.head_dim * (
+        seq_len / 2 if seq_len <= config.sliding_window else config.sliding_window * (1 - config.sliding_window / (2 * seq_len))
+    ),
+    validate=validate_sliding_window_attention,
+    transformers_export=None,
+    no_export_reason="transformers' Llama has no sliding window (Mistral has one; tinyseek has no converter to it)",
+))
+class SlidingWindowAttention(MultiHeadAttention):
+    """Multi-head attention in which each token attends to the last ``sliding_window`` tokens only (Mistral-style
+    local attention); the window comes from the mask its spec declares, so the module is MHA's unchanged."""
+
 def build_causal_mask(padding_mask: torch.Tensor | None, q_len: int, past_len: int, device) -> torch.Tensor | None:
     """[B or 1, 1, q_len, past_len + q_len] bool mask, or None where SDPA's own causal flag is exact (no padding,
     and either no past or a single new token)."""

@@ -45,6 +45,7 @@ class TinySeekConfig(PretrainedConfig):
         qk_rope_head_dim: int = 16,
         v_head_dim: int = 32,
         num_key_value_heads: int | None = None,
+        sliding_window: int = 256,
         ffn_type: str = "moe",
         intermediate_size: int = 256,
         moe_intermediate_size: int = 256,
@@ -83,6 +84,7 @@ class TinySeekConfig(PretrainedConfig):
         self.qk_rope_head_dim = qk_rope_head_dim
         self.v_head_dim = v_head_dim
         self.num_key_value_heads = num_key_value_heads if num_key_value_heads is not None else num_attention_heads
+        self.sliding_window = sliding_window
         self.ffn_type = ffn_type
         self.intermediate_size = intermediate_size
         self.moe_intermediate_size = moe_intermediate_size
