@@ -16,12 +16,14 @@ from tinyseek.data import resolve_data, train_bpe_tokenizer
 from tinyseek.train import latest_checkpoint
 from tinyseek.train.checkpoint import save_checkpoint
 
-# The model every model-level test starts from: a few thousand parameters, every attention type's dimensions set,
-# and a vocabulary of 257 so the byte tokenizer's ids (0-255 and EOS 256) fit.
+# The model every model-level test starts from: a few thousand parameters, a vocabulary of 257 so the byte
+# tokenizer's ids (0-255 and EOS 256) fit, and each attention type's sizes smaller than the tests' sequences, so that
+# chunks, windows and latents are really exercised.
 TINY_MODEL = dict(
     vocab_size=257, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=96,
     kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, intermediate_size=48,
     moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2, linear_attention_chunk_size=4,
+    sliding_window=5,
 )
 WORDS = "the a cat dog sat ran on under mat tree red big small quickly slowly".split()
 

@@ -1,10 +1,13 @@
 """Numerical agreement with transformers' own DeepseekV3 and Llama where the architectures coincide."""
 
+import re
+
 import pytest
 import torch
 from transformers import DeepseekV3ForCausalLM, LlamaForCausalLM
 
 from tinyseek import TinySeekForCausalLM
+from tinyseek.attention import attention_spec
 from tinyseek.hf import from_transformers, to_transformers
 
 # Three layers, so that a dense first layer (first_k_dense_replace=1) is followed by more than one MoE layer.
@@ -52,3 +55,20 @@ def test_architectures_without_a_transformers_twin_are_refused_with_the_reason(o
     model = TinySeekForCausalLM(tiny_config(num_hidden_layers=LAYERS, **overrides))
     with pytest.raises(ValueError, match=reason):
         to_transformers(model)
+
+
+def test_every_attention_type_converts_to_its_declared_twin_or_is_refused_with_its_declared_reason(
+    tiny_config, attention_type
+):
+    spec = attention_spec(attention_type)
+    torch.manual_seed(0)
+    model = TinySeekForCausalLM(tiny_config(attention_type=attention_type, ffn_type="dense")).eval()
+    if spec.no_export_reason is not None:
+        with pytest.raises(ValueError, match=re.escape(spec.no_export_reason)):
+            to_transformers(model)
+        return
+    reference = to_transformers(model)
+    assert reference.config.model_type == spec.transformers_export
+    tokens = torch.randint(0, model.config.vocab_size, (2, 17))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens).logits, reference(tokens).logits, rtol=0, atol=1e-4)

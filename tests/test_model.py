@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from tinyseek import TinySeekConfig, TinySeekForCausalLM, parameter_report
-from tinyseek.attention import TinySeekCache
+from tinyseek.attention import ATTENTION_REGISTRY, AttentionSpec, TinySeekCache, register_attention
 
 def test_seed_preset_has_exactly_the_seed_parameter_count_and_structure():
     model = TinySeekForCausalLM(TinySeekConfig.from_preset("seed"))
@@ -178,3 +178,16 @@ def test_presets_build_and_run(name):
     tokens = torch.randint(0, 512, (1, 16))
     out = model(tokens, labels=tokens)
     assert torch.isfinite(out.loss) and out.logits.shape == (1, 16, 512)
+
+
+def test_registering_an_attention_type_without_a_declaration_is_refused():
+    with pytest.raises(TypeError, match="registered without an AttentionSpec"):
+        register_attention("undeclared")
+    with pytest.raises(TypeError, match="missing .* required"):
+        AttentionSpec(cache_layer=lambda config: None, rotary_dim=lambda config: None)  # the rest left out
+    assert "undeclared" not in ATTENTION_REGISTRY
+
+
+def test_an_unknown_attention_type_is_refused_naming_the_registered_ones(tiny_config):
+    with pytest.raises(ValueError, match=r"^attention_type: unknown attention type 'flash'.*'mla'"):
+        tiny_config(attention_type="flash")
