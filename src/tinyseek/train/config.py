@@ -1,5 +1,5 @@
 """The training configuration: one dataclass per concern, loaded from YAML or TOML, overridden from the command line,
-and checked strictly (an unknown key or a value of the wrong type is a `UserError` that names the key)."""
+and checked strictly (an unknown key or a value of the wrong type is a `ConfigError` that names the key)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import yaml
 
 from tinyseek.config import TinySeekConfig
 from tinyseek.distributed import STRATEGIES
-from tinyseek.errors import ConfigError, UserError
+from tinyseek.errors import ConfigError, FileError
 from tinyseek.generate.sampling import Sampling
 from tinyseek.train.budget import parse_duration
 
@@ -56,7 +56,11 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
+    name: str = "adamw"
+    """A registered optimizer (``tinyseek.train.optim.OPTIMIZERS``)."""
     lr: float = 5e-5
+    lr_multipliers: dict[str, float] = field(default_factory=dict)
+    """Learning-rate multiplier per parameter role ("matrix", "head", "embedding", "vector"; 1 if not given)."""
     weight_decay: float = 0.1
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
@@ -169,7 +173,7 @@ class TrainConfig:
                 return TinySeekConfig(**explicit)
             return TinySeekConfig.from_preset(preset, **explicit)
         except ValueError as error:
-            raise UserError(f"model.{error}") from None
+            raise ConfigError(f"model.{error}") from None
 
 
 def resolve_config_path(name_or_path: str) -> Path:
@@ -182,7 +186,7 @@ def resolve_config_path(name_or_path: str) -> Path:
         if preset.is_file():
             return preset
     known = sorted(p.stem for p in PRESET_DIR.glob("*.y*ml")) if PRESET_DIR.is_dir() else []
-    raise UserError(f"config {name_or_path!r}: no such file, and not a preset (presets: {', '.join(known) or 'none'})")
+    raise FileError(f"config {name_or_path!r}: no such file, and not a preset (presets: {', '.join(known) or 'none'})")
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
@@ -192,11 +196,11 @@ def read_config_file(path: Path) -> dict[str, Any]:
         else:
             raw = yaml.safe_load(path.read_text())
     except (yaml.YAMLError, ValueError) as error:
-        raise UserError(f"config {path}: cannot parse it: {error}".replace("\n", " ")) from None
+        raise ConfigError(f"config {path}: cannot parse it: {error}".replace("\n", " ")) from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise UserError(f"config {path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+        raise ConfigError(f"config {path}: the top level must be a mapping of sections, got {type(raw).__name__}")
     return raw
 
 
@@ -204,7 +208,7 @@ def read_toml(path: Path) -> dict[str, Any]:
     try:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10
-        raise UserError(f"config {path}: TOML configs need Python 3.11 or newer; use YAML") from None
+        raise ConfigError(f"config {path}: TOML configs need Python 3.11 or newer; use YAML") from None
     return tomllib.loads(path.read_text())  # TOMLDecodeError is a ValueError
 
 
@@ -212,7 +216,7 @@ def parse_assignment(assignment: str) -> tuple[list[str], Any]:
     """`section.key=value` from `--set`; the value is read as YAML, so `true`, `3`, `[0.9, 0.95]` keep their types."""
     key, sep, text = assignment.partition("=")
     if not sep or not key.strip():
-        raise UserError(f"--set {assignment!r}: expected KEY=VALUE, e.g. --set optim.lr=3e-4")
+        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. --set optim.lr=3e-4")
     try:
         value = yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError:
@@ -225,7 +229,7 @@ def set_nested(tree: dict[str, Any], path: list[str], value: Any) -> None:
     for part in path[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise UserError(f"{'.'.join(path)}: {part!r} is a value, not a section")
+            raise ConfigError(f"{'.'.join(path)}: {part!r} is a value, not a section")
         node = child
     node[path[-1]] = value
 
@@ -242,12 +246,12 @@ def load_config(config: str | None = None, overrides: list[tuple[list[str], Any]
 
 def build_dataclass(cls, values: dict[str, Any], prefix: str):
     if not isinstance(values, dict):
-        raise UserError(f"{prefix.rstrip('.')}: expected a section (mapping), got {values!r}")
+        raise ConfigError(f"{prefix.rstrip('.')}: expected a section (mapping), got {values!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
-        raise UserError(f"unknown config key {prefix}{unknown[0]}; {prefix or 'top level'} keys are: {', '.join(sorted(names))}")
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]}; {prefix or 'top level'} keys are: {', '.join(sorted(names))}")
     kwargs = {}
     for name, value in values.items():
         hint = hints[name]
@@ -262,7 +266,7 @@ def build_dataclass(cls, values: dict[str, Any], prefix: str):
 
 def check_model_section(values: Any) -> dict[str, Any]:
     if not isinstance(values, dict):
-        raise UserError(f"model: expected a section (mapping), got {values!r}")
+        raise ConfigError(f"model: expected a section (mapping), got {values!r}")
     hints = typing.get_type_hints(TinySeekConfig.__init__)
     fields = {name for name in inspect.signature(TinySeekConfig.__init__).parameters if name in hints}
     checked = {"preset": DEFAULT_MODEL_PRESET}
@@ -270,22 +274,22 @@ def check_model_section(values: Any) -> dict[str, Any]:
         if name == "preset":
             checked[name] = check_type("model.preset", value, str | None)
         elif name not in fields:
-            raise UserError(f"unknown config key model.{name}; model keys are `preset` and the TinySeekConfig fields")
+            raise ConfigError(f"unknown config key model.{name}; model keys are `preset` and the TinySeekConfig fields")
         else:
             checked[name] = check_type(f"model.{name}", value, hints[name])
     return checked
 
 
 def check_type(key: str, value: Any, hint) -> Any:
-    """`value` if it has type `hint` (int is accepted for float), else a UserError naming `key`."""
+    """`value` if it has type `hint` (int is accepted for float), else a ConfigError naming `key`."""
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         for option in typing.get_args(hint):
             try:
                 return check_type(key, value, option)
-            except UserError:
+            except ConfigError:
                 continue
-        raise UserError(f"{key}: expected {type_name(hint)}, got {value!r}")
+        raise ConfigError(f"{key}: expected {type_name(hint)}, got {value!r}")
     if hint is type(None):
         if value is None:
             return None
@@ -314,7 +318,7 @@ def check_type(key: str, value: Any, hint) -> Any:
             return value
     elif isinstance(value, hint):
         return value
-    raise UserError(f"{key}: expected {type_name(hint)}, got {value!r}")
+    raise ConfigError(f"{key}: expected {type_name(hint)}, got {value!r}")
 
 
 def type_name(hint) -> str:
@@ -328,7 +332,7 @@ def type_name(hint) -> str:
 def validate(config: TrainConfig) -> None:
     def require(condition: bool, message: str):
         if not condition:
-            raise UserError(message)
+            raise ConfigError(message)
 
     for key in ("max_steps", "data.seq_len", "data.micro_batch_size", "data.grad_accum", "checkpoint.every",
                 "checkpoint.keep", "optim.max_non_finite_steps", "logging.log_every", "logging.eval_every", "logging.eval_batches",
@@ -349,7 +353,15 @@ def validate(config: TrainConfig) -> None:
             f"gradient_checkpointing: unknown mode {config.gradient_checkpointing!r}; choose one of "
             f"{', '.join(CHECKPOINTING_MODES)}")
     require(config.dtype in DTYPES, f"dtype: unknown dtype {config.dtype!r}; choose one of {', '.join(DTYPES)}")
+    from tinyseek.train.optim import OPTIMIZERS, ROLES  # here, not at the top: the optimizers read this config
+
+    require(config.optim.name in OPTIMIZERS,
+            f"optim.name: unknown optimizer {config.optim.name!r}; choose one of {', '.join(OPTIMIZERS)}")
     require(config.optim.lr > 0, f"optim.lr: must be positive, got {config.optim.lr}")
+    for role, multiplier in config.optim.lr_multipliers.items():
+        require(role in ROLES, f"optim.lr_multipliers: unknown parameter role {role!r}; roles are {', '.join(ROLES)}")
+        require(isinstance(multiplier, (int, float)) and not isinstance(multiplier, bool) and multiplier > 0,
+                f"optim.lr_multipliers.{role}: must be a positive number, got {multiplier!r}")
     require(config.optim.weight_decay >= 0, f"optim.weight_decay: must be non-negative, got {config.optim.weight_decay}")
     require(len(config.optim.betas) == 2 and all(0 <= b < 1 for b in config.optim.betas),
             f"optim.betas: expected two numbers in [0, 1), got {config.optim.betas}")
@@ -364,5 +376,5 @@ def validate(config: TrainConfig) -> None:
     try:
         config.sample.sampling(config.seed)
     except ValueError as error:
-        raise UserError(f"sample.{error}") from None
+        raise ConfigError(f"sample.{error}") from None
     config.build_model_config()

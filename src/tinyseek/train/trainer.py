@@ -40,6 +40,7 @@ from tinyseek.errors import FileError, UserError
 from tinyseek.generate.engine import GenerationEngine
 from tinyseek.report import check_model_fits
 from tinyseek.train import checkpoint as ckpt
+from tinyseek.train import optim
 from tinyseek.train.compile import compile_decoder_layers
 from tinyseek.train.config import TrainConfig
 from tinyseek.train.metrics import (
@@ -79,29 +80,6 @@ def choose_precision(requested: str, device: torch.device) -> str:
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "fp32"
-
-
-def build_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on weight matrices only: norms, biases (1-D) and token embeddings get none, since
-    decaying them pulls scales and rare tokens' vectors towards zero without regularising anything useful."""
-    embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    decay, no_decay = [], []
-    for parameter in model.parameters():
-        if parameter.requires_grad:
-            exempt = parameter.ndim < 2 or id(parameter) in embedding_weights
-            (no_decay if exempt else decay).append(parameter)
-    optim = config.optim
-    implementation = optim.implementation
-    if implementation == "auto":
-        implementation = "fused" if device.type in ("cpu", "cuda", "mps") else "foreach"
-    return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=optim.lr,
-        betas=tuple(optim.betas),
-        eps=optim.eps,
-        fused=implementation == "fused",
-        foreach=implementation == "foreach",
-    )
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:
@@ -240,7 +218,7 @@ class Trainer:
         self.compile_path = compile_decoder_layers(self.model, self.device) if config.compile else "off"
         # The optimizer comes after the parallelize step: FSDP2 replaces parameters with sharded ones.
         self.forward_model = self.wrap_model()
-        self.optimizer = build_optimizer(self.model, config, self.device)
+        self.optimizer = optim.build_optimizer(self.model, config.optim, self.device)
         self.scheduler = build_scheduler(self.optimizer, config.schedule, config.max_steps)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
         self.step, self.tokens = 0, 0
@@ -323,13 +301,9 @@ class Trainer:
             )
 
     def apply_current_hyperparameters(self) -> None:
-        """The loaded optimizer carries the old run's settings; the current config wins (an unchanged config
-        gives back exactly the same values)."""
-        optim = self.config.optim
-        self.scheduler.base_lrs = [optim.lr for _ in self.optimizer.param_groups]
-        for group, weight_decay in zip(self.optimizer.param_groups, (optim.weight_decay, 0.0)):
-            group.update(initial_lr=optim.lr, weight_decay=weight_decay, betas=tuple(optim.betas), eps=optim.eps)
-            group["lr"] = optim.lr * self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
+        """The loaded optimizer carries the old run's settings; the current config wins."""
+        current = optim.build_optimizer(self.model, self.config.optim, self.device)
+        optim.apply_current_hyperparameters(self.optimizer, current, self.scheduler)
 
     def fix_max_steps(self, max_steps: int) -> None:
         """The time budget's step count, from now on the run's max_steps (config.yaml and checkpoints keep it)."""
@@ -498,7 +472,7 @@ class Trainer:
         data = self.config.data
         log.info(
             "device %s | precision %s | optimizer %s | gradient checkpointing %s | compile %s",
-            self.device, self.precision, "fused AdamW" if self.optimizer.defaults.get("fused") else "AdamW",
+            self.device, self.precision, optim.describe(self.optimizer, self.config.optim),
             self.config.gradient_checkpointing, self.compile_path,
         )
         log.info(
