@@ -22,7 +22,6 @@ from tinyseek.data import (
     resolve_data,
     train_bpe_tokenizer,
 )
-from tinyseek.errors import UserError
 
 WORDS = "the of model data token learning gradient matrix über café 中文 naïve 🦊 x² energy proof lemma".split()
 
@@ -153,7 +152,7 @@ def test_an_interrupted_prepare_leaves_nothing_a_later_run_trusts(tmp_path, toke
     with open(prepared / "train.bin", "r+b") as handle:  # as if a crash cut the file short
         handle.truncate(10)
     assert read_meta(prepared) is None
-    with pytest.raises(UserError, match="not a complete prepared corpus"):
+    with pytest.raises(OSError, match="not a complete prepared corpus"):
         TokenDataset(prepared)
     assert prepare_corpus(str(corpus), tokenizer_dir, cache, num_workers=1) == prepared
     assert np.array_equal(TokenDataset(prepared).tokens, expected)
@@ -262,9 +261,9 @@ def test_data_parallel_ranks_take_disjoint_parts_of_the_global_batch(prepared_co
 
 def test_a_sampler_refuses_a_checkpoint_from_other_data(prepared_corpus):
     state = WindowSampler(TokenDataset(prepared_corpus), 16, 2).state_dict()
-    with pytest.raises(UserError, match="seq_len"):
+    with pytest.raises(ValueError, match="seq_len"):
         WindowSampler(TokenDataset(prepared_corpus), 8, 2).load_state_dict(state)
-    with pytest.raises(UserError, match="num_tokens"):
+    with pytest.raises(ValueError, match="num_tokens"):
         WindowSampler.from_state_dict(TokenDataset(prepared_corpus, "val"), state)
 
 
@@ -281,7 +280,7 @@ def test_evaluation_batches_are_fixed_and_shared_out_among_ranks(prepared_corpus
 def test_resolve_data_uses_a_prepared_folder_only_with_its_tokenizer(prepared_corpus, tokenizer_dir, tmp_path):
     assert resolve_data(str(prepared_corpus), tokenizer_dir, tmp_path) == prepared_corpus
     other = train_bpe_tokenizer(prepared_corpus.parent.parent / "corpus.jsonl", 300, tmp_path / "other")
-    with pytest.raises(UserError, match="was prepared with tokenizer"):
+    with pytest.raises(ValueError, match="was prepared with tokenizer"):
         resolve_data(str(prepared_corpus), str(other), tmp_path)
     prepared = resolve_data(
         str(prepared_corpus.parent.parent / "corpus.jsonl"), str(other), tmp_path / "cache", num_workers=1

@@ -4,7 +4,6 @@ import pytest
 
 from tinyseek.cli import main as tinyseek
 from tinyseek.data import check_tokenizer_fits, load_tokenizer, tokenizer_identity, train_bpe_tokenizer
-from tinyseek.errors import UserError
 
 ROUND_TRIP_TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -57,7 +56,7 @@ def test_trained_tokenizer_round_trips_and_has_its_special_tokens_where_its_meta
 
 
 def test_training_refuses_a_vocabulary_smaller_than_the_byte_alphabet(tmp_path):
-    with pytest.raises(UserError, match="--vocab-size must exceed 259"):
+    with pytest.raises(ValueError, match="--vocab-size must exceed 259"):
         train_bpe_tokenizer(write_corpus(tmp_path / "corpus.jsonl"), 100, tmp_path / "bpe")
 
 
@@ -79,15 +78,15 @@ def test_a_bare_tokenizer_json_gets_its_conventional_eos(shared_data):
 def test_a_tokenizer_larger_than_the_model_vocabulary_is_refused_naming_both_sizes(shared_data):
     tokenizer = load_tokenizer(shared_data / "tokenizers" / "deepseek-coder")
     check_tokenizer_fits(tokenizer, 32256)
-    with pytest.raises(UserError, match=r"32022 tokens \(largest id 32021\).*vocab_size is 32000"):
+    with pytest.raises(ValueError, match=r"32022 tokens \(largest id 32021\).*vocab_size is 32000"):
         check_tokenizer_fits(tokenizer, 32000)
 
 
 def test_unusable_tokenizer_specs_raise_user_errors(tmp_path, unreachable_hub):
-    with pytest.raises(UserError, match="no such tokenizer"):
+    with pytest.raises(OSError, match="no such tokenizer"):
         load_tokenizer(str(tmp_path / "missing" / "tokenizer.json"))
     (tmp_path / "broken.json").write_text("{not json", encoding="utf-8")
-    with pytest.raises(UserError, match="cannot load tokenizer"):
+    with pytest.raises(ValueError, match="cannot load tokenizer"):
         load_tokenizer(tmp_path / "broken.json")
-    with pytest.raises(UserError, match="cannot reach the Hugging Face Hub.*--tokenizer PATH"):
+    with pytest.raises(OSError, match="cannot reach the Hugging Face Hub.*--tokenizer PATH"):
         load_tokenizer("deepseek-ai/deepseek-coder-1.3b-base")

@@ -12,7 +12,6 @@ import torch
 from tinyseek import TinySeekConfig, TinySeekForCausalLM
 from tinyseek.train.compile import compile_decoder_layers
 from tinyseek.train.config import load_config
-from tinyseek.errors import UserError
 
 TINY = dict(
     vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64,
@@ -68,7 +67,7 @@ def test_checkpointing_config_accepts_modes_and_the_old_booleans():
     assert load_config(None, [(["gradient_checkpointing"], True)]).gradient_checkpointing == "full"
     assert load_config(None, [(["gradient_checkpointing"], False)]).gradient_checkpointing == "none"
     assert load_config(None, [(["gradient_checkpointing"], "selective")]).gradient_checkpointing == "selective"
-    with pytest.raises(UserError, match="gradient_checkpointing: unknown mode 'some'"):
+    with pytest.raises(ValueError, match="gradient_checkpointing: unknown mode 'some'"):
         load_config(None, [(["gradient_checkpointing"], "some")])
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from tinyseek.errors import UserError
+from tinyseek.errors import TinySeekError
 
 COMMANDS = {
     "info": ("tinyseek.info", "print a preset's or config file's architecture and parameter report"),
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[command][0])
     try:
         return module.main([command, *rest]) or 0
-    except UserError as error:
+    except TinySeekError as error:
         print(f"tinyseek {command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -19,7 +19,3 @@ class InputError(TinySeekError, ValueError):
 
 class FileError(TinySeekError, OSError):
     """A file or directory is missing, unreadable, unwritable or corrupt; the message names the path."""
-
-
-# Transitional name: library code moves to the classes above (issue 15), after which this alias goes.
-UserError = TinySeekError

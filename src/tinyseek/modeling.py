@@ -21,6 +21,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from tinyseek.attention import TinySeekCache, attention_spec
 from tinyseek.config import TinySeekConfig
+from tinyseek.errors import InputError
 from tinyseek.layers import RMSNorm, RotaryEmbedding
 from tinyseek.moe import DeepSeekMoE, RoutedExperts, Router, build_feed_forward
 from tinyseek.ops import Linear, linear_cross_entropy
@@ -159,7 +160,7 @@ class TinySeekModel(TinySeekPreTrainedModel):
             cache = TinySeekCache(self.config)
         past_len = cache.get_seq_length() if cache is not None else 0
         if past_len + seq_len > self.config.max_position_embeddings:
-            raise ValueError(
+            raise InputError(
                 f"{past_len + seq_len} tokens exceed the model's max_position_embeddings="
                 f"{self.config.max_position_embeddings}"
             )

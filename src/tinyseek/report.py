@@ -10,7 +10,7 @@ from torch import nn
 
 from tinyseek.attention import attention_spec
 from tinyseek.config import PRESETS, TinySeekConfig
-from tinyseek.errors import ConfigError, UserError
+from tinyseek.errors import ConfigError, FileError
 from tinyseek.modeling import TinySeekForCausalLM
 from tinyseek.moe import DeepSeekMoE
 
@@ -109,8 +109,8 @@ def load_config(spec: str) -> TinySeekConfig:
     if path.is_dir():
         path = path / "config.json"
     if not path.is_file():
-        raise UserError(f"{spec!r} is neither a preset ({', '.join(PRESETS)}) nor a config file")
+        raise FileError(f"{spec!r} is neither a preset ({', '.join(PRESETS)}) nor a config file")
     try:
         return TinySeekConfig.from_json_file(str(path))
     except ValueError as error:
-        raise UserError(f"{path}: {error}") from None
+        raise ConfigError(f"{path}: {error}") from None

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from tinyseek.data.prepare import META_FILE, SPLITS, read_meta
-from tinyseek.errors import UserError
+from tinyseek.errors import ConfigError, FileError, InputError
 
 
 class TokenDataset:
@@ -21,7 +21,7 @@ class TokenDataset:
         self.prepared_dir = Path(prepared_dir)
         meta = read_meta(self.prepared_dir)
         if meta is None:
-            raise UserError(
+            raise FileError(
                 f"{self.prepared_dir} is not a complete prepared corpus (no valid {META_FILE}); run `tinyseek prepare`"
             )
         self.meta = meta
@@ -76,7 +76,7 @@ class WindowSampler:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         if len(dataset) < 2 * seq_len:
-            raise UserError(
+            raise InputError(
                 f"the {dataset.split} split has {len(dataset)} tokens, too few for windows of seq_len {seq_len} "
                 f"(needs at least {2 * seq_len}); prepare more data or lower seq_len"
             )
@@ -177,7 +177,7 @@ class WindowSampler:
             f"{name} {state.get(name)} -> {value}" for name, value in expected.items() if state.get(name) != value
         ]
         if mismatched:
-            raise UserError(
+            raise ConfigError(
                 "cannot resume the data order: the checkpoint's sampler differs in " + ", ".join(mismatched)
             )
 
@@ -188,7 +188,7 @@ class WindowSampler:
         """A sampler continuing a checkpoint's order; a new world_size keeps the global batch and splits it anew."""
         world_size = world_size or state["world_size"]
         if state["global_batch_size"] % world_size:
-            raise UserError(
+            raise ConfigError(
                 f"the checkpoint's global batch of {state['global_batch_size']} windows "
                 f"does not divide among {world_size} ranks"
             )
@@ -213,7 +213,7 @@ def iter_eval_batches(
     """
     available = (len(dataset) - 1) // seq_len
     if available == 0:
-        raise UserError(f"the {dataset.split} split has {len(dataset)} tokens, fewer than one window of {seq_len + 1}")
+        raise InputError(f"the {dataset.split} split has {len(dataset)} tokens, fewer than one window of {seq_len + 1}")
     count = available if max_batches is None else min(available, max_batches * batch_size)
     window_ids = np.unique(np.linspace(0, available - 1, num=count).round().astype(np.int64))
     columns = np.arange(seq_len + 1)

@@ -10,7 +10,7 @@ import os
 import socket
 from urllib.parse import urlparse
 
-from tinyseek.errors import UserError
+from tinyseek.errors import FileError
 
 PROBE_TIMEOUT_S = 5.0
 
@@ -34,12 +34,12 @@ def hub_answers() -> bool:
 
 
 def require_hub(what: str, local_hint: str) -> None:
-    """Raise UserError unless the Hub can serve `what`: it answers, or offline mode makes the local cache serve it."""
+    """Raise FileError unless the Hub can serve `what`: it answers, or offline mode makes the local cache serve it."""
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE or hub_answers():
         return
-    raise UserError(
+    raise FileError(
         f"cannot reach the Hugging Face Hub ({constants.ENDPOINT}) to load {what}; {local_hint}; "
         "to use the local Hugging Face cache instead, set HF_HUB_OFFLINE=1"
     )

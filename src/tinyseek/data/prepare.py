@@ -37,7 +37,7 @@ from tinyseek.data.tokenizer import (
     tokenizer_identity,
 )
 from tinyseek.durable import fsync_path, staging_directory
-from tinyseek.errors import ConfigError, UserError
+from tinyseek.errors import ConfigError, FileError, InputError
 
 FORMAT_VERSION = 3  # 2: UTF-8 bytes per split and the validation groups in meta.json; 3: BOS before each document
 META_FILE = "meta.json"
@@ -190,7 +190,7 @@ def _validation_mask(
     else:
         count = max(1, round(val_fraction * num_units)) if val_fraction > 0 else 0
     if count and count >= num_units:
-        raise UserError(
+        raise ConfigError(
             f"the corpus {source} has {num_units} {unit_name}; a validation split of {count} would leave none for training "
             "(lower --val-fraction or --val-documents, or pass --val-fraction 0)"
         )
@@ -286,9 +286,9 @@ def prepare_corpus(
     if exclude_groups and split_by is None:
         raise ConfigError("excluding groups from a source needs split_by (the column that names the groups)")
     if not 0 <= val_fraction < 1:
-        raise UserError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+        raise ConfigError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     if val_documents is not None and val_documents < 0:
-        raise UserError(f"--val-documents must be >= 0, got {val_documents}")
+        raise ConfigError(f"--val-documents must be >= 0, got {val_documents}")
     loaded = load_tokenizer(tokenizer)
     if vocab_size is not None:
         check_tokenizer_fits(loaded, vocab_size)
@@ -341,7 +341,7 @@ def prepare_corpus(
                 faults.point("prepare.batch")
         document_lengths = np.concatenate(lengths) if lengths else np.empty(0, np.int64)
         if not len(document_lengths):
-            raise UserError(f"the corpus {source} has no non-blank documents in column {text_column!r}")
+            raise InputError(f"the corpus {source} has no non-blank documents in column {text_column!r}")
         is_val = _validation_mask(str(source), groups, len(document_lengths), val_fraction, val_documents, seed)
         counts = _split_files(staging, all_tokens, dtype, document_lengths, np.array(text_bytes, np.int64), is_val)
         all_tokens.unlink()
@@ -390,11 +390,11 @@ def resolve_data(data: str, tokenizer: str, cache_root: str | Path, **prepare_kw
     meta = read_meta(data) if Path(data).is_dir() else None
     if meta is None:
         if Path(data).is_dir() and (Path(data) / META_FILE).exists():
-            raise UserError(f"{data} holds an incomplete or outdated prepared corpus; run `tinyseek prepare` again")
+            raise FileError(f"{data} holds an incomplete or outdated prepared corpus; run `tinyseek prepare` again")
         return prepare_corpus(data, tokenizer, cache_root, **prepare_kwargs)
     identity = tokenizer_identity(tokenizer)
     if meta["tokenizer"]["identity"] != identity:
-        raise UserError(
+        raise InputError(
             f"{data} was prepared with tokenizer {meta['tokenizer']['spec']} ({meta['tokenizer']['identity']}), "
             f"not with {tokenizer} ({identity}); prepare it again with this tokenizer"
         )

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tinyseek.data.builtin import BUILTIN_CORPUS, is_builtin
 from tinyseek.data.hub import first_line, require_hub
-from tinyseek.errors import UserError
+from tinyseek.errors import ConfigError, FileError, InputError
 
 LOCAL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet", ".txt")
 LOCAL_FILES_HINT = (
@@ -45,7 +45,7 @@ class Source:
     num_rows: int | None = None
 
     def documents(self, max_documents: int | None = None) -> Iterator[Document]:
-        """The non-blank documents, in source order; a row lacking a needed column is a UserError."""
+        """The non-blank documents, in source order; a row lacking a needed column is an InputError."""
         count = 0
         for where, row_number, row in self.read_rows():
             if max_documents is not None and count >= max_documents:
@@ -54,7 +54,7 @@ class Source:
             if text is None:
                 continue
             if not isinstance(text, str):
-                raise UserError(
+                raise InputError(
                     f"{where} row {row_number}: column {self.text_column!r} holds {type(text).__name__}, not text"
                 )
             if not text.strip():
@@ -70,7 +70,7 @@ class Source:
 def _column(row: dict, column: str, where: str, row_number: int, option: str):
     if column not in row:
         available = ", ".join(map(repr, row)) or "none"
-        raise UserError(f"{where} row {row_number} has no column {column!r} (columns: {available}); check {option}")
+        raise InputError(f"{where} row {row_number} has no column {column!r} (columns: {available}); check {option}")
     return row[column]
 
 
@@ -87,7 +87,7 @@ def open_source(
     specs = [spec] if isinstance(spec, (str, Path)) else list(spec)
     specs = [BUILTIN_CORPUS if is_builtin(one) else one for one in specs]
     if not specs:
-        raise UserError("no data source given; " + LOCAL_FILES_HINT)
+        raise ConfigError("no data source given; " + LOCAL_FILES_HINT)
     local = [_local_files(str(one)) for one in specs]
     if all(files is not None for files in local):
         files = [file for group in local for file in group]
@@ -95,7 +95,7 @@ def open_source(
     if len(specs) == 1 and HUB_NAME.match(str(specs[0])):
         return _hub_source(str(specs[0]), text_column, group_column, split, streaming)
     missing = next(str(one) for one, files in zip(specs, local) if files is None)
-    raise UserError(f"no such file or directory: {missing}")
+    raise FileError(f"no such file or directory: {missing}")
 
 
 def _local_files(spec: str) -> list[Path] | None:
@@ -103,7 +103,7 @@ def _local_files(spec: str) -> list[Path] | None:
     path = Path(spec).expanduser()
     if path.is_file():
         if not path.name.endswith(LOCAL_SUFFIXES):
-            raise UserError(f"{path}: unsupported file type; use one of {', '.join(LOCAL_SUFFIXES)}")
+            raise InputError(f"{path}: unsupported file type; use one of {', '.join(LOCAL_SUFFIXES)}")
         return [path]
     if path.is_dir():
         candidates = sorted(p for p in path.rglob("*") if p.is_file())
@@ -113,7 +113,7 @@ def _local_files(spec: str) -> list[Path] | None:
         return None
     files = [p for p in candidates if p.name.endswith(LOCAL_SUFFIXES)]
     if not files:
-        raise UserError(f"{spec} holds no corpus files ({', '.join(LOCAL_SUFFIXES)})")
+        raise FileError(f"{spec} holds no corpus files ({', '.join(LOCAL_SUFFIXES)})")
     return files
 
 
@@ -155,9 +155,9 @@ def _read_file(file: Path, text_column: str) -> Iterator[tuple[str, int, dict]]:
         else:
             yield from _read_jsonl(file, where)
     except UnicodeDecodeError as error:
-        raise UserError(f"{where} is not UTF-8 text ({error.reason}); convert it to UTF-8") from None
+        raise InputError(f"{where} is not UTF-8 text ({error.reason}); convert it to UTF-8") from None
     except (OSError, EOFError) as error:
-        raise UserError(f"cannot read {where}: {first_line(error)}") from None
+        raise FileError(f"cannot read {where}: {first_line(error)}") from None
 
 
 def _read_jsonl(file: Path, where: str) -> Iterator[tuple[str, int, dict]]:
@@ -169,9 +169,9 @@ def _read_jsonl(file: Path, where: str) -> Iterator[tuple[str, int, dict]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as error:
-                raise UserError(f"{where} line {number} is not valid JSON ({error.msg})") from None
+                raise InputError(f"{where} line {number} is not valid JSON ({error.msg})") from None
             if not isinstance(row, dict):
-                raise UserError(f"{where} line {number} is not a JSON object")
+                raise InputError(f"{where} line {number} is not a JSON object")
             yield where, number, row
 
 
@@ -181,12 +181,12 @@ def _read_json(file: Path) -> list[dict]:
         try:
             data = json.load(handle)
         except json.JSONDecodeError as error:
-            raise UserError(f"{file} is not valid JSON ({error.msg} at line {error.lineno})") from None
+            raise InputError(f"{file} is not valid JSON ({error.msg} at line {error.lineno})") from None
     if isinstance(data, dict) and data and all(isinstance(column, list) for column in data.values()):
         return [dict(zip(data, values)) for values in zip(*data.values())]
     if isinstance(data, list) and all(isinstance(row, dict) for row in data):
         return data
-    raise UserError(f"{file} must hold a list of objects or an object of column lists")
+    raise InputError(f"{file} must hold a list of objects or an object of column lists")
 
 
 def _read_parquet(file: Path, where: str) -> Iterator[tuple[str, int, dict]]:
@@ -201,7 +201,7 @@ def _read_parquet(file: Path, where: str) -> Iterator[tuple[str, int, dict]]:
                 number += 1
                 yield where, number, row
     except pyarrow.ArrowException as error:
-        raise UserError(f"cannot read {where} as Parquet: {first_line(error)}") from None
+        raise FileError(f"cannot read {where} as Parquet: {first_line(error)}") from None
 
 
 def _read_txt(file: Path) -> Iterator[tuple[int, str]]:
@@ -226,14 +226,14 @@ def _hub_source(name: str, text_column: str, group_column: str | None, split: st
     try:
         dataset = datasets.load_dataset(name, split=split, streaming=streaming)
     except Exception as error:  # datasets raises many unrelated types for "not there"; all mean the same here
-        raise UserError(
+        raise FileError(
             f"cannot load dataset {name!r} split {split!r} from the Hugging Face Hub: {first_line(error)}; "
             + LOCAL_FILES_HINT
         ) from None
     columns = dataset.column_names
     for column, option in ((text_column, "--text-column"), (group_column, "--split-by")):
         if column is not None and columns is not None and column not in columns:
-            raise UserError(
+            raise InputError(
                 f"dataset {name!r} has no column {column!r} (columns: {', '.join(columns)}); check {option}"
             )
     # The dataset's fingerprint (downloaded) or commit (streamed) pins its content, as a file hash does for local data.

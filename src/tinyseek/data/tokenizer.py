@@ -16,7 +16,7 @@ from tinyseek.data.builtin import BUILTIN_TOKENIZER, is_builtin
 from tinyseek.data.hub import first_line, require_hub
 from tinyseek.data.sources import open_source
 from tinyseek.durable import staging_directory
-from tinyseek.errors import UserError
+from tinyseek.errors import ConfigError, FileError, InputError, TinySeekError
 
 LOCAL_TOKENIZER_HINT = (
     "for a local tokenizer pass --tokenizer PATH (a tokenizer directory or tokenizer.json), or --tokenizer builtin"
@@ -55,21 +55,21 @@ def load_tokenizer(spec: str | Path) -> PreTrainedTokenizerFast:
             elif path.is_dir():
                 tokenizer = AutoTokenizer.from_pretrained(path)
             elif _looks_like_path(spec):
-                raise UserError(f"no such tokenizer file or directory: {spec}")
+                raise FileError(f"no such tokenizer file or directory: {spec}")
             else:
                 require_hub(f"tokenizer {spec!r}", LOCAL_TOKENIZER_HINT)
                 tokenizer = AutoTokenizer.from_pretrained(spec)
-    except UserError:
+    except TinySeekError:
         raise
     except Exception as error:  # transformers and tokenizers raise many types for one cause: unusable input
-        raise UserError(f"cannot load tokenizer {spec!r}: {first_line(error)}; {LOCAL_TOKENIZER_HINT}") from None
+        raise InputError(f"cannot load tokenizer {spec!r}: {first_line(error)}; {LOCAL_TOKENIZER_HINT}") from None
     if not getattr(tokenizer, "is_fast", False):
-        raise UserError(f"tokenizer {spec!r} has no fast (Rust) implementation; tinyseek needs a tokenizer.json")
+        raise InputError(f"tokenizer {spec!r} has no fast (Rust) implementation; tinyseek needs a tokenizer.json")
     if tokenizer.eos_token_id is None:
         vocab = tokenizer.get_vocab()
         eos = next((token for token in EOS_CANDIDATES if token in vocab), None)
         if eos is None:
-            raise UserError(f"tokenizer {spec!r} has no EOS token (looked for {', '.join(EOS_CANDIDATES)})")
+            raise InputError(f"tokenizer {spec!r} has no EOS token (looked for {', '.join(EOS_CANDIDATES)})")
         tokenizer.eos_token = eos
     return tokenizer
 
@@ -112,7 +112,7 @@ def check_tokenizer_fits(tokenizer: PreTrainedTokenizerFast, vocab_size: int) ->
     """Refuse a tokenizer that can emit ids the model's embedding has no row for."""
     largest_id = len(tokenizer) - 1
     if largest_id >= vocab_size:
-        raise UserError(
+        raise ConfigError(
             f"the tokenizer has {len(tokenizer)} tokens (largest id {largest_id}) but the model's vocab_size is "
             f"{vocab_size}; use a model with vocab_size >= {len(tokenizer)} or a smaller tokenizer"
         )
@@ -158,7 +158,7 @@ def train_bpe_tokenizer(
     special_tokens = [bos_token, eos_token, pad_token]
     smallest = BYTE_ALPHABET_SIZE + len(special_tokens)
     if vocab_size <= smallest:
-        raise UserError(
+        raise ConfigError(
             f"--vocab-size must exceed {smallest} (256 byte tokens and {len(special_tokens)} special tokens), "
             f"got {vocab_size}"
         )
@@ -166,7 +166,7 @@ def train_bpe_tokenizer(
     documents = source.documents(max_documents)
     first = next(documents, None)
     if first is None:
-        raise UserError(f"the corpus {files_or_source} has no non-blank documents")
+        raise InputError(f"the corpus {files_or_source} has no non-blank documents")
 
     def texts():
         yield first.text

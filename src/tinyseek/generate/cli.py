@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tinyseek.errors import UserError
+from tinyseek.errors import ConfigError, FileError, TinySeekError
 from tinyseek.generate.sampling import Sampling
 from tinyseek.loading import add_source_arguments, load_from_arguments
 
@@ -99,14 +99,14 @@ def main(argv: list[str]) -> int:
     try:
         sampling = Sampling(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty, args.seed)
     except ValueError as error:
-        raise UserError(str(error)) from None
+        raise ConfigError(str(error)) from None
     if args.max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+        raise ConfigError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if args.prompt_file is not None:
         try:
             args.prompt = args.prompt_file.read_text()
         except OSError as error:
-            raise UserError(f"--prompt-file: {error}") from None
+            raise FileError(f"--prompt-file: {error}") from None
     from tinyseek.device import choose_device  # here, not at the top: `--help` answers without torch
 
     model, tokenizer = load_from_arguments(args, choose_device(args.device))
@@ -122,5 +122,5 @@ def main(argv: list[str]) -> int:
         if line.strip():
             try:
                 session.continue_prompt(line.rstrip("\n"))
-            except UserError as error:
+            except TinySeekError as error:
                 print(f"error: {error}", file=sys.stderr)

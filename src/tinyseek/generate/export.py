@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tinyseek.errors import UserError
+from tinyseek.errors import ConfigError, FileError
 from tinyseek.loading import add_source_arguments, load_from_arguments
 
 FORMATS = ("tinyseek", "transformers")
@@ -35,13 +35,13 @@ def export(model, tokenizer, out: Path, format: str = "tinyseek") -> Path:
     if format == "transformers":
         problem = transformers_twin_problem(model.config)
         if problem is not None:
-            raise UserError(
+            raise ConfigError(
                 f"--format transformers: this {model.config.attention_type}/{model.config.ffn_type} model has no "
                 f"transformers equivalent: {problem}"
             )
         model = to_transformers(model)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"--out {out} already exists and is not an empty folder")
+        raise FileError(f"--out {out} already exists and is not an empty folder")
     if tokenizer is not None:
         for field in ("bos_token_id", "eos_token_id", "pad_token_id"):
             setattr(model.config, field, getattr(tokenizer, field))

@@ -35,7 +35,7 @@ from transformers.utils import logging as hf_logging
 from tinyseek import distributed, faults
 from tinyseek.durable import fsync_path, fsync_tree
 from tinyseek.config import TinySeekConfig
-from tinyseek.errors import FileError, InputError, UserError
+from tinyseek.errors import FileError, InputError
 
 CHECKPOINTS = "checkpoints"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -253,7 +253,7 @@ def load_training_state(model: torch.nn.Module, optimizer, checkpoint: Path, opt
     try:
         distributed.load_full_state(model, optimizer, weights, optimizer_state)
     except (RuntimeError, KeyError, ValueError) as error:
-        raise UserError(f"checkpoint {checkpoint}: its state does not fit the model ({error})") from None
+        raise FileError(f"checkpoint {checkpoint}: its state does not fit the model ({error})") from None
 
 
 def load_optimizer_state(checkpoint: Path) -> dict[str, Any]:

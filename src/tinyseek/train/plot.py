@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tinyseek.errors import UserError
+from tinyseek.errors import FileError
 
 PLOT_FILE = "loss.png"
 
@@ -24,7 +24,7 @@ def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
     train = [r for r in records if r["kind"] == "train"]
     evals = [r for r in records if r["kind"] == "eval"]
     if not train and not evals:
-        raise UserError(f"{run_dir}: no metrics.jsonl records to plot")
+        raise FileError(f"{run_dir}: no metrics.jsonl records to plot")
     figure, (loss_axes, lr_axes) = plt.subplots(
         2, 1, figsize=(8, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
     )

@@ -36,7 +36,7 @@ from tinyseek.data.tokenizer import encode_prompt
 from tinyseek import distributed, faults, ops
 from tinyseek.data.mixture import MixtureSampler, prepare_extra_sources
 from tinyseek.device import choose_device
-from tinyseek.errors import FileError, UserError
+from tinyseek.errors import ConfigError, FileError
 from tinyseek.generate.engine import GenerationEngine
 from tinyseek.report import check_model_fits
 from tinyseek.train import checkpoint as ckpt
@@ -143,7 +143,7 @@ def stop_on_signals(trainer: "Trainer"):
 
 class Trainer:
     """One training run. `Trainer(config)` does all the checking and loading (data, tokenizer, model, the resume
-    checkpoint) and raises UserError before anything is written; `train()` runs the loop."""
+    checkpoint) and raises tinyseek.errors exceptions before anything is written; `train()` runs the loop."""
 
     def __init__(self, config: TrainConfig):
         self.config = config
@@ -256,13 +256,13 @@ class Trainer:
         saved_architecture = json.loads((checkpoint / "config.json").read_text())
         differences = ckpt.architecture_differences(saved_architecture, self.model_config)
         if differences:
-            raise UserError(
+            raise ConfigError(
                 f"checkpoint {checkpoint} is a different architecture from this run's model ("
                 + "; ".join(differences)
                 + "); use another --out-dir or the checkpoint's configuration"
             )
         if state["tokenizer"] != self.tokenizer_id:
-            raise UserError(
+            raise ConfigError(
                 f"checkpoint {checkpoint} was trained with tokenizer {state['tokenizer']}, this run uses "
                 f"{self.tokenizer_id}; use another --out-dir or the same tokenizer"
             )
