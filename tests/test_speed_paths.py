@@ -36,7 +36,10 @@ def test_fused_linear_cross_entropy_matches_the_plain_path_in_fp32(chunk_rows, s
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_fused_linear_cross_entropy_is_exact_for_far_off_targets():
+@pytest.mark.parametrize("sync_free", [False, True], ids=["cpu-check", "accelerator-form"])
+def test_fused_linear_cross_entropy_is_exact_for_far_off_targets(monkeypatch, sync_free):
+    # The accelerator form (no host synchronisation per chunk) runs here on the CPU by declaring syncs expensive.
+    monkeypatch.setattr(ops, "host_sync_is_cheap", lambda device: not sync_free)
     hidden, weight, targets = inputs(tokens=8)
     weight = weight * 200  # logit gaps of thousands: softmax probabilities of the targets underflow to 0
     expected = loss_and_grads(plain_loss, hidden, weight, targets)
@@ -214,3 +217,17 @@ def test_fused_projections_keep_the_stored_parameter_names(tiny_config):
         for projection in attention_names:
             assert f"model.layers.0.self_attn.{projection}.weight" in names
         assert not any("qkv" in name or "fused" in name for name in names)
+
+
+def test_training_and_validation_losses_agree_on_the_same_batch_in_fp32(tiny_model, attention_type):
+    """Training takes the fused chunked head, validation (eval mode) the full logits: one loss, within 1e-5."""
+    model = tiny_model(attention_type=attention_type, seq_aux_loss_coef=0.01)
+    tokens = torch.randint(0, 257, (3, 21))
+    inputs, targets = tokens[:, :-1], tokens[:, 1:].clone()
+    targets[0, -4:] = -100
+    training = model.train()(input_ids=inputs, shift_labels=targets)
+    assert training.logits is None  # the fused path
+    with torch.no_grad():
+        validation = model.eval()(input_ids=inputs, shift_labels=targets)
+    assert validation.logits is not None
+    torch.testing.assert_close(training.lm_loss.detach(), validation.lm_loss, rtol=0, atol=1e-5)

@@ -178,6 +178,11 @@ def workspace(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: tor
     return buffer[:numel].view(shape)
 
 
+def host_sync_is_cheap(device: torch.device) -> bool:
+    """Whether reading a tensor's value on the host costs nothing more than the arithmetic (no device to wait for)."""
+    return device.type == "cpu"
+
+
 def release_workspaces() -> None:
     """Free the scratch buffers (they are re-created on the next call)."""
     _workspaces.clear()
@@ -245,9 +250,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 p_target = probs[arange, t_c]
                 token_loss = -torch.log(p_target)
                 underflow = p_target < 1e-30  # -log p is then inexact; recompute those rows from the logits
-                if bool(underflow.any()):
-                    picked = underflow.nonzero().squeeze(1)
-                    token_loss[picked] = torch.logsumexp(logits[picked], 1) - logits[picked, t_c[picked]]
+                if host_sync_is_cheap(device):  # then checking usually skips the recomputation
+                    if bool(underflow.any()):
+                        picked = underflow.nonzero().squeeze(1)
+                        token_loss[picked] = torch.logsumexp(logits[picked], 1) - logits[picked, t_c[picked]]
+                else:  # no host synchronisation per chunk on accelerators: recompute every row, keep the underflowed
+                    exact = torch.logsumexp(logits, 1) - logits[arange, t_c]
+                    token_loss = torch.where(underflow, exact, token_loss)
                 loss_sum += (token_loss * valid[start:stop]).sum()
                 if not (need_grad_h or need_grad_w):
                     continue
