@@ -316,3 +316,20 @@ def test_trainer_samples_tinyseek_generate_and_model_generate_give_the_same_text
     from_model = tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True)
     assert from_trainer["continuation"] + "\n" == from_cli == from_model + "\n"
     assert len(from_model) > 0
+
+
+def test_resume_accepts_changed_training_knobs_and_logs_them_but_refuses_another_architecture(
+    tmp_path, tiny_corpus, tiny_trainer
+):
+    mtp = {"num_nextn_predict_layers": 1, "mtp_loss_weight": 0.3}
+    first = tiny_trainer(tmp_path, tiny_corpus, max_steps=4, model=mtp, checkpoint={"every": 2})
+    first.train(stop_at_step=2)
+    knobs = {**mtp, "attention_dropout": 0.0, "mtp_loss_weight": 0.5}
+    resumed = tiny_trainer(tmp_path, tiny_corpus, max_steps=4, model=knobs, checkpoint={"every": 2})
+    assert resumed.step == 2 and resumed.model.config.mtp_loss_weight == 0.5
+    assert resumed.train() == 0
+    log = (resumed.run_dir / "train.log").read_text()
+    assert "model settings changed on resume: attention_dropout: checkpoint has 0.1, this run has 0.0" in log
+    assert "mtp_loss_weight: checkpoint has 0.3, this run has 0.5" in log
+    with pytest.raises(ValueError, match=r"different architecture.*hidden_size: checkpoint has 32, this run has 64"):
+        tiny_trainer(tmp_path, tiny_corpus, max_steps=6, model={**knobs, "hidden_size": 64})

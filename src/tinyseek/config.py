@@ -23,6 +23,13 @@ class TinySeekConfig(PretrainedConfig):
 
     model_type = "tinyseek"
     keys_to_ignore_at_inference = ["cache"]
+    TRAINING_KNOBS = (
+        "attention_dropout", "mtp_loss_weight", "seq_aux_loss_coef", "bias_update_speed",
+        "linear_attention_chunk_size", "initializer_range",
+    )
+    """Fields that change how the weights are trained (or, for the chunk size, only how fast the same function is
+    computed), not their shapes or the function they compute: a run may resume with other values. Every other field
+    is architecture and must match the checkpoint's."""
 
     def __init__(
         self,

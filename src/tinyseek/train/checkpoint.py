@@ -43,10 +43,12 @@ TRAINER_STATE = "trainer_state.json"
 OPTIMIZER_STATE = "optimizer.pt"
 WEIGHTS = "model.safetensors"
 STEP_DIR = re.compile(r"^step_(\d{8,})$")
-# The special-token ids follow the tokenizer, which is checked on its own; every other field shapes the network.
+# The special-token ids follow the tokenizer, which is checked on its own; the training knobs may change on resume;
+# every other field shapes the network or the function it computes.
 ARCHITECTURE_FIELDS = sorted(
-    set(inspect.signature(TinySeekConfig.__init__).parameters) - {"self", "kwargs", "bos_token_id", "eos_token_id",
-                                                                   "pad_token_id"}
+    set(inspect.signature(TinySeekConfig.__init__).parameters)
+    - {"self", "kwargs", "bos_token_id", "eos_token_id", "pad_token_id"}
+    - set(TinySeekConfig.TRAINING_KNOBS)
 )
 
 log = logging.getLogger("tinyseek.train")
@@ -233,12 +235,12 @@ def remove_stale_staging(run_dir: str | Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def architecture_differences(saved: dict[str, Any], current: TinySeekConfig) -> list[str]:
-    """`field: checkpoint has X, this run has Y` for every architectural field that differs."""
+def config_differences(saved: dict[str, Any], current: TinySeekConfig, fields) -> list[str]:
+    """`field: checkpoint has X, this run has Y` for every one of `fields` that differs."""
     saved_config = TinySeekConfig.from_dict(saved)
     return [
         f"{name}: checkpoint has {getattr(saved_config, name)!r}, this run has {getattr(current, name)!r}"
-        for name in ARCHITECTURE_FIELDS
+        for name in fields
         if getattr(saved_config, name) != getattr(current, name)
     ]
 

@@ -21,7 +21,7 @@ import yaml
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from tinyseek import TinySeekForCausalLM, estimate_flops_per_token, format_parameter_report, parameter_report
+from tinyseek import TinySeekConfig, TinySeekForCausalLM, estimate_flops_per_token, format_parameter_report, parameter_report
 from tinyseek.data import (
     TokenDataset,
     WindowSampler,
@@ -224,6 +224,7 @@ class Trainer:
         self.step, self.tokens = 0, 0
         self.non_finite_steps, self.non_finite_in_a_row = 0, 0
         self.skipped_checkpoints: list[str] = []
+        self.changed_on_resume: list[str] = []
         self.resumed_from = self.resume()
 
     def wrap_model(self) -> torch.nn.Module:
@@ -254,13 +255,17 @@ class Trainer:
             return None
         state = ckpt.read_trainer_state(checkpoint)
         saved_architecture = json.loads((checkpoint / "config.json").read_text())
-        differences = ckpt.architecture_differences(saved_architecture, self.model_config)
+        differences = ckpt.config_differences(saved_architecture, self.model_config, ckpt.ARCHITECTURE_FIELDS)
         if differences:
             raise ConfigError(
                 f"checkpoint {checkpoint} is a different architecture from this run's model ("
                 + "; ".join(differences)
                 + "); use another --out-dir or the checkpoint's configuration"
             )
+        # Announced with the rest of the run's setup, once the run's log exists.
+        self.changed_on_resume = ckpt.config_differences(
+            saved_architecture, self.model_config, TinySeekConfig.TRAINING_KNOBS
+        )
         if state["tokenizer"] != self.tokenizer_id:
             raise ConfigError(
                 f"checkpoint {checkpoint} was trained with tokenizer {state['tokenizer']}, this run uses "
@@ -494,6 +499,8 @@ class Trainer:
         )
         if self.resumed_from is not None:
             log.info("resumed from %s at step %d (%s tokens)", self.resumed_from, self.step, f"{self.tokens:,}")
+            if self.changed_on_resume:
+                log.info("model settings changed on resume: %s", "; ".join(self.changed_on_resume))
 
     def write_resolved_config(self) -> None:
         path = self.run_dir / RESOLVED_CONFIG
