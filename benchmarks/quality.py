@@ -41,7 +41,6 @@ import torch
 
 from tinyseek.data import TokenDataset, load_tokenizer, open_source, resolve_data, train_bpe_tokenizer
 from tinyseek.evaluation import continuations, score_split
-from tinyseek.loading import load_model_and_tokenizer
 from tinyseek.train.budget import CALIBRATION_HORIZON, BudgetCalibration, parse_duration
 from tinyseek.train.config import DataConfig, ScheduleConfig, load_config
 from tinyseek.train.metrics import read_metrics
