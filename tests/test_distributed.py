@@ -36,6 +36,8 @@ def train_and_record_biases(self, *args, **kwargs):
     status = train(self, *args, **kwargs)
     biases = {n: b.clone() for n, b in self.model.named_buffers() if n.endswith("e_score_correction_bias")}
     torch.save(biases, Path(self.config.out_dir) / f"biases_rank{self.world.rank}.pt")
+    alive = torch.distributed.is_initialized()
+    (Path(self.config.out_dir) / f"process_group_rank{self.world.rank}.txt").write_text(str(alive))
     return status
 
 Trainer.train_step, Trainer.train = failing_train_step, train_and_record_biases
@@ -153,3 +155,19 @@ def test_a_failing_rank_ends_the_whole_job_with_a_message_naming_it(tmp_path, ti
     result = torchrun(tmp_path, config, fail_rank=1, timeout=180)
     assert result.returncode != 0
     assert "rank 1 failed: RuntimeError('injected failure')" in result.stderr
+
+
+def test_two_processes_on_an_unprepared_corpus_tokenize_it_once_and_end_their_process_group(
+    tmp_path, tiny_corpus, config_file
+):
+    raw_corpus = Path(tiny_corpus["data"]).parents[1] / "corpus.jsonl"
+    cache = tmp_path / "nobody-prepared-this"
+    data = {"source": str(raw_corpus), "cache_dir": str(cache), "micro_batch_size": 2}
+    config = config_file(tmp_path, tiny_corpus, "unprepared", micro_batch=2, max_steps=2, data=data)
+    result = torchrun(tmp_path, config)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("tinyseek prepare: tokenizing") == 1
+    assert result.stderr.count("tinyseek prepare: reusing") == 1  # the rank that waited for the lock
+    assert len([folder for folder in cache.iterdir() if folder.is_dir()]) == 1
+    run_dir = tmp_path / "unprepared" / "run"
+    assert [(run_dir / f"process_group_rank{rank}.txt").read_text() for rank in (0, 1)] == ["False", "False"]

@@ -41,6 +41,11 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def process_rank() -> int:
+    """This process's rank as torchrun announced it, readable before the process group exists."""
+    return int(os.environ.get("RANK", 0))
+
+
 def init_distributed(device: torch.device, timeout_seconds: float = 300.0) -> World:
     """Join torchrun's process group; a world of one without torchrun.
 

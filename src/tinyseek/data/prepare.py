@@ -316,6 +316,7 @@ def prepare_corpus(
     if target.exists():
         shutil.rmtree(target)
 
+    print(f"tinyseek prepare: tokenizing {source} into {target}", file=sys.stderr)
     staging = staging_directory(root, target.name)
     try:
         started = time.perf_counter()

@@ -121,6 +121,16 @@ def seed_everything(seed: int) -> None:
 
 
 @contextmanager
+def preparation_lock(cache_dir: Path):
+    """Held while preparing data into `cache_dir`: one process tokenizes, the others (other ranks, other runs) wait."""
+    from filelock import FileLock  # huggingface_hub's own dependency; a cross-platform lock file
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(cache_dir / ".prepare.lock")):
+        yield
+
+
+@contextmanager
 def stop_on_signals(trainer: "Trainer"):
     """SIGINT/SIGTERM ask the loop to checkpoint and stop after the current optimizer step. The first signal puts
     the default handlers back, so a second one ends the process at once (the last checkpoint is still intact)."""
@@ -150,21 +160,29 @@ class Trainer:
         self.run_dir = Path(config.out_dir).expanduser()
         ckpt.check_writable(self.run_dir)
         self.stop_signal: signal.Signals | None = None
-        device = choose_device(config.device)
-        self.world = distributed.init_distributed(device)  # a world of one unless launched by torchrun
-        self.is_main = self.world.is_main
-        self.device = distributed.local_device(device, self.world)
-        self.precision = choose_precision(config.dtype, self.device)
-        self.amp_dtype = AMP_DTYPES[self.precision]
-        if self.device.type == "cpu":
-            ops.keep_freed_memory()
+        # Each step reads what the ones before it set up, in this order.
+        self.prepare_data()
+        self.join_process_group()
+        self.load_data()
+        self.build_model()
+        self.forward_model = self.wrap_model()
+        self.build_optimizer()
+        self.step, self.tokens = 0, 0
+        self.non_finite_steps, self.non_finite_in_a_row = 0, 0
+        self.skipped_checkpoints: list[str] = []
+        self.changed_on_resume: list[str] = []
+        self.resumed_from = self.resume()
 
-        data = config.data
+    def prepare_data(self) -> None:
+        """Tokenizer, model config and the prepared corpus, before any process group exists: every rank asks for
+        the corpus under one file lock, so the first prepares it while the others wait (however long a large corpus
+        takes, no collective is waiting with a timeout), then find it ready."""
+        config, data = self.config, self.config.data
         # The resolved pair goes into the config, so the run directory's config.yaml pins it for every resume.
         sources = resolve_sources(data.source, data.tokenizer, pinned_sources(self.run_dir))
         data.source, data.tokenizer = sources.data, sources.tokenizer
         self.sources_note = sources.note
-        if self.is_main and sources.note:
+        if distributed.process_rank() == 0 and sources.note:
             print(f"tinyseek train: {sources.note}", file=sys.stderr, flush=True)
         self.tokenizer_spec = data.tokenizer
         self.tokenizer = load_tokenizer(self.tokenizer_spec)
@@ -175,26 +193,44 @@ class Trainer:
             pad_token_id=self.tokenizer.pad_token_id,
         )
         check_tokenizer_fits(self.tokenizer, self.model_config.vocab_size)
-        check_model_fits(self.model_config, self.device)
-        self.data_dir = resolve_data(
-            data.source,
-            self.tokenizer_spec,
-            Path(data.cache_dir).expanduser(),
-            text_column=data.text_column,
-            split_by=data.split_by,
-            val_fraction=data.val_fraction,
-            val_documents=data.val_documents,
-            vocab_size=self.model_config.vocab_size,
-        )
+        # Before a corpus is tokenized for a model that cannot be trained here anyway.
+        check_model_fits(self.model_config, choose_device(config.device))
+        cache_dir = Path(data.cache_dir).expanduser()
+        with preparation_lock(cache_dir):
+            self.data_dir = resolve_data(
+                data.source,
+                self.tokenizer_spec,
+                cache_dir,
+                text_column=data.text_column,
+                split_by=data.split_by,
+                val_fraction=data.val_fraction,
+                val_documents=data.val_documents,
+                vocab_size=self.model_config.vocab_size,
+            )
+            self.extra_data_dirs = prepare_extra_sources(
+                self.data_dir, list(data.mixture), self.tokenizer_spec, cache_dir,
+                split_by=data.split_by, text_column=data.text_column, vocab_size=self.model_config.vocab_size,
+            ) if data.mixture else []
+
+    def join_process_group(self) -> None:
+        """The device, and the process group under torchrun (a world of one otherwise)."""
+        device = choose_device(self.config.device)
+        self.world = distributed.init_distributed(device)
+        self.is_main = self.world.is_main
+        self.device = distributed.local_device(device, self.world)
+        self.precision = choose_precision(self.config.dtype, self.device)
+        self.amp_dtype = AMP_DTYPES[self.precision]
+        if self.device.type == "cpu":
+            ops.keep_freed_memory()
+
+    def load_data(self) -> None:
+        """The memory-mapped splits and this rank's share of each batch."""
+        config, data = self.config, self.config.data
         self.train_set = TokenDataset(self.data_dir, "train")
         self.val_set = TokenDataset(self.data_dir, "val")
         if data.mixture:
-            extra_dirs = prepare_extra_sources(
-                self.data_dir, list(data.mixture), self.tokenizer_spec, Path(data.cache_dir).expanduser(),
-                split_by=data.split_by, text_column=data.text_column, vocab_size=self.model_config.vocab_size,
-            )
             self.sampler = MixtureSampler(
-                [self.train_set, *(TokenDataset(folder, "train") for folder in extra_dirs)],
+                [self.train_set, *(TokenDataset(folder, "train") for folder in self.extra_data_dirs)],
                 [data.weight, *data.mixture.values()], data.seq_len, data.micro_batch_size, config.seed,
                 self.world.rank, self.world.size,
             )
@@ -204,28 +240,26 @@ class Trainer:
             )
         self.tokens_per_step = data.seq_len * data.micro_batch_size * data.grad_accum * self.world.size
 
+    def build_model(self) -> None:
+        config = self.config
+        seed_everything(config.seed)
+        self.model = TinySeekForCausalLM(self.model_config).to(self.device)
+        if config.gradient_checkpointing != "none":
+            self.model.activation_checkpointing_enable(selective=config.gradient_checkpointing == "selective")
+        self.compile_path = compile_decoder_layers(self.model, self.device) if config.compile else "off"
+
+    def build_optimizer(self) -> None:
+        """Optimizer, schedule and loss scaler. After `wrap_model`: FSDP2 replaces parameters with sharded ones."""
+        config = self.config
         # With a time budget, max_steps is unknown until the first steps are timed (or a checkpoint says it).
         self.budget_s = parse_duration(config.time_budget) if config.time_budget is not None else None
         if self.budget_s is not None:
             config.max_steps = CALIBRATION_HORIZON
         self.budget_fixed = False
         self.train_seconds = 0.0
-
-        seed_everything(config.seed)
-        self.model = TinySeekForCausalLM(self.model_config).to(self.device)
-        if config.gradient_checkpointing != "none":
-            self.model.activation_checkpointing_enable(selective=config.gradient_checkpointing == "selective")
-        self.compile_path = compile_decoder_layers(self.model, self.device) if config.compile else "off"
-        # The optimizer comes after the parallelize step: FSDP2 replaces parameters with sharded ones.
-        self.forward_model = self.wrap_model()
         self.optimizer = optim.build_optimizer(self.model, config.optim, self.device)
         self.scheduler = build_scheduler(self.optimizer, config.schedule, config.max_steps)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
-        self.step, self.tokens = 0, 0
-        self.non_finite_steps, self.non_finite_in_a_row = 0, 0
-        self.skipped_checkpoints: list[str] = []
-        self.changed_on_resume: list[str] = []
-        self.resumed_from = self.resume()
 
     def wrap_model(self) -> torch.nn.Module:
         """The module the loop calls: the model made data-parallel under torchrun, else the model itself."""
@@ -532,6 +566,7 @@ class Trainer:
             if metrics is not None:
                 metrics.close()
             remove_handlers(handlers)
+            distributed.shutdown()  # the run's process group ends with the run
 
     def loop(self, metrics: MetricsWriter | None, stop_at_step: int | None) -> int:
         config, every = self.config, self.config.logging
