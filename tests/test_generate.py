@@ -14,6 +14,7 @@ from tinyseek.cli import main as tinyseek_main
 from tinyseek.generate import GenerationEngine, Sampling, TextStream, left_pad
 
 PROMPTS = [[5, 17, 99], [40, 41, 42, 43, 44, 45, 46, 47], [200, 3, 3, 150, 7]]
+TIE = 1e-4  # the equality rule: where the reference's top two logits are this close, either choice is right
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
