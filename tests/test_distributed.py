@@ -166,7 +166,7 @@ def test_two_processes_on_an_unprepared_corpus_tokenize_it_once_and_end_their_pr
     config = config_file(tmp_path, tiny_corpus, "unprepared", micro_batch=2, max_steps=2, data=data)
     result = torchrun(tmp_path, config)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stderr.count("tinyseek prepare: tokenizing") == 1
+    assert result.stderr.count("tinyseek prepare: tokenized") == 1
     assert result.stderr.count("tinyseek prepare: reusing") == 1  # the rank that waited for the lock
     assert len([folder for folder in cache.iterdir() if folder.is_dir()]) == 1
     run_dir = tmp_path / "unprepared" / "run"
