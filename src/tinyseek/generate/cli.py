@@ -96,10 +96,7 @@ class Session:
 def main(argv: list[str]) -> int:
     """`argv[0]` is the command name ("generate"), as the `tinyseek` dispatcher passes it."""
     args = build_parser().parse_args(argv[1:])
-    try:
-        sampling = Sampling(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty, args.seed)
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
+    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty, args.seed)
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if args.prompt_file is not None:
