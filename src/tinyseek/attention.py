@@ -425,6 +425,11 @@ def validate_sliding_window_attention(config: TinySeekConfig) -> None:
     require_positive(config, "sliding_window")
 
 
+def mean_window_context(seq_len: int, window: int) -> float:
+    """Keys a query sees on average when each sees at most `window` (those past the first window see all of it)."""
+    return seq_len / 2 if seq_len <= window else window * (1 - window / (2 * seq_len))
+
+
 def sliding_window_mask(config, padding_mask, q_len: int, past_len: int, device) -> torch.Tensor:
     """Causal, and each query sees only the `sliding_window` newest keys up to itself (its own included)."""
     context_len = past_len + q_len
@@ -443,8 +448,8 @@ def sliding_window_mask(config, padding_mask, q_len: int, past_len: int, device)
     cache_layer=lambda config: DynamicLayer(),
     rotary_dim=lambda config: config.head_dim,
     mask=sliding_window_mask,
-    flops_per_token=lambda config, seq_len: 6 * config.num_attention_heads * 2 * config.head_dim * (
-        seq_len / 2 if seq_len <= config.sliding_window else config.sliding_window * (1 - config.sliding_window / (2 * seq_len))
+    flops_per_token=lambda config, seq_len: (
+        6 * config.num_attention_heads * 2 * config.head_dim * mean_window_context(seq_len, config.sliding_window)
     ),
     validate=validate_sliding_window_attention,
     transformers_export=None,
