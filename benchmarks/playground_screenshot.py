@@ -16,7 +16,7 @@ from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
-from tinyseek.generate.loading import load
+from tinyseek.loading import load_from_arguments
 from tinyseek.serve.app import create_app
 from tinyseek.serve.background import BackgroundServer
 
@@ -36,7 +36,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     args.model = None
-    model, tokenizer = load(args, "cpu")
+    model, tokenizer = load_from_arguments(args, "cpu")
     options = webdriver.ChromeOptions()
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1360,790",
                  "--force-device-scale-factor=1", "--hide-scrollbars"):

@@ -27,8 +27,8 @@ import torch
 from tinyseek import TinySeekConfig, TinySeekForCausalLM
 from tinyseek.data.tokenizer import encode_prompt, load_tokenizer
 from tinyseek.generate.engine import GenerationEngine
-from tinyseek.generate.loading import load
 from tinyseek.generate.sampling import Sampling
+from tinyseek.loading import load_from_arguments
 from tinyseek.serve.app import Limits, create_app
 from tinyseek.serve.background import BackgroundServer
 
@@ -109,7 +109,7 @@ def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
     if args.run_dir or args.model:
-        model, tokenizer = load(args, "cpu")
+        model, tokenizer = load_from_arguments(args, "cpu")
     else:
         torch.manual_seed(0)
         model, tokenizer = TinySeekForCausalLM(TinySeekConfig.from_preset("seed")).eval(), load_tokenizer("builtin")

@@ -63,13 +63,13 @@ def tiny_corpus(tmp_path_factory) -> dict[str, str]:
     return {"data": str(prepared), "tokenizer": str(tokenizer)}
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tiny_config():
     """``tiny_config(**overrides)``: the tiny model's TinySeekConfig with any field overridden."""
     return lambda **overrides: TinySeekConfig(**{**TINY_MODEL, **overrides})
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tiny_model(tiny_config):
     """``tiny_model(seed=0, **overrides)``: a freshly initialised tiny model in eval mode."""
 
@@ -78,6 +78,22 @@ def tiny_model(tiny_config):
         return TinySeekForCausalLM(tiny_config(**overrides)).eval()
 
     return build
+
+
+@pytest.fixture(scope="session")
+def letters_only():
+    """``letters_only(model)``: the model with a head that can only favour lowercase ASCII letters (every other row
+    of the head is zero, so its logit is 0 while the best letter's is positive): readable byte-level output."""
+
+    def restrict(model: TinySeekForCausalLM) -> TinySeekForCausalLM:
+        letters = torch.tensor(list(b"abcdefghijklmnopqrstuvwxyz"))
+        with torch.no_grad():
+            keep = torch.zeros(model.config.vocab_size, dtype=torch.bool)
+            keep[letters] = True
+            model.lm_head.weight[~keep] = 0
+        return model
+
+    return restrict
 
 
 @pytest.fixture(params=sorted(ATTENTION_REGISTRY))
@@ -117,7 +133,7 @@ def byte_symbols() -> list[str]:
     return symbols
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def write_run():
     """``write_run(run_dir, model, tokenizer, step=10)``: a run directory laid out by the trainer's checkpoint writer."""
 

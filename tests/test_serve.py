@@ -19,9 +19,7 @@ import torch
 
 from tinyseek.cli import main as tinyseek_main
 from tinyseek.serve.protocol import CHAT_STOP, ChatMessage, chat_prompt
-from tinyseek.train.checkpoint import load_model_and_tokenizer
-
-from test_generate import byte_tokenizer, letters_only_model, write_run
+from tinyseek.loading import load_model_and_tokenizer
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
@@ -39,13 +37,13 @@ class LoopbackServer(BackgroundServer):
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
+def run_dir(tmp_path_factory, tiny_model, letters_only, byte_tokenizer, write_run):
     """A run whose MoE model writes readable lowercase letters with the byte-level tokenizer."""
     torch.set_num_threads(1)
-    model = letters_only_model(attention_type="linear", max_position_embeddings=64)
+    model = letters_only(tiny_model(attention_type="linear", max_position_embeddings=64))
     with torch.no_grad():
         model.lm_head.weight.mul_(20)  # letters far above every other token, so sampled text is letters too
-    return write_run(tmp_path_factory.mktemp("serve") / "run", model, byte_tokenizer()).parent.parent
+    return write_run(tmp_path_factory.mktemp("serve") / "run", model, byte_tokenizer).parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -317,7 +315,7 @@ def test_playground_streams_tokens_coloured_by_expert_in_chromium(server, tmp_pa
 # --- `tinyseek route` ----------------------------------------------------------------------------------------
 
 
-def test_route_command_draws_a_png_of_the_requested_size_for_a_seed_preset_model(tmp_path, capsys):
+def test_route_command_draws_a_png_of_the_requested_size_for_a_seed_preset_model(tmp_path, capsys, write_run):
     from PIL import Image
 
     from tinyseek import TinySeekConfig, TinySeekForCausalLM
@@ -339,8 +337,8 @@ def test_route_command_draws_a_png_of_the_requested_size_for_a_seed_preset_model
     assert {tuple(int(expert_colour(e)[i:i + 2], 16) for i in (1, 3, 5)) for e in range(4)} <= colours
 
 
-def test_route_command_refuses_a_dense_model(tmp_path, capsys):
-    run = write_run(tmp_path / "run", letters_only_model(ffn_type="dense"), byte_tokenizer()).parent.parent
+def test_route_command_refuses_a_dense_model(tmp_path, capsys, tiny_model, letters_only, byte_tokenizer, write_run):
+    run = write_run(tmp_path / "run", letters_only(tiny_model(ffn_type="dense")), byte_tokenizer).parent.parent
     assert tinyseek_main(["route", "--run-dir", str(run), "--text", "hi", "--out", str(tmp_path / "r.png")]) == 2
     assert "dense" in capsys.readouterr().err
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tinyseek.errors import ConfigError, InputError
-from tinyseek.generate.loading import add_source_arguments, load
+from tinyseek.loading import add_source_arguments, load_from_arguments
 
 if TYPE_CHECKING:
     import torch
@@ -128,7 +128,7 @@ def main(argv: list[str]) -> int:
 
     from tinyseek.data.tokenizer import encode_prompt
 
-    model, tokenizer = load(args, "cpu")
+    model, tokenizer = load_from_arguments(args, "cpu")
     config = model.config
     moe_layers = [index for index in range(config.num_hidden_layers) if config.is_moe_layer(index)]
     if not moe_layers:

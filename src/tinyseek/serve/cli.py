@@ -6,8 +6,7 @@ import argparse
 import sys
 
 from tinyseek.errors import ConfigError
-from tinyseek.generate.cli import resolve_device
-from tinyseek.generate.loading import add_source_arguments, load
+from tinyseek.loading import add_source_arguments, load_from_arguments
 from tinyseek.serve.limits import Limits
 
 
@@ -46,7 +45,9 @@ def main(argv: list[str]) -> int:
         limits = Limits(args.max_body_bytes, args.max_streams, args.max_waiting, args.max_tokens)
     except ConfigError as error:  # named after the flag that set it
         raise ConfigError(f"--{str(error).replace('_', '-')}") from None
-    model, tokenizer = load(args, resolve_device(args.device))
+    from tinyseek.device import choose_device  # here, not at the top: `--help` answers without torch
+
+    model, tokenizer = load_from_arguments(args, choose_device(args.device))
     name = args.model_name or (args.run_dir or args.model).resolve().name
     app = create_app(model, tokenizer, model_name=name, limits=limits)
     print(f"serving {name} on http://{args.host}:{args.port}/ (playground) and /v1 (OpenAI API)", file=sys.stderr)
