@@ -566,7 +566,8 @@ class Trainer:
             if metrics is not None:
                 metrics.close()
             remove_handlers(handlers)
-            distributed.shutdown()  # the run's process group ends with the run
+            if self.world.is_distributed:
+                distributed.shutdown()  # the process group joined for this run ends with it
 
     def loop(self, metrics: MetricsWriter | None, stop_at_step: int | None) -> int:
         config, every = self.config, self.config.logging
