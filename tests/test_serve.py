@@ -265,7 +265,9 @@ def chromium_driver():
     return webdriver.Chrome(options=options, service=service)
 
 
-def test_playground_streams_tokens_coloured_by_expert_in_chromium(server, tmp_path):
+def test_playground_streams_tokens_coloured_by_expert_in_chromium(
+    server, tmp_path, tiny_model, byte_tokenizer, letters_only
+):
     if not (shutil.which("chromium") and shutil.which("chromedriver")):
         message = "needs headless Chromium and its driver: apt-get install chromium chromium-driver (.ci/run does)"
         if os.environ.get("TINYSEEK_REQUIRE_BROWSER"):
@@ -302,8 +304,8 @@ def test_playground_streams_tokens_coloured_by_expert_in_chromium(server, tmp_pa
         Select(driver.find_element(By.ID, "layer")).select_by_visible_text("all layers (strip)")
         assert len(driver.find_elements(By.CSS_SELECTOR, "#output .token .layers i")) == 2 * len(tokens)
 
-        dense = letters_only_model(ffn_type="dense")
-        with LoopbackServer(create_app(dense, byte_tokenizer(), model_name="dense")) as dense_server:
+        dense = letters_only(tiny_model(ffn_type="dense"))
+        with LoopbackServer(create_app(dense, byte_tokenizer, model_name="dense")) as dense_server:
             driver.get(dense_server.url + "/")
             wait.until(lambda d: "dense" in d.find_element(By.ID, "model-name").text)
             assert driver.find_element(By.ID, "dense-note").is_displayed()
