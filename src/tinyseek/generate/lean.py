@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 from tinyseek.attention import LINEAR_ATTENTION_EPS, LinearAttention, MultiHeadAttention, MultiHeadLatentAttention
 from tinyseek.moe import DeepSeekMoE, SwiGLU
@@ -318,6 +319,10 @@ LEAN_STEPS = {
 
 
 def supports_lean_decoding(model) -> bool:
+    # Sharded parameters (FSDP2's DTensors, as in the trainer's samples) cannot be read whole by the lean step; the
+    # model's own forward gathers them.
+    if any(isinstance(parameter, DTensor) for parameter in model.parameters()):
+        return False
     return all(type(layer.self_attn) in LEAN_STEPS and type(layer.mlp) in LEAN_STEPS for layer in model.model.layers)
 
 
