@@ -1,5 +1,6 @@
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -197,3 +198,19 @@ def tiny_trainer(tiny_config_file):
 def final_weights():
     """``final_weights(run_dir)``: the weights of a run's latest valid checkpoint."""
     return lambda run_dir: load_file(latest_checkpoint(run_dir) / "model.safetensors")
+
+
+@pytest.fixture(scope="session")
+def compiler_failure():
+    """``with compiler_failure():`` a C++ compiler that does not exist, and no cached kernels to hide it."""
+
+    @contextmanager
+    def failing():
+        import torch._inductor.config as inductor_config
+
+        torch._dynamo.reset()
+        with inductor_config.patch({"cpp.cxx": ("/nonexistent/c++",), "fx_graph_cache": False}):
+            yield
+        torch._dynamo.reset()
+
+    return failing

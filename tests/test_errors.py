@@ -47,13 +47,13 @@ def test_any_other_exception_escapes_the_cli_with_its_traceback(monkeypatch, une
     def broken(argv):
         raise unexpected
 
-    monkeypatch.setattr("tinyseek.report.main", broken)
+    monkeypatch.setattr("tinyseek.info.main", broken)
     with pytest.raises(type(unexpected)):
         tinyseek_main(["info", "seed"])
 
 
 def test_an_unexpected_exception_prints_its_traceback_from_the_command_line(tmp_path):
-    script = "import tinyseek.report as r; r.main = lambda argv: 1 / 0; from tinyseek.cli import main; main(['info', 'seed'])"
+    script = "import tinyseek.info as i; i.main = lambda argv: 1 / 0; from tinyseek.cli import main; main(['info', 'seed'])"
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 1
     assert "Traceback" in result.stderr and "ZeroDivisionError" in result.stderr

@@ -25,7 +25,6 @@ from tinyseek.train.metrics import read_metrics
 from tinyseek.train.plot import plot_run
 from tinyseek.train.schedule import lr_multiplier
 from tinyseek.train.trainer import Trainer
-from test_training_speed import compiler_failure
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -67,7 +66,7 @@ def test_interrupted_and_resumed_run_is_bitwise_identical(
     assert all(torch.equal(expected[key], actual[key]) for key in expected)
 
 
-def test_trainer_says_which_path_compile_took(tmp_path, tiny_corpus, tiny_trainer):
+def test_trainer_says_which_path_compile_took(tmp_path, tiny_corpus, tiny_trainer, compiler_failure):
     with compiler_failure():
         trainer = tiny_trainer(tmp_path, tiny_corpus, max_steps=1, compile=True)
     assert trainer.compile_path.startswith("eager (torch.compile unavailable here")

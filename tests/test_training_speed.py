@@ -4,24 +4,18 @@ compiled decoder layers (eager where no compiler works)."""
 from __future__ import annotations
 
 import shutil
-from contextlib import contextmanager
 
 import pytest
 import torch
 
-from tinyseek import TinySeekConfig, TinySeekForCausalLM
+from tinyseek import TinySeekForCausalLM
 from tinyseek.train.compile import compile_decoder_layers
 from tinyseek.train.config import load_config
 
-TINY = dict(
-    vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64,
-    kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, intermediate_size=48,
-    moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2, linear_attention_chunk_size=4,
-)
-ATTENTION_TYPES = {
-    "linear": dict(attention_type="linear", ffn_type="moe"),
-    "mla": dict(attention_type="mla", ffn_type="moe", scoring_func="sigmoid", q_lora_rank=24),
-    "mha": dict(attention_type="mha", ffn_type="dense"),
+# What each attention type is trained with here besides the tiny config (others: MoE with softmax routing).
+EXTRAS = {
+    "mla": dict(scoring_func="sigmoid", q_lora_rank=24),
+    "mha": dict(ffn_type="dense"),
 }
 
 
@@ -39,10 +33,9 @@ def batch(seed=1):
     return torch.randint(0, 97, (2, 12), generator=generator), torch.randint(0, 97, (2, 12), generator=generator)
 
 
-@pytest.mark.parametrize("attention", ATTENTION_TYPES)
-def test_selective_and_full_checkpointing_give_the_gradients_of_none(attention):
+def test_selective_and_full_checkpointing_give_the_gradients_of_none(tiny_config, attention_type):
     torch.manual_seed(0)
-    config = TinySeekConfig(**TINY, **ATTENTION_TYPES[attention], attention_dropout=0.1)  # dropout on: RNG replay
+    config = tiny_config(attention_type=attention_type, **EXTRAS.get(attention_type, {}), attention_dropout=0.1)  # dropout on: RNG replay
     tokens, targets = batch()
     results = {}
     for mode in ("none", "full", "selective"):
@@ -71,20 +64,9 @@ def test_checkpointing_config_accepts_modes_and_the_old_booleans():
         load_config(None, [(["gradient_checkpointing"], "some")])
 
 
-@contextmanager
-def compiler_failure():
-    """A C++ compiler that does not exist, and no cached kernels to hide it."""
-    import torch._inductor.config as inductor_config
-
-    torch._dynamo.reset()
-    with inductor_config.patch({"cpp.cxx": ("/nonexistent/c++",), "fx_graph_cache": False}):
-        yield
-    torch._dynamo.reset()
-
-
-def test_compile_falls_back_to_eager_with_the_reason_when_no_compiler_works():
+def test_compile_falls_back_to_eager_with_the_reason_when_no_compiler_works(tiny_config, compiler_failure):
     torch.manual_seed(0)
-    model = TinySeekForCausalLM(TinySeekConfig(**TINY, **ATTENTION_TYPES["mha"]))
+    model = TinySeekForCausalLM(tiny_config(attention_type="mha", **EXTRAS["mha"]))
     eager = loss_and_grads(model, *batch())
     with compiler_failure():
         path = compile_decoder_layers(model, torch.device("cpu"))
@@ -95,10 +77,10 @@ def test_compile_falls_back_to_eager_with_the_reason_when_no_compiler_works():
 
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                     reason="torch.compile's CPU backend needs a C++ compiler (g++), which is not installed")
-@pytest.mark.parametrize("attention", ATTENTION_TYPES)
-def test_compiled_layers_give_the_loss_and_gradients_of_eager(attention):
+def test_compiled_layers_give_the_loss_and_gradients_of_eager(tiny_config, attention_type):
     torch.manual_seed(0)
-    config = TinySeekConfig(**{**TINY, "num_hidden_layers": 1}, **ATTENTION_TYPES[attention], attention_dropout=0.0)
+    config = tiny_config(num_hidden_layers=1, attention_type=attention_type, **EXTRAS.get(attention_type, {}),
+                         attention_dropout=0.0)
     model = TinySeekForCausalLM(config)
     tokens, targets = batch()
     eager_loss, eager_grads = loss_and_grads(model, tokens, targets)
