@@ -36,7 +36,7 @@ from tinyseek.attention import MultiHeadLatentAttention
 from tinyseek.data.tokenizer import load_tokenizer
 from tinyseek.generate import GenerationEngine, Sampling
 from tinyseek.hf import to_transformers
-from tinyseek.train.checkpoint import latest_checkpoint, load_model_and_tokenizer
+from tinyseek.loading import load_model_and_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = {"linear": "seed", "mla": "deepseek-v3-tiny", "mha": "llama-tiny"}
@@ -179,7 +179,7 @@ def train_mtp_model(work: Path, steps: int, threads: int) -> Path:
 
 def speculative_section(args, work: Path) -> dict:
     run = train_mtp_model(work, args.mtp_steps, args.threads)
-    model, tokenizer = load_model_and_tokenizer(latest_checkpoint(run))
+    model, tokenizer = load_model_and_tokenizer(run)
     from tinyseek.data.tokenizer import encode_prompt
 
     prompts = ["Once upon a time, there was a little girl named", "The dog ran to the park and", "Tom and Sue"]
