@@ -37,6 +37,7 @@ from tinyseek.data.tokenizer import load_tokenizer
 from tinyseek.generate import GenerationEngine, Sampling
 from tinyseek.hf import to_transformers
 from tinyseek.loading import load_model_and_tokenizer
+from tinyseek.train.checkpoint import latest_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = {"linear": "seed", "mla": "deepseek-v3-tiny", "mha": "llama-tiny"}
