@@ -9,7 +9,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import GenerationMixin
 
-from tinyseek import TinySeekConfig
+from tinyseek import TinySeekConfig, TinySeekForCausalLM
 from tinyseek.cli import main as tinyseek_main
 from tinyseek.generate import GenerationEngine, Sampling, TextStream, left_pad
 

@@ -6,14 +6,10 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from tinyseek.errors import ConfigError, FileError, TinySeekError
 from tinyseek.generate.sampling import Sampling
 from tinyseek.loading import add_source_arguments, load_from_arguments
-
-if TYPE_CHECKING:
-    import torch
 
 
 def build_parser() -> argparse.ArgumentParser:

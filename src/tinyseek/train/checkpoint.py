@@ -35,7 +35,7 @@ from transformers.utils import logging as hf_logging
 from tinyseek import distributed, faults
 from tinyseek.durable import fsync_path, fsync_tree
 from tinyseek.config import TinySeekConfig
-from tinyseek.errors import FileError, InputError
+from tinyseek.errors import FileError
 
 CHECKPOINTS = "checkpoints"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
