@@ -77,6 +77,9 @@ def test_openai_client_gets_the_text_of_tinyseek_generate_alone_and_while_anothe
 ):
     client = server.client()
     assert [model.id for model in client.models.list()] == ["letters"]
+    assert client.models.retrieve("letters").id == "letters"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
     expected = generate_command(run_dir, capsys, "the cat", *SAMPLED_FLAGS)
     assert expected
     assert completion_texts(client, prompt="the cat", **SAMPLED) == (expected, expected)

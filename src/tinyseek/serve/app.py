@@ -61,9 +61,8 @@ def create_app(model, tokenizer, *, model_name: str = "tinyseek", limits: Limits
     async def health() -> dict:
         return {"status": "ok", "model": model_name, "requests": scheduler.requests_held()}
 
-    @app.get("/v1/models")
-    async def models() -> dict:
-        description = {
+    def model_description() -> dict:
+        return {
             "id": model_name, "object": "model", "created": now(), "owned_by": "tinyseek",
             # tinyseek's own: what the playground needs to draw the routing (OpenAI clients ignore it).
             "tinyseek": {
@@ -73,7 +72,17 @@ def create_app(model, tokenizer, *, model_name: str = "tinyseek", limits: Limits
                 "max_position_embeddings": config.max_position_embeddings, "max_tokens": limits.max_tokens,
             },
         }
-        return {"object": "list", "data": [description]}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [model_description()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> dict:
+        if model_id != model_name:
+            raise APIError(404, f"the model {model_id!r} does not exist; this server has {model_name!r}",
+                           param="model", code="model_not_found", type="not_found_error")
+        return model_description()
 
     @app.post("/v1/completions")
     async def completions(request: Request):
