@@ -171,7 +171,8 @@ def config_cases(fixture, workdir: Path, rng: random.Random, count: int) -> list
             value = rng.choice(HOSTILE_VALUES)
             (config.setdefault(section, {}) if section else config)[key] = value
             dotted = f"{section}.{key}" if section else key
-            described, names = f"{dotted}={value!r}", [dotted, key]
+            # A size too large for memory is refused for the model as a whole ("model: N parameters need ...").
+            described, names = f"{dotted}={value!r}", [dotted, key] + (["model: "] if section == "model" else [])
         path = workdir / f"config-{number}.yaml"
         path.write_text(yaml.safe_dump(config))
         cases.append(Case("config", described, ["train", "--config", str(path)], names, [out_dir], [workdir]))

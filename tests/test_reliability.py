@@ -250,3 +250,7 @@ def test_sizes_that_cannot_fit_are_refused_before_allocating(capsys):
         load_config(None, [(["optim", "lr"], float("inf"))])
     with pytest.raises(ValueError, match="hidden_size: must be a positive integer, got 'big'"):
         TinySeekConfig.from_dict({"hidden_size": "big"})
+    with pytest.raises(ValueError, match="v_head_dim: must be a non-negative integer, got -1"):
+        TinySeekConfig.from_preset("seed", v_head_dim=-1)  # linear attention does not use it: still refused
+    with pytest.raises(ConfigError, match="data.seq_len: 16 is longer than the model's max_position_embeddings=8"):
+        load_config(None, [(["model", "max_position_embeddings"], 8), (["data", "seq_len"], 16)])

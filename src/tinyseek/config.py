@@ -8,6 +8,9 @@ from transformers import PretrainedConfig
 from tinyseek.errors import ConfigError
 
 FFN_TYPES = ("moe", "dense")
+TYPE_SPECIFIC_SIZES = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+                       "num_key_value_heads", "linear_attention_chunk_size", "moe_intermediate_size", "n_routed_experts",
+                       "n_shared_experts", "num_experts_per_tok")
 SCORING_FUNCS = ("softmax", "sigmoid")
 
 
@@ -142,6 +145,8 @@ class TinySeekConfig(PretrainedConfig):
 
         require_positive(self, "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                          "max_position_embeddings")
+        # Sizes of parts the chosen types do not build are still sizes: a negative one is a typo waiting to matter.
+        require_non_negative(self, *(name for name in TYPE_SPECIFIC_SIZES if getattr(self, name) is not None))
         attention = attention_spec(self.attention_type)
         if self.ffn_type not in FFN_TYPES:
             fail("ffn_type", f"unknown feed-forward type {self.ffn_type!r}; choose one of {FFN_TYPES}")

@@ -377,4 +377,9 @@ def validate(config: TrainConfig) -> None:
         config.sample.sampling(config.seed)
     except ValueError as error:
         raise ConfigError(f"sample.{error}") from None
-    config.build_model_config()
+    require(config.logging.peak_flops is None or config.logging.peak_flops > 0,
+            f"logging.peak_flops: must be positive (or null to measure it), got {config.logging.peak_flops}")
+    positions = config.build_model_config().max_position_embeddings
+    if config.data.seq_len > positions:
+        raise ConfigError(f"data.seq_len: {config.data.seq_len} is longer than the model's max_position_embeddings="
+                          f"{positions}; lower data.seq_len or raise model.max_position_embeddings")
