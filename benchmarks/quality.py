@@ -7,6 +7,7 @@ way, in one invocation:
               embedding rows, SDPA) in a plain loop: 256-token windows at random offsets, micro-batch 16, fused AdamW
               lr 3e-3, betas (0.9, 0.95), weight decay 0.1 on 2-D parameters, 100 warmup steps then cosine to 10%,
               fp32, gradient clipping at 1.0
+  cpu-15min   configs/cpu-15min.yaml: the preset this benchmark's screening chose
   cpu-quick   configs/cpu-quick.yaml (the seed architecture)
   ...         the screening variants in RUNS below
 
@@ -17,8 +18,9 @@ share of distinct 4-grams in greedy and sampled 200-token continuations of 5 fix
 Writes docs/quality.md (or --out), quality.png (training loss in bits per byte against training time) and
 quality_samples.json.
 
-    python benchmarks/quality.py --runs reference,cpu-quick --time-budget 15m    # ~35 min, 2 threads
-    python benchmarks/quality.py --runs reference,llama-tiny --tokens 300000      # a fixed token budget (screening)
+    python benchmarks/quality.py --runs reference,cpu-15min --time-budget 15m --threads 2    # the headline, ~35 min
+    python benchmarks/quality.py --runs screen-dense,screen-mla-moe --tokens 250000 --threads 1   # screening
+    python benchmarks/quality.py --runs reference,cpu-15min,screen-dense --throughput 2      # tokens/s side by side
 """
 
 from __future__ import annotations
@@ -66,19 +68,21 @@ SCREENING_HEADING = "## Screening"
 # held-out books), as `tinyseek tokenizer train` trains one.
 RUNS: dict[str, tuple[str, dict]] = {
     "cpu-15min": ("cpu-15min", {}),
-    # The screening: the preset with one lever moved.
-    "15min-vocab-32k": ("cpu-15min", {"data": {"tokenizer": None}, "model": {"vocab_size": 32256}}),
-    "15min-vocab-16k": ("cpu-15min", {"data": {"tokenizer": "bpe-16384"}, "model": {"vocab_size": 16384}}),
-    "15min-mla-moe": ("cpu-15min", {"model": {"preset": "deepseek-v3-tiny"}}),
-    "15min-seed-arch": ("cpu-15min", {"model": {"preset": "seed", "attention_dropout": 0.0}}),
-    "15min-hidden-192": ("cpu-15min", {"model": {"hidden_size": 192, "intermediate_size": 512}}),
-    "15min-6-layers": ("cpu-15min", {"model": {"num_hidden_layers": 6}}),
-    "15min-tied": ("cpu-15min", {"model": {"tie_word_embeddings": True}}),
-    "15min-seq-128": ("cpu-15min", {"data": {"seq_len": 128, "micro_batch_size": 32}}),
-    "15min-cosine": ("cpu-15min", {"schedule": {"kind": "cosine"}}),
-    "15min-lr-6e-3": ("cpu-15min", {"optim": {"lr": 6.0e-3}}),
-    "15min-mtp": ("cpu-15min", {"model": {"num_nextn_predict_layers": 1}}),
-    "15min-wiki-mix": ("cpu-15min", {"data": {"mixture": {str(SHARED / "corpus" / "library_of_phi_gpt35_wiki.jsonl.gz"): 1.0}}}),
+    # The screening (docs/quality.md): the preset's recipe with one lever moved from a dense 8k-vocabulary base.
+    "screen-dense": ("cpu-15min", {"model": {"preset": "llama-tiny"}}),
+    "screen-dense-vocab-32k": (
+        "cpu-15min", {"data": {"tokenizer": None}, "model": {"preset": "llama-tiny", "vocab_size": 32256}}),
+    "screen-dense-vocab-16k": (
+        "cpu-15min", {"data": {"tokenizer": "bpe-16384"}, "model": {"preset": "llama-tiny", "vocab_size": 16384}}),
+    "screen-mla-moe": ("cpu-15min", {"model": {"preset": "deepseek-v3-tiny"}}),
+    "screen-seed-arch": ("cpu-15min", {"model": {"preset": "seed", "attention_dropout": 0.0}}),
+    "screen-dense-hidden-192": (
+        "cpu-15min", {"model": {"preset": "llama-tiny", "hidden_size": 192, "intermediate_size": 512}}),
+    "screen-dense-mtp": ("cpu-15min", {"model": {"preset": "llama-tiny", "num_nextn_predict_layers": 1}}),
+    "screen-dense-wiki-mix": ("cpu-15min", {
+        "model": {"preset": "llama-tiny"},
+        "data": {"mixture": {str(SHARED / "corpus" / "library_of_phi_gpt35_wiki.jsonl.gz"): 1.0}},
+    }),
     # Earlier presets and architectures at cpu-quick's recipe.
     "cpu-quick": ("cpu-quick", {}),
     "seed-recipe": ("seed", {}),
@@ -119,7 +123,8 @@ class ReferenceRun:
         for group in self.optimizer.param_groups:
             group["lr"] = self.LR * lr_multiplier(step, self.schedule, max_steps)
         offsets = torch.randint(0, len(self.train) - self.SEQ_LEN - 1, (self.MICRO_BATCH,), generator=self.generator)
-        batch = torch.from_numpy(np.stack([self.train[o : o + self.SEQ_LEN + 1] for o in offsets.tolist()]).astype(np.int64))
+        windows = [self.train[o : o + self.SEQ_LEN + 1] for o in offsets.tolist()]
+        batch = torch.from_numpy(np.stack(windows).astype(np.int64))
         logits = self.model(input_ids=batch[:, :-1]).logits
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
         loss.backward()
@@ -196,7 +201,8 @@ def tinyseek_trainer(name: str, args, budget_s: float | None) -> tuple[Trainer, 
         config.time_budget = args.time_budget
     else:  # a fixed token budget (screening): the steps it takes, with a warmup of at most a tenth of them
         config.time_budget = None
-        config.max_steps = max(1, args.tokens // (config.data.seq_len * config.data.micro_batch_size * config.data.grad_accum))
+        data = config.data
+        config.max_steps = max(1, args.tokens // (data.seq_len * data.micro_batch_size * data.grad_accum))
         config.schedule.warmup_steps = min(config.schedule.warmup_steps, max(1, config.max_steps // 10))
     shutil.rmtree(config.out_dir, ignore_errors=True)  # a benchmark run starts fresh, never resumes an old budget
     return Trainer(config), tokenizer_s
@@ -357,7 +363,8 @@ def write_report(results: list[dict], command: str, out: Path, measured_at: str,
             sampled = r["continuations"]["sampled"][number]["text"][:400]
             samples.append(f"- {r['name']}, greedy: {greedy!r}\n- {r['name']}, sampled: {sampled!r}")
         samples.append("")
-    budget = "the same wall-clock budget (`--time-budget`)" if results and results[0]["budget_s"] else "the same number of tokens"
+    timed = results and results[0]["budget_s"]
+    budget = "the same wall-clock budget (`--time-budget`)" if timed else "the same number of tokens"
     report = f"""# Quality for the same budget
 
 Measured {datetime.date.today()} at commit `{measured_at}` on {machine()}, {threads} threads
@@ -391,14 +398,14 @@ Continuations of the first three prompts (all in `quality_samples.json`):
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", default=f"{REFERENCE},cpu-quick",
-                        help=f"comma-separated, from: {REFERENCE}, {', '.join(RUNS)} (default: {REFERENCE},cpu-quick)")
+    parser.add_argument("--runs", default=f"{REFERENCE},cpu-15min",
+                        help=f"comma-separated, from: {REFERENCE}, {', '.join(RUNS)} (default: {REFERENCE},cpu-15min)")
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--time-budget", default=None, help="wall-clock training budget per run, e.g. 15m (default)")
     budget.add_argument("--tokens", type=int, help="a fixed number of training tokens per run instead")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--throughput", type=int, metavar="ROUNDS",
-                        help="only measure training speed side by side, in ROUNDS interleaved rounds of 2 steps per run")
+                        help="only measure training speed side by side: ROUNDS interleaved rounds of 2 steps per run")
     parser.add_argument("--data", default=str(SHARED / "corpus" / "library_of_phi_gpt4.jsonl"))
     parser.add_argument("--tokenizer", default=str(SHARED / "tokenizers" / "deepseek-coder"))
     parser.add_argument("--work-dir", default=str(REPO / "runs" / "quality"), help="where the runs are written")

@@ -39,9 +39,9 @@ def score_documents(
 
     A separator is put in front as the first context, so every document token is predicted, the first of each
     document from the separator (and start token) alone; targets that are the separator or the start token are
-    excluded (predicting where a document ends depends on how the corpus was cut, not on the text). The stream is read in consecutive non-overlapping
-    windows of `seq_len` targets, so each token is scored once with up to `seq_len` tokens of context.
-    Bits per byte = summed cross-entropy (nats) / ln 2 / UTF-8 bytes of the documents: the same denominator for every
+    excluded (predicting where a document ends depends on how the corpus was cut, not on the text). The stream is
+    read in consecutive non-overlapping windows of `seq_len` targets, so each token is scored once with up to
+    `seq_len` tokens of context. Bits per byte = summed cross-entropy (nats) / ln 2 / UTF-8 bytes of the documents: the same denominator for every
     tokenizer, which makes models with different vocabularies comparable.
     """
     tokens = torch.from_numpy(np.concatenate([[separator_id], np.asarray(stream, dtype=np.int64)]))

@@ -347,6 +347,9 @@ def validate(config: TrainConfig) -> None:
                 f"data.mixture: the weight of {source} must be a positive number, got {weight!r}")
     require(not config.data.mixture or config.data.split_by is not None,
             "data.mixture: needs data.split_by, so that no validation group is trained on from another source")
+    require(not (config.optim.name == "muon" and config.parallel == "fsdp"),
+            "optim.name muon: Muon orthogonalises whole weight matrices, and under --parallel fsdp each process holds "
+            "only a shard of each; use --parallel ddp, or optim.name adamw with fsdp")
     require(config.parallel in STRATEGIES,
             f"parallel: unknown strategy {config.parallel!r}; choose one of {', '.join(STRATEGIES)}")
     require(config.gradient_checkpointing in CHECKPOINTING_MODES,

@@ -22,6 +22,7 @@ from torch import nn
 
 from tinyseek.errors import ConfigError
 from tinyseek.train.config import OptimConfig
+from tinyseek.train.muon import MuonWithAdamW, build_muon_with_adamw
 
 # Every trainable parameter has exactly one role, in this order of precedence.
 ROLES = ("matrix", "head", "embedding", "vector")
@@ -100,6 +101,17 @@ def kernel_choice(optim: OptimConfig, device: torch.device) -> dict[str, bool]:
 def build_adamw(model: nn.Module, optim: OptimConfig, device: torch.device) -> torch.optim.AdamW:
     return torch.optim.AdamW(
         parameter_groups(model, optim), lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
+        **kernel_choice(optim, device),
+    )
+
+
+@register_optimizer("muon")
+def build_muon(model: nn.Module, optim: OptimConfig, device: torch.device) -> MuonWithAdamW:
+    """Muon for the blocks' 2-D hidden matrices (attention projections, dense and shared-expert MLPs), AdamW with
+    these groups' settings for the rest (embedding, head, norms, biases, router, routed-expert stacks): one
+    optimizer, so one step, one scheduler and one checkpoint (tinyseek.train.muon)."""
+    return build_muon_with_adamw(
+        model, parameter_groups(model, optim), betas=optim.betas, eps=optim.eps, device=device,
         **kernel_choice(optim, device),
     )
 
