@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import torch
-
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers.generation.streamers import BaseStreamer
 
 from tinyseek import TinySeekConfig, TinySeekForCausalLM
@@ -204,6 +204,48 @@ def speculative_section(args, work: Path) -> dict:
     }
 
 
+class CountOperators(TorchDispatchMode):
+    """Counts the ATen operators dispatched (views included), without the profiler's nesting."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def step_profile(model, context: int, steps: int = 20) -> dict:
+    """Where one lean decode step's time goes (batch 1, torch.profiler), and the LM head's GEMV timed alone."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from tinyseek.generate.lean import LeanDecoder, LeanWeights
+
+    weights = LeanWeights(model)
+    decoder = LeanDecoder(model, weights, 1, context + 2 * steps + 8, False)
+    prompt = torch.tensor(random_prompts(1, context, model.config.vocab_size))
+    with torch.no_grad():
+        token = decoder.prefill(prompt, torch.ones_like(prompt)).argmax(-1)
+        for _ in range(steps):
+            token = decoder.step(token).argmax(-1)
+        with profile(activities=[ProfilerActivity.CPU]) as profiler:
+            for _ in range(steps):
+                token = decoder.step(token).argmax(-1)
+        with CountOperators() as counter:
+            token = decoder.step(token).argmax(-1)
+        hidden = torch.randn(1, model.config.hidden_size)
+        head = best_time(lambda: [hidden @ weights.head for _ in range(steps)], 3) / steps
+    events = [e for e in profiler.key_averages() if e.key.startswith("aten::")]
+    total = sum(e.self_cpu_time_total for e in events)
+    top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:6]
+    return {
+        "ops_per_step": counter.count,
+        "step_ms": total / steps / 1e3, "head_ms": head * 1e3,
+        "top": [(e.key, e.self_cpu_time_total / total, e.count / steps) for e in top],
+    }
+
+
 def write_plot(sweep: dict, path: Path) -> None:
     import matplotlib
 
@@ -296,6 +338,27 @@ def markdown(results: dict, args, started, load_average) -> str:
         f"MLA prefills in the expanded form (per-head keys and values from the latent, fused SDPA, as in training): "
         f"{prefill['mla']['tinyseek'] * 1e3:.1f} ms against {absorbed * 1e3:.1f} ms in the absorbed form that decoding "
         "uses; the cache holds only the latent either way.",
+        "",
+    ]
+    profile = results["profile"]
+    lines += [
+        f"## Where a lean step's time goes (`deepseek-v3-tiny`, batch 1, context {args.target_prompt})",
+        "",
+        f"torch.profiler over 20 steps: {profile['ops_per_step']} ATen operator calls per step (views included), "
+        f"{profile['step_ms']:.2f} ms of operator time per step; the LM head's GEMV ([1, 128] x [128, 32256], "
+        f"16.5 MB of fp32 weights) alone takes {profile['head_ms']:.2f} ms.",
+        "",
+        "| operator | share of the step | calls per step |",
+        "|---|---:|---:|",
+        *(f"| `{name}` | {share:.0%} | {calls:.0f} |" for name, share, calls in profile["top"]),
+        "",
+        "A step does about 10 MFLOP, most of it the head; the rest is a few hundred small operations (the "
+        "projections, RMSNorms, RoPE, the cache writes, and per chosen expert a gate/up GEMM, SiLU, product and "
+        "down GEMM), each a few microseconds of dispatch. The lean step already runs every projection as one "
+        "[in, out] GEMM with weights arranged once (the head's `F.linear` on the [out, in] parameter was ~5x slower "
+        "for one row), folds MLA's up-projections and the RoPE rotation into those GEMMs, and keeps the caches in "
+        "place. What remains is per-operator overhead: `--compile` (torch.compile of the step) fuses the elementwise "
+        "work into a few C++ kernels, at tens of seconds of compilation.",
         "",
     ]
     if spec:
@@ -413,6 +476,8 @@ def main() -> None:
             MultiHeadLatentAttention.expanded_prefill = True
         print(attention, "prefill", json.dumps(prefill), flush=True)
 
+    results["profile"] = step_profile(build_model("deepseek-v3-tiny", 4 * args.target_prompt), args.target_prompt)
+    print("profile", json.dumps(results["profile"]), flush=True)
     if args.mtp_steps:
         results["speculative"] = speculative_section(args, args.work_dir)
         print("speculative", json.dumps(results["speculative"]), flush=True)

@@ -258,6 +258,8 @@ class LeanMoE:
         self.num_experts, intermediate = experts.num_experts, experts.intermediate_size
         self.experts_gate_up = experts.gate_up_proj.detach().transpose(1, 2).contiguous()  # [E, hidden, 2I]
         self.experts_down = experts.down_proj.detach().transpose(1, 2).contiguous()  # [E, I, hidden]
+        # One view per expert, taken once: indexing the stacked tensor each step would be one more operation each.
+        self.expert_views = list(zip(self.experts_gate_up.unbind(0), self.experts_down.unbind(0)))
         self.shared = LeanSwiGLU(module.shared_experts) if module.shared_experts is not None else None
         # Every expert at once: columns [shared | expert 0 | expert 1 | ...] of the gate and of the up projection.
         gates = [self.experts_gate_up[..., :intermediate].permute(1, 0, 2).flatten(1)]
@@ -304,8 +306,9 @@ class LeanMoE:
     def single_token(self, x: torch.Tensor, chosen: list[int], weights: list[float]) -> torch.Tensor:
         output = self.shared(x) if self.shared is not None else torch.zeros_like(x)
         for expert, weight in zip(chosen, weights):
-            gate, up = (x @ self.experts_gate_up[expert]).chunk(2, dim=-1)
-            output = torch.addmm(output, F.silu(gate) * up, self.experts_down[expert], alpha=weight)
+            gate_up, down = self.expert_views[expert]
+            gate, up = (x @ gate_up).chunk(2, dim=-1)
+            output = torch.addmm(output, F.silu(gate) * up, down, alpha=weight)
         return output
 
 
