@@ -262,7 +262,9 @@ def write_plot(sweep: dict, path: Path) -> None:
                 points = [(c, r[path_name]) for c, r in by_context.items() if path_name in r]
                 if points:
                     axis.plot(*zip(*points), style, marker="o", color=f"C{index}", label=f"{attention}, {path_name}")
+        contexts = sorted({c for by_batch in sweep.values() for c in by_batch.get(batch, {})})
         axis.set_xscale("log", base=2)
+        axis.set_xticks(contexts, labels=[str(c) for c in contexts])
         axis.set_yscale("log")
         axis.set_xlabel("context length (tokens)")
         axis.set_ylabel("decode tokens/s")

@@ -21,7 +21,8 @@ from tinyseek.attention import TinySeekCache
 
 
 class SpeculativeForward:
-    """The engine's decoder interface (prefill, step, experts) for one greedy row with an MTP draft per step."""
+    """The engine's decoder interface (prefill, step, experts) for one row, with an MTP draft per step. Any rule
+    for choosing tokens works: logits after a draft are used only when the chosen token is the draft."""
 
     path = "speculative (MTP draft, model forward verify)"
 
@@ -32,7 +33,10 @@ class SpeculativeForward:
         self.mtp_cache = TinySeekCache(model.config)
         self.mtp_cache.layers = self.mtp_cache.layers[:1]
         self.drafted = self.accepted = 0
-        self.pending = None  # (draft token, logits after the draft, hidden at the draft) from the last verify
+        # From the last verify: (draft, logits after the draft, hidden at the draft, hidden at the token before it).
+        self.pending = None
+        self.snapshot: list = []  # recurrent states before the last verify (linear attention cannot crop)
+        self.last_pair_first: torch.Tensor | None = None
         self.unseen: list[tuple[torch.Tensor, int]] = []  # (main hidden at i, token i + 1) not yet in the MTP cache
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
