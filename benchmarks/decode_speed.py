@@ -376,9 +376,11 @@ def markdown(results: dict, args, started, load_average) -> str:
             f"| {spec['drafted']} | {spec['acceptance']:.0%} | {spec['speedup_previous']:.2f}x | "
             f"{spec['speedup_lean']:.2f}x | {spec['equal']} |",
             "",
-            "Speculation runs on the model's own forward (a two-token forward per draft), so it is measured against "
-            "that path; the lean single-token step is faster than both at this size, where a step costs about the "
-            "same for one token as for two and the draft costs a decoder block plus the 32k-wide head.",
+            "Speculation verifies through the model's own forward (one two-token forward per draft), so it is "
+            "measured against that path first. At this size a draft is not cheap: it runs a decoder block and the "
+            "full 32k-wide head, a large part of a whole step, while a two-token forward costs about what a "
+            "one-token forward does; so even a high acceptance buys little, and the lean single-token step is "
+            "faster than both.",
             "",
         ]
     lines += [
