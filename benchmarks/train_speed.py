@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from tinyseek import TinySeekConfig, TinySeekForCausalLM, estimate_flops_per_token
+from tinyseek import TinySeekConfig, TinySeekForCausalLM, estimate_flops_per_token, ops
 from tinyseek.hf import to_transformers
 
 SEED_MLA_MOE = dict(attention_type="mla", scoring_func="sigmoid", router_bias=False, attention_dropout=0.0)
@@ -218,6 +218,32 @@ def run_case(config_name: str, batch: int, seq_len: int, dtype: str, steps: int,
     return rows
 
 
+def profile_step(config_name: str, steps: int = 3) -> None:
+    """The operators of a 1x32 fp32 training step (forward, backward, optimizer), by self time, averaged over
+    `steps` steps after two warm-up steps. Uses only what every tree has, so PYTHONPATH=OLD/src profiles an old one."""
+    preset, overrides, _ = CONFIGS[config_name]
+    config = TinySeekConfig.from_preset(preset, **overrides)
+    torch.manual_seed(0)
+    trainee = Trainee("tinyseek", TinySeekForCausalLM(config), True, "fp32")
+    window = torch.randint(0, config.vocab_size, (1, 33), generator=torch.Generator().manual_seed(1))
+    inputs, targets = window[:, :-1].contiguous(), window[:, 1:].contiguous()
+    for _ in range(2):
+        trainee.step(inputs, targets)
+    with torch.profiler.profile() as profiler:
+        for _ in range(steps):
+            trainee.step(inputs, targets)
+    events = profiler.key_averages()
+    operators = sum(e.count for e in events if e.key.startswith("aten::")) / steps
+    total_ms = sum(e.self_cpu_time_total for e in events) / 1e3 / steps
+    print(f"{config_name} 1x32 fp32: {operators:,.0f} aten operator calls and {total_ms:,.1f} ms self CPU time per step "
+          f"(profiled; the profiler itself adds time per call)\n")
+    print("| operator | calls per step | self ms per step | share |")
+    print("|---|---|---|---|")
+    for event in sorted(events, key=lambda e: -e.self_cpu_time_total)[:12]:
+        ms = event.self_cpu_time_total / 1e3 / steps
+        print(f"| {event.key[:60]} | {event.count / steps:,.0f} | {ms:,.1f} | {100 * ms / total_ms:.0f}% |")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The seed recipe through the trainer, in worker processes (one per tree and setting) that take turns
 
@@ -370,6 +396,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads (default: torch's own choice, one per core). On a shared machine "
                              "2 OpenMP threads on a contended core ran 20x slower than 1 (docs/benchmarks.md)")
+    parser.add_argument("--profile", metavar="CONFIG", choices=list(CONFIGS),
+                        help="instead of timing: torch.profiler table of one 1x32 fp32 tinyseek training step")
     recipe = parser.add_argument_group("seed recipe (through the trainer, worker processes taking turns)")
     recipe.add_argument("--recipe", action="store_true", help="time the recipe instead of the tables")
     recipe.add_argument("--recipe-config", default="seed", help="config preset or file (default: seed)")
@@ -384,6 +412,13 @@ def main() -> None:
     args = parser.parse_args()
     if args.recipe_worker:
         return recipe_worker(json.loads(args.recipe_worker))
+    keep_freed_memory = getattr(ops, "keep_freed_memory", None)  # absent from trees before it (--profile on them)
+    if keep_freed_memory is not None:
+        keep_freed_memory()  # what the trainer does on CPU; both models of a table share the process and its malloc
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.profile:
+        return profile_step(args.profile)
     if args.recipe:
         args.warmup, args.steps = max(args.warmup, 2), args.recipe_steps
         print(f"{datetime.date.today()}  commit {git_commit()}  {cpu_model()}  torch {torch.__version__}  "
@@ -392,8 +427,6 @@ def main() -> None:
     if args.quick:
         args.shapes, args.steps, args.warmup = ["1x32"], 2, 1
     shapes = [tuple(int(n) for n in s.split("x")) for s in args.shapes]
-    if args.threads:
-        torch.set_num_threads(args.threads)
 
     started = time.time()
     print(f"{datetime.date.today()}  commit {git_commit()}  {cpu_model()}  torch {torch.__version__}  "

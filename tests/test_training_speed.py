@@ -94,3 +94,20 @@ def test_compiled_layers_give_the_loss_and_gradients_of_eager(tiny_config, atten
     model.eval()  # evaluation keeps the eager forward: no recompilation for its shapes
     with torch.no_grad():
         model(input_ids=tokens)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_row_sparse_embedding_gradients_accumulate_to_the_dense_ones(tie):
+    torch.manual_seed(0)
+    config = TinySeekConfig(**TINY, **ATTENTION_TYPES["mla"], attention_dropout=0.0, tie_word_embeddings=tie)
+    models = [TinySeekForCausalLM(config) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    models[1].model.embed_tokens.accumulate_sparse_gradients = True
+    for model in models:
+        model.train()
+        for micro_batch in range(3):  # accumulation: the 2nd and 3rd embedding gradients arrive row-sparse
+            (model(input_ids=batch(micro_batch)[0], shift_labels=batch(micro_batch)[1]).loss / 3).backward()
+    dense, sparse = (dict(model.named_parameters()) for model in models)
+    for name, parameter in dense.items():
+        assert sparse[name].grad.layout == torch.strided
+        torch.testing.assert_close(sparse[name].grad, parameter.grad, rtol=0, atol=1e-7, msg=name)

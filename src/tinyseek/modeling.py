@@ -24,7 +24,7 @@ from tinyseek.config import TinySeekConfig
 from tinyseek.errors import InputError
 from tinyseek.layers import RMSNorm, RotaryEmbedding
 from tinyseek.moe import DeepSeekMoE, RoutedExperts, Router, build_feed_forward
-from tinyseek.ops import Linear, linear_cross_entropy
+from tinyseek.ops import Embedding, Linear, linear_cross_entropy
 
 IGNORE_INDEX = -100
 
@@ -134,7 +134,7 @@ def keep_matmul_outputs():
 class TinySeekModel(TinySeekPreTrainedModel):
     def __init__(self, config: TinySeekConfig):
         super().__init__(config)
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.attention = attention_spec(config.attention_type)

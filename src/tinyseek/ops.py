@@ -33,11 +33,15 @@ the probabilities), which fits next to the model in a 32 MB L3 well enough and k
 [V, H] head-gradient accumulator (one per chunk) small."""
 
 
-@torch.compiler.assume_constant_result  # torch.compile calls it once instead of tracing the file read
-@functools.cache
+@torch.compiler.assume_constant_result  # torch.compile calls it instead of tracing the file read
 def cpu_has_native_bf16_matmul() -> bool:
     """True where torch's CPU bf16 GEMM runs on bf16 hardware (oneDNN with AVX512-BF16 or AMX, or an ARM CPU with
     BF16); False on plain AVX2/AVX-512 x86, where bf16 matmuls are emulated slowly."""
+    return _cpu_has_native_bf16_matmul()
+
+
+@functools.cache
+def _cpu_has_native_bf16_matmul() -> bool:
     machine = platform.machine().lower()
     if machine in ("x86_64", "amd64", "i386", "i686"):
         try:
@@ -148,6 +152,47 @@ def fused_linear(x: torch.Tensor, layers: tuple[nn.Linear, ...]) -> tuple[torch.
     if any(layer.bias is not None for layer in layers):
         bias = torch.cat([layer.bias if layer.bias is not None else layer.weight.new_zeros(layer.out_features) for layer in layers])
     return linear(x, weight, bias).split([layer.out_features for layer in layers], dim=-1)
+
+
+class _RowSparseEmbedding(torch.autograd.Function):
+    """``F.embedding`` whose gradient is row-sparse once the weight already holds a dense gradient."""
+
+    @staticmethod
+    def forward(ctx, ids, weight):
+        ctx.save_for_backward(ids)
+        ctx.weight = weight
+        return F.embedding(ids, weight)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        (ids,) = ctx.saved_tensors
+        weight = ctx.weight
+        rows = grad_out.reshape(-1, grad_out.shape[-1])
+        if type(weight.grad) is torch.Tensor and weight.grad.layout == torch.strided:
+            # Accumulated as weight.grad += sparse: an index_add of the batch's rows.
+            return None, torch.sparse_coo_tensor(ids.reshape(1, -1), rows, weight.shape)
+        return None, torch.zeros(weight.shape, dtype=rows.dtype, device=rows.device).index_add_(0, ids.flatten(), rows)
+
+
+class Embedding(nn.Embedding):
+    """``nn.Embedding`` (same parameters, same printout) that, with ``accumulate_sparse_gradients`` set, hands
+    autograd a row-sparse gradient whenever the weight already holds a dense one (gradient accumulation).
+
+    The dense gradient of a 32-token micro-batch is a zero-filled [vocab, hidden] matrix (16 MB at the seed's size)
+    with 32 rows set, which autograd then adds into the existing gradient: several full passes over it per
+    micro-batch for 32 rows of information. The first micro-batch after ``zero_grad`` still gets a dense gradient, so
+    ``weight.grad`` is always dense for clipping and the optimizer. Off by default: data-parallel wrappers (DDP,
+    FSDP) reduce dense gradient buckets, so only single-process training switches it on."""
+
+    accumulate_sparse_gradients = False
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.accumulate_sparse_gradients and self.weight.requires_grad and torch.is_grad_enabled() and (
+            self.padding_idx is None and self.max_norm is None and not self.scale_grad_by_freq and not self.sparse
+        ):
+            return _RowSparseEmbedding.apply(ids, self.weight)
+        return super().forward(ids)
 
 
 def scaled_dot_product_attention(query, key, value, **kwargs) -> torch.Tensor:

@@ -244,6 +244,10 @@ class Trainer:
         config = self.config
         seed_everything(config.seed)
         self.model = TinySeekForCausalLM(self.model_config).to(self.device)
+        if not self.world.is_distributed:  # DDP and FSDP reduce dense gradient buckets
+            for module in self.model.modules():
+                if isinstance(module, ops.Embedding):
+                    module.accumulate_sparse_gradients = True
         if config.gradient_checkpointing != "none":
             self.model.activation_checkpointing_enable(selective=config.gradient_checkpointing == "selective")
         self.compile_path = compile_decoder_layers(self.model, self.device) if config.compile else "off"
