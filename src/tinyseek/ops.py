@@ -171,7 +171,7 @@ class _RowSparseEmbedding(torch.autograd.Function):
         rows = grad_out.reshape(-1, grad_out.shape[-1])
         if type(weight.grad) is torch.Tensor and weight.grad.layout == torch.strided:
             # Accumulated as weight.grad += sparse: an index_add of the batch's rows.
-            return None, torch.sparse_coo_tensor(ids.reshape(1, -1), rows, weight.shape)
+            return None, torch.sparse_coo_tensor(ids.reshape(1, -1), rows, weight.shape, check_invariants=False)
         return None, torch.zeros(weight.shape, dtype=rows.dtype, device=rows.device).index_add_(0, ids.flatten(), rows)
 
 
