@@ -97,9 +97,9 @@ def test_compiled_layers_give_the_loss_and_gradients_of_eager(tiny_config, atten
 
 
 @pytest.mark.parametrize("tie", [False, True])
-def test_row_sparse_embedding_gradients_accumulate_to_the_dense_ones(tie):
+def test_row_sparse_embedding_gradients_accumulate_to_the_dense_ones(tiny_config, tie):
     torch.manual_seed(0)
-    config = TinySeekConfig(**TINY, **ATTENTION_TYPES["mla"], attention_dropout=0.0, tie_word_embeddings=tie)
+    config = tiny_config(attention_type="mla", **EXTRAS["mla"], attention_dropout=0.0, tie_word_embeddings=tie)
     models = [TinySeekForCausalLM(config) for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())
     models[1].model.embed_tokens.accumulate_sparse_gradients = True
