@@ -242,7 +242,7 @@ def test_sizes_that_cannot_fit_are_refused_before_allocating(capsys):
     from tinyseek.report import check_model_fits
     from tinyseek.train import load_config
 
-    huge = TinySeekConfig.from_preset("seed", hidden_size=16384, num_hidden_layers=16)  # 0.3 TB for training state
+    huge = TinySeekConfig.from_preset("seed", hidden_size=65536, num_hidden_layers=16)  # 4.5 TB for training state
     with pytest.raises(ConfigError, match=r"model: [\d,]+ parameters need [\d,.]+ GB"):
         check_model_fits(huge, torch.device("cpu"))
     assert tinyseek_main(["info", "seed"]) == 0 and "10,095,760" in capsys.readouterr().out  # counted on meta
