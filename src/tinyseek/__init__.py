@@ -5,6 +5,7 @@ instant; `tinyseek.TinySeekConfig`, `tinyseek.hf` and the rest work as if import
 """
 
 import importlib
+import sys
 
 from tinyseek.lazy import after_import, is_importing, lazy_exports
 
@@ -31,15 +32,13 @@ __getattr__, __dir__ = lazy_exports(
     },
 )
 
-# Modules that tinyseek.modeling needs: while one of them is being imported, importing the model would be circular.
-_MODEL_MODULES = ("tinyseek.config", "tinyseek.ops", "tinyseek.attention", "tinyseek.moe", "tinyseek.modeling")
-
 
 def _register_auto_classes() -> None:
     """`import tinyseek` then `AutoModelForCausalLM.from_pretrained(folder)` must work: tinyseek.modeling registers
     the Auto classes when it loads, so it loads as soon as transformers does (and no sooner, to keep the CLI light).
-    When transformers is first imported by the model's own modules, the model registers itself once complete."""
-    if not any(is_importing(name) for name in _MODEL_MODULES):
+    When transformers is first imported by a tinyseek module, loading the model then could be circular (it may need
+    that very module); the model registers itself whenever it loads later."""
+    if not any(is_importing(name) for name in list(sys.modules) if name.startswith("tinyseek.")):
         importlib.import_module("tinyseek.modeling")
 
 
