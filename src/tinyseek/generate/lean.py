@@ -352,7 +352,11 @@ class LeanWeights:
 
 
 def weights_version(model) -> tuple:
-    """Changes whenever a parameter or buffer is replaced or updated in place (optimizer steps bump _version)."""
+    """Changes whenever a parameter or buffer is replaced or updated in place by an autograd-visible op.
+
+    Fused optimizers (``AdamW(fused=True)``, the trainer's) write parameters without bumping ``_version``, so an
+    engine kept across training steps would decode with stale weights: the trainer builds a new engine for each
+    round of samples, and so should anyone who trains between generations."""
     return tuple((t.data_ptr(), t._version) for t in (*model.parameters(), *model.buffers()))
 
 
