@@ -178,7 +178,9 @@ def training_split_tokenizer(args, vocab_size: int) -> tuple[str, float]:
 def tinyseek_trainer(name: str, args, budget_s: float | None) -> tuple[Trainer, float]:
     """The run's Trainer, fresh, and the seconds spent training its tokenizer."""
     preset, overrides = RUNS[name]
-    override_list = [([section, key], value) for section, values in overrides.items() for key, value in values.items()]
+    # The held-out split comes first: a run with a mixture is only valid with it.
+    override_list = [(["data", key], value) for key, value in SPLIT.items()]
+    override_list += [([section, key], value) for section, values in overrides.items() for key, value in values.items()]
     tokenizer, tokenizer_s = load_config(preset, override_list).data.tokenizer or args.tokenizer, 0.0
     if re.fullmatch(r"bpe-\d+", Path(tokenizer).name):
         tokenizer, tokenizer_s = training_split_tokenizer(args, int(Path(tokenizer).name.removeprefix("bpe-")))
@@ -187,7 +189,6 @@ def tinyseek_trainer(name: str, args, budget_s: float | None) -> tuple[Trainer, 
         "seed": 0,
         "data.source": args.data,
         "data.tokenizer": tokenizer,
-        **{f"data.{key}": value for key, value in SPLIT.items()},
         "checkpoint.every": 10**9,
         "logging.eval_every": 10**9,
         "logging.eval_batches": 1,
