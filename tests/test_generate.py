@@ -20,9 +20,6 @@ TIE = 1e-4  # the equality rule: where the reference's top two logits are this c
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-TIE = 1e-4  # the equality rule: where the reference's top two logits are this close, either choice is right
-
-
 def greedy_by_recomputation(model, prompt: list[int], new_tokens: int) -> list[int]:
     """The reference: one unpadded prompt, the whole sequence recomputed without a cache at every step. Asserts
     that no step was a near-tie, so every path must agree with it token for token."""
