@@ -58,7 +58,7 @@ class Session:
         from tinyseek.data.tokenizer import encode_prompt
 
         prompt_ids = encode_prompt(self.tokenizer, prompt)
-        room = self.positions - len(prompt_ids) + 1
+        room = self.engine.room(len(prompt_ids))
         if 0 < room < self.args.max_new_tokens:
             print(f"note: at most {room} new tokens fit in the model's {self.positions} positions", file=log)
         if self.args.echo:

@@ -172,10 +172,8 @@ class GenerationEngine:
         """Yield one list of events per step (one event per row still running) until every row has finished."""
         prompts = [list(prompt) for prompt in prompt_ids]
         self.check(prompts, max_new_tokens, stop)
-        positions = self.model.config.max_position_embeddings
         longest = max(len(prompt) for prompt in prompts)
-        # The last token is never fed back, so a prompt of P tokens leaves room for positions - P + 1 new ones.
-        steps = min(max_new_tokens, positions - longest + 1)
+        steps = min(max_new_tokens, self.room(longest))
         input_ids, attention_mask = (t.to(self.device) for t in left_pad(prompts, self.pad_token_id))
         sequences = torch.cat((input_ids, input_ids.new_full((len(prompts), steps), self.pad_token_id)), dim=1)
         processors = sampling.logits_processor()
@@ -252,6 +250,11 @@ class GenerationEngine:
         step = compiled_lean_step(self.device.type) if self.compile else lean_step
         decoder = LeanDecoder(self.model, self.lean_weights, batch, capacity, capture, step_function=step)
         return decoder
+
+    def room(self, prompt_length: int) -> int:
+        """How many new tokens fit after a prompt of this length: the last token chosen is never fed back, so P
+        prompt tokens leave room for positions - P + 1."""
+        return self.model.config.max_position_embeddings - prompt_length + 1
 
     def check(self, prompts: list[list[int]], max_new_tokens: int, stop: Sequence[str]) -> None:
         if not prompts or any(not prompt for prompt in prompts):

@@ -35,7 +35,8 @@ ERROR_TYPES = {404: "not_found_error", 503: "server_overloaded"}
 
 def create_app(model, tokenizer, *, model_name: str = "tinyseek", limits: Limits = Limits()) -> FastAPI:
     """The server for one model. The generation thread starts and stops with the application's lifespan."""
-    scheduler = Scheduler(GenerationEngine(model, tokenizer), model.device, max_streams=limits.max_streams, max_waiting=limits.max_waiting)
+    engine = GenerationEngine(model, tokenizer)
+    scheduler = Scheduler(engine, model.device, max_streams=limits.max_streams, max_waiting=limits.max_waiting)
     config = model.config
     moe_layers = [index for index in range(config.num_hidden_layers) if config.is_moe_layer(index)]
 
@@ -109,8 +110,7 @@ def create_app(model, tokenizer, *, model_name: str = "tinyseek", limits: Limits
         if len(prompt_ids) >= positions:
             raise APIError(400, f"the prompt is {len(prompt_ids)} tokens long; the model has {positions} positions",
                            param=prompt_param, code="context_length_exceeded")
-        # The last token chosen is never fed back, so P prompt tokens leave room for positions - P + 1 new ones.
-        max_new_tokens = min(requested_tokens or limits.max_tokens, positions - len(prompt_ids) + 1)
+        max_new_tokens = min(requested_tokens or limits.max_tokens, engine.room(len(prompt_ids)))
         sampling = Sampling(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, seed=body.seed)
         job = Job(prompt_ids, sampling, max_new_tokens, body.stop_strings(), body.routing, asyncio.get_running_loop())
         try:
