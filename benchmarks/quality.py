@@ -83,6 +83,27 @@ RUNS: dict[str, tuple[str, dict]] = {
         "model": {"preset": "llama-tiny"},
         "data": {"mixture": {str(SHARED / "corpus" / "library_of_phi_gpt35_wiki.jsonl.gz"): 1.0}},
     }),
+    # The preset's other levers, one at a time from its own base (screen-mla-moe: MLA + MoE, 8k BPE). Window and
+    # batch variants keep the other of the two, so the total tokens stay fixed through the step count.
+    "screen-mla-moe-muon": ("cpu-15min", {"model": {"preset": "deepseek-v3-tiny"}, "optim": {"name": "muon"}}),
+    "screen-mla-moe-vocab-16k": ("cpu-15min", {
+        "data": {"tokenizer": "bpe-16384"}, "model": {"preset": "deepseek-v3-tiny", "vocab_size": 16384}}),
+    "screen-mla-moe-wiki-mix": ("cpu-15min", {
+        "model": {"preset": "deepseek-v3-tiny"},
+        "data": {"mixture": {str(SHARED / "corpus" / "library_of_phi_gpt35_wiki.jsonl.gz"): 1.0}},
+    }),
+    "screen-mla-moe-lr-1.5e-3": ("cpu-15min", {"model": {"preset": "deepseek-v3-tiny"}, "optim": {"lr": 1.5e-3}}),
+    "screen-mla-moe-lr-6e-3": ("cpu-15min", {"model": {"preset": "deepseek-v3-tiny"}, "optim": {"lr": 6e-3}}),
+    "screen-mla-moe-cosine": ("cpu-15min", {"model": {"preset": "deepseek-v3-tiny"}, "schedule": {"kind": "cosine"}}),
+    "screen-mla-moe-tied": ("cpu-15min", {"model": {"preset": "deepseek-v3-tiny", "tie_word_embeddings": True}}),
+    "screen-mla-moe-window-128": (
+        "cpu-15min", {"model": {"preset": "deepseek-v3-tiny"}, "data": {"seq_len": 128, "micro_batch_size": 32}}),
+    "screen-mla-moe-window-512": (
+        "cpu-15min", {"model": {"preset": "deepseek-v3-tiny"}, "data": {"seq_len": 512, "micro_batch_size": 8}}),
+    "screen-mla-moe-batch-8": ("cpu-15min", {"model": {"preset": "deepseek-v3-tiny"}, "data": {"micro_batch_size": 8}}),
+    "screen-mla-moe-batch-32": (
+        "cpu-15min", {"model": {"preset": "deepseek-v3-tiny"}, "data": {"micro_batch_size": 32}}),
+    "screen-mla-moe-layers-6": ("cpu-15min", {"model": {"preset": "deepseek-v3-tiny", "num_hidden_layers": 6}}),
     # Earlier presets and architectures at cpu-quick's recipe.
     "cpu-quick": ("cpu-quick", {}),
     "seed-recipe": ("seed", {}),
