@@ -86,6 +86,10 @@ RUNS: dict[str, tuple[str, dict]] = {
     # The preset's other levers, one at a time from its own base (screen-mla-moe: MLA + MoE, 8k BPE). Window and
     # batch variants keep the other of the two, so the total tokens stay fixed through the step count.
     "screen-mla-moe-muon": ("cpu-15min", {"model": {"preset": "deepseek-v3-tiny"}, "optim": {"name": "muon"}}),
+    # Muon's update is scaled to AdamW's RMS, so AdamW's lr is Moonshot's choice for it; x3 gives the step of Keller
+    # Jordan's usual lr 0.02 under his own scaling on matrices with 128 inputs (most of them here).
+    "screen-mla-moe-muon-lr-3x": ("cpu-15min", {
+        "model": {"preset": "deepseek-v3-tiny"}, "optim": {"name": "muon", "lr_multipliers": {"muon": 3.0}}}),
     "screen-mla-moe-vocab-16k": ("cpu-15min", {
         "data": {"tokenizer": "bpe-16384"}, "model": {"preset": "deepseek-v3-tiny", "vocab_size": 16384}}),
     "screen-mla-moe-wiki-mix": ("cpu-15min", {

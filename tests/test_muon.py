@@ -165,3 +165,20 @@ def test_muon_run_killed_and_resumed_is_bitwise_identical(tmp_path, tiny_corpus,
     expected, actual = final_weights(straight.run_dir), final_weights(second.run_dir)
     assert expected.keys() == actual.keys()
     assert all(torch.equal(expected[key], actual[key]) for key in expected)
+
+
+def test_the_muon_multiplier_scales_muons_groups_alone_and_needs_muon():
+    from tinyseek.errors import ConfigError
+    from tinyseek.train.config import OptimConfig, load_config
+    from tinyseek.train.optim import build_optimizer
+
+    model = tiny_model()
+    plain = build_optimizer(model, OptimConfig(lr=1e-3, name="muon"), torch.device("cpu"))
+    scaled = build_optimizer(model, OptimConfig(lr=1e-3, name="muon", lr_multipliers={"muon": 3.0}), torch.device("cpu"))
+    assert [group["muon"] for group in scaled.param_groups] == [group["muon"] for group in plain.param_groups]
+    for before, after in zip(plain.param_groups, scaled.param_groups):
+        expected = 3.0 if before["muon"] else 1.0
+        assert after["lr"] == pytest.approx(before["lr"] * expected)
+        assert after["lr_scale"] == pytest.approx(before["lr_scale"] * expected)
+    with pytest.raises(ConfigError, match="lr_multipliers.muon: only with optim.name muon"):
+        load_config(None, [(["optim", "lr_multipliers"], {"muon": 3.0})])

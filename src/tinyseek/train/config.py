@@ -60,7 +60,8 @@ class OptimConfig:
     """A registered optimizer (``tinyseek.train.optim.OPTIMIZERS``)."""
     lr: float = 5e-5
     lr_multipliers: dict[str, float] = field(default_factory=dict)
-    """Learning-rate multiplier per parameter role ("matrix", "head", "embedding", "vector"; 1 if not given)."""
+    """Learning-rate multiplier per parameter role ("matrix", "head", "embedding", "vector"; 1 if not given), and with
+    optim.name muon for the matrices Muon takes ("muon", on top of their role's)."""
     weight_decay: float = 0.1
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
@@ -356,13 +357,16 @@ def validate(config: TrainConfig) -> None:
             f"gradient_checkpointing: unknown mode {config.gradient_checkpointing!r}; choose one of "
             f"{', '.join(CHECKPOINTING_MODES)}")
     require(config.dtype in DTYPES, f"dtype: unknown dtype {config.dtype!r}; choose one of {', '.join(DTYPES)}")
-    from tinyseek.train.optim import OPTIMIZERS, ROLES  # here, not at the top: the optimizers read this config
+    from tinyseek.train.optim import MUON_MULTIPLIER, OPTIMIZERS, ROLES  # here: the optimizers read this config
 
     require(config.optim.name in OPTIMIZERS,
             f"optim.name: unknown optimizer {config.optim.name!r}; choose one of {', '.join(OPTIMIZERS)}")
     require(config.optim.lr > 0, f"optim.lr: must be positive, got {config.optim.lr}")
     for role, multiplier in config.optim.lr_multipliers.items():
-        require(role in ROLES, f"optim.lr_multipliers: unknown parameter role {role!r}; roles are {', '.join(ROLES)}")
+        require(role in (*ROLES, MUON_MULTIPLIER),
+                f"optim.lr_multipliers: unknown parameter role {role!r}; roles are {', '.join(ROLES)}, {MUON_MULTIPLIER}")
+        require(role != MUON_MULTIPLIER or config.optim.name == "muon",
+                f"optim.lr_multipliers.{MUON_MULTIPLIER}: only with optim.name muon, got {config.optim.name!r}")
         require(isinstance(multiplier, (int, float)) and not isinstance(multiplier, bool) and multiplier > 0,
                 f"optim.lr_multipliers.{role}: must be a positive number, got {multiplier!r}")
     require(config.optim.weight_decay >= 0, f"optim.weight_decay: must be non-negative, got {config.optim.weight_decay}")

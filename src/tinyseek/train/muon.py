@@ -129,11 +129,12 @@ class MuonWithAdamW(torch.optim.Optimizer):
 
 def build_muon_with_adamw(
     model: nn.Module, adamw_groups: Iterable[dict], *, betas, eps: float, device: torch.device, fused: bool,
-    foreach: bool, momentum: float = 0.95,
+    foreach: bool, momentum: float = 0.95, muon_lr_scale: float = 1.0,
 ) -> MuonWithAdamW:
     """Muon over `model`'s hidden matrices, AdamW over the rest of `adamw_groups` (torch param groups covering the
-    model, each with its `lr` and `weight_decay`). A matrix keeps the lr and weight decay of the group it came from;
-    Muon's update is scaled to AdamW's RMS (Moonshot's "match_rms_adamw"), so the same lr serves both."""
+    model, each with its `lr` and `weight_decay`). A matrix keeps the weight decay of the group it came from and its
+    lr times `muon_lr_scale`; Muon's update is scaled to AdamW's RMS (Moonshot's "match_rms_adamw"), so the same lr
+    serves both at a scale of 1."""
     takes = is_muon_matrix(model)
     matrix_groups, other_groups = [], []
     for group in adamw_groups:
@@ -141,7 +142,10 @@ def build_muon_with_adamw(
         matrices = [p for p in group["params"] if takes(p)]
         rest = [p for p in group["params"] if not takes(p)]
         if matrices:
-            matrix_groups.append({**settings, "params": matrices, "roles": ["muon"]})
+            matrix_groups.append({
+                **settings, "params": matrices, "roles": ["muon"], "lr": settings["lr"] * muon_lr_scale,
+                "lr_scale": settings.get("lr_scale", 1.0) * muon_lr_scale,
+            })
         if rest:
             other_groups.append({**settings, "params": rest})
     lr = matrix_groups[0]["lr"] if matrix_groups else 0.0

@@ -28,6 +28,8 @@ from tinyseek.train.muon import MuonWithAdamW, build_muon_with_adamw
 ROLES = ("matrix", "head", "embedding", "vector")
 """matrix: weight matrices and expert weight stacks of the blocks (and the MTP modules); head: the LM head's weight
 (when untied); embedding: the token embedding; vector: norms' scales and biases (1-D)."""
+# `optim.lr_multipliers` also takes this key, for optim.name muon: the matrices Muon takes, on top of their role's.
+MUON_MULTIPLIER = "muon"
 # Decay pulls weights towards zero; for norms, biases and token embeddings that shrinks scales and rare tokens'
 # vectors without regularising anything useful, so only matrices decay.
 DECAYED_ROLES = ("matrix", "head")
@@ -112,7 +114,7 @@ def build_muon(model: nn.Module, optim: OptimConfig, device: torch.device) -> Mu
     optimizer, so one step, one scheduler and one checkpoint (tinyseek.train.muon)."""
     return build_muon_with_adamw(
         model, parameter_groups(model, optim), betas=optim.betas, eps=optim.eps, device=device,
-        **kernel_choice(optim, device),
+        muon_lr_scale=optim.lr_multipliers.get(MUON_MULTIPLIER, 1.0), **kernel_choice(optim, device),
     )
 
 
