@@ -256,6 +256,22 @@ def test_parse_duration():
             parse_duration(bad)
 
 
+def test_time_budget_calibration_leaves_out_the_slow_first_steps():
+    from tinyseek.train.budget import BudgetCalibration
+
+    # Like the reference loop of benchmarks/quality.py: its first six steps 30% slower than the steady rate. Timing
+    # them would fix too few steps; the run must end within one step of its budget.
+    budget_s, step_seconds = 900.0, [1.3] * 6 + [1.0] * 1000
+    calibration, elapsed_s = BudgetCalibration(budget_s), 0.0
+    for step, seconds in enumerate(step_seconds, start=1):
+        elapsed_s += seconds
+        fixed = calibration.observe(step, seconds, elapsed_s)
+        if fixed is not None:
+            break
+    assert calibration.seconds_per_step == 1.0
+    assert budget_s - 1.0 < sum(step_seconds[:fixed]) <= budget_s
+
+
 def test_time_budget_fixes_max_steps_once_from_the_measured_speed(tmp_path, tiny_corpus, tiny_trainer):
     trainer = tiny_trainer(tmp_path, tiny_corpus, time_budget="1s", max_steps=3)
     fixed = []
