@@ -63,6 +63,35 @@ def test_lean_step_handles_grouped_query_heads_biases_shared_experts_and_a_dense
     assert greedy(GenerationEngine(model, eos_token_ids=[]), PROMPTS, 8) == expected
 
 
+def test_one_token_reads_only_its_chosen_experts_and_decodes_like_recomputation(tiny_model):
+    from tinyseek.generate.lean import LeanMoE
+
+    model = tiny_model(2, attention_type="mla", n_routed_experts=8, n_shared_experts=1, scoring_func="sigmoid")
+    assert LeanMoE(model.model.layers[-1].mlp).gather  # 2 of 8 experts: a single token gathers its experts
+    expected = [greedy_by_recomputation(model, prompt, 8) for prompt in PROMPTS]
+    engine = GenerationEngine(model, eos_token_ids=[])
+    assert [greedy(engine, [prompt], 8)[0] for prompt in PROMPTS] == expected
+    assert greedy(engine, PROMPTS, 8) == expected  # three rows: every expert
+
+
+@pytest.mark.parametrize("attention_type", ["mha", "mla", "linear"])
+def test_the_compiled_step_decodes_like_recomputation_batched_and_alone(attention_type, tiny_model):
+    """Compiling takes a few seconds for each batch shape."""
+    from tinyseek.generate import lean
+
+    model = tiny_model(2, attention_type=attention_type, n_routed_experts=8, n_shared_experts=1, scoring_func="sigmoid")
+    expected = [greedy_by_recomputation(model, prompt, 8) for prompt in PROMPTS]
+    engine = GenerationEngine(model, eos_token_ids=[], compile=True)
+    assert greedy(engine, PROMPTS, 8) == expected
+    assert engine.path == "compiled lean step"
+    assert [greedy(engine, [prompt], 8)[0] for prompt in PROMPTS] == expected
+    if attention_type == "mla":  # transformers' way to ask for a compiled decode, through model.generate()
+        reused_before = lean.compiled_lean_step.cache_info().hits
+        output = model.generate(torch.tensor([PROMPTS[0]]), max_new_tokens=8, do_sample=False, cache_implementation="static")
+        assert output[0, len(PROMPTS[0]) :].tolist() == expected[0]
+        assert lean.compiled_lean_step.cache_info().hits == reused_before + 1  # the step compiled above
+
+
 class RecordOutputShapes(TorchDispatchMode):
     def __init__(self):
         super().__init__()

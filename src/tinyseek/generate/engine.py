@@ -247,7 +247,7 @@ class GenerationEngine:
             return CachedForward(self.model, batch, capacity, capture)
         if self.lean_weights is None or self.lean_weights.version != weights_version(self.model):
             self.lean_weights = LeanWeights(self.model)
-        step = compiled_lean_step(self.device.type) if self.compile else lean_step
+        step = compiled_lean_step(self.model.config.to_json_string(), capture, self.device.type) if self.compile else lean_step
         decoder = LeanDecoder(self.model, self.lean_weights, batch, capacity, capture, step_function=step)
         return decoder
 
@@ -313,6 +313,7 @@ def fp32_inference(device_type: str):
 ENGINE_GENERATION_FIELDS = frozenset({
     "max_length", "max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
     "eos_token_id", "pad_token_id", "bos_token_id", "use_cache", "transformers_version", "_from_model_config",
+    "cache_implementation", "disable_compile",
 })
 
 
@@ -324,6 +325,8 @@ def generate_through_engine(model, inputs, generation_config, kwargs: dict) -> t
         return None
     config, model_kwargs = model._prepare_generation_config(generation_config, **kwargs)
     if set(model_kwargs) - {"attention_mask"} or not uses_engine_fields_only(model, config):
+        return None
+    if config.cache_implementation not in (None, "static"):
         return None
     attention_mask = model_kwargs.get("attention_mask")
     if attention_mask is None:
@@ -341,7 +344,9 @@ def generate_through_engine(model, inputs, generation_config, kwargs: dict) -> t
         sampling = Sampling(config.temperature, config.top_k or 0, config.top_p, config.min_p or 0.0, config.repetition_penalty)
     else:
         sampling = Sampling(temperature=0, repetition_penalty=config.repetition_penalty)
-    engine = GenerationEngine(model, eos_token_ids=eos, pad_token_id=pad)
+    # transformers compiles the decode step when asked for a static cache; the engine's cache is always static.
+    compile = config.cache_implementation == "static" and not config.disable_compile
+    engine = GenerationEngine(model, eos_token_ids=eos, pad_token_id=pad, compile=compile)
     completions = engine.generate(prompts, sampling, steps)
     width = max(len(completion.token_ids) for completion in completions)
     new = torch.full((len(prompts), width), pad, dtype=inputs.dtype, device=inputs.device)

@@ -15,8 +15,9 @@ operations per token. Here each layer is a handful:
   the value projection's bias produces), so the update is one batched rank-1 product and the read-out one matmul;
 * RoPE is x * cos + (x @ R) * sin with R rotate-half's signed permutation, from tables built once;
 * caches are written in place at the step's column; nothing grows, nothing is concatenated;
-* a single token's MoE runs only its chosen experts, on views of their weights; small batches run every expert in
-  two GEMMs, each activation scaled by the token's gate (zero where it was not routed).
+* a single token's MoE reads only its chosen experts' weights, gathered on the device (no host sync, so the step
+  compiles to one graph); larger batches run every expert in two GEMMs, each activation scaled by the token's gate
+  (zero where it was not routed).
 
 The prefill runs the model's own forward (compute-bound, already fast) and the caches are copied in once. Each
 attention and feed-forward module class registers its step in ``LEAN_STEPS``; a model with a module that has none
@@ -26,6 +27,7 @@ decodes through the model's forward instead.
 from __future__ import annotations
 
 import functools
+import types
 import warnings
 from dataclasses import dataclass
 
@@ -91,12 +93,14 @@ class Step:
 class LeanMultiHeadAttention:
     def __init__(self, module: MultiHeadAttention):
         self.heads, self.kv_heads, self.head_dim = module.num_heads, module.num_kv_heads, module.head_dim
-        # x -> [q | k | v | rotate_half(q) | rotate_half(k)] in one GEMM.
+        # x -> [q | k | v | rotate_half(q) | rotate_half(k)] in one GEMM, with the softmax scale folded into q.
+        scale = self.head_dim**-0.5
         layers = (module.q_proj, module.k_proj, module.v_proj)
-        q_and_k = torch.cat((module.q_proj.weight, module.k_proj.weight)).detach()
-        self.qkv = transposed(*(layer.weight for layer in layers), rotated_rows(q_and_k, self.head_dim))
+        q_and_k = torch.cat((module.q_proj.weight.detach() * scale, module.k_proj.weight.detach()))
+        self.qkv = transposed(q_and_k, module.v_proj.weight, rotated_rows(q_and_k, self.head_dim))
         bias = joined_bias(layers)
         if bias is not None:
+            bias[: self.heads * self.head_dim] *= scale
             q_and_k_bias = bias[: (self.heads + self.kv_heads) * self.head_dim]
             bias = torch.cat((bias, rotated_rows(q_and_k_bias[:, None], self.head_dim)[:, 0]))
         self.qkv_bias = bias
@@ -117,10 +121,13 @@ class LeanMultiHeadAttention:
         q_and_k = rotary.apply(qkv[:, :heads], qkv[:, heads + self.kv_heads :], step.cos, step.sin)
         keys.index_copy_(2, step.column, q_and_k[:, self.heads :, None])
         values.index_copy_(2, step.column, qkv[:, heads : heads + self.kv_heads, None])
-        output = F.scaled_dot_product_attention(
-            q_and_k[:, : self.heads, None], keys[:, :, : step.length], values[:, :, : step.length],
-            attn_mask=step.mask, enable_gqa=self.kv_heads != self.heads,
-        )
+        # Two batched matmuls, query heads grouped by their key head: for one query row this is several times
+        # faster than SDPA's kernel, whose set-up costs more than the arithmetic.
+        query = q_and_k[:, : self.heads].view(batch, self.kv_heads, -1, self.head_dim)
+        scores = query @ keys[:, :, : step.length].transpose(2, 3)
+        if step.mask is not None:
+            scores = scores + step.mask
+        output = scores.softmax(dim=-1) @ values[:, :, : step.length]
         return project(output.view(batch, -1), self.out, self.out_bias)
 
 
@@ -245,9 +252,9 @@ class LeanSwiGLU:
 
 
 class LeanMoE:
-    """DeepSeekMoE for a few tokens. One token: the shared experts and only its top-k routed experts, on views of
-    their weights (no copy). Several tokens: every expert in two GEMMs, the shared experts as extra columns with
-    gate 1, activations scaled by the gates; cheaper than grouping rows by expert at these sizes."""
+    """DeepSeekMoE for a few tokens. One token, with few of the experts chosen: the shared experts and its top-k
+    experts, whose weights are gathered. Otherwise: every expert in two GEMMs, the shared experts as extra columns
+    with gate 1, activations scaled by the gates; cheaper than grouping rows by expert at these sizes."""
 
     def __init__(self, module: DeepSeekMoE):
         router, experts = module.gate, module.experts
@@ -256,14 +263,16 @@ class LeanMoE:
         self.top_k, self.softmax = router.top_k, router.scoring_func == "softmax"
         self.norm_topk, self.scaling = router.norm_topk_prob, router.routed_scaling_factor
         self.num_experts, intermediate = experts.num_experts, experts.intermediate_size
-        self.experts_gate_up = experts.gate_up_proj.detach().transpose(1, 2).contiguous()  # [E, hidden, 2I]
+        experts_gate_up = experts.gate_up_proj.detach().transpose(1, 2)  # [E, hidden, 2I]
         self.experts_down = experts.down_proj.detach().transpose(1, 2).contiguous()  # [E, I, hidden]
-        # One view per expert, taken once: indexing the stacked tensor each step would be one more operation each.
-        self.expert_views = list(zip(self.experts_gate_up.unbind(0), self.experts_down.unbind(0)))
+        # Gathering copies the chosen weights (a read and a write) and the GEMMs read the copy: about 3k/E of the
+        # bytes that running every expert reads, which at batch 1 is what a step costs.
+        self.gather = 3 * self.top_k < self.num_experts
+        self.experts_gate_up_by_input = experts.gate_up_proj.detach().permute(2, 0, 1).contiguous()  # [hidden, E, 2I]
         self.shared = LeanSwiGLU(module.shared_experts) if module.shared_experts is not None else None
         # Every expert at once: columns [shared | expert 0 | expert 1 | ...] of the gate and of the up projection.
-        gates = [self.experts_gate_up[..., :intermediate].permute(1, 0, 2).flatten(1)]
-        ups = [self.experts_gate_up[..., intermediate:].permute(1, 0, 2).flatten(1)]
+        gates = [experts_gate_up[..., :intermediate].permute(1, 0, 2).flatten(1)]
+        ups = [experts_gate_up[..., intermediate:].permute(1, 0, 2).flatten(1)]
         downs = [self.experts_down.flatten(0, 1)]
         column_gate = torch.arange(self.num_experts).repeat_interleave(intermediate)
         if self.shared is not None:
@@ -295,21 +304,24 @@ class LeanMoE:
         chosen, weights = self.route(x)
         if routed is not None:
             routed.append(chosen)
-        if x.shape[0] == 1 and not torch.compiler.is_compiling():  # a compiled step keeps to static shapes
-            return self.single_token(x, chosen[0].tolist(), weights[0].tolist())
+        if x.shape[0] == 1 and self.gather:
+            return self.chosen_experts(x, chosen[0], weights[0])
         gates = gates[: x.shape[0]]
         gates[:, :-1] = 0
         gates.scatter_(1, chosen, weights)
         gate, up = (x @ self.all_gate_up).chunk(2, dim=-1)
         return (F.silu(gate) * up * gates[:, self.column_gate]) @ self.all_down
 
-    def single_token(self, x: torch.Tensor, chosen: list[int], weights: list[float]) -> torch.Tensor:
-        output = self.shared(x) if self.shared is not None else torch.zeros_like(x)
-        for expert, weight in zip(chosen, weights):
-            gate_up, down = self.expert_views[expert]
-            gate, up = (x @ gate_up).chunk(2, dim=-1)
-            output = torch.addmm(output, F.silu(gate) * up, down, alpha=weight)
-        return output
+    def chosen_experts(self, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """One token [1, hidden] through its experts: two GEMMs against the chosen experts' weights side by side (a
+        compiled step turns a single-row batched matmul into a slow reduction, so these are plain GEMMs)."""
+        gate_up = self.experts_gate_up_by_input.index_select(1, chosen).view(x.shape[-1], -1)
+        gate, up = (x @ gate_up).view(self.top_k, -1).chunk(2, dim=-1)
+        activation = (F.silu(gate) * up * weights[:, None]).view(1, -1)
+        # Scaled by their gates, the experts' activations against their down projections stacked along the inner
+        # dimension give the gate-weighted sum of the experts' outputs.
+        output = activation @ self.experts_down.index_select(0, chosen).view(-1, x.shape[-1])
+        return output + self.shared(x) if self.shared is not None else output
 
 
 LEAN_STEPS = {
@@ -385,10 +397,28 @@ def warn_compile_failed(error: Exception) -> None:
 
 
 @functools.cache
-def compiled_lean_step(device_type: str):
-    """`lean_step` through torch.compile: C++/OpenMP kernels from the system compiler on CPU, CUDA graphs on GPU
-    (``reduce-overhead``). Compilation happens at the first call and takes tens of seconds."""
-    return torch.compile(lean_step, mode="reduce-overhead" if device_type == "cuda" else None, dynamic=False)
+def compiled_lean_step(structure: str, capture: bool, device_type: str):
+    """`lean_step` through torch.compile for models of one configuration (``structure``: the config as JSON): C++
+    kernels and a C++ wrapper that calls them on CPU, CUDA graphs on GPU. Compilation happens at the first call and
+    takes tens of seconds; shapes are static, so a new batch size or cache capacity compiles again.
+
+    Before every call torch.compile checks guards on everything the step reads; over the whole LeanWeights object
+    graph that is ~0.2 ms, a fifth of a step. Here only the tensors' shapes, strides and dtypes are checked. That is
+    sound because everything else the step reads (norm epsilons, head counts, top-k, routing scale, ``capture``) is
+    fixed by the configuration and ``capture``, and each (configuration, capture) gets its own copy of lean_step's
+    code object, which is where torch.compile keeps its compiled graphs. The weights are inputs, not constants, so
+    a retrained or reloaded model of the same configuration reuses the compiled step."""
+    del structure  # only the cache key
+    step = types.FunctionType(lean_step.__code__.replace(), lean_step.__globals__, lean_step.__name__)
+    options = {"guard_filter_fn": torch.compiler.keep_tensor_guards_unsafe}
+    options.update({"triton.cudagraphs": True} if device_type == "cuda" else {"cpp_wrapper": True})
+    return torch.compile(step, dynamic=False, options=options)
+
+
+def static_capacity(needed: int, positions: int) -> int:
+    """The cache columns of a compiled step: powers of two (at least 64) up to the model's positions, so that a
+    server sees a handful of shapes (and compilations), not one per prompt length."""
+    return min(max(64, 1 << (needed - 1).bit_length()), max(positions, needed))
 
 
 class LeanDecoder:
@@ -402,8 +432,10 @@ class LeanDecoder:
         from tinyseek.generate.engine import CachedForward  # the engine imports this module
 
         self.prefill_forward = CachedForward(model, batch, capacity, capture)
-        self.weights, self.capacity, self.capture, self.step_function = weights, capacity, capture, step_function
         self.static = step_function is not lean_step
+        if self.static:
+            capacity = static_capacity(capacity, model.config.max_position_embeddings)
+        self.weights, self.capacity, self.capture, self.step_function = weights, capacity, capture, step_function
         self.caches = [
             (attention.new_cache(batch, capacity), feed_forward.new_cache(batch, capacity) if isinstance(feed_forward, LeanMoE) else None)
             for _, attention, _, feed_forward in weights.layers
