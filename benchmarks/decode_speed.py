@@ -100,6 +100,7 @@ class Paths:
     def __init__(self, model, with_twin: bool):
         self.model = model
         self.lean = GenerationEngine(model, eos_token_ids=[])
+        self.compiled = GenerationEngine(model, eos_token_ids=[], compile=True)
         self.previous = GenerationEngine(model, eos_token_ids=[], lean=False)
         self.twin = to_transformers(model).eval() if with_twin else None
 
@@ -121,13 +122,14 @@ class Paths:
         self.transformers(prompts, new_tokens, stamps)
         return stamps.times[1:]
 
-    def model_generate(self, prompts, new_tokens) -> list[list[int]]:
+    def model_generate(self, prompts, new_tokens, compiled: bool = False) -> list[list[int]]:
         ids = torch.tensor(prompts)
-        return self.model.generate(ids, max_new_tokens=new_tokens, do_sample=False)[:, ids.shape[1]:].tolist()
+        static = {"cache_implementation": "static"} if compiled else {}  # transformers' way to ask for compilation
+        return self.model.generate(ids, max_new_tokens=new_tokens, do_sample=False, **static)[:, ids.shape[1]:].tolist()
 
     def rates(self, prompts, new_tokens: int, repeats: int, lean: bool = True) -> dict[str, float]:
         batch, rates = len(prompts), {}
-        engines = {"lean": self.lean, "previous": self.previous} if lean else {"previous": self.previous}
+        engines = {"lean": self.lean, "compiled": self.compiled, "previous": self.previous} if lean else {"previous": self.previous}
         for name, engine in engines.items():
             rates[name] = streamed_rate(lambda: self.engine_stamps(engine, prompts, new_tokens), new_tokens, batch, repeats)
         if self.twin is not None:
@@ -135,24 +137,26 @@ class Paths:
         return rates
 
     def agreement(self, prompts, new_tokens: int) -> str:
-        """How many rows of the lean path's greedy tokens equal the previous path's (and transformers')."""
+        """How many rows of the lean path's greedy tokens equal the compiled and previous paths' (and transformers')."""
         lean = self.tinyseek(self.lean, prompts, new_tokens)
-        others = [self.tinyseek(self.previous, prompts, new_tokens)]
+        others = [self.tinyseek(self.compiled, prompts, new_tokens), self.tinyseek(self.previous, prompts, new_tokens)]
         if self.twin is not None:
             others.append(self.transformers(prompts, new_tokens))
         equal = sum(all(row == other[i] for other in others) for i, row in enumerate(lean))
         return f"{equal}/{len(lean)}"
 
 
-def cli_rate(model, tokenizer, prompt_ids: list[int], new_tokens: int, threads: int, work: Path) -> tuple[float, int]:
+def cli_rate(model, tokenizer, prompt_ids: list[int], new_tokens: int, threads: int, work: Path,
+             compiled: bool = False) -> tuple[float, int]:
     """`tinyseek generate` on the model saved as a folder: its own reported decode rate and prompt length."""
     folder = work / "cli-model"
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    if not folder.exists():
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
     prompt_file = work / "prompt.txt"
     prompt_file.write_text(tokenizer.decode(prompt_ids, skip_special_tokens=True))
     command = [sys.executable, "-m", "tinyseek", "generate", "--model", str(folder), "--prompt-file", str(prompt_file),
-               "--max-new-tokens", str(new_tokens), "--temperature", "0", "--device", "cpu"]
+               "--max-new-tokens", str(new_tokens), "--temperature", "0", "--device", "cpu"] + (["--compile"] if compiled else [])
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": os.pathsep.join(sys.path)}
     result = subprocess.run(command, capture_output=True, text=True, env=env)
     if result.returncode != 0:
@@ -225,7 +229,13 @@ def step_profile(model, context: int, steps: int = 20) -> dict:
     weights = LeanWeights(model)
     decoder = LeanDecoder(model, weights, 1, context + 2 * steps + 8, False)
     prompt = torch.tensor(random_prompts(1, context, model.config.vocab_size))
+    compiled = LeanDecoder(model, weights, 1, context + 2 * steps + 8, False, compiled=True)
     with torch.no_grad():
+        token = compiled.prefill(prompt, torch.ones_like(prompt)).argmax(-1)
+        started = time.perf_counter()
+        for _ in range(steps):
+            token = compiled.step(token).argmax(-1)
+        compiled_ms = (time.perf_counter() - started) / steps * 1e3
         token = decoder.prefill(prompt, torch.ones_like(prompt)).argmax(-1)
         for _ in range(steps):
             token = decoder.step(token).argmax(-1)
@@ -241,7 +251,7 @@ def step_profile(model, context: int, steps: int = 20) -> dict:
     top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:6]
     return {
         "ops_per_step": counter.count,
-        "step_ms": total / steps / 1e3, "head_ms": head * 1e3,
+        "step_ms": total / steps / 1e3, "head_ms": head * 1e3, "compiled_step_ms": compiled_ms,
         "top": [(e.key, e.self_cpu_time_total / total, e.count / steps) for e in top],
     }
 
@@ -254,7 +264,7 @@ def write_plot(sweep: dict, path: Path) -> None:
 
     batches = sorted({batch for by_batch in sweep.values() for batch in by_batch})
     figure, axes = plt.subplots(1, len(batches), figsize=(5.5 * len(batches), 4), squeeze=False)
-    styles = {"lean": "-", "previous": "--", "transformers": ":"}
+    styles = {"compiled": "-", "lean": "-.", "previous": "--", "transformers": ":"}
     for axis, batch in zip(axes[0], batches):
         for index, (attention, by_batch) in enumerate(sweep.items()):
             by_context = by_batch.get(batch, {})
@@ -288,36 +298,42 @@ def markdown(results: dict, args, started, load_average) -> str:
         "",
         f"## Targets: batch 1, a {args.target_prompt}-token prompt, {args.target_tokens} new tokens",
         "",
-        "| preset | lean, `model.generate()` | lean, `tinyseek generate` | previous | transformers | lean / transformers |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| preset | lean, `model.generate()` | compiled, `model.generate()` | lean, `tinyseek generate` | "
+        "compiled, `tinyseek generate --compile` | previous | transformers | compiled / transformers | compile time |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for attention, row in targets.items():
         twin = row.get("transformers")
-        ratio = f"{row['model_generate'] / twin:.1f}x" if twin else "no twin"
+        ratio = f"{row['compiled'] / twin:.1f}x" if twin else "no twin"
         lines.append(
-            f"| {LABELS[attention]} | {row['model_generate']:,.0f} | {row['cli']:,.0f} | {row['previous']:,.0f} | "
-            f"{f'{twin:,.0f}' if twin else '-'} | {ratio} |"
+            f"| {LABELS[attention]} | {row['model_generate']:,.0f} | {row['compiled']:,.0f} | {row['cli']:,.0f} | "
+            f"{row['cli_compiled']:,.0f} | {row['previous']:,.0f} | {f'{twin:,.0f}' if twin else '-'} | {ratio} | "
+            f"{row['compile_seconds']:.0f} s |"
         )
     lines += [
         "",
-        "Targets (issue): lean >= 5x transformers for `llama-tiny` and `deepseek-v3-tiny`, and >= 1,000 tokens/s for all "
-        f"three. The CLI's figure is the rate it reports itself after the first token (its prompt: "
-        f"{targets[next(iter(targets))]['cli_prompt']} tokens of text).",
+        "Targets (issue): >= 5x transformers for `llama-tiny` and `deepseek-v3-tiny`, and >= 1,000 tokens/s for all "
+        "three. *Compiled* is the lean step through torch.compile, which `model.generate(..., "
+        "cache_implementation=\"static\")` (transformers' way to ask for it), `tinyseek generate --compile` and "
+        "`GenerationEngine(compile=True)` select; the compile time is the first such call's, once per process and "
+        "shape (torch's on-disk cache shortens later ones). The CLI's figure is the rate it reports itself after the "
+        f"first token (its prompt: {targets[next(iter(targets))]['cli_prompt']} tokens of text).",
         "",
         "## Tokens/s against context length and batch",
         "",
         f"{args.sweep_tokens} new tokens after a random prompt of the given length; the last column says for how "
-        "many rows the lean path's tokens equal the previous path's (and transformers') token for token.",
+        "many rows the lean path's tokens equal the compiled and previous paths' (and transformers') token for token.",
         "",
-        "| attention | batch | context | lean | previous | transformers | equal rows |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| attention | batch | context | lean | compiled | previous | transformers | equal rows |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for attention, by_batch in sweep.items():
         for batch, by_context in by_batch.items():
             for context, rates in by_context.items():
                 twin = rates.get("transformers")
                 lines.append(
-                    f"| {LABELS[attention]} | {batch} | {context} | {rates['lean']:,.0f} | {rates['previous']:,.0f} | "
+                    f"| {LABELS[attention]} | {batch} | {context} | {rates['lean']:,.0f} | {rates['compiled']:,.0f} | "
+                    f"{rates['previous']:,.0f} | "
                     f"{f'{twin:,.0f}' if twin else '-'} | {rates['equal']} |"
                 )
     lines += [
@@ -450,12 +466,19 @@ def main() -> None:
         paths = Paths(model, attention in TWINS)
         vocab = model.config.vocab_size
         (prompt,) = random_prompts(1, args.target_prompt, min(vocab, len(tokenizer)))
+        started_compiling = time.perf_counter()
+        paths.model_generate([prompt], args.target_tokens, compiled=True)
+        compile_seconds = time.perf_counter() - started_compiling
+        paths.model_generate([prompt], 1, compiled=True)  # decode_rate's other shape, compiled outside the timing
         row = {
             "model_generate": decode_rate(lambda n: paths.model_generate([prompt], n), args.target_tokens, 1, args.repeats),
+            "compiled": decode_rate(lambda n: paths.model_generate([prompt], n, compiled=True), args.target_tokens, 1, args.repeats),
+            "compile_seconds": compile_seconds,
             **paths.rates([prompt], args.target_tokens, args.repeats, lean=False),
         }
         with tempfile.TemporaryDirectory(dir=args.work_dir) as work:
             row["cli"], row["cli_prompt"] = cli_rate(model, tokenizer, prompt, args.target_tokens, args.threads, Path(work))
+            row["cli_compiled"], _ = cli_rate(model, tokenizer, prompt, args.target_tokens, args.threads, Path(work), compiled=True)
         results["targets"][attention] = row
         print(attention, "targets", json.dumps(row), flush=True)
 

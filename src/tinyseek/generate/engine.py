@@ -19,8 +19,6 @@ from tinyseek.errors import ConfigError, InputError
 from tinyseek.generate.lean import (
     LeanDecoder,
     LeanWeights,
-    compiled_lean_step,
-    lean_step,
     supports_lean_decoding,
     weights_version,
 )
@@ -247,9 +245,7 @@ class GenerationEngine:
             return CachedForward(self.model, batch, capacity, capture)
         if self.lean_weights is None or self.lean_weights.version != weights_version(self.model):
             self.lean_weights = LeanWeights(self.model)
-        step = compiled_lean_step(self.model.config.to_json_string(), capture, self.device.type) if self.compile else lean_step
-        decoder = LeanDecoder(self.model, self.lean_weights, batch, capacity, capture, step_function=step)
-        return decoder
+        return LeanDecoder(self.model, self.lean_weights, batch, capacity, capture, compiled=self.compile)
 
     def room(self, prompt_length: int) -> int:
         """How many new tokens fit after a prompt of this length: the last token chosen is never fed back, so P

@@ -163,7 +163,7 @@ class LeanLatentAttention:
                 self.first_bias = torch.cat((self.first_bias, self.first_bias.new_zeros(rope)))
                 if compress_bias is not None:
                     self.first_bias[module.q_lora_rank :] = compress_bias
-            self.q_norm, self.q_norm_eps = module.q_a_layernorm.weight.detach(), module.q_a_layernorm.eps
+            self.q_norm, self.q_norm_eps = module.q_a_layernorm.weight.detach().contiguous(), module.q_a_layernorm.eps
             self.query = transposed(query_rows)
             self.split = [module.q_lora_rank, rank, rope, rope]
         else:  # x -> [query rows | c_kv | k_rope | rot] in one GEMM
@@ -172,7 +172,7 @@ class LeanLatentAttention:
             if compress_bias is not None:
                 self.first_bias = torch.cat((compress_bias.new_zeros(query_rows.shape[0]), compress_bias))
             self.split = [query_rows.shape[0], rank, rope, rope]
-        self.kv_norm, self.kv_norm_eps = module.kv_a_layernorm.weight.detach(), module.kv_a_layernorm.eps
+        self.kv_norm, self.kv_norm_eps = module.kv_a_layernorm.weight.detach().contiguous(), module.kv_a_layernorm.eps
         out = module.o_proj.weight.detach().view(-1, heads, v_dim)
         self.out = torch.einsum("ohv,hvr->hro", out, up_value).flatten(0, 1).contiguous()
         self.out_bias = joined_bias([module.o_proj])
@@ -342,7 +342,8 @@ def supports_lean_decoding(model) -> bool:
 
 
 class LeanWeights:
-    """The model's weights rearranged for the lean step; rebuilt only when a parameter or buffer changed."""
+    """The model's weights rearranged for the lean step; rebuilt only when a parameter or buffer changed. Every
+    tensor is contiguous, which the compiled step relies on."""
 
     def __init__(self, model):
         decoder = model.model
@@ -355,11 +356,11 @@ class LeanWeights:
         )
         self.layers = []
         for layer in decoder.layers:
-            norms = [(norm.weight.detach(), norm.eps) for norm in (layer.input_layernorm, layer.post_attention_layernorm)]
+            norms = [(norm.weight.detach().contiguous(), norm.eps) for norm in (layer.input_layernorm, layer.post_attention_layernorm)]
             attention = LEAN_STEPS[type(layer.self_attn)](layer.self_attn)
             self.layers.append((norms[0], attention, norms[1], LEAN_STEPS[type(layer.mlp)](layer.mlp)))
-        self.embedding = decoder.embed_tokens.weight.detach()
-        self.final_norm = (decoder.norm.weight.detach(), decoder.norm.eps)
+        self.embedding = decoder.embed_tokens.weight.detach().contiguous()
+        self.final_norm = (decoder.norm.weight.detach().contiguous(), decoder.norm.eps)
         self.head = transposed(model.lm_head.weight)
 
 
@@ -397,20 +398,20 @@ def warn_compile_failed(error: Exception) -> None:
 
 
 @functools.cache
-def compiled_lean_step(structure: str, capture: bool, device_type: str):
-    """`lean_step` through torch.compile for models of one configuration (``structure``: the config as JSON): C++
-    kernels and a C++ wrapper that calls them on CPU, CUDA graphs on GPU. Compilation happens at the first call and
-    takes tens of seconds; shapes are static, so a new batch size or cache capacity compiles again.
+def compiled_lean_step(structure: str, capture: bool, batch: int, capacity: int, device_type: str):
+    """`lean_step` through torch.compile for one decoder shape of models of one configuration (``structure``: the
+    config as JSON): C++ kernels and a C++ wrapper that calls them on CPU, CUDA graphs on GPU. Compilation happens at
+    the first call and takes tens of seconds.
 
     Before every call torch.compile checks guards on everything the step reads; over the whole LeanWeights object
-    graph that is ~0.2 ms, a fifth of a step. Here only the tensors' shapes, strides and dtypes are checked. That is
-    sound because everything else the step reads (norm epsilons, head counts, top-k, routing scale, ``capture``) is
-    fixed by the configuration and ``capture``, and each (configuration, capture) gets its own copy of lean_step's
-    code object, which is where torch.compile keeps its compiled graphs. The weights are inputs, not constants, so
-    a retrained or reloaded model of the same configuration reuses the compiled step."""
-    del structure  # only the cache key
+    graph that is ~0.2 ms, a fifth of a step. This step checks none. That is sound because nothing it reads can
+    change between calls: the configuration fixes every constant (norm epsilons, head counts, top-k, routing scale),
+    the key fixes ``capture`` and every shape, and `LeanDecoder` passes contiguous tensors only. Each key gets its own
+    copy of lean_step's code object, which is where torch.compile keeps its compiled graph. The weights are inputs,
+    not constants, so a retrained or reloaded model of the same configuration reuses the compiled step."""
+    del structure, capture, batch, capacity  # the cache key
     step = types.FunctionType(lean_step.__code__.replace(), lean_step.__globals__, lean_step.__name__)
-    options = {"guard_filter_fn": torch.compiler.keep_tensor_guards_unsafe}
+    options = {"guard_filter_fn": torch.compiler.skip_all_guards_unsafe}
     options.update({"triton.cudagraphs": True} if device_type == "cuda" else {"cpp_wrapper": True})
     return torch.compile(step, dynamic=False, options=options)
 
@@ -424,26 +425,31 @@ def static_capacity(needed: int, positions: int) -> int:
 class LeanDecoder:
     """Prefill through the model's forward (`CachedForward`), then lean steps; the same interface.
 
-    ``step_function`` is `lean_step` or a compiled version of it. A compiled step attends over the whole
-    preallocated cache with future columns masked, so that its shapes never change; the eager one attends over the
-    live columns only."""
+    ``compiled`` steps with `compiled_lean_step`, which attends over the whole preallocated cache with future columns
+    masked, so that its shapes never change; the eager `lean_step` attends over the live columns only."""
 
-    def __init__(self, model, weights: LeanWeights, batch: int, capacity: int, capture: bool, step_function=lean_step):
+    def __init__(self, model, weights: LeanWeights, batch: int, capacity: int, capture: bool, compiled: bool = False):
         from tinyseek.generate.engine import CachedForward  # the engine imports this module
 
         self.prefill_forward = CachedForward(model, batch, capacity, capture)
-        self.static = step_function is not lean_step
-        if self.static:
+        self.static, self.step_function = compiled, lean_step
+        if compiled:
             capacity = static_capacity(capacity, model.config.max_position_embeddings)
-        self.weights, self.capacity, self.capture, self.step_function = weights, capacity, capture, step_function
-        self.caches = [
-            (attention.new_cache(batch, capacity), feed_forward.new_cache(batch, capacity) if isinstance(feed_forward, LeanMoE) else None)
-            for _, attention, _, feed_forward in weights.layers
-        ]
+            self.step_function = compiled_lean_step(
+                model.config.to_json_string(), capture, batch, capacity, weights.head.device.type
+            )
+        self.weights, self.capacity, self.capture, self.batch = weights, capacity, capture, batch
+        self.caches = self.new_caches()
         self.column = torch.zeros(1, dtype=torch.long, device=weights.head.device)
         self.mask = None
         self.routed: torch.Tensor | None = None
         self.prefilled = False
+
+    def new_caches(self) -> list:
+        return [
+            (attention.new_cache(self.batch, self.capacity), feed_forward.new_cache(self.batch, self.capacity) if isinstance(feed_forward, LeanMoE) else None)
+            for _, attention, _, feed_forward in self.weights.layers
+        ]
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         logits = self.prefill_forward.prefill(input_ids, attention_mask)
@@ -458,10 +464,22 @@ class LeanDecoder:
         if self.static or not bool(attention_mask.all()):
             self.mask = self.weights.head.new_full((input_ids.shape[0], 1, 1, self.capacity), float("-inf"))
             self.mask[:, 0, 0, :width].masked_fill_(attention_mask.bool(), 0.0)
+        if self.static:
+            self.warm_up(input_ids[:, -1])
         self.prefilled = True
         return logits
 
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+    def warm_up(self, tokens: torch.Tensor) -> None:
+        """Compile before the first token rather than after it (a compiled step compiles at its first call), so
+        that the time to the first token includes compilation and the rate of the next ones does not. The step runs
+        on scratch caches: on the live ones it would add a token to linear attention's state."""
+        live, self.caches = self.caches, self.new_caches()
+        try:
+            self.step(tokens, commit=False)
+        finally:
+            self.caches = live
+
+    def step(self, tokens: torch.Tensor, commit: bool = True) -> torch.Tensor:
         column = self.width
         self.column.fill_(column)
         if self.static:
@@ -474,14 +492,16 @@ class LeanDecoder:
                 mask[..., column] = 0.0
         try:
             logits, self.routed = self.step_function(
-                self.weights, self.caches, tokens, self.positions, self.column, mask, length, self.capture
+                self.weights, self.caches, tokens.contiguous(), self.positions, self.column, mask, length, self.capture
             )
         except Exception as error:  # noqa: BLE001 - whatever stops compilation (no C++ compiler, an unsupported op)
             if not self.static:
                 raise
             warn_compile_failed(error)
             self.step_function, self.static = lean_step, False
-            return self.step(tokens)
+            return self.step(tokens, commit)
+        if not commit:
+            return logits
         self.width += 1
         self.positions += 1
         self.prefilled = False
