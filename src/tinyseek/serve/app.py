@@ -33,9 +33,9 @@ STATIC = resources.files("tinyseek.serve") / "static"
 ERROR_TYPES = {404: "not_found_error", 503: "server_overloaded"}
 
 
-def create_app(model, tokenizer, *, model_name: str = "tinyseek", limits: Limits = Limits()) -> FastAPI:
+def create_app(model, tokenizer, *, model_name: str = "tinyseek", limits: Limits = Limits(), compile: bool = False) -> FastAPI:
     """The server for one model. The generation thread starts and stops with the application's lifespan."""
-    engine = GenerationEngine(model, tokenizer)
+    engine = GenerationEngine(model, tokenizer, compile=compile)
     scheduler = Scheduler(engine, model.device, max_streams=limits.max_streams, max_waiting=limits.max_waiting)
     config = model.config
     moe_layers = [index for index in range(config.num_hidden_layers) if config.is_moe_layer(index)]

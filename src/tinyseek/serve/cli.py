@@ -19,6 +19,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--model-name", help="the model id clients see (default: the run or model folder's name)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto (default)")
+    parser.add_argument(
+        "--compile", action="store_true",
+        help="decode with the step compiled by torch.compile: faster tokens, but the first request of each size "
+             "(cache lengths go in powers of two) waits tens of seconds while it compiles",
+    )
     parser.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes,
                         help="largest request body accepted (413 beyond)")
     parser.add_argument("--max-streams", type=int, default=defaults.max_streams,
@@ -49,7 +54,7 @@ def main(argv: list[str]) -> int:
 
     model, tokenizer = load_from_arguments(args, choose_device(args.device))
     name = args.model_name or (args.run_dir or args.model).resolve().name
-    app = create_app(model, tokenizer, model_name=name, limits=limits)
+    app = create_app(model, tokenizer, model_name=name, limits=limits, compile=args.compile)
     print(f"serving {name} on http://{args.host}:{args.port}/ (playground) and /v1 (OpenAI API)", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
