@@ -66,6 +66,27 @@ def test_fused_linear_cross_entropy_under_bf16_autocast_is_close_to_the_plain_pa
         torch.testing.assert_close(g, e, rtol=0, atol=0.02 * e.abs().max().item())
 
 
+@pytest.mark.parametrize("native", [False, True])
+def test_inside_weights_fixed_micro_batches_share_one_head_operand_and_get_the_same_gradients(monkeypatch, native):
+    monkeypatch.setattr(ops, "cpu_has_native_bf16_matmul", lambda: native)
+    hidden, weight, targets = inputs(tokens=16)
+    weight = weight.requires_grad_()
+
+    def accumulate():
+        weight.grad = None
+        for micro_batch in range(2):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                ops.linear_cross_entropy(hidden[micro_batch], weight, targets[micro_batch], chunk_rows=32).backward()
+        return weight.grad.clone()
+
+    separately = accumulate()
+    with ops.weights_fixed():
+        shared = accumulate()
+        assert len(ops._fixed_weight_operands) == 1  # one copy of the head for both micro-batches
+    assert ops._fixed_weight_operands is None
+    assert torch.equal(shared, separately)
+
+
 def test_fused_linear_cross_entropy_without_grad_returns_the_loss_only():
     hidden, weight, targets = inputs()
     with torch.no_grad():

@@ -17,6 +17,7 @@ autocast); ``tests/test_speed_paths.py`` checks losses and gradients against it.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import math
@@ -223,6 +224,40 @@ def workspace(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: tor
     return buffer[:numel].view(shape)
 
 
+_fixed_weight_operands: dict | None = None
+
+
+@contextlib.contextmanager
+def weights_fixed():
+    """Inside, no weight changes (the micro-batches of one optimizer step): the LM head's operand copy (bf16, or
+    rounded to bf16) is made once and reused, where otherwise every micro-batch would make it again, a pass over the
+    whole [V, H] matrix (16 MB at the seed's size) per 32-token micro-batch."""
+    global _fixed_weight_operands
+    outer, _fixed_weight_operands = _fixed_weight_operands, {} if _fixed_weight_operands is None else _fixed_weight_operands
+    try:
+        yield
+    finally:
+        _fixed_weight_operands = outer
+
+
+def weight_operand(weight: torch.Tensor, dtype: torch.dtype, rounded_to_fp32: bool, scratch: str | None) -> torch.Tensor:
+    """``weight`` as a GEMM operand: cast to ``dtype``, then back to fp32 with ``rounded_to_fp32``. Outside
+    `weights_fixed` a fresh copy (in the workspace ``scratch`` if given); inside it, the copy made for the same weight
+    before."""
+    def make(out: torch.Tensor | None) -> torch.Tensor:
+        if not rounded_to_fp32:
+            return weight.to(dtype)
+        out = torch.empty(weight.shape, dtype=torch.float32, device=weight.device) if out is None else out
+        return out.copy_(weight.to(dtype))
+
+    if _fixed_weight_operands is None:
+        return make(workspace(scratch, tuple(weight.shape), torch.float32, weight.device) if scratch else None)
+    key = (id(weight), weight.data_ptr(), dtype, rounded_to_fp32)
+    if key not in _fixed_weight_operands:
+        _fixed_weight_operands[key] = make(None)
+    return _fixed_weight_operands[key]
+
+
 def host_sync_is_cheap(device: torch.device) -> bool:
     """Whether reading a tensor's value on the host costs nothing more than the arithmetic (no device to wait for)."""
     return device.type == "cpu"
@@ -257,14 +292,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if operand_dtype is None:
                 h_op, w_op = hidden.float(), weight.float()
             elif bf16_native:
-                h_op, w_op = hidden.to(operand_dtype), weight.to(operand_dtype)
+                h_op, w_op = hidden.to(operand_dtype), weight_operand(weight, operand_dtype, False, None)
             deferred = num_tokens <= chunk_rows and (need_grad_h or need_grad_w)
             if operand_dtype is not None and not bf16_native:
                 h_op = hidden.to(operand_dtype).float()
                 # Kept for backward when deferred, so then not in the shared workspace another call could overwrite.
-                w_op = torch.empty(weight.shape, dtype=torch.float32, device=device) if deferred else workspace(
-                    "weight", tuple(weight.shape), torch.float32, device)
-                w_op.copy_(weight.to(operand_dtype))
+                w_op = weight_operand(weight, operand_dtype, True, None if deferred else "weight")
             valid = targets != ignore_index
             num_valid = valid.sum()  # stays a tensor: no host sync
             safe_targets = torch.where(valid, targets, 0)

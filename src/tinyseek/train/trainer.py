@@ -409,18 +409,19 @@ class Trainer:
         self.model.train()
         lm_loss = torch.zeros((), device=self.device)
         total_loss = torch.zeros((), device=self.device)
-        for micro_step in range(accum):
-            window = self.sampler.batch(self.step * accum + micro_step).to(self.device, non_blocking=True)
-            # Data-parallel gradients are reduced once per optimizer step, on the last micro-batch's backward.
-            with distributed.gradient_sync(self.forward_model, enabled=micro_step == accum - 1):
-                with self.autocast():
-                    out = self.forward_model(input_ids=window[:, :-1], shift_labels=window[:, 1:])
-                loss = out.loss / accum
-                if faults.point("train.loss", index=self.step + 1) == "nan":
-                    loss = loss * math.nan
-                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-            lm_loss += out.lm_loss.detach() / accum
-            total_loss += loss.detach()
+        with ops.weights_fixed():  # until the optimizer steps
+            for micro_step in range(accum):
+                window = self.sampler.batch(self.step * accum + micro_step).to(self.device, non_blocking=True)
+                # Data-parallel gradients are reduced once per optimizer step, on the last micro-batch's backward.
+                with distributed.gradient_sync(self.forward_model, enabled=micro_step == accum - 1):
+                    with self.autocast():
+                        out = self.forward_model(input_ids=window[:, :-1], shift_labels=window[:, 1:])
+                    loss = out.loss / accum
+                    if faults.point("train.loss", index=self.step + 1) == "nan":
+                        loss = loss * math.nan
+                    (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+                lm_loss += out.lm_loss.detach() / accum
+                total_loss += loss.detach()
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         clip = self.config.optim.grad_clip or math.inf
