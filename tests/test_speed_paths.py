@@ -66,25 +66,31 @@ def test_fused_linear_cross_entropy_under_bf16_autocast_is_close_to_the_plain_pa
         torch.testing.assert_close(g, e, rtol=0, atol=0.02 * e.abs().max().item())
 
 
-@pytest.mark.parametrize("native", [False, True])
-def test_inside_weights_fixed_micro_batches_share_one_head_operand_and_get_the_same_gradients(monkeypatch, native):
-    monkeypatch.setattr(ops, "cpu_has_native_bf16_matmul", lambda: native)
+@pytest.mark.parametrize("autocast", ["fp32", "bf16-emulated", "bf16-native"])
+@pytest.mark.parametrize("defer", [False, True])
+def test_an_accumulation_window_shares_one_head_operand_and_gives_the_same_gradients(monkeypatch, autocast, defer):
+    monkeypatch.setattr(ops, "cpu_has_native_bf16_matmul", lambda: autocast == "bf16-native")
     hidden, weight, targets = inputs(tokens=16)
     weight = weight.requires_grad_()
 
-    def accumulate():
+    def backward_both_micro_batches():
         weight.grad = None
         for micro_batch in range(2):
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast != "fp32"):
                 ops.linear_cross_entropy(hidden[micro_batch], weight, targets[micro_batch], chunk_rows=32).backward()
-        return weight.grad.clone()
 
-    separately = accumulate()
-    with ops.weights_fixed():
-        shared = accumulate()
-        assert len(ops._fixed_weight_operands) == 1  # one copy of the head for both micro-batches
-    assert ops._fixed_weight_operands is None
-    assert torch.equal(shared, separately)
+    backward_both_micro_batches()
+    separately = weight.grad.clone()
+    with ops.gradient_accumulation(defer_head_gradients=defer):
+        backward_both_micro_batches()
+        assert (weight.grad is None) == defer  # deferred: left to the end of the window
+        assert len(ops._window.operands) == (autocast != "fp32")  # one head copy for both micro-batches
+    assert ops._window is None
+    if defer:  # one GEMM over both micro-batches' rows, rounded once instead of twice under bf16
+        tolerance = 1e-6 if autocast == "fp32" else 0.01 * separately.abs().max().item()
+        torch.testing.assert_close(weight.grad, separately, rtol=0, atol=tolerance)
+    else:
+        assert torch.equal(weight.grad, separately)
 
 
 def test_fused_linear_cross_entropy_without_grad_returns_the_loss_only():

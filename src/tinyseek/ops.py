@@ -224,38 +224,61 @@ def workspace(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: tor
     return buffer[:numel].view(shape)
 
 
-_fixed_weight_operands: dict | None = None
+class _AccumulationWindow:
+    def __init__(self, defer_head_gradients: bool):
+        self.operands: dict = {}  # (weight id, data pointer, dtype, rounded) -> the operand copy
+        # id(weight) -> (weight, [(the rows' logit gradients, their scaled hidden states), ...]), or None: not deferred
+        self.deferred: dict | None = {} if defer_head_gradients else None
+
+
+_window: _AccumulationWindow | None = None
 
 
 @contextlib.contextmanager
-def weights_fixed():
-    """Inside, no weight changes (the micro-batches of one optimizer step): the LM head's operand copy (bf16, or
-    rounded to bf16) is made once and reused, where otherwise every micro-batch would make it again, a pass over the
-    whole [V, H] matrix (16 MB at the seed's size) per 32-token micro-batch."""
-    global _fixed_weight_operands
-    outer, _fixed_weight_operands = _fixed_weight_operands, {} if _fixed_weight_operands is None else _fixed_weight_operands
+def gradient_accumulation(defer_head_gradients: bool = False):
+    """The micro-batches of one optimizer step; no weight changes inside. The LM head's operand copy (bf16, or
+    rounded to bf16) is made once, where otherwise every micro-batch would make it again: a pass over the whole
+    [V, H] matrix (16 MB at the seed's size) per 32-token micro-batch.
+
+    With ``defer_head_gradients``, a micro-batch small enough for one chunk of `linear_cross_entropy` leaves its
+    head-weight gradient to the end of the window, which computes it from all micro-batches' rows at once and adds
+    it to ``weight.grad``: one GEMM over 8 x 32 rows instead of eight thin ones, each followed by full passes over
+    the [V, H] result (its conversion to fp32 and the addition). Single process only: data-parallel wrappers reduce
+    gradients as autograd accumulates them, and this one bypasses autograd."""
+    global _window
+    if _window is not None:  # nested: the outer window decides
+        yield
+        return
+    window = _window = _AccumulationWindow(defer_head_gradients)
     try:
         yield
     finally:
-        _fixed_weight_operands = outer
+        _window = None
+    for weight, parts in (window.deferred or {}).values():
+        with torch.autocast(weight.device.type, enabled=False):
+            gradient = (torch.cat([g for g, _ in parts]).t() @ torch.cat([h for _, h in parts])).to(weight.dtype)
+        if weight.grad is None:
+            weight.grad = gradient
+        else:
+            weight.grad.add_(gradient)
 
 
 def weight_operand(weight: torch.Tensor, dtype: torch.dtype, rounded_to_fp32: bool, scratch: str | None) -> torch.Tensor:
     """``weight`` as a GEMM operand: cast to ``dtype``, then back to fp32 with ``rounded_to_fp32``. Outside
-    `weights_fixed` a fresh copy (in the workspace ``scratch`` if given); inside it, the copy made for the same weight
-    before."""
+    `gradient_accumulation` a fresh copy (in the workspace ``scratch`` if given); inside it, the copy made for the
+    same weight before."""
     def make(out: torch.Tensor | None) -> torch.Tensor:
         if not rounded_to_fp32:
             return weight.to(dtype)
         out = torch.empty(weight.shape, dtype=torch.float32, device=weight.device) if out is None else out
         return out.copy_(weight.to(dtype))
 
-    if _fixed_weight_operands is None:
+    if _window is None:
         return make(workspace(scratch, tuple(weight.shape), torch.float32, weight.device) if scratch else None)
     key = (id(weight), weight.data_ptr(), dtype, rounded_to_fp32)
-    if key not in _fixed_weight_operands:
-        _fixed_weight_operands[key] = make(None)
-    return _fixed_weight_operands[key]
+    if key not in _window.operands:
+        _window.operands[key] = make(None)
+    return _window.operands[key]
 
 
 def host_sync_is_cheap(device: torch.device) -> bool:
@@ -365,7 +388,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # Kept on ctx rather than saved: they are neither inputs nor outputs, and backward hands them over (scaled in
         # place), so the graph cannot be back-propagated twice.
         ctx.grads = (grad_h, grad_w)
-        ctx.deferred = (grad_logits, h_op, w_op, row_scale) if deferred else None
+        ctx.deferred = (grad_logits, h_op, w_op, row_scale, weight) if deferred else None
         ctx.needs = (need_grad_h, need_grad_w)
         ctx.dtypes = (hidden.dtype, weight.dtype)
         return loss_sum / num_valid  # NaN when every target is ignored, as F.cross_entropy gives
@@ -386,13 +409,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_h, grad_w, None, None, None, None
 
 
-def _deferred_head_gradients(grad_logits, h_op, w_op, row_scale, grad_loss, need_grad_h, need_grad_w):
+def _deferred_head_gradients(grad_logits, h_op, w_op, row_scale, weight, grad_loss, need_grad_h, need_grad_w):
     """grad_h = (p - onehot) W * s and grad_W = (p - onehot)^T (h * s), with s = grad_loss / n per token, computed in
-    backward; operands as in the forward (fp32, or bf16 where the hardware multiplies bf16)."""
+    backward; operands as in the forward (fp32, or bf16 where the hardware multiplies bf16). Inside a
+    `gradient_accumulation` window that defers head gradients, grad_W is left to the window (None here)."""
     with torch.autocast(h_op.device.type, enabled=False):
         scale = (row_scale * grad_loss.float())[:, None]
         grad_h = (grad_logits @ w_op).float() * scale if need_grad_h else None
-        grad_w = (grad_logits.t() @ (h_op.float() * scale).to(grad_logits.dtype)).float() if need_grad_w else None
+        grad_w = None
+        if need_grad_w:
+            scaled_h = (h_op.float() * scale).to(grad_logits.dtype)
+            if _window is not None and _window.deferred is not None:
+                _window.deferred.setdefault(id(weight), (weight, []))[1].append((grad_logits, scaled_h))
+            else:
+                grad_w = (grad_logits.t() @ scaled_h).float()
     return grad_h, grad_w
 
 

@@ -409,7 +409,7 @@ class Trainer:
         self.model.train()
         lm_loss = torch.zeros((), device=self.device)
         total_loss = torch.zeros((), device=self.device)
-        with ops.weights_fixed():  # until the optimizer steps
+        with ops.gradient_accumulation(defer_head_gradients=not self.world.is_distributed):
             for micro_step in range(accum):
                 window = self.sampler.batch(self.step * accum + micro_step).to(self.device, non_blocking=True)
                 # Data-parallel gradients are reduced once per optimizer step, on the last micro-batch's backward.
