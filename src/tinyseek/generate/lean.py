@@ -268,7 +268,8 @@ class LeanMoE:
         # Gathering copies the chosen weights (a read and a write) and the GEMMs read the copy: about 3k/E of the
         # bytes that running every expert reads, which at batch 1 is what a step costs.
         self.gather = 3 * self.top_k < self.num_experts
-        self.experts_gate_up_by_input = experts.gate_up_proj.detach().permute(2, 0, 1).contiguous()  # [hidden, E, 2I]
+        if self.gather:
+            self.experts_gate_up_by_input = experts.gate_up_proj.detach().permute(2, 0, 1).contiguous()  # [hidden, E, 2I]
         self.shared = LeanSwiGLU(module.shared_experts) if module.shared_experts is not None else None
         # Every expert at once: columns [shared | expert 0 | expert 1 | ...] of the gate and of the up projection.
         gates = [experts_gate_up[..., :intermediate].permute(1, 0, 2).flatten(1)]
@@ -404,7 +405,7 @@ def compiled_lean_step(structure: str, capture: bool, batch: int, capacity: int,
     the first call and takes tens of seconds.
 
     Before every call torch.compile checks guards on everything the step reads; over the whole LeanWeights object
-    graph that is ~0.2 ms, a fifth of a step. This step checks none. That is sound because nothing it reads can
+    graph that was 0.1-0.2 ms, a tenth to a fifth of a step. This step checks none. That is sound because nothing it reads can
     change between calls: the configuration fixes every constant (norm epsilons, head counts, top-k, routing scale),
     the key fixes ``capture`` and every shape, and `LeanDecoder` passes contiguous tensors only. Each key gets its own
     copy of lean_step's code object, which is where torch.compile keeps its compiled graph. The weights are inputs,
