@@ -417,6 +417,9 @@ def compiled_lean_step(structure: str, capture: bool, batch: int, capacity: int,
     return torch.compile(step, dynamic=False, options=options)
 
 
+WARMED_UP: set = set()  # the compiled steps that have run (and so compiled) once
+
+
 def static_capacity(needed: int, positions: int) -> int:
     """The cache columns of a compiled step: powers of two (at least 64) up to the model's positions, so that a
     server sees a handful of shapes (and compilations), not one per prompt length."""
@@ -465,7 +468,7 @@ class LeanDecoder:
         if self.static or not bool(attention_mask.all()):
             self.mask = self.weights.head.new_full((input_ids.shape[0], 1, 1, self.capacity), float("-inf"))
             self.mask[:, 0, 0, :width].masked_fill_(attention_mask.bool(), 0.0)
-        if self.static:
+        if self.static and self.step_function not in WARMED_UP:
             self.warm_up(input_ids[:, -1])
         self.prefilled = True
         return logits
@@ -473,12 +476,15 @@ class LeanDecoder:
     def warm_up(self, tokens: torch.Tensor) -> None:
         """Compile before the first token rather than after it (a compiled step compiles at its first call), so
         that the time to the first token includes compilation and the rate of the next ones does not. The step runs
-        on scratch caches: on the live ones it would add a token to linear attention's state."""
+        on scratch caches: on the live ones it would add a token to linear attention's state. Once per compiled
+        step: later decoders of the same shape find it compiled."""
         live, self.caches = self.caches, self.new_caches()
         try:
             self.step(tokens, commit=False)
         finally:
             self.caches = live
+        if self.static:  # not fallen back to the eager step
+            WARMED_UP.add(self.step_function)
 
     def step(self, tokens: torch.Tensor, commit: bool = True) -> torch.Tensor:
         column = self.width
