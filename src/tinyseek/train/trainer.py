@@ -507,7 +507,7 @@ class Trainer:
             return self.config.logging.peak_flops
         # A CPU without bf16 units emulates bf16 matmuls far below its fp32 rate; the hardware's peak is the faster.
         dtypes = {torch.float32, self.amp_dtype or torch.float32}
-        return max(measured_peak_flops(self.device.type, dtype) for dtype in dtypes)
+        return max(measured_peak_flops(self.device.type, dtype, torch.get_num_threads()) for dtype in dtypes)
 
     def announce(self) -> None:
         log.info("run directory %s", self.run_dir.resolve())
