@@ -214,3 +214,13 @@ def compiler_failure():
         torch._dynamo.reset()
 
     return failing
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The documented commands the docs test did not run, each with the reason its page gives (tests/doc_commands.py)."""
+    from doc_commands import SKIPPED
+
+    if SKIPPED:
+        terminalreporter.section("documented commands not run by the docs test")
+        for line in SKIPPED:
+            terminalreporter.write_line(line)
