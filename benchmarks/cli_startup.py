@@ -30,7 +30,10 @@ CASES = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="one process each (to check the script runs)")
     args = parser.parse_args()
+    if args.quick:
+        args.repeats = 1
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     times: dict[str, list[float]] = {name: [] for name in CASES}
     for _ in range(args.repeats):

@@ -321,7 +321,10 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=60, help="optimizer steps of the run (default 60)")
     parser.add_argument("--tiny", action="store_true", help="a tiny model instead of the seed preset's")
     parser.add_argument("--workdir", help="keep everything here (default: a temporary folder, deleted)")
+    parser.add_argument("--quick", action="store_true", help="tiny model, 2 kills, 8 steps (to check the script runs)")
     args = parser.parse_args()
+    if args.quick:
+        args.tiny, args.kills, args.steps = True, 2, 8
     with contextlib.ExitStack() as stack:
         workdir = Path(args.workdir) if args.workdir else Path(stack.enter_context(tempfile.TemporaryDirectory()))
         workdir.mkdir(parents=True, exist_ok=True)

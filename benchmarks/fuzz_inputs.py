@@ -370,7 +370,10 @@ def main() -> int:
     parser.add_argument("--long-line-mb", type=int, default=20, help="size of the single-line corpus (0: skip)")
     parser.add_argument("--timeout", type=float, default=120, help="seconds before a case counts as a hang")
     parser.add_argument("--verbose", action="store_true", help="print every clear error too")
+    parser.add_argument("--quick", action="store_true", help="3 mutations and a 1 MB line (to check the script runs)")
     args = parser.parse_args()
+    if args.quick:
+        args.configs, args.long_line_mb = 3, 1
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with tempfile.TemporaryDirectory() as workdir:
         result = run_fuzz(Path(workdir), args.configs, args.seed, args.long_line_mb, args.timeout, args.verbose)

@@ -444,7 +444,10 @@ def main() -> int:
     parser.add_argument("--tokenizer", default=str(SHARED / "tokenizers" / "deepseek-coder"))
     parser.add_argument("--work-dir", default=str(REPO / "runs" / "quality"), help="where the runs are written")
     parser.add_argument("--out", default=str(REPO / "docs"), help="where the report goes")
+    parser.add_argument("--quick", action="store_true", help="4,096 training tokens a run (to check the script runs)")
     args = parser.parse_args()
+    if args.quick:
+        args.tokens, args.time_budget, args.throughput = 4096, None, args.throughput and 1
     if args.tokens is None and args.time_budget is None:
         args.time_budget = "15m"
     names = [name.strip() for name in args.runs.split(",") if name.strip()]

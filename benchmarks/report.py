@@ -45,7 +45,8 @@ class Block:
     """One generated block: the page it lives in, the command that measures it, and how to read the result.
 
     `command` and `quick` may use `{out}`, a fresh temporary folder. The block's body is `{out}/<body_file>` when the
-    command writes one (markdown), else the command's standard output as a text block. `artifacts` are files the
+    command writes one (markdown), else the command's standard output, as a text block or, with
+    `stdout_format="markdown"`, as it is. `artifacts` are files the
     command writes into `{out}` that go beside the page (plots, samples)."""
 
     name: str
@@ -54,6 +55,7 @@ class Block:
     quick: tuple[str, ...]
     threads: int
     body_file: str | None = None
+    stdout_format: str = "text"
     artifacts: tuple[str, ...] = ()
     needs_shared_data: bool = False
     env: dict[str, str] = field(default_factory=dict)
@@ -69,9 +71,9 @@ class Block:
 PY = "python"
 BLOCKS = [
     Block("cli-startup", "docs/benchmarks.md",
-          (PY, "benchmarks/cli_startup.py"), (PY, "benchmarks/cli_startup.py", "--repeats", "1"), threads=1),
+          (PY, "benchmarks/cli_startup.py"), (PY, "benchmarks/cli_startup.py", "--quick"), threads=1),
     Block("first-step", "docs/benchmarks.md",
-          (PY, "benchmarks/first_step.py", "--install"), (PY, "benchmarks/first_step.py"), threads=2,
+          (PY, "benchmarks/first_step.py", "--install"), (PY, "benchmarks/first_step.py", "--quick"), threads=2,
           env={"HF_HUB_OFFLINE": "1"}),
     Block("train-recipe", "docs/benchmarks.md",
           (PY, "benchmarks/train_speed.py", "--recipe", "--compare-ref", "1bb59f4", "--checkpointing", "--threads", "1",
@@ -84,6 +86,9 @@ BLOCKS = [
     Block("train-8x256", "docs/benchmarks.md",
           (PY, "benchmarks/train_speed.py", "--threads", "1", "--shapes", "8x256", "--dtypes", "fp32", "--steps", "3"),
           (PY, "benchmarks/train_speed.py", "--threads", "1", "--quick", "--shapes", "2x64"), threads=1),
+    Block("prepare", "docs/data.md",
+          (PY, "benchmarks/prepare_time.py"), (PY, "benchmarks/prepare_time.py", "--quick"), threads=2,
+          needs_shared_data=True),
     Block("data-parallel", "docs/training.md",
           ("bash", "benchmarks/data_parallel_cpu.sh"), ("bash", "benchmarks/data_parallel_cpu.sh", "--quick"),
           threads=2, needs_shared_data=True),
@@ -92,19 +97,18 @@ BLOCKS = [
           (PY, "benchmarks/decode_speed.py", "--quick", "--threads", "1", "--out-dir", "{out}"),
           threads=1, body_file="decode.md", artifacts=("decode_speed.png",)),
     Block("serving", "docs/serving.md",
-          (PY, "benchmarks/serve_load.py", "--threads", "2"),
-          (PY, "benchmarks/serve_load.py", "--threads", "2", "--streams", "2", "--max-tokens", "4"), threads=2),
+          (PY, "benchmarks/serve_load.py", "--threads", "1"),
+          (PY, "benchmarks/serve_load.py", "--threads", "1", "--quick"), threads=1),
     Block("crash-resume", "docs/reliability.md",
-          (PY, "benchmarks/crash_resume.py"), (PY, "benchmarks/crash_resume.py", "--tiny", "--kills", "2", "--steps", "8"),
-          threads=1),
+          (PY, "benchmarks/crash_resume.py"), (PY, "benchmarks/crash_resume.py", "--quick"), threads=1,
+          stdout_format="markdown"),
     Block("fuzz-inputs", "docs/reliability.md",
           (PY, "benchmarks/fuzz_inputs.py"),
-          (PY, "benchmarks/fuzz_inputs.py", "--configs", "3", "--long-line-mb", "1"), threads=1),
+          (PY, "benchmarks/fuzz_inputs.py", "--quick"), threads=1, stdout_format="markdown"),
     Block("quality-15min", "docs/quality.md",
           (PY, "benchmarks/quality.py", "--runs", "reference,cpu-15min", "--time-budget", "15m", "--threads", "2",
            "--out", "{out}"),
-          (PY, "benchmarks/quality.py", "--runs", "reference,cpu-15min", "--tokens", "4096", "--threads", "2",
-           "--out", "{out}"),
+          (PY, "benchmarks/quality.py", "--runs", "reference,cpu-15min", "--quick", "--threads", "2", "--out", "{out}"),
           threads=2, body_file="quality.md", artifacts=("quality.png", "quality_samples.json"),
           needs_shared_data=True),
 ]
@@ -154,6 +158,8 @@ def measure(block: Block, quick: bool) -> str:
         seconds, load_after = time.perf_counter() - started, os.getloadavg()[0]
         if block.body_file:
             body = strip_title((out / block.body_file).read_text())
+        elif block.stdout_format == "markdown":
+            body = result.stdout
         else:
             body = "```text\n" + result.stdout.strip("\n") + "\n```\n"
         if not quick:

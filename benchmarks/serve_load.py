@@ -45,7 +45,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-streams", type=int, default=32, help="the server's --max-streams")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
     parser.add_argument("--timeout", type=float, default=600, help="give up after this many seconds")
-    return parser.parse_args()
+    parser.add_argument("--quick", action="store_true", help="2 streams of 4 tokens (to check the script runs)")
+    args = parser.parse_args()
+    if args.quick:
+        args.streams, args.max_tokens = 2, 4
+    return args
 
 
 async def one_stream(client: httpx.AsyncClient, url: str, seed: int, max_tokens: int) -> dict:

@@ -4,9 +4,15 @@ A hand-written extractor rather than mktestdocs or pytest-examples: those run a 
 commands need placeholders filled (`books.jsonl`, `DATA`), a step limit appended to training, `--quick` appended to
 benchmarks, servers started, probed and stopped, and a visible skip marker honoured.
 
-A command that cannot run in a test carries the marker in the page itself, as a comment on its line:
+A command that cannot run in a test carries the marker in the page itself, as a comment on its line or on a comment
+line of its own just above it:
 
     torchrun --nnodes 2 ... train.py   # (not run by tests: needs several machines)
+
+and a whole block carries it as an HTML comment on the line before its fence (the README's first block, which sets
+up a virtual environment and runs this very test suite):
+
+    <!-- (not run by tests: REASON) -->
 """
 
 from __future__ import annotations
@@ -61,12 +67,16 @@ def strip_comment(line: str) -> tuple[str, str]:
 
 def page_commands(path: Path, root: Path) -> list[Command]:
     """Every command of the page's bash blocks, in order."""
-    commands, language, pending, start, comments = [], None, "", 0, ""
+    commands, language, pending, start, comments, previous, block_marker = [], None, "", 0, "", "", None
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         fence = FENCE.match(line)
         if fence:
-            language = None if language is not None else fence.group("lang")
+            opening = language is None
+            language = fence.group("lang") if opening else None
+            block_marker = SKIP_MARKER.search(previous) if opening and previous.startswith("<!--") else None
             continue
+        if language is None:
+            previous = line.strip()
         if language not in SHELL_LANGUAGES:
             continue
         command, comment = strip_comment(line)
@@ -79,7 +89,7 @@ def page_commands(path: Path, root: Path) -> list[Command]:
         text = (pending + command.strip()).strip()
         pending = ""
         if text:
-            marker = SKIP_MARKER.search(comments)
+            marker = SKIP_MARKER.search(comments) or block_marker
             commands.append(Command(str(path.relative_to(root)), start, text, marker and marker.group("reason")))
             comments = ""  # a comment line above a command belongs to it
     return commands

@@ -28,6 +28,8 @@ COMMAND_TIMEOUT_S = 900
 # What the docs' placeholder names stand for in the test: whole words only.
 PLACEHOLDERS = {"DATA": "books.jsonl", "TOK": "builtin"}
 TRAINING_LIMIT = " --max-steps 2 --set logging.eval_batches=1"
+# Commands marked with this reason still run: offline, each must end with one line that says what it needs.
+NEEDS_HUB = "needs the Hugging Face Hub"
 
 
 def tracked_copy(destination: Path) -> Path:
@@ -52,7 +54,8 @@ def write_fixtures(root: Path) -> None:
     for name in ("books.jsonl", "my_corpus.jsonl"):
         (root / name).write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     shutil.copytree(REPO / "src/tinyseek/builtin/deepseek-coder", root / "path/to/tokenizer")
-    (root / "my.yaml").write_text("model:\n  preset: seed\ndata:\n  source: books.jsonl\n  tokenizer: builtin\n")
+    (root / "my.yaml").write_text(
+        "out_dir: runs/mine\nmodel:\n  preset: seed\ndata:\n  source: books.jsonl\n  tokenizer: builtin\n")
 
 
 def free_port() -> int:
@@ -112,13 +115,26 @@ def run_server(command: Command, text: str, root: Path, env: dict[str, str]) -> 
             process.kill()
 
 
+def run_shell(text: str, root: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "-c", f"set -eo pipefail; {text}"], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=COMMAND_TIMEOUT_S)
+
+
+def check_says_what_it_needs(command: Command, root: Path, env: dict[str, str]) -> None:
+    """Offline, a command that needs the Hub fails with one error line (no traceback) that names the Hub."""
+    result = run_shell(shell_text(command), root, env)
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert result.returncode != 0 and "Traceback" not in result.stderr, f"{command}\n{result.stderr[-3000:]}"
+    assert len(errors) == 1 and ("huggingface" in errors[0].lower() or "hub" in errors[0].lower()), (
+        f"{command}\nexpected one error line naming the Hub, got:\n{result.stderr[-3000:]}")
+
+
 def run_command(command: Command, root: Path, env: dict[str, str]) -> None:
     text = shell_text(command)
     if command.kind == "server":
         run_server(command, text, root, env)
         return
-    result = subprocess.run(["bash", "-c", f"set -eo pipefail; {text}"], cwd=root, env=env, capture_output=True,
-                            text=True, timeout=COMMAND_TIMEOUT_S)
+    result = run_shell(text, root, env)
     if result.returncode != 0:
         pytest.fail(f"{command}\nran as: {text}\nexit {result.returncode}\n"
                     f"stdout (end):\n{result.stdout[-2000:]}\nstderr (end):\n{result.stderr[-3000:]}")
@@ -131,7 +147,10 @@ def test_page_commands_run(page, tmp_path):
     write_fixtures(root)
     env = environment(root)
     for command in commands:
-        if command.skip_reason:
+        if command.skip_reason and command.skip_reason.startswith(NEEDS_HUB):
+            check_says_what_it_needs(command, root, env)
+            SKIPPED.append(f"{command}  ->  {command.skip_reason} (offline, it says so in one line)")
+        elif command.skip_reason:
             SKIPPED.append(f"{command}  ->  {command.skip_reason}")
         elif SHARED_VARIABLE in command.text and not SHARED:
             SKIPPED.append(f"{command}  ->  needs $TINYSEEK_SHARED_DATA, which is not set")

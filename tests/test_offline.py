@@ -96,3 +96,16 @@ print(heavy, type(model).__name__, tinyseek.hf.to_transformers(model).__class__.
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
     assert result.stdout.split() == ["[]", "TinySeekForCausalLM", "LlamaForCausalLM"], result.stderr
+
+
+def test_a_run_directory_refuses_other_data_than_it_pinned_with_one_line(tmp_path):
+    from tinyseek.data.builtin import resolve_sources
+    from tinyseek.errors import InputError
+
+    corpus = tmp_path / "books.jsonl"
+    corpus.write_text('{"text": "a"}\n')
+    pinned = {"data": str(corpus), "tokenizer": "builtin"}
+    same = resolve_sources(str(tmp_path / "." / "books.jsonl"), None, pinned)  # another spelling of the same file
+    assert Path(same.data).resolve() == corpus.resolve() and same.tokenizer == "builtin"
+    with pytest.raises(InputError, match="started with --data .*books.jsonl, not builtin.*--out-dir"):
+        resolve_sources("builtin", None, pinned)

@@ -11,6 +11,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from tinyseek.errors import InputError
+
 # The seed recipe's data and tokenizer, from the Hugging Face Hub; the built-in pair stands in for them without it.
 DEFAULT_DATASET = "HuggingFaceTB/cosmopedia-100k"
 DEFAULT_TOKENIZER = "deepseek-ai/deepseek-coder-1.3b-base"
@@ -37,6 +39,12 @@ def resolve_sources(data: str | None, tokenizer: str | None, pinned: dict | None
     directory recorded on its first start), else the seed's Hub default where the Hub or the local Hugging Face
     cache can serve it, else the built-in one."""
     pinned = {key: value for key, value in (pinned or {}).items() if value is not None}
+    for name, given in (("data", data), ("tokenizer", tokenizer)):
+        if given is not None and name in pinned and not same_source(given, pinned[name]):
+            raise InputError(
+                f"this run directory was started with --{name} {pinned[name]}, not {given}: resume it without "
+                f"--{name}, or pass --out-dir for a new run"
+            )
     if (data is None and "data" in pinned) or (tokenizer is None and "tokenizer" in pinned):
         data = data if data is not None else pinned.get("data")
         tokenizer = tokenizer if tokenizer is not None else pinned.get("tokenizer")
@@ -59,6 +67,11 @@ def resolve_sources(data: str | None, tokenizer: str | None, pinned: dict | None
     what = " with ".join(name for name, _ in fallen_back)
     flags = "/".join(flag for _, flag in fallen_back)
     return Sources(data, tokenizer, f"{why}: training on {what}; pass {flags} for your own")
+
+
+def same_source(first: str, second: str) -> bool:
+    """The same name, or two spellings of one local path."""
+    return first == second or (Path(first).exists() and Path(first).resolve() == Path(second).resolve())
 
 
 def _hub_serves(repo_id: str, repo_type: str) -> bool:
