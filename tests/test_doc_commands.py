@@ -55,7 +55,7 @@ def write_fixtures(root: Path) -> None:
         (root / name).write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     shutil.copytree(REPO / "src/tinyseek/builtin/deepseek-coder", root / "path/to/tokenizer")
     (root / "my.yaml").write_text(
-        "out_dir: runs/mine\nmodel:\n  preset: seed\ndata:\n  source: books.jsonl\n  tokenizer: builtin\n")
+        "out_dir: runs/my-config\nmodel:\n  preset: seed\ndata:\n  source: books.jsonl\n  tokenizer: builtin\n")
 
 
 def free_port() -> int:
