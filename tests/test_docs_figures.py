@@ -32,9 +32,9 @@ FENCE = re.compile(r"^```.*?^```", re.S | re.M)
 def blocks_by_name() -> dict[str, str]:
     found = {}
     for page in PAGES:
-        for match in BLOCK_PATTERN.finditer(page.read_text(encoding="utf-8")):
-            assert match.group("name") not in found, f"block {match.group('name')} appears twice"
-            found[match.group("name")] = match.group("body")
+        for name, body in blocks_by_name_in(page.read_text(encoding="utf-8")).items():
+            assert name not in found, f"block {name} appears twice"
+            found[name] = body
     return found
 
 
@@ -92,3 +92,27 @@ def test_the_figure_rule_reads_rates_ratios_and_durations():
     assert FIGURE.findall(text) == ["1,512 tokens/s", "2.7x", "12.0%", "8.3 s", "553-826 tokens/s",
                                     "1.085 bits per byte"]
     assert FIGURE.findall("hidden 128, 4 layers, 256-token windows, a 15-minute budget, 10,000 steps") == []
+
+
+def test_report_rewrites_only_its_block_and_heads_it_with_the_machine(tmp_path, monkeypatch):
+    import report
+
+    page = tmp_path / "docs" / "page.md"
+    page.parent.mkdir()
+    page.write_text(f"# Page\n\nFindings by hand.\n\n{BEGIN.format('demo')}\nold figures\n{END.format('demo')}\n\nMore.\n")
+    block = report.Block("demo", "docs/page.md", (sys.executable, "-c", "print('1,234 tokens/s')"),
+                         (sys.executable, "-c", "print('quick')"), threads=1)
+    text = report.measure(block, quick=False)  # runs in the repository; the header describes it
+    monkeypatch.setattr(report, "REPO", tmp_path)
+    report.write_block(block, text)
+    rewritten = page.read_text()
+    assert rewritten.startswith("# Page\n\nFindings by hand.\n\n") and rewritten.endswith("\n\nMore.\n")
+    body = blocks_by_name_in(rewritten)["demo"]
+    assert "old figures" not in body and "1,234 tokens/s" in body
+    header = HEADER.search(body)
+    assert header and header.group("name") == "demo"
+    assert "1 thread" in body and "load average" in body and "Command: `" in body
+
+
+def blocks_by_name_in(text: str) -> dict[str, str]:
+    return {match.group("name"): match.group("body") for match in BLOCK_PATTERN.finditer(text)}
