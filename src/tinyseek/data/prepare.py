@@ -275,13 +275,16 @@ def prepare_corpus(
     streaming: bool | None = None,
     vocab_size: int | None = None,
     exclude_groups: Sequence[str] = (),
+    split_by_fallback: bool = False,
 ) -> Path:
     """Tokenize `source` with `tokenizer` into `<out>/<name>-<hash>/` and return that folder (reused when it exists).
 
     The validation split takes `val_documents` documents (or `split_by` groups) when given, else `val_fraction`
     of them (at least one when the fraction is positive). `vocab_size`, when given, refuses a tokenizer too large
     for the model before any work is done. Documents whose `split_by` group is in `exclude_groups` are left out
-    altogether (another source's validation books, kept out of this one's training data).
+    altogether (another source's validation books, kept out of this one's training data). With `split_by_fallback`,
+    a source without the `split_by` column is split by document instead, with a note (a preset's choice that does
+    not fit the data); without it, that is an InputError (the user asked for that column).
     """
     if exclude_groups and split_by is None:
         raise ConfigError("excluding groups from a source needs split_by (the column that names the groups)")
@@ -292,7 +295,16 @@ def prepare_corpus(
     loaded = load_tokenizer(tokenizer)
     if vocab_size is not None:
         check_tokenizer_fits(loaded, vocab_size)
-    corpus = open_source(source, text_column=text_column, group_column=split_by, split=split, streaming=bool(streaming))
+    corpus = open_source(
+        source, text_column=text_column, group_column=None if split_by_fallback else split_by, split=split,
+        streaming=bool(streaming),
+    )
+    if split_by_fallback and split_by is not None:
+        if not corpus.has_column(split_by):
+            print(f"tinyseek prepare: {source} has no column {split_by!r} to split validation by; validation takes "
+                  "whole documents instead", file=sys.stderr)
+            split_by = None
+        corpus = corpus.grouped_by(split_by)
     settings = {
         "val": {"documents": val_documents} if val_documents is not None else {"fraction": val_fraction},
         "split_by": split_by,

@@ -13,7 +13,7 @@ import hashlib
 import json
 import re
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tinyseek.data.builtin import BUILTIN_CORPUS, is_builtin
@@ -65,6 +65,15 @@ class Source:
                 group = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
             count += 1
             yield Document(text, group)
+
+    def has_column(self, column: str) -> bool:
+        """Whether the first row has `column` (an empty source has every column: it has no row that lacks one)."""
+        first = next(iter(self.read_rows()), None)
+        return first is None or column in first[2]
+
+    def grouped_by(self, column: str | None) -> Source:
+        """The same documents, each with its value of `column` as its group (None: no groups)."""
+        return replace(self, group_column=column, identity={**self.identity, "group_column": column})
 
 
 def _column(row: dict, column: str, where: str, row_number: int, option: str):

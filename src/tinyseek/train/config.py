@@ -10,11 +10,12 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
 from tinyseek.config import TinySeekConfig
+from tinyseek.data.builtin import is_builtin
 from tinyseek.distributed import STRATEGIES
 from tinyseek.errors import ConfigError, FileError
 from tinyseek.generate.sampling import Sampling
@@ -156,6 +157,10 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    # Set by load_config, and not config keys (a ClassVar is no field: not in to_dict, not accepted in a file): lines
+    # for the run's log, and the keys whose values a preset chose rather than the user.
+    notes: ClassVar[tuple[str, ...]] = ()
+    preset_keys: ClassVar[frozenset[str]] = frozenset()
 
     def __post_init__(self):
         if isinstance(self.gradient_checkpointing, bool):
@@ -235,14 +240,72 @@ def set_nested(tree: dict[str, Any], path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
-def load_config(config: str | None = None, overrides: list[tuple[list[str], Any]] = ()) -> TrainConfig:
-    """Defaults, then the config file (a path or preset name), then `overrides` (key path, value) in order."""
-    tree = read_config_file(resolve_config_path(config)) if config is not None else {}
-    for path, value in overrides:
-        set_nested(tree, path, value)
+def load_config(
+    config: str | None = None, overrides: list[tuple[list[str], Any]] = (), *, look_up_tokenizer: bool = True
+) -> TrainConfig:
+    """Defaults, then the config file (a path or preset name), then `overrides` (key path, value; the command line)
+    in order.
+
+    The command line states what the user wants, where a preset only proposes: its `max_steps` replaces the file's
+    `time_budget`, and the preset's keys are recorded in `preset_keys` (a preset's `data.split_by` gives way to data
+    without that column). A relative `data.tokenizer` from the file is looked up beside the file as well as in the
+    current directory, unless `look_up_tokenizer` is false (a report on the config, which needs no tokenizer).
+    """
+    path = resolve_config_path(config) if config is not None else None
+    tree = read_config_file(path) if path is not None else {}
+    given = {".".join(key): value for key, value in overrides}
+    notes = []
+    if "max_steps" in given:
+        if given.get("time_budget") is not None:
+            raise ConfigError("--max-steps and --time-budget: give one of them (a time budget sets max_steps from the "
+                              "first steps' speed)")
+        if tree.get("time_budget") is not None and "time_budget" not in given:
+            notes.append(f"max_steps {given['max_steps']} from the command line replaces the config's time_budget "
+                         f"{tree['time_budget']}")
+            tree["time_budget"] = None
+    preset_keys = dotted_keys(tree) - set(given) if path is not None and is_preset(path) else set()
+    for key, value in overrides:
+        set_nested(tree, key, value)
+    if path is not None and look_up_tokenizer and "data.tokenizer" not in given:
+        find_relative_tokenizer(tree, path)
     train_config = build_dataclass(TrainConfig, tree, prefix="")
     validate(train_config)
+    train_config.notes = tuple(notes)
+    train_config.preset_keys = frozenset(preset_keys)
     return train_config
+
+
+def is_preset(path: Path) -> bool:
+    return path.resolve().parent == PRESET_DIR.resolve()
+
+
+def dotted_keys(tree: dict[str, Any], prefix: str = "") -> set[str]:
+    """Every key of a nested mapping, sections included, as `section.key`."""
+    keys = set()
+    for name, value in tree.items():
+        keys.add(f"{prefix}{name}")
+        if isinstance(value, dict):
+            keys |= dotted_keys(value, f"{prefix}{name}.")
+    return keys
+
+
+def find_relative_tokenizer(tree: dict[str, Any], config_path: Path) -> None:
+    """A config file's relative `data.tokenizer` names a path in the current directory or beside the file (a preset
+    read from anywhere); the first that exists replaces it. A path written as one (`./`, `../`) that exists in
+    neither is an error that says where it looked; anything else may still be a Hub name."""
+    data = tree.get("data")
+    spec = data.get("tokenizer") if isinstance(data, dict) else None
+    if not isinstance(spec, str) or is_builtin(spec) or Path(spec).expanduser().is_absolute():
+        return
+    places = [Path.cwd() / spec, config_path.resolve().parent / spec]
+    found = next((place for place in places if place.exists()), None)
+    if found is not None:
+        data["tokenizer"] = spec if found == places[0] else str(found)
+    elif spec.startswith(("./", "../")):
+        raise ConfigError(
+            f"data.tokenizer {spec!r} (from {config_path.name}): looked for {places[0]} and {places[1]}, found "
+            "neither; create it there or pass --tokenizer PATH"
+        )
 
 
 def build_dataclass(cls, values: dict[str, Any], prefix: str):

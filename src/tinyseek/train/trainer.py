@@ -203,6 +203,7 @@ class Trainer:
                 cache_dir,
                 text_column=data.text_column,
                 split_by=data.split_by,
+                split_by_fallback="data.split_by" in config.preset_keys,
                 val_fraction=data.val_fraction,
                 val_documents=data.val_documents,
                 vocab_size=self.model_config.vocab_size,
@@ -511,6 +512,8 @@ class Trainer:
 
     def announce(self) -> None:
         log.info("run directory %s", self.run_dir.resolve())
+        for note in self.config.notes:
+            log.info("%s", note)
         log.info("%s", self.model)
         log.info("%s", format_parameter_report(parameter_report(self.model)))
         data = self.config.data

@@ -1,0 +1,116 @@
+"""Flags and presets behave as a user expects: what the command line says wins over what a preset proposes, and a
+preset's choices give way to data that cannot follow them. Every run is two steps of a tiny model."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tinyseek.cli import main as tinyseek
+from tinyseek.train import load_config
+from tinyseek.train.metrics import read_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+# Two steps of a model small enough for seconds, whatever the preset's own model, windows and samples.
+TINY_RUN = [
+    "--max-steps", "2", "--device", "cpu", "--dtype", "fp32",
+    "--set", "model.hidden_size=32", "--set", "model.num_hidden_layers=1", "--set", "model.intermediate_size=64",
+    "--set", "model.moe_intermediate_size=16", "--set", "data.seq_len=16", "--set", "data.micro_batch_size=2",
+    "--set", "logging.eval_batches=1", "--set", "logging.progress_bar=false", "--set", "logging.peak_flops=1e11",
+    "--set", "sample.prompts=[]",
+]
+
+
+@pytest.fixture(scope="module")
+def data_cache(tmp_path_factory) -> str:
+    """One cache for the module: the built-in corpus is tokenized once."""
+    return str(tmp_path_factory.mktemp("data-cache"))
+
+
+def train_steps(run_dir: Path) -> list[int]:
+    return [record["step"] for record in read_metrics(run_dir) if record["kind"] == "train"]
+
+
+def test_max_steps_on_the_command_line_wins_over_the_preset_time_budget(tmp_path, tiny_corpus, monkeypatch, capsys):
+    # cpu-15min's tokenizer is ./tokenizers/bpe-8192: here, one in the current directory.
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_corpus["tokenizer"], tmp_path / "tokenizers" / "bpe-8192")
+    run = tmp_path / "run"
+    arguments = ["train", "--config", "cpu-15min", "--data", tiny_corpus["data"], "--out-dir", str(run), *TINY_RUN,
+                 "--set", "logging.log_every=1"]
+    assert tinyseek(arguments) == 0
+    err = capsys.readouterr().err
+    assert err.count("max_steps 2 from the command line replaces the config's time_budget 15m") == 1
+    assert "time budget" not in err
+    assert train_steps(run) == [1, 2]
+    written = yaml.safe_load((run / "config.yaml").read_text())
+    assert (written["max_steps"], written["time_budget"]) == (2, None)
+    assert written["data"]["tokenizer"] == "./tokenizers/bpe-8192"
+
+
+def test_max_steps_and_time_budget_together_is_an_error_naming_both(tmp_path, capsys):
+    assert tinyseek(["train", "--max-steps", "5", "--time-budget", "1m", "--out-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tinyseek train: error: --max-steps and --time-budget") and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()
+    # Without --max-steps the preset's time budget stands, and the command line can still replace it.
+    assert load_config("cpu-15min", look_up_tokenizer=False).time_budget == "15m"
+    assert load_config("cpu-15min", [(["time_budget"], "2m")], look_up_tokenizer=False).time_budget == "2m"
+
+
+@pytest.mark.parametrize("sources", [["--data", "builtin", "--tokenizer", "builtin"], []], ids=["builtin", "default"])
+def test_a_preset_split_by_a_column_the_data_lacks_falls_back_to_documents(
+    tmp_path, sources, data_cache, unreachable_hub, capsys
+):
+    # cpu-quick splits validation by `title`; the built-in stories (also the default data without the Hub) have none.
+    run = tmp_path / "run"
+    arguments = ["train", "--config", "cpu-quick", *sources, "--out-dir", str(run), *TINY_RUN,
+                 "--set", f"data.cache_dir={data_cache}"]
+    assert tinyseek(arguments) == 0
+    err = capsys.readouterr().err
+    assert err.count("has no column 'title' to split validation by; validation takes whole documents instead") == 1
+    assert train_steps(run) == [2]
+
+
+def test_a_split_column_the_user_asked_for_is_still_required(tmp_path, data_cache, capsys):
+    set_by_user = ["train", "--config", "cpu-quick", "--data", "builtin", "--tokenizer", "builtin",
+                   "--out-dir", str(tmp_path / "run"), *TINY_RUN, "--set", f"data.cache_dir={data_cache}",
+                   "--set", "data.split_by=title"]
+    assert tinyseek(set_by_user) == 2
+    assert "has no column 'title'" in capsys.readouterr().err
+    prepare = ["prepare", "--data", "builtin", "--tokenizer", "builtin", "--split-by", "title",
+               "--out", str(tmp_path / "prepared")]
+    assert tinyseek(prepare) == 2
+    assert "has no column 'title'" in capsys.readouterr().err
+
+    # The same key in a config file of the user's own is their choice too; in a preset it is the preset's.
+    own = tmp_path / "own.yaml"
+    own.write_text(yaml.safe_dump({"data": {"split_by": "title"}}))
+    assert "data.split_by" not in load_config(str(own)).preset_keys
+    assert "data.split_by" in load_config("cpu-quick").preset_keys
+    assert "data.split_by" not in load_config("cpu-quick", [(["data", "split_by"], "title")]).preset_keys
+
+
+def test_a_config_file_relative_tokenizer_is_found_beside_the_file_or_in_the_current_directory(
+    tmp_path, monkeypatch
+):
+    configs, elsewhere = tmp_path / "configs", tmp_path / "elsewhere"
+    (configs / "tok").mkdir(parents=True)
+    elsewhere.mkdir()
+    config_file = configs / "mine.yaml"
+    config_file.write_text(yaml.safe_dump({"data": {"tokenizer": "./tok"}}))
+    monkeypatch.chdir(elsewhere)
+    assert load_config(str(config_file)).data.tokenizer == str(configs / "tok")
+    (elsewhere / "tok").mkdir()
+    assert load_config(str(config_file)).data.tokenizer == "./tok"  # the current directory first, as before
+    assert load_config(str(config_file), [(["data", "tokenizer"], "builtin")]).data.tokenizer == "builtin"
+
+    shutil.rmtree(configs / "tok")
+    shutil.rmtree(elsewhere / "tok")
+    with pytest.raises(ValueError) as missing:
+        load_config(str(config_file))
+    message = str(missing.value)
+    assert str(elsewhere / "tok") in message and str(configs / "tok") in message and "--tokenizer" in message
