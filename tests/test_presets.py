@@ -1,15 +1,21 @@
-"""Flags and presets behave as a user expects: what the command line says wins over what a preset proposes, and a
-preset's choices give way to data that cannot follow them. Every run is two steps of a tiny model."""
+"""Flags and presets behave as a user expects: what the command line says wins over what a preset proposes, a
+preset's choices give way to data that cannot follow them, and `info`, `--version` and .gitignore cover what the
+documentation names. Every run is two steps of a tiny model."""
 
 from __future__ import annotations
 
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tinyseek import TinySeekConfig
 from tinyseek.cli import main as tinyseek
+from tinyseek.report import format_parameter_report, meta_model, parameter_report
 from tinyseek.train import load_config
 from tinyseek.train.metrics import read_metrics
 
@@ -114,3 +120,65 @@ def test_a_config_file_relative_tokenizer_is_found_beside_the_file_or_in_the_cur
         load_config(str(config_file))
     message = str(missing.value)
     assert str(elsewhere / "tok") in message and str(configs / "tok") in message and "--tokenizer" in message
+
+
+def report_of(config: TinySeekConfig) -> str:
+    return format_parameter_report(parameter_report(meta_model(config)))
+
+
+def test_info_takes_a_run_directory_a_model_preset_or_a_training_preset(
+    tmp_path, tiny_model, byte_tokenizer, write_run, capsys
+):
+    cases = {
+        "llama-tiny": TinySeekConfig.from_preset("llama-tiny"),
+        # A training preset reports the model it trains: its model preset with the preset's own fields.
+        "cpu-15min": TinySeekConfig.from_preset("deepseek-v3-tiny", vocab_size=8192),
+        str(REPO / "configs" / "cpu-quick.yaml"): TinySeekConfig.from_preset("seed", attention_dropout=0.0),
+    }
+    model = tiny_model(num_hidden_layers=1)
+    write_run(tmp_path / "run", model, byte_tokenizer)
+    cases[str(tmp_path / "run")] = model.config
+    headers = {}
+    for spec, expected in cases.items():
+        assert tinyseek(["info", spec]) == 0
+        out = capsys.readouterr().out
+        assert out.endswith(report_of(expected) + "\n"), spec
+        headers[spec] = out.splitlines()[0]
+    assert headers[str(tmp_path / "run")] == f"# run directory {tmp_path / 'run'}: step_00000010"
+    assert headers["cpu-15min"].startswith("# training config ")
+    assert tinyseek(["info", "no-such-thing"]) == 2
+    err = capsys.readouterr().err
+    assert "model preset (seed, deepseek-v3-tiny, llama-tiny)" in err and "cpu-quick" in err
+
+
+def test_version_is_the_project_version_and_loads_no_heavy_module():
+    script = (
+        "import sys; from tinyseek.cli import main; main(['--version']); "
+        "print(sorted(m for m in ('torch', 'transformers', 'datasets') if m in sys.modules))"
+    )
+    tomllib = pytest.importorskip("tomllib")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    assert result.stdout.splitlines() == [f"tinyseek {project}", "[]"]
+
+
+# `--out PATH` and `--out-dir PATH` in the documentation's commands, and the folder `--model` reads that an earlier
+# command of the README is meant to have written.
+WRITTEN = re.compile(r"--(?:out|out-dir|model)[ =]([^\s`\[\]|]+)")
+
+
+def test_gitignore_covers_what_the_documented_commands_write():
+    if not (REPO / ".git").exists() or shutil.which("git") is None:
+        pytest.skip("not a git checkout")
+    pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    written = {
+        match for page in pages for match in WRITTEN.findall(page.read_text())
+        if not match.startswith(("/", "~", "$")) and not match.isupper()  # scratch folders and placeholders
+    }
+    assert {"data/prepared", "tokenizers/bpe-8192", "exported/", "routes.png"} <= written
+    result = subprocess.run(["git", "check-ignore", "--no-index", *written], cwd=REPO, capture_output=True, text=True)
+    assert sorted(result.stdout.split()) == sorted(written), "not ignored: " + ", ".join(
+        sorted(set(written) - set(result.stdout.split()))
+    )
+    for code in ("src/tinyseek/data/prepare.py", "docs/quality.png"):
+        assert subprocess.run(["git", "check-ignore", "-q", "--no-index", code], cwd=REPO).returncode == 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from importlib.metadata import version
 
 from tinyseek.errors import TinySeekError
 
@@ -26,7 +27,7 @@ COMMANDS = {
 
 
 def usage() -> str:
-    lines = ["usage: tinyseek COMMAND [options]", "", "commands:"]
+    lines = ["usage: tinyseek COMMAND [options]", "       tinyseek --version", "", "commands:"]
     lines += [f"  {name:<10} {help_text}" for name, (_, help_text) in COMMANDS.items()]
     return "\n".join(lines)
 
@@ -36,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0 if argv else 2
+    if argv[0] == "--version":
+        print(f"tinyseek {version('tinyseek')}")
+        return 0
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         print(f"tinyseek: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
