@@ -120,8 +120,10 @@ def git(*args: str) -> str:
 
 
 def tree_state() -> str:
-    """The commit, and whether tracked files differ from it (a block measured on a dirty tree must not be committed)."""
-    dirty = git("status", "--porcelain", "--untracked-files=no")
+    """The commit, and whether tracked files differ from it (a block measured on a dirty tree must not be committed).
+    The pages and pictures that blocks write are left out: no benchmark reads them, and one block's rewrite must not
+    mark the next block's measurement dirty."""
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)docs", ":(exclude)README.md")
     return f"commit `{git('rev-parse', '--short=10', 'HEAD')}` ({'DIRTY tree: do not commit' if dirty else 'clean tree'})"
 
 
