@@ -130,13 +130,13 @@ def test_a_two_process_checkpoint_resumes_in_one_process_with_identical_weights(
     shutil.copytree(runs["ddp"], run_dir)
     config = config_file(tmp_path, tiny_corpus, "resume-1", micro_batch=2, max_steps=STEPS + 2)
     resumed = Trainer(load_config(str(config)))
-    assert resumed.step == STEPS
+    assert resumed.progress.step == STEPS
     saved = final_weights(run_dir)
     for name, value in resumed.model.state_dict().items():
         if name in saved:
             assert torch.equal(value, saved[name]), name
     assert "global batch changed" in caplog.text
-    assert resumed.train() == 0 and resumed.step == STEPS + 2
+    assert resumed.train() == 0 and resumed.progress.step == STEPS + 2
 
 
 def test_a_one_process_checkpoint_resumes_under_fsdp_on_two_processes(runs, tiny_corpus, config_file):
