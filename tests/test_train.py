@@ -315,7 +315,7 @@ def test_trainer_samples_tinyseek_generate_and_model_generate_give_the_same_text
               "repetition_penalty": 1.1}
     trainer = tiny_trainer(tmp_path, tiny_corpus, max_steps=2, dtype="bf16", seed=5, sample=sample)
     trainer.train()
-    (from_trainer,) = trainer.sample()
+    (from_trainer,) = trainer.evaluator.sample(trainer.model)
     capsys.readouterr()
 
     argv = ["generate", "--run-dir", str(trainer.run_dir), "--prompt", "the cat", "--max-new-tokens", "8",

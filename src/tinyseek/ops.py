@@ -10,9 +10,9 @@ autocast); ``tests/test_speed_paths.py`` checks losses and gradients against it.
   of MB of memory traffic and, with glibc's allocator, fresh page faults every step. ``linear_cross_entropy`` walks
   the tokens in chunks, keeps one chunk of logits in a reused workspace, and computes the loss *and* both gradients
   in the forward pass, so the full logits never exist.
-* On x86 CPUs without AVX512-BF16/AMX, torch's bf16 GEMM is a slow fallback (measured here: 0.3-10 GFLOP/s against
-  ~20 for fp32). A bf16 product of two bf16 numbers is exact in fp32, so multiplying the bf16-rounded operands with
-  the fp32 GEMM and rounding the result to bf16 gives autocast's bf16 semantics at fp32-GEMM speed.
+* On x86 CPUs without AVX512-BF16/AMX, torch's bf16 GEMM is a slow fallback, far below the fp32 GEMM. A bf16
+  product of two bf16 numbers is exact in fp32, so multiplying the bf16-rounded operands with the fp32 GEMM and
+  rounding the result to bf16 gives autocast's bf16 semantics at fp32-GEMM speed.
 """
 
 from __future__ import annotations
@@ -198,8 +198,8 @@ class Embedding(nn.Embedding):
 
 def scaled_dot_product_attention(query, key, value, **kwargs) -> torch.Tensor:
     """``F.scaled_dot_product_attention``; where bf16 matmuls are emulated (see ``linear``), the bf16 inputs are
-    attended in fp32 and the output rounded back to bf16: torch's bf16 flash-attention kernels run ~5x slower than
-    fp32 there (backward especially), and fp32 scores are at least as accurate."""
+    attended in fp32 and the output rounded back to bf16: torch's bf16 flash-attention kernels run several times
+    slower than fp32 there (backward especially), and fp32 scores are at least as accurate."""
     if emulate_bf16_matmul(query.device.type):
         with torch.autocast("cpu", enabled=False):
             output = F.scaled_dot_product_attention(query.float(), key.float(), value.float(), **kwargs)

@@ -77,6 +77,10 @@ class TimeBudget:
         self.fixed = False
         self.calibration: BudgetCalibration | None = None
 
+    def initial_max_steps(self, max_steps: int) -> int:
+        """The run's max_steps until calibrated: the schedule's horizon then, the configured count without a budget."""
+        return CALIBRATION_HORIZON if self.seconds is not None else max_steps
+
     def start(self) -> None:
         """Called as the loop starts: steps are timed from here unless the step count is already fixed."""
         self.calibration = BudgetCalibration(self.seconds) if self.seconds and not self.fixed else None

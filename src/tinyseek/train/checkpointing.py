@@ -88,6 +88,7 @@ class Checkpointer:
     run_dir: Path
     keep: int
     skipped: list[str] = field(default_factory=list)  # "name: problem" of every checkpoint passed over on resume
+    changed_on_resume: list[str] = field(default_factory=list)  # the training knobs the resumed checkpoint had else
 
     def latest_usable(self) -> Resumable | None:
         """The latest checkpoint whose files match their manifest and whose optimizer state is only tensors; the
@@ -108,9 +109,8 @@ class Checkpointer:
     def note_skipped(self, checkpoint: Path, problem: str) -> None:
         self.skipped.append(f"{checkpoint.name}: {problem}")
 
-    @staticmethod
-    def check_fits(found: Resumable, model_config: TinySeekConfig, tokenizer_id: str) -> list[str]:
-        """Refuse a checkpoint of another architecture or tokenizer; return the training knobs that changed."""
+    def check_fits(self, found: Resumable, model_config: TinySeekConfig, tokenizer_id: str) -> None:
+        """Refuse a checkpoint of another architecture or tokenizer; note the training knobs that changed."""
         saved_architecture = json.loads((found.path / "config.json").read_text())
         differences = ckpt.config_differences(saved_architecture, model_config, ckpt.ARCHITECTURE_FIELDS)
         if differences:
@@ -125,7 +125,16 @@ class Checkpointer:
                 f"checkpoint {found.path} was trained with tokenizer {found.state['tokenizer']}, this run uses "
                 f"{tokenizer_id}; use another --out-dir or the same tokenizer"
             )
-        return changed
+        self.changed_on_resume = changed
+
+    def describe_resume(self, resumed_from: Path | None, progress: Progress) -> list[str]:
+        """The announcement's lines about the checkpoint the run resumed from (none for a new run)."""
+        if resumed_from is None:
+            return []
+        lines = [f"resumed from {resumed_from} at step {progress.step} ({progress.tokens:,} tokens)"]
+        if self.changed_on_resume:
+            lines.append(f"model settings changed on resume: {'; '.join(self.changed_on_resume)}")
+        return lines
 
     def save(self, step: int, model: torch.nn.Module, model_state: dict, tokenizer, blobs: dict[str, Any],
              trainer_state: dict[str, Any]) -> Path:

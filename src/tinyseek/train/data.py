@@ -13,7 +13,7 @@ from tinyseek import distributed
 from tinyseek.data import TokenDataset, load_tokenizer, resolve_data, tokenizer_identity
 from tinyseek.data.builtin import resolve_sources
 from tinyseek.data.mixture import MixtureSampler, prepare_extra_sources
-from tinyseek.train.config import DataConfig
+from tinyseek.train.config import DataConfig, TrainConfig
 from tinyseek.train.metrics import log
 
 RESOLVED_CONFIG = "config.yaml"
@@ -26,6 +26,14 @@ def pinned_sources(run_dir: Path) -> dict[str, str | None]:
     except (OSError, AttributeError, yaml.YAMLError):
         return {}
     return {"data": data.get("source"), "tokenizer": data.get("tokenizer")}
+
+
+def write_resolved_config(run_dir: Path, config: TrainConfig) -> None:
+    """The run's config.yaml: the configuration as resolved (sources, and max_steps once a time budget fixed it)."""
+    path = run_dir / RESOLVED_CONFIG
+    staging = path.with_suffix(".yaml.tmp")
+    staging.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    staging.replace(path)
 
 
 @contextmanager

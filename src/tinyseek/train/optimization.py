@@ -11,10 +11,10 @@ from typing import Any, NamedTuple
 import torch
 
 from tinyseek import distributed
-from tinyseek.distributed import World
 from tinyseek.train import checkpoint as ckpt
 from tinyseek.train import optim
 from tinyseek.train.config import TrainConfig
+from tinyseek.train.model import Placement
 from tinyseek.train.schedule import build_scheduler, set_horizon
 
 
@@ -27,12 +27,12 @@ class Optimization:
     """Built after the model is wrapped: FSDP2 replaces parameters with sharded ones."""
 
     def __init__(self, config: TrainConfig, model: torch.nn.Module, forward_model: torch.nn.Module,
-                 world: World, device: torch.device, precision: str):
+                 placement: Placement):
         self.config, self.model, self.forward_model = config, model, forward_model
-        self.world, self.device = world, device
-        self.optimizer = optim.build_optimizer(model, config.optim, device)
+        self.world, self.device = placement.world, placement.device
+        self.optimizer = optim.build_optimizer(model, config.optim, self.device)
         self.scheduler = build_scheduler(self.optimizer, config.schedule, config.max_steps)
-        self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+        self.scaler = torch.amp.GradScaler(self.device.type) if placement.precision == "fp16" else None
 
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()

@@ -10,15 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from tinyseek import distributed, estimate_flops_per_token, faults, ops
 from tinyseek.train import checkpoint as ckpt
-from tinyseek.train.budget import CALIBRATION_HORIZON, TimeBudget
+from tinyseek.train.budget import TimeBudget
 from tinyseek.train.checkpointing import Checkpointer, Progress, restore_rng_state, rng_state
 from tinyseek.train.config import TrainConfig
-from tinyseek.train.data import RESOLVED_CONFIG, TrainingData, continue_data_order
+from tinyseek.train.data import TrainingData, continue_data_order, write_resolved_config
 from tinyseek.train.evaluator import Evaluator
 from tinyseek.train.metrics import (
     Interval, RunReport, announce, log, memory_in_use_gb, peak_flops, remove_handlers, setup_logging, synchronize,
@@ -58,14 +57,11 @@ class Trainer:
         self.model, self.forward_model, self.compile_path = built.model, built.forward_model, built.compile_path
         # With a time budget, max_steps is unknown until the first steps are timed (or a checkpoint says it).
         self.budget = TimeBudget(config.time_budget)
-        if self.budget.seconds is not None:
-            config.max_steps = CALIBRATION_HORIZON
-        self.optimization = Optimization(config, self.model, self.forward_model, self.world, self.device,
-                                         self.placement.precision)
+        config.max_steps = self.budget.initial_max_steps(config.max_steps)
+        self.optimization = Optimization(config, self.model, self.forward_model, self.placement)
         self.evaluator = Evaluator(config, self.data.val_set, self.data.tokenizer, self.world.size)
         self.checkpointer = Checkpointer(self.run_dir, config.checkpoint.keep)
         self.progress = Progress()
-        self.changed_on_resume: list[str] = []
         self.resumed_from = self.resume()
 
     def resume(self) -> Path | None:
@@ -73,8 +69,7 @@ class Trainer:
         found = self.checkpointer.latest_usable()
         if found is None:
             return None
-        # Announced with the rest of the run's setup, once the run's log exists.
-        self.changed_on_resume = self.checkpointer.check_fits(found, self.model_config, self.data.tokenizer_id)
+        self.checkpointer.check_fits(found, self.model_config, self.data.tokenizer_id)
         self.optimization.load(found.path, found.blobs)
         saved_steps = self.budget.saved_steps(found.state)
         if saved_steps is not None:
@@ -130,15 +125,6 @@ class Trainer:
         progress.tokens += self.tokens_per_step
         return {"lm_loss": reported, "loss": total, "grad_norm": grad_norm, "non_finite": non_finite}
 
-    def sample(self) -> list[dict[str, str]]:
-        return self.evaluator.sample(self.model)
-
-    def write_resolved_config(self) -> None:
-        path = self.run_dir / RESOLVED_CONFIG
-        staging = path.with_suffix(".yaml.tmp")
-        staging.write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False))
-        staging.replace(path)
-
     def train(self, stop_at_step: int | None = None) -> int:
         """Run until max_steps (or `stop_at_step`, as if interrupted there); return the process exit status:
         0 when finished, 128 + signal number when stopped by SIGINT/SIGTERM (after checkpointing)."""
@@ -146,7 +132,7 @@ class Trainer:
         if self.world.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             ckpt.remove_stale_staging(self.run_dir)
-            self.write_resolved_config()
+            write_resolved_config(self.run_dir, self.config)
             handlers = setup_logging(self.run_dir)
         report = RunReport(self.run_dir, self.config.logging.tensorboard, self.world.is_main,
                            self.config.logging.progress_bar)
@@ -174,11 +160,7 @@ class Trainer:
             f"{self.compile_path}",
             *self.data.describe(self.sampler), self.data.describe_batch(self.world.size, config.max_steps),
         ]
-        if self.resumed_from is not None:
-            setup.append(f"resumed from {self.resumed_from} at step {progress.step} ({progress.tokens:,} tokens)")
-            if self.changed_on_resume:
-                setup.append(f"model settings changed on resume: {'; '.join(self.changed_on_resume)}")
-        announce(self.run_dir, self.model, setup)
+        announce(self.run_dir, self.model, setup + self.checkpointer.describe_resume(self.resumed_from, progress))
 
     def loop(self, report: RunReport, stop_at_step: int | None) -> int:
         config, every, progress, is_main = self.config, self.config.logging, self.progress, self.world.is_main
@@ -208,7 +190,7 @@ class Trainer:
                 self.fix_max_steps(fixed)
                 report.set_total(fixed)
                 if is_main:
-                    self.write_resolved_config()
+                    write_resolved_config(self.run_dir, self.config)
             at_log = progress.step % every.log_every == 0 or progress.step == config.max_steps
             if at_log:
                 synchronize(self.device.type)
@@ -225,7 +207,7 @@ class Trainer:
                 report.evaluation(progress.step, progress.tokens, progress.train_seconds, values)
             if (progress.step % every.sample_every == 0 or progress.step == config.max_steps) and config.sample.prompts:
                 # On every rank: a sharded (FSDP) model needs all of them in each forward.
-                report.samples(progress.step, progress.tokens, self.sample())
+                report.samples(progress.step, progress.tokens, self.evaluator.sample(self.model))
             if progress.step % config.checkpoint.every == 0:
                 self.save()
                 saved_at = progress.step
