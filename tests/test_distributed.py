@@ -28,7 +28,7 @@ from tinyseek.train.trainer import Trainer
 train_step, train = Trainer.train_step, Trainer.train
 
 def failing_train_step(self):
-    if self.step == 2 and str(self.world.rank) == os.environ.get("TINYSEEK_TEST_FAIL_RANK"):
+    if self.progress.step == 2 and str(self.world.rank) == os.environ.get("TINYSEEK_TEST_FAIL_RANK"):
         raise RuntimeError("injected failure")
     return train_step(self)
 

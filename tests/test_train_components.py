@@ -219,7 +219,9 @@ def test_a_checkpoint_of_another_architecture_or_tokenizer_is_refused(tmp_path, 
     (changed,) = checkpointer.changed_on_resume
     assert "attention_dropout" in changed
     lines = checkpointer.describe_resume(tmp_path, Progress(step=4, tokens=1234))
-    assert lines == [f"resumed from {tmp_path} at step 4 (1,234 tokens)", f"model settings changed on resume: {changed}"]
+    assert lines == [
+        f"resumed from {tmp_path} at step 4 (1,234 tokens)", f"model settings changed on resume: {changed}"
+    ]
     assert checkpointer.describe_resume(None, Progress()) == []
 
 

@@ -259,7 +259,10 @@ class TinySeekForCausalLM(TinySeekPreTrainedModel, GenerationMixin):
 
         loss = lm_loss = mtp_loss = None
         if shift_labels is not None:
-            lm_loss = self.lm_loss(hidden_states, shift_labels, step_memory) if fused_loss else cross_entropy(logits, shift_labels)
+            if fused_loss:
+                lm_loss = self.lm_loss(hidden_states, shift_labels, step_memory)
+            else:
+                lm_loss = cross_entropy(logits, shift_labels)
             loss = lm_loss
             if outputs.balance_loss is not None:
                 loss = loss + outputs.balance_loss

@@ -69,8 +69,8 @@ class Progress:
 
     def state(self) -> dict[str, Any]:
         return {
-            "step": self.step, "tokens": self.tokens, "non_finite_steps": [self.non_finite_steps, self.non_finite_in_a_row],
-            "train_seconds": self.train_seconds,
+            "step": self.step, "tokens": self.tokens,
+            "non_finite_steps": [self.non_finite_steps, self.non_finite_in_a_row], "train_seconds": self.train_seconds,
         }
 
 

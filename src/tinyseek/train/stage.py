@@ -51,7 +51,9 @@ def token_windows(data: TrainingData, config: TrainConfig, world: World) -> Batc
             [data.train_set, *data.extra_train_sets], [settings.weight, *settings.mixture.values()],
             settings.seq_len, settings.micro_batch_size, config.seed, world.rank, world.size,
         )
-    return WindowSampler(data.train_set, settings.seq_len, settings.micro_batch_size, config.seed, world.rank, world.size)
+    return WindowSampler(
+        data.train_set, settings.seq_len, settings.micro_batch_size, config.seed, world.rank, world.size
+    )
 
 
 def next_token_loss(model: torch.nn.Module, window: torch.Tensor, memory: StepMemory) -> StepLoss:

@@ -180,7 +180,9 @@ class Trainer:
             step_start = time.perf_counter()
             result = self.train_step()
             report.progress.update()
-            if result["non_finite"] is not None and report.non_finite(progress, result, config.optim.max_non_finite_steps):
+            if result["non_finite"] is not None and report.non_finite(
+                progress, result, config.optim.max_non_finite_steps
+            ):
                 return EXIT_NON_FINITE
             interval.add(result["lm_loss"].item())
             progress.train_seconds = seconds_before + time.perf_counter() - loop_start
