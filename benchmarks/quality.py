@@ -248,12 +248,12 @@ def run_tinyseek(name: str, args, budget_s: float | None) -> tuple[dict, object,
         raise SystemExit(f"run {name} stopped before the end")
     records = [m for m in read_metrics(config.out_dir) if m["kind"] == "train"]
     result = {
-        "steps": trainer.step, "tokens": trainer.tokens, "train_s": trainer.train_seconds,
+        "steps": trainer.progress.step, "tokens": trainer.progress.tokens, "train_s": trainer.progress.train_seconds,
         "curve": [(m["train_seconds"], m["loss"]) for m in records],
         "maxvio": records[-1].get("maxvio") if records else None,
         "tokenizer_s": tokenizer_s,
     }
-    return result, trainer.model, trainer.tokenizer, trainer.val_set
+    return result, trainer.model, trainer.data.tokenizer, trainer.data.val_set
 
 
 def measure(name: str, args, budget_s: float | None) -> dict:
@@ -298,7 +298,7 @@ def side_by_side_throughput(names: list[str], args, rounds: int, steps: int = 2)
             trainer, _ = tinyseek_trainer(name, args, None)
             steppers[name] = lambda step, trainer=trainer: trainer.train_step()
             tokens_per_step[name] = trainer.tokens_per_step
-            meta = trainer.train_set.meta
+            meta = trainer.data.train_set.meta
         tokens_per_byte[name] = meta["train"]["tokens"] / meta["train"]["bytes"]
         for step in range(THROUGHPUT_WARMUP_STEPS):
             steppers[name](step)

@@ -150,6 +150,8 @@ class Trainee:
         # The same optimizer kind for both: fused AdamW (the trainer's choice on CPU; ~4x faster than the for-each
         # default there).
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
+        # The fused loss's scratch buffers, kept between steps as the trainer keeps them.
+        self.forward_options = {"step_memory": ops.StepMemory()} if is_tinyseek else {}
         self.times: list[float] = []
         self.first_loss: float | None = None
 
@@ -157,7 +159,7 @@ class Trainee:
         start = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
             if self.is_tinyseek:  # what the trainer calls
-                out = self.model(input_ids=inputs, shift_labels=targets)
+                out = self.model(input_ids=inputs, shift_labels=targets, **self.forward_options)
             else:  # transformers uses shift_labels as given once labels is not None
                 out = self.model(input_ids=inputs, labels=targets, shift_labels=targets)
         out.loss.backward()

@@ -28,7 +28,7 @@ from tinyseek.train.trainer import Trainer
 train_step, train = Trainer.train_step, Trainer.train
 
 def failing_train_step(self):
-    if self.step == 2 and str(self.world.rank) == os.environ.get("TINYSEEK_TEST_FAIL_RANK"):
+    if self.progress.step == 2 and str(self.world.rank) == os.environ.get("TINYSEEK_TEST_FAIL_RANK"):
         raise RuntimeError("injected failure")
     return train_step(self)
 
@@ -130,13 +130,13 @@ def test_a_two_process_checkpoint_resumes_in_one_process_with_identical_weights(
     shutil.copytree(runs["ddp"], run_dir)
     config = config_file(tmp_path, tiny_corpus, "resume-1", micro_batch=2, max_steps=STEPS + 2)
     resumed = Trainer(load_config(str(config)))
-    assert resumed.step == STEPS
+    assert resumed.progress.step == STEPS
     saved = final_weights(run_dir)
     for name, value in resumed.model.state_dict().items():
         if name in saved:
             assert torch.equal(value, saved[name]), name
     assert "global batch changed" in caplog.text
-    assert resumed.train() == 0 and resumed.step == STEPS + 2
+    assert resumed.train() == 0 and resumed.progress.step == STEPS + 2
 
 
 def test_a_one_process_checkpoint_resumes_under_fsdp_on_two_processes(runs, tiny_corpus, config_file):

@@ -118,7 +118,7 @@ def test_training_on_a_mixture_resumes_bitwise(tmp_path, two_sources):
     assert isinstance(straight.sampler, MixtureSampler) and straight.train() == 0
     trainer("resumed").train(stop_at_step=2)
     resumed = trainer("resumed")
-    assert resumed.step == 2 and resumed.train() == 0
+    assert resumed.progress.step == 2 and resumed.train() == 0
     expected = load_file(latest_checkpoint(straight.run_dir) / "model.safetensors")
     actual = load_file(latest_checkpoint(resumed.run_dir) / "model.safetensors")
     assert all(torch.equal(expected[key], actual[key]) for key in expected)

@@ -155,12 +155,12 @@ def test_muon_under_fsdp_is_refused():
 def test_muon_run_killed_and_resumed_is_bitwise_identical(tmp_path, tiny_corpus, tiny_trainer, final_weights):
     sections = dict(optim={"lr": 3.0e-3, "name": "muon"}, checkpoint={"every": 100})
     straight = tiny_trainer(tmp_path, tiny_corpus, out_dir=tmp_path / "straight", **sections)
-    assert isinstance(straight.optimizer, MuonWithAdamW)
+    assert isinstance(straight.optimization.optimizer, MuonWithAdamW)
     assert straight.train() == 0
     first = tiny_trainer(tmp_path, tiny_corpus, out_dir=tmp_path / "resumed", **sections)
     first.train(stop_at_step=3)
     second = tiny_trainer(tmp_path, tiny_corpus, out_dir=tmp_path / "resumed", **sections)
-    assert second.step == 3
+    assert second.progress.step == 3
     assert second.train() == 0
     expected, actual = final_weights(straight.run_dir), final_weights(second.run_dir)
     assert expected.keys() == actual.keys()

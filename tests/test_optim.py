@@ -69,10 +69,10 @@ def test_a_registered_optimizer_trains_checkpoints_and_resumes(tmp_path, tiny_co
     monkeypatch.setitem(optim.OPTIMIZERS, "sgd", lambda model, config, device: torch.optim.SGD(
         optim.parameter_groups(model, config), lr=config.lr, momentum=0.9))
     first = tiny_trainer(tmp_path, tiny_corpus, optim={"name": "sgd", "lr": 0.1}, checkpoint={"every": 2})
-    assert first.train(stop_at_step=2) == 0 and isinstance(first.optimizer, torch.optim.SGD)
+    assert first.train(stop_at_step=2) == 0 and isinstance(first.optimization.optimizer, torch.optim.SGD)
     resumed = tiny_trainer(tmp_path, tiny_corpus, optim={"name": "sgd", "lr": 0.1}, checkpoint={"every": 2})
-    assert resumed.step == 2
-    assert resumed.optimizer.state_dict()["state"][0]["momentum_buffer"].abs().sum() > 0
+    assert resumed.progress.step == 2
+    assert resumed.optimization.optimizer.state_dict()["state"][0]["momentum_buffer"].abs().sum() > 0
     assert resumed.train() == 0
     assert "optimizer sgd (for-loop) | matrix+head:" in (resumed.run_dir / "train.log").read_text()
 

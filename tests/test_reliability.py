@@ -81,7 +81,7 @@ def test_full_disk_during_a_checkpoint_write_keeps_the_previous_one(
 
     inject("")
     resumed = tiny_trainer(tmp_path, tiny_corpus, max_steps=6, checkpoint={"every": 2, "keep": 2})
-    assert resumed.step == 2
+    assert resumed.progress.step == 2
     assert resumed.train() == 0 and step_names(run_dir) == ["step_00000004", "step_00000006"]
 
 
@@ -99,8 +99,8 @@ def test_damaged_checkpoint_is_detected_and_the_one_before_used(
     optimizer_file.write_bytes(bytes(data))
     assert "optimizer.pt" in checkpoint_problem(optimizer_file.parent)
     trainer = tiny_trainer(tmp_path, tiny_corpus, max_steps=4, checkpoint={"every": 2, "keep": 2})
-    assert trainer.resumed_from.name == "step_00000002" and trainer.step == 2
-    assert trainer.skipped_checkpoints and "step_00000004: optimizer.pt" in trainer.skipped_checkpoints[0]
+    assert trainer.resumed_from.name == "step_00000002" and trainer.progress.step == 2
+    assert trainer.checkpointer.skipped and "step_00000004: optimizer.pt" in trainer.checkpointer.skipped[0]
 
 
 def test_code_running_optimizer_state_is_refused_unrun(trained_run, tmp_path, tiny_corpus, tiny_trainer):
@@ -119,7 +119,7 @@ def test_code_running_optimizer_state_is_refused_unrun(trained_run, tmp_path, ti
         load_optimizer_state(checkpoint)
     trainer = tiny_trainer(tmp_path, tiny_corpus, max_steps=4, checkpoint={"every": 2, "keep": 2})
     assert trainer.resumed_from.name == "step_00000002"
-    assert "refused without running it" in trainer.skipped_checkpoints[0]
+    assert "refused without running it" in trainer.checkpointer.skipped[0]
     assert not marker.exists()
 
 
@@ -151,7 +151,7 @@ def test_non_finite_step_is_skipped_and_resume_stays_exact(tmp_path, tiny_corpus
     first = tiny_trainer(tmp_path, tiny_corpus, out_dir=tmp_path / "resumed", max_steps=4, checkpoint=EVERY_STEP)
     first.train(stop_at_step=3)
     second = tiny_trainer(tmp_path, tiny_corpus, out_dir=tmp_path / "resumed", max_steps=4, checkpoint=EVERY_STEP)
-    assert second.step == 3 and second.non_finite_steps == 1 and second.train() == 0
+    assert second.progress.step == 3 and second.progress.non_finite_steps == 1 and second.train() == 0
     expected = load_file(latest_checkpoint(straight.run_dir) / "model.safetensors")
     actual = load_file(latest_checkpoint(second.run_dir) / "model.safetensors")
     assert all(torch.equal(expected[key], actual[key]) for key in expected)

@@ -73,19 +73,22 @@ def test_an_accumulation_window_shares_one_head_operand_and_gives_the_same_gradi
     hidden, weight, targets = inputs(tokens=16)
     weight = weight.requires_grad_()
 
-    def backward_both_micro_batches():
+    def backward_both_micro_batches(memory=None):
         weight.grad = None
         for micro_batch in range(2):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast != "fp32"):
-                ops.linear_cross_entropy(hidden[micro_batch], weight, targets[micro_batch], chunk_rows=32).backward()
+                ops.linear_cross_entropy(
+                    hidden[micro_batch], weight, targets[micro_batch], chunk_rows=32, memory=memory
+                ).backward()
 
     backward_both_micro_batches()
     separately = weight.grad.clone()
-    with ops.gradient_accumulation(defer_head_gradients=defer):
-        backward_both_micro_batches()
+    memory = ops.StepMemory(tune_allocator=False)
+    with memory.gradient_accumulation(defer_head_gradients=defer):
+        backward_both_micro_batches(memory)
         assert (weight.grad is None) == defer  # deferred: left to the end of the window
-        assert len(ops._window.operands) == (autocast != "fp32")  # one head copy for both micro-batches
-    assert ops._window is None
+        assert len(memory.window.operands) == (autocast != "fp32")  # one head copy for both micro-batches
+    assert memory.window is None
     if defer:  # one GEMM over both micro-batches' rows, rounded once instead of twice under bf16
         tolerance = 1e-6 if autocast == "fp32" else 0.01 * separately.abs().max().item()
         torch.testing.assert_close(weight.grad, separately, rtol=0, atol=tolerance)

@@ -58,7 +58,7 @@ def test_interrupted_and_resumed_run_is_bitwise_identical(
     assert [p.name for p in list_checkpoints(first.run_dir)] == ["step_00000004"]
     second = tiny_trainer(tmp_path, tiny_corpus, out_dir=tmp_path / "resumed", checkpoint={"every": 100},
                           gradient_checkpointing=checkpointing)
-    assert second.step == 4 and second.resumed_from is not None
+    assert second.progress.step == 4 and second.resumed_from is not None
     second.train()
     expected, actual = final_weights(straight.run_dir), final_weights(second.run_dir)
     assert expected.keys() == actual.keys()
@@ -100,7 +100,7 @@ def test_sigterm_mid_run_leaves_a_checkpoint_that_resumes(
     # Resume to two steps past the stop; the constant schedule makes it comparable with a straight run.
     constant = {"kind": "constant", "warmup_steps": 0}
     resumed = tiny_trainer(tmp_path, tiny_corpus, out_dir=run_dir, max_steps=stopped_at + 2, schedule=constant)
-    assert resumed.step == stopped_at
+    assert resumed.progress.step == stopped_at
     resumed.train()
     straight = tiny_trainer(tmp_path, tiny_corpus, out_dir=tmp_path / "straight", max_steps=stopped_at + 2,
                             schedule=constant)
@@ -123,7 +123,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_one_before(tmp_path, tiny_c
     assert latest_checkpoint(run_dir).name == "step_00000002"
     with caplog.at_level("WARNING", logger="tinyseek.train"):
         trainer = tiny_trainer(tmp_path, tiny_corpus, max_steps=4, checkpoint={"every": 2, "keep": 2})
-    assert trainer.step == 2 and trainer.resumed_from.name == "step_00000002"
+    assert trainer.progress.step == 2 and trainer.resumed_from.name == "step_00000002"
     assert "step_00000004" in caplog.text and "model.safetensors" in caplog.text
     trainer.train()
     assert latest_checkpoint(run_dir).name == "step_00000004"
@@ -239,7 +239,7 @@ def test_seed_preset_runs_two_steps_on_local_data(tmp_path, shared_data):
         (["logging", "progress_bar"], False),
     ])
     trainer = Trainer(config)
-    assert trainer.config.gradient_checkpointing and trainer.precision == "bf16"
+    assert trainer.config.gradient_checkpointing and trainer.placement.precision == "bf16"
     assert sum(p.numel() for p in trainer.model.parameters()) == 10_095_760
     assert trainer.train() == 0
     assert latest_checkpoint(trainer.run_dir).name == "step_00000002"
@@ -279,7 +279,7 @@ def test_time_budget_fixes_max_steps_once_from_the_measured_speed(tmp_path, tiny
     trainer.fix_max_steps = lambda steps: (fixed.append(steps), original(trainer, steps))
     assert trainer.train() == 0
     assert len(fixed) == 1 and fixed[0] > 5  # measured after the timed steps, not the config's 3
-    assert trainer.step == fixed[0]
+    assert trainer.progress.step == fixed[0]
     assert yaml.safe_load((trainer.run_dir / "config.yaml").read_text())["max_steps"] == fixed[0]
     state = json.loads((latest_checkpoint(trainer.run_dir) / "trainer_state.json").read_text())
     assert state["budget"] == {"time_budget": "1s", "max_steps": fixed[0]}
@@ -296,14 +296,14 @@ def test_time_budget_resume_keeps_the_fixed_steps_and_is_bitwise_identical(
     monkeypatch.setattr(BudgetCalibration, "observe", lambda self, step, seconds, elapsed: 9 if step == 3 else None)
     sections = dict(time_budget="10m", schedule={"warmup_steps": 4}, checkpoint={"every": 100})
     straight = tiny_trainer(tmp_path, tiny_corpus, out_dir=tmp_path / "straight", **sections)
-    assert straight.train() == 0 and straight.step == 9
+    assert straight.train() == 0 and straight.progress.step == 9
     first = tiny_trainer(tmp_path, tiny_corpus, out_dir=tmp_path / "resumed", **sections)
     first.train(stop_at_step=5)
     # On resume the machine may be faster or slower: the checkpoint's step count stands, nothing is timed again.
     monkeypatch.setattr(BudgetCalibration, "observe", lambda *args: pytest.fail("calibrated again on resume"))
     second = tiny_trainer(tmp_path, tiny_corpus, out_dir=tmp_path / "resumed", **sections)
-    assert second.step == 5 and second.config.max_steps == 9
-    assert second.train() == 0 and second.step == 9
+    assert second.progress.step == 5 and second.config.max_steps == 9
+    assert second.train() == 0 and second.progress.step == 9
     expected, actual = final_weights(straight.run_dir), final_weights(second.run_dir)
     assert all(torch.equal(expected[key], actual[key]) for key in expected)
 
@@ -315,7 +315,7 @@ def test_trainer_samples_tinyseek_generate_and_model_generate_give_the_same_text
               "repetition_penalty": 1.1}
     trainer = tiny_trainer(tmp_path, tiny_corpus, max_steps=2, dtype="bf16", seed=5, sample=sample)
     trainer.train()
-    (from_trainer,) = trainer.sample()
+    (from_trainer,) = trainer.evaluator.sample(trainer.model)
     capsys.readouterr()
 
     argv = ["generate", "--run-dir", str(trainer.run_dir), "--prompt", "the cat", "--max-new-tokens", "8",
@@ -341,7 +341,7 @@ def test_resume_accepts_changed_training_knobs_and_logs_them_but_refuses_another
     first.train(stop_at_step=2)
     knobs = {**mtp, "attention_dropout": 0.0, "mtp_loss_weight": 0.5}
     resumed = tiny_trainer(tmp_path, tiny_corpus, max_steps=4, model=knobs, checkpoint={"every": 2})
-    assert resumed.step == 2 and resumed.model.config.mtp_loss_weight == 0.5
+    assert resumed.progress.step == 2 and resumed.model.config.mtp_loss_weight == 0.5
     assert resumed.train() == 0
     log = (resumed.run_dir / "train.log").read_text()
     assert "model settings changed on resume: attention_dropout: checkpoint has 0.1, this run has 0.0" in log

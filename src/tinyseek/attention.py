@@ -337,7 +337,7 @@ class MultiHeadLatentAttention(nn.Module):
         key = torch.cat((k_nope, k_rope.expand(-1, self.num_heads, -1, -1)), dim=-1)
         query = torch.cat((q_nope, q_rope), dim=-1)
         # SDPA's fused (flash) kernels need values as wide as the keys; with v_head_dim != qk_head_dim it falls back
-        # to the unfused math path (on CPU ~4x slower in training). Zero value columns change no other column's
+        # to the unfused math path (on CPU much slower in training). Zero value columns change no other column's
         # output, so pad, attend, and slice them off again.
         pad = key.shape[-1] - self.v_dim
         output = scaled_dot_product_attention(

@@ -24,7 +24,7 @@ from tinyseek.config import TinySeekConfig
 from tinyseek.errors import InputError
 from tinyseek.layers import RMSNorm, RotaryEmbedding
 from tinyseek.moe import DeepSeekMoE, RoutedExperts, Router, build_feed_forward
-from tinyseek.ops import Embedding, Linear, linear_cross_entropy
+from tinyseek.ops import Embedding, Linear, StepMemory, linear_cross_entropy
 
 IGNORE_INDEX = -100
 
@@ -236,10 +236,12 @@ class TinySeekForCausalLM(TinySeekPreTrainedModel, GenerationMixin):
         shift_labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        step_memory: StepMemory | None = None,
         **kwargs,
     ) -> TinySeekCausalLMOutput:
         """``labels`` are the inputs' own ids (shifted inside, transformers' convention); ``shift_labels`` are the
-        already aligned next-token targets, which keep the last position's target (what the trainer passes)."""
+        already aligned next-token targets, which keep the last position's target (what the trainer passes).
+        ``step_memory``: the scratch buffers and accumulation window the fused loss reuses across training steps."""
         cache = kwargs.pop("past_key_values", cache)
         outputs = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
@@ -257,12 +259,17 @@ class TinySeekForCausalLM(TinySeekPreTrainedModel, GenerationMixin):
 
         loss = lm_loss = mtp_loss = None
         if shift_labels is not None:
-            lm_loss = self.lm_loss(hidden_states, shift_labels) if fused_loss else cross_entropy(logits, shift_labels)
+            if fused_loss:
+                lm_loss = self.lm_loss(hidden_states, shift_labels, step_memory)
+            else:
+                lm_loss = cross_entropy(logits, shift_labels)
             loss = lm_loss
             if outputs.balance_loss is not None:
                 loss = loss + outputs.balance_loss
             if self.mtp is not None and self.training:
-                mtp_loss = self.multi_token_prediction_loss(outputs.pre_norm_hidden_state, input_ids, shift_labels)
+                mtp_loss = self.multi_token_prediction_loss(
+                    outputs.pre_norm_hidden_state, input_ids, shift_labels, step_memory
+                )
                 loss = loss + self.config.mtp_loss_weight * mtp_loss
         return TinySeekCausalLMOutput(
             loss=loss, logits=logits, cache=outputs.cache, lm_loss=lm_loss,
@@ -277,7 +284,7 @@ class TinySeekForCausalLM(TinySeekPreTrainedModel, GenerationMixin):
         output = generate_through_engine(self, inputs, generation_config, kwargs)
         return output if output is not None else super().generate(inputs, generation_config, **kwargs)
 
-    def multi_token_prediction_loss(self, hidden, input_ids, shift_labels) -> torch.Tensor:
+    def multi_token_prediction_loss(self, hidden, input_ids, shift_labels, step_memory=None) -> torch.Tensor:
         """Mean over depths k = 1..D of the cross-entropy of predicting token t + k + 1 at position t."""
         seq_len = hidden.shape[1]
         positions = torch.arange(seq_len, device=hidden.device)[None]
@@ -289,13 +296,15 @@ class TinySeekForCausalLM(TinySeekPreTrainedModel, GenerationMixin):
             future = self.model.embed_tokens(input_ids[:, depth:])
             mask = self.model.attention.mask(self.config, None, seq_len - depth, 0, hidden.device)
             hidden, normed, balance_loss = module(hidden[:, : seq_len - depth], future, rotary, mask)
-            depth_loss = self.lm_loss(normed, shift_labels[:, depth:])
+            depth_loss = self.lm_loss(normed, shift_labels[:, depth:], step_memory)
             losses.append(depth_loss if balance_loss is None else depth_loss + balance_loss)
         return torch.stack(losses).mean()
 
-    def lm_loss(self, hidden_states: torch.Tensor, shift_labels: torch.Tensor) -> torch.Tensor:
+    def lm_loss(
+        self, hidden_states: torch.Tensor, shift_labels: torch.Tensor, step_memory: StepMemory | None = None
+    ) -> torch.Tensor:
         """Mean next-token cross-entropy of the LM head on these (normalised) hidden states, fused and chunked."""
-        return linear_cross_entropy(hidden_states, self.lm_head.weight, shift_labels, IGNORE_INDEX)
+        return linear_cross_entropy(hidden_states, self.lm_head.weight, shift_labels, IGNORE_INDEX, memory=step_memory)
 
     def moe_layers(self) -> list[DeepSeekMoE]:
         return [module for module in self.modules() if isinstance(module, DeepSeekMoE)]

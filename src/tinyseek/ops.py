@@ -10,9 +10,9 @@ autocast); ``tests/test_speed_paths.py`` checks losses and gradients against it.
   of MB of memory traffic and, with glibc's allocator, fresh page faults every step. ``linear_cross_entropy`` walks
   the tokens in chunks, keeps one chunk of logits in a reused workspace, and computes the loss *and* both gradients
   in the forward pass, so the full logits never exist.
-* On x86 CPUs without AVX512-BF16/AMX, torch's bf16 GEMM is a slow fallback (measured here: 0.3-10 GFLOP/s against
-  ~20 for fp32). A bf16 product of two bf16 numbers is exact in fp32, so multiplying the bf16-rounded operands with
-  the fp32 GEMM and rounding the result to bf16 gives autocast's bf16 semantics at fp32-GEMM speed.
+* On x86 CPUs without AVX512-BF16/AMX, torch's bf16 GEMM is a slow fallback, far below the fp32 GEMM. A bf16
+  product of two bf16 numbers is exact in fp32, so multiplying the bf16-rounded operands with the fp32 GEMM and
+  rounding the result to bf16 gives autocast's bf16 semantics at fp32-GEMM speed.
 """
 
 from __future__ import annotations
@@ -70,16 +70,16 @@ GLIBC_M_TRIM_THRESHOLD, GLIBC_M_TOP_PAD, GLIBC_M_MMAP_THRESHOLD = -1, -2, -3
 GLIBC_MMAP_THRESHOLD_MAX = 32 * 2**20
 
 
-@functools.cache
 def keep_freed_memory() -> bool:
     """Ask glibc's malloc to keep freed memory for reuse instead of handing it back to the kernel. Returns whether it
-    could (False off glibc, where this does nothing).
+    could (False off glibc, where this does nothing). A process-wide setting, so `StepMemory` applies it for the
+    training steps that own one; setting it again changes nothing.
 
-    A training step on the CPU frees and re-allocates the same large blocks every micro-step (the 16 MB gradients of
-    the embedding and the LM head at the seed's size, logits, activations). By default glibc serves blocks above a
-    few MB with mmap and unmaps them on free, and trims the heap top above 128 KB, so every step page-faults those
-    blocks back in: at a 32-token micro-batch that was ~30% of the step. Blocks up to 32 MB then come from the heap
-    and freed memory stays mapped; the process's resident size stays at its peak, as with any caching allocator."""
+    A training step on the CPU frees and re-allocates the same large blocks every micro-step (the gradients of the
+    embedding and the LM head, logits, activations). By default glibc serves blocks above a few MB with mmap and
+    unmaps them on free, and trims the heap top above 128 KB, so every step page-faults those blocks back in: a large
+    share of a small micro-batch's step. Blocks up to 32 MB then come from the heap and freed memory stays mapped; the
+    process's resident size stays at its peak, as with any caching allocator."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         return all(libc.mallopt(option, value) == 1 for option, value in (
@@ -198,8 +198,8 @@ class Embedding(nn.Embedding):
 
 def scaled_dot_product_attention(query, key, value, **kwargs) -> torch.Tensor:
     """``F.scaled_dot_product_attention``; where bf16 matmuls are emulated (see ``linear``), the bf16 inputs are
-    attended in fp32 and the output rounded back to bf16: torch's bf16 flash-attention kernels run ~5x slower than
-    fp32 there (backward especially), and fp32 scores are at least as accurate."""
+    attended in fp32 and the output rounded back to bf16: torch's bf16 flash-attention kernels run several times
+    slower than fp32 there (backward especially), and fp32 scores are at least as accurate."""
     if emulate_bf16_matmul(query.device.type):
         with torch.autocast("cpu", enabled=False):
             output = F.scaled_dot_product_attention(query.float(), key.float(), value.float(), **kwargs)
@@ -210,18 +210,76 @@ def scaled_dot_product_attention(query, key, value, **kwargs) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 # Fused LM head + cross-entropy
 
-_workspaces: dict[tuple, torch.Tensor] = {}
+class StepMemory:
+    """What the fused training kernels keep from one call to the next, owned by whoever runs the training steps (the
+    trainer) and handed to the model's forward (``step_memory=``): scratch buffers, the open accumulation window, and
+    on the CPU glibc's allocator set to keep freed memory (`keep_freed_memory`). Without one, every call allocates
+    afresh and nothing is shared between micro-batches; the results are the same."""
 
+    def __init__(self, device: torch.device | str = "cpu", tune_allocator: bool = True):
+        self.buffers: dict[tuple, torch.Tensor] = {}
+        self.window: _AccumulationWindow | None = None
+        self.keeps_freed_memory = tune_allocator and torch.device(device).type == "cpu" and keep_freed_memory()
 
-def workspace(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A scratch tensor kept between calls. Re-allocating 30+ MB every step costs more than its arithmetic with
-    glibc's allocator (it unmaps large blocks on free, and the next step page-faults them back in)."""
-    key = (name, dtype, str(device))
-    buffer = _workspaces.get(key)
-    numel = math.prod(shape)
-    if buffer is None or buffer.numel() < numel:
-        buffer = _workspaces[key] = torch.empty(numel, dtype=dtype, device=device)
-    return buffer[:numel].view(shape)
+    def workspace(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A scratch tensor kept between calls. Re-allocating tens of MB every step costs more than its arithmetic
+        with glibc's allocator (it unmaps large blocks on free, and the next step page-faults them back in)."""
+        key = (name, dtype, str(device))
+        buffer = self.buffers.get(key)
+        numel = math.prod(shape)
+        if buffer is None or buffer.numel() < numel:
+            buffer = self.buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+        return buffer[:numel].view(shape)
+
+    def release_workspaces(self) -> None:
+        """Free the scratch buffers (they are re-created on the next call)."""
+        self.buffers.clear()
+
+    @contextlib.contextmanager
+    def gradient_accumulation(self, defer_head_gradients: bool = False):
+        """The micro-batches of one optimizer step; no weight changes inside. The LM head's operand copy (bf16, or
+        rounded to bf16) is made once, where otherwise every micro-batch would make it again: a pass over the whole
+        [V, H] matrix per micro-batch.
+
+        With ``defer_head_gradients``, a micro-batch small enough for one chunk of `linear_cross_entropy` leaves its
+        head-weight gradient to the end of the window, which computes it from all micro-batches' rows at once and
+        adds it to ``weight.grad``: one GEMM over all the rows instead of one thin GEMM per micro-batch, each
+        followed by full passes over the [V, H] result (its conversion to fp32 and the addition). Single process
+        only: data-parallel wrappers reduce gradients as autograd accumulates them, and this one bypasses autograd."""
+        if self.window is not None:  # nested: the outer window decides
+            yield
+            return
+        window = self.window = _AccumulationWindow(defer_head_gradients)
+        try:
+            yield
+        finally:
+            self.window = None
+        for weight, parts in (window.deferred or {}).values():
+            with torch.autocast(weight.device.type, enabled=False):
+                gradient = (torch.cat([g for g, _ in parts]).t() @ torch.cat([h for _, h in parts])).to(weight.dtype)
+            if weight.grad is None:
+                weight.grad = gradient
+            else:
+                weight.grad.add_(gradient)
+
+    def weight_operand(self, weight: torch.Tensor, dtype: torch.dtype, rounded_to_fp32: bool,
+                       scratch: str | None) -> torch.Tensor:
+        """``weight`` as a GEMM operand: cast to ``dtype``, then back to fp32 with ``rounded_to_fp32``. Outside
+        `gradient_accumulation` a fresh copy (in the workspace ``scratch`` if given); inside it, the copy made for
+        the same weight before."""
+        if self.window is None:
+            return _weight_operand(weight, dtype, rounded_to_fp32, self.workspace(
+                scratch, tuple(weight.shape), torch.float32, weight.device) if scratch and rounded_to_fp32 else None)
+        key = (id(weight), weight.data_ptr(), dtype, rounded_to_fp32)
+        if key not in self.window.operands:
+            self.window.operands[key] = _weight_operand(weight, dtype, rounded_to_fp32, None)
+        return self.window.operands[key]
+
+    def defers_head_gradients(self) -> bool:
+        return self.window is not None and self.window.deferred is not None
+
+    def defer_head_gradient(self, weight: torch.Tensor, grad_logits: torch.Tensor, scaled_hidden: torch.Tensor) -> None:
+        self.window.deferred.setdefault(id(weight), (weight, []))[1].append((grad_logits, scaled_hidden))
 
 
 class _AccumulationWindow:
@@ -231,64 +289,17 @@ class _AccumulationWindow:
         self.deferred: dict | None = {} if defer_head_gradients else None
 
 
-_window: _AccumulationWindow | None = None
-
-
-@contextlib.contextmanager
-def gradient_accumulation(defer_head_gradients: bool = False):
-    """The micro-batches of one optimizer step; no weight changes inside. The LM head's operand copy (bf16, or
-    rounded to bf16) is made once, where otherwise every micro-batch would make it again: a pass over the whole
-    [V, H] matrix (16 MB at the seed's size) per 32-token micro-batch.
-
-    With ``defer_head_gradients``, a micro-batch small enough for one chunk of `linear_cross_entropy` leaves its
-    head-weight gradient to the end of the window, which computes it from all micro-batches' rows at once and adds
-    it to ``weight.grad``: one GEMM over 8 x 32 rows instead of eight thin ones, each followed by full passes over
-    the [V, H] result (its conversion to fp32 and the addition). Single process only: data-parallel wrappers reduce
-    gradients as autograd accumulates them, and this one bypasses autograd."""
-    global _window
-    if _window is not None:  # nested: the outer window decides
-        yield
-        return
-    window = _window = _AccumulationWindow(defer_head_gradients)
-    try:
-        yield
-    finally:
-        _window = None
-    for weight, parts in (window.deferred or {}).values():
-        with torch.autocast(weight.device.type, enabled=False):
-            gradient = (torch.cat([g for g, _ in parts]).t() @ torch.cat([h for _, h in parts])).to(weight.dtype)
-        if weight.grad is None:
-            weight.grad = gradient
-        else:
-            weight.grad.add_(gradient)
-
-
-def weight_operand(weight: torch.Tensor, dtype: torch.dtype, rounded_to_fp32: bool, scratch: str | None) -> torch.Tensor:
-    """``weight`` as a GEMM operand: cast to ``dtype``, then back to fp32 with ``rounded_to_fp32``. Outside
-    `gradient_accumulation` a fresh copy (in the workspace ``scratch`` if given); inside it, the copy made for the
-    same weight before."""
-    def make(out: torch.Tensor | None) -> torch.Tensor:
-        if not rounded_to_fp32:
-            return weight.to(dtype)
-        out = torch.empty(weight.shape, dtype=torch.float32, device=weight.device) if out is None else out
-        return out.copy_(weight.to(dtype))
-
-    if _window is None:
-        return make(workspace(scratch, tuple(weight.shape), torch.float32, weight.device) if scratch else None)
-    key = (id(weight), weight.data_ptr(), dtype, rounded_to_fp32)
-    if key not in _window.operands:
-        _window.operands[key] = make(None)
-    return _window.operands[key]
+def _weight_operand(weight: torch.Tensor, dtype: torch.dtype, rounded_to_fp32: bool,
+                    out: torch.Tensor | None) -> torch.Tensor:
+    if not rounded_to_fp32:
+        return weight.to(dtype)
+    out = torch.empty(weight.shape, dtype=torch.float32, device=weight.device) if out is None else out
+    return out.copy_(weight.to(dtype))
 
 
 def host_sync_is_cheap(device: torch.device) -> bool:
     """Whether reading a tensor's value on the host costs nothing more than the arithmetic (no device to wait for)."""
     return device.type == "cpu"
-
-
-def release_workspaces() -> None:
-    """Free the scratch buffers (they are re-created on the next call)."""
-    _workspaces.clear()
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -304,7 +315,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index, chunk_rows, operand_dtype):
+    def forward(ctx, hidden, weight, targets, ignore_index, chunk_rows, operand_dtype, memory):
         # operand_dtype: None = fp32 throughout; bf16 = operands rounded to bf16 (autocast), multiplied in bf16
         # where the hardware has it, else by the fp32 GEMM (exact products, fp32 sums).
         num_tokens, vocab = hidden.shape[0], weight.shape[0]
@@ -315,12 +326,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if operand_dtype is None:
                 h_op, w_op = hidden.float(), weight.float()
             elif bf16_native:
-                h_op, w_op = hidden.to(operand_dtype), weight_operand(weight, operand_dtype, False, None)
+                h_op, w_op = hidden.to(operand_dtype), memory.weight_operand(weight, operand_dtype, False, None)
             deferred = num_tokens <= chunk_rows and (need_grad_h or need_grad_w)
             if operand_dtype is not None and not bf16_native:
                 h_op = hidden.to(operand_dtype).float()
                 # Kept for backward when deferred, so then not in the shared workspace another call could overwrite.
-                w_op = weight_operand(weight, operand_dtype, True, None if deferred else "weight")
+                w_op = memory.weight_operand(weight, operand_dtype, True, None if deferred else "weight")
             valid = targets != ignore_index
             num_valid = valid.sum()  # stays a tensor: no host sync
             safe_targets = torch.where(valid, targets, 0)
@@ -328,8 +339,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             row_scale = valid.float() / num_valid.clamp(min=1)
 
             rows = min(chunk_rows, num_tokens)
-            logits_buf = workspace("logits", (rows, vocab), torch.float32, device)
-            probs_buf = torch.empty(rows, vocab, device=device) if deferred else workspace(
+            logits_buf = memory.workspace("logits", (rows, vocab), torch.float32, device)
+            probs_buf = torch.empty(rows, vocab, device=device) if deferred else memory.workspace(
                 "probs", (rows, vocab), torch.float32, device)
             grad_h = torch.empty(hidden.shape, dtype=torch.float32, device=device) if need_grad_h and not deferred else None
             # Written by the first chunk's product (no zero-fill pass over [V, H]), accumulated by the others.
@@ -388,7 +399,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # Kept on ctx rather than saved: they are neither inputs nor outputs, and backward hands them over (scaled in
         # place), so the graph cannot be back-propagated twice.
         ctx.grads = (grad_h, grad_w)
-        ctx.deferred = (grad_logits, h_op, w_op, row_scale, weight) if deferred else None
+        ctx.deferred = (grad_logits, h_op, w_op, row_scale, weight, memory) if deferred else None
         ctx.needs = (need_grad_h, need_grad_w)
         ctx.dtypes = (hidden.dtype, weight.dtype)
         return loss_sum / num_valid  # NaN when every target is ignored, as F.cross_entropy gives
@@ -406,10 +417,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             unit = grad_loss.device.type == "cpu" and grad_loss.numel() == 1 and float(grad_loss) == 1.0
             grads = [None if g is None else (g if unit else g.mul_(grad_loss)) for g in grads]
         grad_h, grad_w = (None if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes))
-        return grad_h, grad_w, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None
 
 
-def _deferred_head_gradients(grad_logits, h_op, w_op, row_scale, weight, grad_loss, need_grad_h, need_grad_w):
+def _deferred_head_gradients(grad_logits, h_op, w_op, row_scale, weight, memory, grad_loss, need_grad_h, need_grad_w):
     """grad_h = (p - onehot) W * s and grad_W = (p - onehot)^T (h * s), with s = grad_loss / n per token, computed in
     backward; operands as in the forward (fp32, or bf16 where the hardware multiplies bf16). Inside a
     `gradient_accumulation` window that defers head gradients, grad_W is left to the window (None here)."""
@@ -419,8 +430,8 @@ def _deferred_head_gradients(grad_logits, h_op, w_op, row_scale, weight, grad_lo
         grad_w = None
         if need_grad_w:
             scaled_h = (h_op.float() * scale).to(grad_logits.dtype)
-            if _window is not None and _window.deferred is not None:
-                _window.deferred.setdefault(id(weight), (weight, []))[1].append((grad_logits, scaled_h))
+            if memory.defers_head_gradients():
+                memory.defer_head_gradient(weight, grad_logits, scaled_h)
             else:
                 grad_w = (grad_logits.t() @ scaled_h).float()
     return grad_h, grad_w
@@ -432,11 +443,16 @@ def linear_cross_entropy(
     targets: torch.Tensor,
     ignore_index: int = IGNORE_INDEX,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    memory: StepMemory | None = None,
 ) -> torch.Tensor:
     """``F.cross_entropy(F.linear(hidden, weight).float().flatten(0, -2), targets.flatten(), ignore_index)`` (mean
     over non-ignored targets) without materialising the logits. Under bf16 autocast the operands are rounded to
-    bf16 as autocast would; the logits stay in fp32 (the plain path rounds them to bf16 first)."""
+    bf16 as autocast would; the logits stay in fp32 (the plain path rounds them to bf16 first). ``memory``: the
+    training steps' `StepMemory` (its scratch buffers and accumulation window), else buffers of this call's own."""
     hidden_size = hidden.shape[-1]
     flat_hidden = hidden.reshape(-1, hidden_size)
     operand_dtype = autocast_dtype(hidden.device.type)
-    return _LinearCrossEntropy.apply(flat_hidden, weight, targets.reshape(-1), ignore_index, chunk_rows, operand_dtype)
+    memory = memory if memory is not None else StepMemory(tune_allocator=False)
+    return _LinearCrossEntropy.apply(
+        flat_hidden, weight, targets.reshape(-1), ignore_index, chunk_rows, operand_dtype, memory
+    )

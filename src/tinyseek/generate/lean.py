@@ -6,7 +6,7 @@ operations, each a few microseconds of dispatch, and GEMM calls in the shape BLA
 operations per token. Here each layer is a handful:
 
 * every weight is stored once as [in, out], contiguous: for one row, ``x @ W`` runs MKL's fast path, while
-  ``F.linear(x, W)`` on the [out, in] parameter runs a transposed GEMM that is ~5x slower for the 32256-wide head;
+  ``F.linear(x, W)`` on the [out, in] parameter runs a transposed GEMM, much slower for the vocabulary-wide head;
 * projections that read the same input are one GEMM against weights concatenated once, not per call;
 * MLA decodes from its latent with the key up-projection folded into the query projection and the value
   up-projection into the output projection (exact algebra, computed once), so a step is one attention of every
@@ -405,7 +405,7 @@ def compiled_lean_step(structure: str, capture: bool, batch: int, capacity: int,
     the first call and takes tens of seconds.
 
     Before every call torch.compile checks guards on everything the step reads; over the whole LeanWeights object
-    graph that was 0.1-0.2 ms, a tenth to a fifth of a step. This step checks none. That is sound because nothing it reads can
+    graph that is a sizeable share of a step. This step checks none. That is sound because nothing it reads can
     change between calls: the configuration fixes every constant (norm epsilons, head counts, top-k, routing scale),
     the key fixes ``capture`` and every shape, and `LeanDecoder` passes contiguous tensors only. Each key gets its own
     copy of lean_step's code object, which is where torch.compile keeps its compiled graph. The weights are inputs,

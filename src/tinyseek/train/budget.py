@@ -7,7 +7,9 @@ checkpoints, and reused on resume.
 
 from __future__ import annotations
 
+import logging
 import re
+from typing import Any, Callable
 
 from tinyseek.errors import ConfigError
 
@@ -33,8 +35,8 @@ class BudgetCalibration:
     """Watches the first steps of a run with a time budget and says how many steps fit.
 
     Steps that begin in the first `warmup_s` seconds are not timed: a process's first steps run slower (allocator
-    growth, kernel and cache warm-up; the reference loop in benchmarks/quality.py takes its first six steps 30% slower
-    than the rest, and timing all but two of them ended its 15-minute budget at 93%). Then steps are timed until
+    growth, kernel and cache warm-up; timed with the rest, they make the budget end well short of its length, as the
+    reference loop of benchmarks/quality.py shows). Then steps are timed until
     `measure_s` seconds and at least `min_steps` steps have passed. The answer: the steps done so far plus as many
     more as fit in what is left of the budget at the measured rate.
     """
@@ -63,3 +65,48 @@ class BudgetCalibration:
     @property
     def seconds_per_step(self) -> float:
         return self.timed_s / max(1, self.timed_steps)
+
+
+class TimeBudget:
+    """A run's time budget (none: `seconds` is None): calibrated once from the first steps, unless a checkpoint of
+    the same budget already says how many steps fit."""
+
+    def __init__(self, time_budget: str | None):
+        self.time_budget = time_budget
+        self.seconds = parse_duration(time_budget) if time_budget is not None else None
+        self.fixed = False
+        self.calibration: BudgetCalibration | None = None
+
+    def initial_max_steps(self, max_steps: int) -> int:
+        """The run's max_steps until calibrated: the schedule's horizon then, the configured count without a budget."""
+        return CALIBRATION_HORIZON if self.seconds is not None else max_steps
+
+    def start(self) -> None:
+        """Called as the loop starts: steps are timed from here unless the step count is already fixed."""
+        self.calibration = BudgetCalibration(self.seconds) if self.seconds and not self.fixed else None
+
+    def observe(self, step: int, step_seconds: float, elapsed_s: float,
+                agree: Callable[[int], int] = lambda steps: steps) -> int | None:
+        """After optimizer step `step`: the fixed max_steps once calibrated, else None. `agree` makes every process
+        adopt the first decision taken anywhere (they must stop at the same step)."""
+        if self.calibration is None or self.fixed:
+            return None
+        fixed = agree(self.calibration.observe(step, step_seconds, elapsed_s) or 0) or None
+        if fixed is not None:
+            logging.getLogger("tinyseek.train").info(
+                "time budget %s: %.3f s per step over %d timed steps -> max_steps %d", self.time_budget,
+                self.calibration.seconds_per_step, self.calibration.timed_steps, fixed,
+            )
+        return fixed
+
+    def saved_steps(self, trainer_state: dict[str, Any]) -> int | None:
+        """The step count a checkpoint fixed for this same budget, if any."""
+        saved = trainer_state.get("budget")
+        return saved["max_steps"] if saved is not None and saved["time_budget"] == self.time_budget else None
+
+    def state(self, max_steps: int) -> dict[str, Any] | None:
+        return {"time_budget": self.time_budget, "max_steps": max_steps} if self.fixed else None
+
+    def summary(self, steps: int, train_seconds: float) -> str:
+        return (f"time budget {self.time_budget}: trained {steps} steps in {train_seconds:.0f} s, "
+                f"{100 * train_seconds / self.seconds:.1f}% of the budget")

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 log = logging.getLogger("tinyseek.train")
 METRICS_FILE = "metrics.jsonl"
@@ -146,3 +147,109 @@ def format_train_line(step: int, max_steps: int, values: dict[str, Any]) -> str:
         parts.append(f"maxvio {values['maxvio']:.3f}")
     parts.append(f"mem {values['memory_gb']:.2f}GB")
     return " | ".join(parts)
+
+
+class Interval:
+    """The train loss and the clock since the last train line."""
+
+    def __init__(self):
+        self.restart()
+
+    def restart(self) -> None:
+        self.loss_sum, self.steps, self.start = 0.0, 0, time.perf_counter()
+
+    def add(self, loss: float) -> None:
+        self.loss_sum += loss
+        self.steps += 1
+
+    @property
+    def mean_loss(self) -> float:
+        return self.loss_sum / self.steps
+
+    def tokens_per_s(self, tokens_per_step: int) -> float:
+        return self.steps * tokens_per_step / (time.perf_counter() - self.start)
+
+
+class RunReport:
+    """What a run reports: log lines, and on the main process metrics.jsonl records (TensorBoard too if asked) and
+    the progress bar. Every process calls it; only the main one writes."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool, is_main: bool, progress_bar: bool):
+        self.run_dir, self.is_main, self.progress_bar = run_dir, is_main, progress_bar
+        self.writer = MetricsWriter(run_dir, tensorboard) if is_main else None
+        self.progress = None
+
+    def start_progress(self, total: int, initial: int) -> None:
+        self.progress = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
+                             disable=not (self.is_main and self.progress_bar))
+
+    def set_total(self, total: int) -> None:
+        self.progress.total = total
+        self.progress.refresh()
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
+        if self.writer is not None:
+            self.writer.close()
+
+    def train(self, step: int, max_steps: int, tokens: int, values: dict[str, Any]) -> None:
+        if self.is_main:
+            self.progress.set_postfix(loss=f"{values['loss']:.3f}")
+            log.info("%s", format_train_line(step, max_steps, values))
+            self.writer.write("train", step, tokens, **values)
+
+    def evaluation(self, step: int, tokens: int, train_seconds: float, values: dict[str, float]) -> None:
+        if self.is_main:
+            log.info("step %d | val_loss %.4f | val_ppl %.2f", step, values["val_loss"], values["val_perplexity"])
+            self.writer.write("eval", step, tokens, train_seconds=train_seconds, **values)
+
+    def samples(self, step: int, tokens: int, samples: list[dict[str, str]]) -> None:
+        if self.is_main:
+            for sample in samples:
+                log.info("sample | %s|%s", sample["prompt"], sample["continuation"].replace("\n", "\\n"))
+            self.writer.write("samples", step, tokens, samples=samples)
+
+    def non_finite(self, progress, result: dict[str, Any], limit: int) -> bool:
+        """Log the skipped step that `result` describes (`progress`: the run's counters after it); True when there
+        were `limit` in a row and the run must stop. It stops without saving, so the last checkpoint stays the last
+        one written before the trouble (its weights are finite)."""
+        from tinyseek.train.checkpoint import latest_checkpoint  # transformers, which `tinyseek plot` does without
+
+        step, what, in_a_row = progress.step, result["non_finite"], progress.non_finite_in_a_row
+        loss, grad_norm = result["loss"].item(), result["grad_norm"].item()
+        description = f"non-finite {what} (loss {loss:.4g}, gradient norm {grad_norm:.4g})"
+        if self.is_main:
+            self.writer.write("non_finite", step, progress.tokens, what=what, in_a_row=in_a_row,
+                              total=progress.non_finite_steps)
+        if in_a_row < limit:
+            log.warning("step %d: %s; optimizer and bias update skipped (%d in a row, the run stops at %d)",
+                        step, description, in_a_row, limit)
+            return False
+        last_checkpoint = latest_checkpoint(self.run_dir, report=lambda path, problem: None)
+        log.error(
+            "stopped at step %d: %s for %d steps in a row (optim.max_non_finite_steps=%d); nothing saved, %s; "
+            "lower optim.lr or check the data before resuming", step, description, in_a_row, limit,
+            f"the last checkpoint is {last_checkpoint.name}" if last_checkpoint else "no checkpoint was written",
+        )
+        return True
+
+
+def peak_flops(configured: float | None, device: torch.device, amp_dtype: torch.dtype | None) -> float:
+    """The FLOP/s that MFU divides by: the configured figure, else the measured matmul peak."""
+    if configured:
+        return configured
+    # A CPU without bf16 units emulates bf16 matmuls far below its fp32 rate; the hardware's peak is the faster.
+    dtypes = {torch.float32, amp_dtype or torch.float32}
+    return max(measured_peak_flops(device.type, dtype, torch.get_num_threads()) for dtype in dtypes)
+
+
+def announce(run_dir: Path, model: torch.nn.Module, setup: list[str]) -> None:
+    """What the run log opens with: the run directory, the model and its parameters, then `setup` line by line."""
+    from tinyseek import format_parameter_report, parameter_report  # the model's modules: not for `tinyseek plot`
+
+    log.info("run directory %s", run_dir.resolve())
+    log.info("%s", model)
+    log.info("%s", format_parameter_report(parameter_report(model)))
+    for line in setup:
+        log.info("%s", line)

@@ -35,8 +35,8 @@ def is_muon_matrix(model: nn.Module) -> callable:
 def newton_schulz_fp32(matrix: torch.Tensor, steps: int = NS_STEPS, eps: float = NS_EPS) -> torch.Tensor:
     """torch.optim.Muon's orthogonalisation with its coefficients, in fp32.
 
-    torch runs the iteration in bf16, which CPUs without bf16 units (AVX2, plain AVX-512) emulate about 50x slower
-    than an fp32 matmul; in fp32 the same iteration is fast there and at least as accurate."""
+    torch runs the iteration in bf16, which CPUs without bf16 units (AVX2, plain AVX-512) emulate far slower than
+    an fp32 matmul; in fp32 the same iteration is fast there and at least as accurate."""
     a, b, c = NS_COEFFICIENTS
     transposed = matrix.size(0) > matrix.size(1)
     x = matrix.float().T if transposed else matrix.float()
