@@ -46,7 +46,7 @@ def test_lean_previous_and_transformers_paths_equal_recomputation_batched_and_al
     model = tiny_model(2, attention_type=attention_type, ffn_type=ffn_type, q_lora_rank=12 if ffn_type == "dense" else None)
     new_tokens = 10
     expected = [greedy_by_recomputation(model, prompt, new_tokens) for prompt in PROMPTS]
-    lean, previous = GenerationEngine(model, eos_token_ids=[]), GenerationEngine(model, eos_token_ids=[], lean=False)
+    lean, previous = GenerationEngine(model, eos_token_ids=[]), GenerationEngine(model, eos_token_ids=[], decoder="model-forward")
     assert greedy(lean, PROMPTS, new_tokens) == expected
     assert greedy(previous, PROMPTS, new_tokens) == expected
     assert [greedy(lean, [prompt], new_tokens)[0] for prompt in PROMPTS] == expected
@@ -65,10 +65,10 @@ def test_lean_step_handles_grouped_query_heads_biases_shared_experts_and_a_dense
 
 
 def test_one_token_reads_only_its_chosen_experts_and_decodes_like_recomputation(tiny_model):
-    from tinyseek.generate.lean import LeanMoE
+    from tinyseek.moe import DeepSeekMoEStep
 
     model = tiny_model(2, attention_type="mla", n_routed_experts=8, n_shared_experts=1, scoring_func="sigmoid")
-    assert LeanMoE(model.model.layers[-1].mlp).gather  # 2 of 8 experts: a single token gathers its experts
+    assert DeepSeekMoEStep(model.model.layers[-1].mlp).gather  # 2 of 8 experts: a single token gathers its experts
     expected = [greedy_by_recomputation(model, prompt, 8) for prompt in PROMPTS]
     engine = GenerationEngine(model, eos_token_ids=[])
     assert [greedy(engine, [prompt], 8)[0] for prompt in PROMPTS] == expected
@@ -84,7 +84,7 @@ def test_the_compiled_step_decodes_like_recomputation_batched_and_alone(attentio
 
     model = tiny_model(2, attention_type=attention_type, n_routed_experts=8, n_shared_experts=1, scoring_func="sigmoid")
     expected = [greedy_by_recomputation(model, prompt, 8) for prompt in PROMPTS]
-    engine = GenerationEngine(model, eos_token_ids=[], compile=True)
+    engine = GenerationEngine(model, eos_token_ids=[], decoder="compiled")
     assert greedy(engine, PROMPTS, 8) == expected
     assert engine.path == "compiled lean step"
     assert [greedy(engine, [prompt], 8)[0] for prompt in PROMPTS] == expected
@@ -140,7 +140,7 @@ def test_seeded_sampling_is_reproducible_and_draws_like_transformers(attention_t
     def sample(engine, sampling):
         return [completion.token_ids for completion in engine.generate(PROMPTS, sampling, 12)]
 
-    lean, previous = GenerationEngine(model, eos_token_ids=[]), GenerationEngine(model, eos_token_ids=[], lean=False)
+    lean, previous = GenerationEngine(model, eos_token_ids=[]), GenerationEngine(model, eos_token_ids=[], decoder="model-forward")
     first = sample(lean, sampling)
     assert sample(lean, sampling) == first
     assert sample(previous, sampling) == first
@@ -348,7 +348,7 @@ def test_without_a_working_compiler_generation_falls_back_to_the_eager_step_and_
     lean.compiled_lean_step.cache_clear()
     model = tiny_model(2, attention_type="mha")
     expected = [greedy_by_recomputation(model, prompt, 6) for prompt in PROMPTS]
-    engine = GenerationEngine(model, eos_token_ids=[], compile=True)
+    engine = GenerationEngine(model, eos_token_ids=[], decoder="compiled")
     with pytest.warns(RuntimeWarning, match="torch.compile failed .*decoding with the eager lean step") as caught:
         assert greedy(engine, PROMPTS, 6) == expected
     assert len(caught) == 1 and engine.path == "lean step"
@@ -365,8 +365,8 @@ def test_the_engine_decodes_in_fp32_inside_a_bf16_autocast(tiny_model):
     model = tiny_model(2, attention_type="mla")
     expected = [greedy_by_recomputation(model, prompt, 8) for prompt in PROMPTS]
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        for lean in (True, False):
-            assert greedy(GenerationEngine(model, eos_token_ids=[], lean=lean), PROMPTS, 8) == expected
+        for decoder in ("lean", "model-forward"):
+            assert greedy(GenerationEngine(model, eos_token_ids=[], decoder=decoder), PROMPTS, 8) == expected
 
 
 # --- self-speculative decoding with the MTP head ------------------------------------------------------------------
@@ -375,7 +375,7 @@ def test_the_engine_decodes_in_fp32_inside_a_bf16_autocast(tiny_model):
 def test_speculative_greedy_output_equals_plain_greedy_at_eos_and_at_the_last_position(attention_type, tiny_model):
     model = tiny_model(2, attention_type=attention_type, num_nextn_predict_layers=1)
     plain = GenerationEngine(model, eos_token_ids=[])
-    speculative = GenerationEngine(model, eos_token_ids=[], speculative=True)
+    speculative = GenerationEngine(model, eos_token_ids=[], decoder="speculative")
     room = model.config.max_position_embeddings - len(PROMPTS[1]) + 1
     for prompt in PROMPTS:
         expected = greedy(plain, [prompt], 200)[0]  # runs to the model's last position
@@ -385,7 +385,7 @@ def test_speculative_greedy_output_equals_plain_greedy_at_eos_and_at_the_last_po
         drafted, accepted = speculative.acceptance
         assert drafted >= len(expected) // 2 - 1 and 0 <= accepted <= drafted
         eos = expected[len(expected) // 3]
-        with_eos = GenerationEngine(model, eos_token_ids=[eos], speculative=True)
+        with_eos = GenerationEngine(model, eos_token_ids=[eos], decoder="speculative")
         assert greedy(with_eos, [prompt], 200)[0] == expected[: expected.index(eos) + 1]
     assert greedy(speculative, [PROMPTS[1]], room - 7)[0] == greedy(plain, [PROMPTS[1]], room - 7)[0]
 
@@ -405,7 +405,7 @@ def draft_model(model: TinySeekForCausalLM, always_right: bool) -> TinySeekForCa
 @pytest.mark.parametrize("always_right", [True, False])
 def test_speculative_acceptance_is_counted_on_drafts_that_are_always_right_or_always_wrong(always_right, tiny_model):
     model = draft_model(tiny_model(attention_type="mla", num_nextn_predict_layers=1), always_right)
-    engine = GenerationEngine(model, eos_token_ids=[], speculative=True)
+    engine = GenerationEngine(model, eos_token_ids=[], decoder="speculative")
     new_tokens = 9
     assert greedy(engine, [PROMPTS[0]], new_tokens)[0] == [0] * new_tokens
     # Steps follow tokens 1..8. Right drafts are checked every other step (an accepted one makes the next step
