@@ -306,6 +306,7 @@ def generate_through_engine(model, inputs, generation_config, kwargs: dict) -> t
     # A copy updated with the call's fields, as transformers does (GenerationConfig.update returns the rest).
     config = copy.deepcopy(generation_config if generation_config is not None else model.generation_config)
     model_kwargs = config.update(**kwargs)
+    config.validate(user_set_attributes=set(kwargs) - set(model_kwargs))  # refuses what transformers' generate() refuses
     attention_mask = model_kwargs.get("attention_mask")
     if attention_mask is None and inputs is not None:
         attention_mask = torch.ones_like(inputs)
@@ -356,6 +357,8 @@ def transformers_only_fields(model, inputs, config, model_kwargs: dict, attentio
         fields.append(f"cache_implementation={config.cache_implementation!r}")
     if config.stop_strings and model_kwargs.get("tokenizer") is None:
         fields.append("stop_strings (without tokenizer=)")
+    if config.stop_strings and config.eos_token_id is None:  # transformers then keeps generating the stopped rows
+        fields.append("stop_strings (without eos_token_id)")
     if config.max_new_tokens is None and (config.max_length is None or config.max_length <= inputs.shape[1]):
         fields.append("max_new_tokens (unset, and max_length leaves no room)")
     if not bool(attention_mask.any(dim=1).all()):
