@@ -16,7 +16,6 @@ never counted as decoding. The speculative section trains a small MTP model firs
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import inspect
 import json
@@ -42,6 +41,7 @@ from tinyseek.generate import GenerationEngine, Sampling
 from tinyseek.hf import to_transformers
 from tinyseek.loading import load_model_and_tokenizer
 from tinyseek.train.checkpoint import latest_checkpoint
+from tree_workers import TreeWorker, git_worktree
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = {"linear": "seed", "mla": "deepseek-v3-tiny", "mha": "llama-tiny"}
@@ -469,41 +469,6 @@ def compare_worker(spec: dict) -> None:
         protocol.write(f"{(new_tokens - 1) / (stamps[-1] - stamps[0])}\n")
 
 
-class CompareWorker:
-    def __init__(self, label: str, tree: Path, spec: dict):
-        self.label = label
-        self.process = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "--compare-worker", json.dumps(spec)],
-            env={**os.environ, "PYTHONPATH": str(tree / "src"), "OMP_NUM_THREADS": str(spec["threads"])}, cwd=tree,
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
-        )
-
-    def read(self) -> str:
-        line = self.process.stdout.readline()
-        if not line:
-            raise SystemExit(f"the {self.label} worker ended (exit {self.process.wait()}); its output is above")
-        return line.strip()
-
-    def rate(self, preset: str, path: str) -> float:
-        self.process.stdin.write(f"{preset} {path}\n")
-        return float(self.read())
-
-    def close(self) -> None:
-        self.process.stdin.close()
-        self.process.wait()
-
-
-@contextlib.contextmanager
-def git_worktree(revision: str, scratch: Path):
-    """The tree of `revision` checked out in a temporary git worktree, removed afterwards."""
-    path = scratch / "ref-tree"
-    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "--quiet", str(path), revision], check=True)
-    try:
-        yield path
-    finally:
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(path)], check=False)
-
-
 def compare_ref(args) -> None:
     """Median decode rate of each preset and path in REV's tree and in this one, over interleaved rounds (each round
     asks every worker in turn, so slow spells of a shared machine hit both), with the rounds' spread."""
@@ -512,7 +477,9 @@ def compare_ref(args) -> None:
     print(f"{datetime.date.today()}  commit {git_commit()}  {machine()}  torch {torch.__version__}  threads "
           f"{args.threads}  load average {' / '.join(f'{v:.1f}' for v in os.getloadavg())}", flush=True)
     with tempfile.TemporaryDirectory(prefix="tinyseek-decode-") as scratch, git_worktree(args.compare_ref, Path(scratch)) as ref:
-        workers = [CompareWorker(f"{args.compare_ref} (ref)", ref, spec), CompareWorker("this tree", ROOT, spec)]
+        script, env = Path(__file__).resolve(), {"OMP_NUM_THREADS": str(args.threads)}
+        workers = [TreeWorker(label, tree, script, "--compare-worker", spec, env)
+                   for label, tree in ((f"{args.compare_ref} (ref)", ref), ("this tree", ROOT))]
         try:
             for worker in workers:
                 worker.read()  # "ready": models built, compiled steps compiled
@@ -521,7 +488,7 @@ def compare_ref(args) -> None:
                 for preset in spec["presets"]:
                     for path in spec["paths"]:
                         for worker in workers:
-                            rates[worker.label, preset, path].append(worker.rate(preset, path))
+                            rates[worker.label, preset, path].append(worker.ask(f"{preset} {path}"))
         finally:
             for worker in workers:
                 worker.close()

@@ -172,6 +172,13 @@ class TinySeekConfig(PretrainedConfig):
         return cls(**{**PRESETS[name], **overrides})
 
 
+def registered(registry: dict, field: str, kind: str, name: str):
+    """``registry[name]``, or a ConfigError naming the config field and what is registered."""
+    if name not in registry:
+        raise ConfigError(f"{field}: unknown {kind} {name!r}; choose one of {tuple(registry)}")
+    return registry[name]
+
+
 def require_positive(config: TinySeekConfig, *fields: str) -> None:
     for field in fields:
         value = getattr(config, field)

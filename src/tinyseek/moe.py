@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tinyseek.config import ARCHITECTURE_CHECKS, TinySeekConfig, require_non_negative, require_positive
+from tinyseek.config import ARCHITECTURE_CHECKS, TinySeekConfig, registered, require_non_negative, require_positive
 from tinyseek.decoding import joined_bias, project, transposed
 from tinyseek.errors import ConfigError
 # A drop-in nn.Linear / F.linear whose bf16-autocast matmuls avoid torch's slow CPU fallback (see tinyseek.ops).
@@ -338,9 +338,7 @@ def register_feed_forward(name: str, spec: FeedForwardSpec) -> None:
 
 
 def feed_forward_spec(name: str) -> FeedForwardSpec:
-    if name not in FEED_FORWARD_REGISTRY:
-        raise ConfigError(f"ffn_type: unknown feed-forward type {name!r}; choose one of {tuple(FEED_FORWARD_REGISTRY)}")
-    return FEED_FORWARD_REGISTRY[name]
+    return registered(FEED_FORWARD_REGISTRY, "ffn_type", "feed-forward type", name)
 
 
 def validate_feed_forward(config: TinySeekConfig) -> None:

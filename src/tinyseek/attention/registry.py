@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from tinyseek.config import ARCHITECTURE_CHECKS, TinySeekConfig
+from tinyseek.config import ARCHITECTURE_CHECKS, TinySeekConfig, registered
 from tinyseek.errors import ConfigError
 
 
@@ -107,9 +107,7 @@ def check_decode_step(name: str, spec: AttentionSpec, module: type[nn.Module]) -
 
 
 def attention_spec(name: str) -> AttentionSpec:
-    if name not in ATTENTION_REGISTRY:
-        raise ConfigError(f"attention_type: unknown attention type {name!r}; choose one of {tuple(ATTENTION_REGISTRY)}")
-    return ATTENTION_REGISTRY[name]
+    return registered(ATTENTION_REGISTRY, "attention_type", "attention type", name)
 
 
 def validate_attention(config: TinySeekConfig) -> None:
