@@ -10,16 +10,11 @@ from tinyseek.attention.registry import (
     AttentionSpec,
     TinySeekCache,
     attention_spec,
-    build_causal_mask,
-    causal_mask,
     document_positions,
     register_attention,
 )
 
-__all__ = [
-    "ATTENTION_REGISTRY", "AttentionSpec", "TinySeekCache", "attention_spec", "build_causal_mask", "causal_mask",
-    "document_positions", "register_attention",
-]
+__all__ = ["ATTENTION_REGISTRY", "AttentionSpec", "TinySeekCache", "attention_spec", "document_positions", "register_attention"]
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tinyseek.config import registered
 from tinyseek.errors import ConfigError, InputError
 from tinyseek.generate.forward import CachedForward, Decoder
 from tinyseek.generate.lean import LeanDecoder, LeanWeights, supports_lean_decoding, weights_version
@@ -122,12 +123,11 @@ class GenerationEngine:
     """
 
     def __init__(self, model, tokenizer=None, *, decoder: str = "lean", eos_token_ids=None, pad_token_id=None):
-        if decoder not in DECODERS:
-            raise ConfigError(f"decoder: unknown decoder {decoder!r}; choose one of {tuple(DECODERS)}")
-        refusal = DECODERS[decoder].refuse(model)
+        self.decoder_choice = registered(DECODERS, "decoder", "decoder", decoder)
+        refusal = self.decoder_choice.refuse(model)
         if refusal is not None:
             raise ConfigError(refusal)
-        self.model, self.tokenizer, self.decoder_choice = model, tokenizer, DECODERS[decoder]
+        self.model, self.tokenizer = model, tokenizer
         self.cached_lean_weights: LeanWeights | None = None
         self.decoder: Decoder | None = None
         self.device = model.device
