@@ -90,6 +90,22 @@ def test_one_token_reads_only_its_chosen_experts_and_decodes_like_recomputation(
     assert greedy(engine, PROMPTS, 8) == expected  # three rows: every expert
 
 
+def test_the_engine_arranges_the_weights_once_and_again_after_an_in_place_update(tiny_model):
+    """`lean.weights_version` reads `Tensor._version`, which torch has no public equivalent of: this pins that an
+    in-place update of a parameter (what a non-fused optimizer step does) bumps it, so the engine rearranges."""
+    model = tiny_model(2, attention_type="mha")
+    engine = GenerationEngine(model, eos_token_ids=[])
+    greedy(engine, PROMPTS, 2)
+    arranged = engine.lean_weights()
+    greedy(engine, PROMPTS, 2)
+    assert engine.lean_weights() is arranged
+    with torch.no_grad():
+        model.lm_head.weight.add_(torch.randn(model.lm_head.weight.shape, generator=torch.Generator().manual_seed(5)))
+    expected = [greedy_by_recomputation(model, prompt, 6) for prompt in PROMPTS]
+    assert greedy(engine, PROMPTS, 6) == expected
+    assert engine.lean_weights() is not arranged
+
+
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                     reason="torch.compile's CPU backend needs a C++ compiler (.ci/run installs g++)")
 def test_the_compiled_step_decodes_like_recomputation_batched_and_alone(attention_type, tiny_model):
