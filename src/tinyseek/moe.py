@@ -70,8 +70,9 @@ def choose_experts(scores: torch.Tensor, router: Router) -> tuple[torch.Tensor, 
     """(expert indices [N, k], gating weights [N, k]) from the scores [N, E]: the routing rule, which the model's
     forward and the decode step both call. ``router`` supplies top_k, the balancing bias, norm_topk_prob and
     routed_scaling_factor (the Router itself, or a decode step holding copies)."""
-    # The balancing bias decides *which* experts; it never enters the weights, so it carries no gradient.
-    expert_indices = torch.topk(scores.detach() + router.e_score_correction_bias, router.top_k, dim=-1).indices
+    # The balancing bias decides *which* experts; it never enters the weights, so it carries no gradient (top-k's
+    # indices carry none whatever its input, so the scores need no detach: one operation less per decode step).
+    expert_indices = torch.topk(scores + router.e_score_correction_bias, router.top_k, dim=-1).indices
     weights = scores.gather(1, expert_indices)
     if router.norm_topk_prob:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
