@@ -6,6 +6,7 @@ The three presets are the three attention types: ``seed`` (linear attention, MoE
 ``LlamaForCausalLM``), random weights, fp32, greedy. Writes docs/decode.md and docs/decode_speed.png.
 
     python benchmarks/decode_speed.py [--threads 2] [--quick]
+    python benchmarks/decode_speed.py --compare-ref REV [--rounds 7] [--quick]   # REV's tree vs this one, no docs written
 
 Decode tokens/s are (new tokens - 1) x batch / (time from the first new token to the last), best of --repeats
 (for `model.generate()`, which cannot stream: the time for N new tokens minus the time for 1), so a prefill is
@@ -16,11 +17,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import inspect
 import json
 import os
 import platform
 import re
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,13 +34,14 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers.generation.streamers import BaseStreamer
 
+# Only names that every tree since the engine landed has: --compare-ref imports this file against an older tree.
 from tinyseek import TinySeekConfig, TinySeekForCausalLM
-from tinyseek.attention import MultiHeadLatentAttention
 from tinyseek.data.tokenizer import load_tokenizer
 from tinyseek.generate import GenerationEngine, Sampling
 from tinyseek.hf import to_transformers
 from tinyseek.loading import load_model_and_tokenizer
 from tinyseek.train.checkpoint import latest_checkpoint
+from tree_workers import TreeWorker, git_worktree
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = {"linear": "seed", "mla": "deepseek-v3-tiny", "mha": "llama-tiny"}
@@ -100,8 +104,8 @@ class Paths:
     def __init__(self, model, with_twin: bool):
         self.model = model
         self.lean = GenerationEngine(model, eos_token_ids=[])
-        self.compiled = GenerationEngine(model, eos_token_ids=[], compile=True)
-        self.previous = GenerationEngine(model, eos_token_ids=[], lean=False)
+        self.compiled = GenerationEngine(model, eos_token_ids=[], decoder="compiled")
+        self.previous = GenerationEngine(model, eos_token_ids=[], decoder="model-forward")
         self.twin = to_transformers(model).eval() if with_twin else None
 
     def tinyseek(self, engine, prompts, new_tokens) -> list[list[int]]:
@@ -188,8 +192,8 @@ def speculative_section(args, work: Path) -> dict:
     from tinyseek.data.tokenizer import encode_prompt
 
     prompts = ["Once upon a time, there was a little girl named", "The dog ran to the park and", "Tom and Sue"]
-    plain, previous = GenerationEngine(model, eos_token_ids=[]), GenerationEngine(model, eos_token_ids=[], lean=False)
-    speculative = GenerationEngine(model, eos_token_ids=[], speculative=True)
+    plain, previous = GenerationEngine(model, eos_token_ids=[]), GenerationEngine(model, eos_token_ids=[], decoder="model-forward")
+    speculative = GenerationEngine(model, eos_token_ids=[], decoder="speculative")
     drafted = accepted = 0
     times = {"speculative": 0.0, "previous": 0.0, "lean": 0.0}
     equal = 0
@@ -315,7 +319,7 @@ def markdown(results: dict, args, started, load_average) -> str:
         "Targets (issue): >= 5x transformers for `llama-tiny` and `deepseek-v3-tiny`, and >= 1,000 tokens/s for all "
         "three. *Compiled* is the lean step through torch.compile, which `model.generate(..., "
         "cache_implementation=\"static\")` (transformers' way to ask for it), `tinyseek generate --compile` and "
-        "`GenerationEngine(compile=True)` select; the compile time is the first such call's, once per process and "
+        "`GenerationEngine(decoder=\"compiled\")` select; the compile time is the first such call's, once per process and "
         "shape (torch's on-disk cache shortens later ones). The CLI's figure is the rate it reports itself after the "
         f"first token (its prompt: {targets[next(iter(targets))]['cli_prompt']} tokens of text).",
         "",
@@ -433,6 +437,73 @@ def git_commit() -> str:
     return commit + (" (with uncommitted changes)" if git("status", "--porcelain") else "")
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# --compare-ref: this tree against another revision's, in worker processes taking turns
+
+
+def engine_for(model, path: str):
+    """A GenerationEngine of either API: `decoder=` now, the `compile=` flag in trees before it."""
+    if "decoder" in inspect.signature(GenerationEngine).parameters:
+        return GenerationEngine(model, eos_token_ids=[], decoder=path)
+    return GenerationEngine(model, eos_token_ids=[], compile=path == "compiled")
+
+
+def compare_worker(spec: dict) -> None:
+    """Runs in a child process with PYTHONPATH at one tree's src/: builds every preset's model and engines, decodes
+    once with each (compiling the compiled step), then answers "PRESET PATH" with one decode rate in tokens/s."""
+    protocol = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # warnings and compiler output must not mix with the protocol
+    torch.set_num_threads(spec["threads"])
+    prompt_length, new_tokens = spec["prompt"], spec["tokens"]
+    engines, prompts = {}, {}
+    for preset in spec["presets"]:
+        model = build_model(preset, prompt_length + new_tokens + 1)
+        (prompts[preset],) = random_prompts(1, prompt_length, model.config.vocab_size)
+        for path in spec["paths"]:
+            engines[preset, path] = engine_for(model, path)
+            engines[preset, path].generate([prompts[preset]], GREEDY, 2)
+    protocol.write("ready\n")
+    for line in sys.stdin:
+        preset, path = line.split()
+        stamps = [time.perf_counter() for _ in engines[preset, path].stream([prompts[preset]], GREEDY, new_tokens)]
+        protocol.write(f"{(new_tokens - 1) / (stamps[-1] - stamps[0])}\n")
+
+
+def compare_ref(args) -> None:
+    """Median decode rate of each preset and path in REV's tree and in this one, over interleaved rounds (each round
+    asks every worker in turn, so slow spells of a shared machine hit both), with the rounds' spread."""
+    spec = {"threads": args.threads, "prompt": args.target_prompt, "tokens": args.target_tokens,
+            "presets": list(PRESETS.values()), "paths": ["lean", "compiled"]}
+    print(f"{datetime.date.today()}  commit {git_commit()}  {machine()}  torch {torch.__version__}  threads "
+          f"{args.threads}  load average {' / '.join(f'{v:.1f}' for v in os.getloadavg())}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="tinyseek-decode-") as scratch, git_worktree(args.compare_ref, Path(scratch)) as ref:
+        script, env = Path(__file__).resolve(), {"OMP_NUM_THREADS": str(args.threads)}
+        workers = [TreeWorker(label, tree, script, "--compare-worker", spec, env)
+                   for label, tree in ((f"{args.compare_ref} (ref)", ref), ("this tree", ROOT))]
+        try:
+            for worker in workers:
+                worker.read()  # "ready": models built, compiled steps compiled
+            rates = {(worker.label, preset, path): [] for worker in workers for preset in spec["presets"] for path in spec["paths"]}
+            for _ in range(args.rounds):
+                for preset in spec["presets"]:
+                    for path in spec["paths"]:
+                        for worker in workers:
+                            rates[worker.label, preset, path].append(worker.ask(f"{preset} {path}"))
+        finally:
+            for worker in workers:
+                worker.close()
+    print(f"\nbatch 1, a {args.target_prompt}-token prompt, {args.target_tokens} new tokens; {args.rounds} interleaved "
+          "rounds; median decode tokens/s (min-max over the rounds)\n")
+    print("| preset | path | ref | this tree | this / ref |")
+    print("|---|---|---:|---:|---:|")
+    for preset in spec["presets"]:
+        for path in spec["paths"]:
+            ref_rates, ours = (rates[worker.label, preset, path] for worker in workers)
+            print(f"| {preset} | {path} | {statistics.median(ref_rates):,.0f} ({min(ref_rates):,.0f}-{max(ref_rates):,.0f}) | "
+                  f"{statistics.median(ours):,.0f} ({min(ours):,.0f}-{max(ours):,.0f}) | "
+                  f"{statistics.median(ours) / statistics.median(ref_rates):.3f}x |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -449,11 +520,21 @@ def main() -> None:
     parser.add_argument("--work-dir", type=Path, default=ROOT / ".cache" / "decode-benchmark")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "docs")
     parser.add_argument("--quick", action="store_true", help="tiny settings to check the script (figures meaningless)")
+    parser.add_argument("--compare-ref", metavar="REV",
+                        help="only compare decode rates (lean and compiled, every preset) of git revision REV's tree "
+                             "(a temporary worktree) and this one; prints a table, writes no docs")
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds of --compare-ref (median reported)")
+    parser.add_argument("--compare-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.compare_worker:
+        return compare_worker(json.loads(args.compare_worker))
     if args.quick:
         args.target_tokens, args.contexts, args.sweep_tokens, args.repeats = 8, [16, 64], 4, 1
         args.prefill_prompt, args.mtp_steps, args.spec_tokens, args.batch, args.batch_contexts = 64, 4, 8, 3, [16]
+        args.rounds = 2
     torch.set_num_threads(args.threads)
+    if args.compare_ref:
+        return compare_ref(args)
     started, clock = datetime.datetime.now(datetime.timezone.utc), time.perf_counter()
     load_average = " / ".join(f"{value:.1f}" for value in os.getloadavg())
     args.work_dir.mkdir(parents=True, exist_ok=True)
@@ -500,6 +581,8 @@ def main() -> None:
             prefill["transformers"] = best_time(lambda: paths.transformers([prompt], 1), args.repeats)
         results["prefill"][attention] = prefill
         if attention == "mla":
+            from tinyseek.attention.latent import MultiHeadLatentAttention
+
             MultiHeadLatentAttention.expanded_prefill = False
             results["prefill"]["mla-absorbed"] = {"tinyseek": prefill_seconds(paths.lean, prompt, args.repeats)}
             MultiHeadLatentAttention.expanded_prefill = True

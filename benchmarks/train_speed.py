@@ -45,6 +45,7 @@ import transformers
 
 from tinyseek import TinySeekConfig, TinySeekForCausalLM, estimate_flops_per_token, ops
 from tinyseek.hf import to_transformers
+from tree_workers import REPO, TreeWorker, git_worktree
 
 SEED_MLA_MOE = dict(attention_type="mla", scoring_func="sigmoid", router_bias=False, attention_dropout=0.0)
 CONFIGS = {
@@ -249,8 +250,6 @@ def profile_step(config_name: str, steps: int = 3) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # The seed recipe through the trainer, in worker processes (one per tree and setting) that take turns
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 def recipe_worker(spec: dict) -> None:
     """Runs in a child process with PYTHONPATH at one tree's src/: builds that tree's Trainer for the recipe, then
@@ -284,47 +283,18 @@ def recipe_worker(spec: dict) -> None:
             protocol.write(f"{peak.peak - before}\n")
 
 
-class RecipeRun:
+class RecipeRun(TreeWorker):
     """One worker: a tree (its src/ on PYTHONPATH) and `--set` overrides on top of the recipe."""
 
     def __init__(self, label: str, tree: Path, overrides: list[str], args, scratch: Path):
-        self.label, self.times, self.memory = label, [], None
+        self.times, self.memory = [], None
         run_dir = scratch / label.replace(" ", "-")
         spec = {
             "config": args.recipe_config, "threads": args.threads, "warmup": args.warmup,
             "set": [f"data.source={args.data}", f"data.tokenizer={args.tokenizer}", f"data.cache_dir={run_dir}/data",
                     f"out_dir={run_dir}/run", "logging.progress_bar=false", *overrides],
         }
-        env = {**os.environ, "PYTHONPATH": str(tree / "src")}
-        self.process = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "--recipe-worker", json.dumps(spec)], env=env, cwd=tree,
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
-        )
-
-    def read(self) -> str:
-        line = self.process.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the {self.label} worker ended (exit {self.process.wait()}); its output is above")
-        return line.strip()
-
-    def ask(self, command: str) -> float:
-        self.process.stdin.write(command + "\n")
-        return float(self.read())
-
-    def close(self) -> None:
-        self.process.stdin.close()
-        self.process.wait()
-
-
-@contextlib.contextmanager
-def git_worktree(revision: str, scratch: Path):
-    """The tree of `revision` checked out in a temporary git worktree, removed afterwards."""
-    path = scratch / "ref-tree"
-    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "--quiet", str(path), revision], check=True)
-    try:
-        yield path
-    finally:
-        subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(path)], check=False)
+        super().__init__(label, tree, Path(__file__).resolve(), "--recipe-worker", spec)
 
 
 def recipe_variants(args, ref_tree: Path | None) -> list[tuple[str, Path, list[str]]]:

@@ -4,6 +4,7 @@ sampling, stop strings, streaming text, and the `tinyseek generate` command."""
 import shutil
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from tinyseek.cli import main as tinyseek_main
 from tinyseek.generate import GenerationEngine, Sampling, TextStream, left_pad
 
 PROMPTS = [[5, 17, 99], [40, 41, 42, 43, 44, 45, 46, 47], [200, 3, 3, 150, 7]]
-TIE = 1e-4  # the equality rule: where the reference's top two logits are this close, either choice is right
+TIE = 1e-4  # the equality rule (docs/generation.md): where the reference's top two logits are this close, either is right
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -34,6 +35,19 @@ def greedy_by_recomputation(model, prompt: list[int], new_tokens: int) -> list[i
     return sequence[0, len(prompt):].tolist()
 
 
+def assert_same_greedy(model, prompts, ours: list[list[int]], theirs: list[list[int]]) -> None:
+    """The equality rule (docs/generation.md): token for token, up to the reference's first near-tie."""
+    for prompt, mine, reference in zip(prompts, ours, theirs, strict=True):
+        differ = next((i for i, (a, b) in enumerate(zip(mine, reference)) if a != b), None)
+        if differ is None:
+            assert len(mine) == len(reference)
+            continue
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + reference[:differ]])).logits[0, -1]
+        gap = (logits[mine[differ]] - logits[reference[differ]]).abs().item()
+        assert gap <= TIE, f"token {differ} differs ({mine[differ]} vs {reference[differ]}) without a near-tie: {gap}"
+
+
 def greedy(engine: GenerationEngine, prompts, new_tokens: int) -> list[list[int]]:
     return [completion.token_ids for completion in engine.generate(prompts, Sampling(temperature=0), new_tokens)]
 
@@ -46,8 +60,9 @@ def test_lean_previous_and_transformers_paths_equal_recomputation_batched_and_al
     model = tiny_model(2, attention_type=attention_type, ffn_type=ffn_type, q_lora_rank=12 if ffn_type == "dense" else None)
     new_tokens = 10
     expected = [greedy_by_recomputation(model, prompt, new_tokens) for prompt in PROMPTS]
-    lean, previous = GenerationEngine(model, eos_token_ids=[]), GenerationEngine(model, eos_token_ids=[], lean=False)
+    lean, previous = GenerationEngine(model, eos_token_ids=[]), GenerationEngine(model, eos_token_ids=[], decoder="model-forward")
     assert greedy(lean, PROMPTS, new_tokens) == expected
+    assert lean.path == "lean step"  # every registered type declares its decode step: no silent slow path
     assert greedy(previous, PROMPTS, new_tokens) == expected
     assert [greedy(lean, [prompt], new_tokens)[0] for prompt in PROMPTS] == expected
     input_ids, attention_mask = left_pad(PROMPTS, pad_token_id=0)
@@ -65,26 +80,41 @@ def test_lean_step_handles_grouped_query_heads_biases_shared_experts_and_a_dense
 
 
 def test_one_token_reads_only_its_chosen_experts_and_decodes_like_recomputation(tiny_model):
-    from tinyseek.generate.lean import LeanMoE
+    from tinyseek.moe import DeepSeekMoEStep
 
     model = tiny_model(2, attention_type="mla", n_routed_experts=8, n_shared_experts=1, scoring_func="sigmoid")
-    assert LeanMoE(model.model.layers[-1].mlp).gather  # 2 of 8 experts: a single token gathers its experts
+    assert DeepSeekMoEStep(model.model.layers[-1].mlp).gather  # 2 of 8 experts: a single token gathers its experts
     expected = [greedy_by_recomputation(model, prompt, 8) for prompt in PROMPTS]
     engine = GenerationEngine(model, eos_token_ids=[])
     assert [greedy(engine, [prompt], 8)[0] for prompt in PROMPTS] == expected
     assert greedy(engine, PROMPTS, 8) == expected  # three rows: every expert
 
 
+def test_the_engine_arranges_the_weights_once_and_again_after_an_in_place_update(tiny_model):
+    """`lean.weights_version` reads `Tensor._version`, which torch has no public equivalent of: this pins that an
+    in-place update of a parameter (what a non-fused optimizer step does) bumps it, so the engine rearranges."""
+    model = tiny_model(2, attention_type="mha")
+    engine = GenerationEngine(model, eos_token_ids=[])
+    greedy(engine, PROMPTS, 2)
+    arranged = engine.lean_weights()
+    greedy(engine, PROMPTS, 2)
+    assert engine.lean_weights() is arranged
+    with torch.no_grad():
+        model.lm_head.weight.add_(torch.randn(model.lm_head.weight.shape, generator=torch.Generator().manual_seed(5)))
+    expected = [greedy_by_recomputation(model, prompt, 6) for prompt in PROMPTS]
+    assert greedy(engine, PROMPTS, 6) == expected
+    assert engine.lean_weights() is not arranged
+
+
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                     reason="torch.compile's CPU backend needs a C++ compiler (.ci/run installs g++)")
-@pytest.mark.parametrize("attention_type", ["mha", "mla", "linear"])
 def test_the_compiled_step_decodes_like_recomputation_batched_and_alone(attention_type, tiny_model):
     """Compiling takes a few seconds for each batch shape."""
     from tinyseek.generate import lean
 
     model = tiny_model(2, attention_type=attention_type, n_routed_experts=8, n_shared_experts=1, scoring_func="sigmoid")
     expected = [greedy_by_recomputation(model, prompt, 8) for prompt in PROMPTS]
-    engine = GenerationEngine(model, eos_token_ids=[], compile=True)
+    engine = GenerationEngine(model, eos_token_ids=[], decoder="compiled")
     assert greedy(engine, PROMPTS, 8) == expected
     assert engine.path == "compiled lean step"
     assert [greedy(engine, [prompt], 8)[0] for prompt in PROMPTS] == expected
@@ -140,7 +170,7 @@ def test_seeded_sampling_is_reproducible_and_draws_like_transformers(attention_t
     def sample(engine, sampling):
         return [completion.token_ids for completion in engine.generate(PROMPTS, sampling, 12)]
 
-    lean, previous = GenerationEngine(model, eos_token_ids=[]), GenerationEngine(model, eos_token_ids=[], lean=False)
+    lean, previous = GenerationEngine(model, eos_token_ids=[]), GenerationEngine(model, eos_token_ids=[], decoder="model-forward")
     first = sample(lean, sampling)
     assert sample(lean, sampling) == first
     assert sample(previous, sampling) == first
@@ -259,13 +289,14 @@ def routing_by_full_forward(model, sequence: list[int]) -> list[list[list[int]]]
     return torch.stack(recorded, dim=1).tolist(), logits
 
 
-def test_capture_returns_the_routed_experts_and_alternatives_of_a_forward_pass(tiny_model, byte_tokenizer):
-    model = tiny_model(**{**TinySeekConfig.from_preset("seed").to_diff_dict(), "attention_type": "linear"})
+def test_capture_returns_the_routed_experts_and_alternatives_of_a_forward_pass(attention_type, tiny_model, byte_tokenizer):
+    model = tiny_model(**{**TinySeekConfig.from_preset("seed").to_diff_dict(), "attention_type": attention_type})
     moe_layers = len(model.moe_layers())
     assert moe_layers == model.config.num_hidden_layers
     prompt, new_tokens = PROMPTS[1], 6
     engine = GenerationEngine(model, byte_tokenizer)
     events = [step[0] for step in engine.stream([prompt], Sampling(temperature=0), new_tokens, capture=True)]
+    assert engine.path == "lean step"
     generated = [event.token_id for event in events]
     routing, logits = routing_by_full_forward(model, prompt + generated)
     probabilities = logits.softmax(-1)
@@ -299,7 +330,8 @@ def test_engine_events_finish_rows_at_eos_and_at_the_length_limit_and_drop_finis
         assert len(rows_steps) == (at + 1 if at is not None else 12)
         last = next(event for event in rows_steps[-1] if event.row == row)
         assert last.finish_reason == ("stop" if at is not None else "length")
-        assert last.text == "" if at is not None else True
+        # EOS adds no text; at the length limit the last token's letter is released with it.
+        assert last.text == ("" if at is not None else tokenizer.decode([last.token_id]))
     assert max(first_eos[0], *(a for a in first_eos if a is not None)) < 12
 
 
@@ -331,6 +363,71 @@ def test_model_generate_runs_on_the_engine_and_equals_transformers_loop(attentio
     assert torch.equal(beams, transformers_generate(model, input_ids, num_beams=2, **greedy))
 
 
+ENGINE_FIELDS = ["min_new_tokens", "stop_strings", "num_return_sequences", "no_repeat_ngram_size", "bad_words_ids"]
+
+
+@pytest.mark.parametrize("field", ENGINE_FIELDS)
+def test_model_generate_keeps_each_field_on_the_engine_and_equals_transformers(
+    field, monkeypatch, tiny_model, byte_tokenizer, letters_only
+):
+    model = letters_only(tiny_model(2, attention_type="mha"))
+    input_ids, attention_mask = left_pad(PROMPTS, pad_token_id=0)
+    width = input_ids.shape[1]
+    plain = dict(attention_mask=attention_mask, max_new_tokens=16, do_sample=False, pad_token_id=0)
+    free = transformers_generate(model, input_ids, **plain)
+    new = free[:, width:]
+    settings = {
+        "min_new_tokens": dict(eos_token_id=new[0, 2].item(), min_new_tokens=9),  # row 0 would end at its third token
+        # With an EOS (the model never chooses 256) transformers pads the rows that have stopped, as the engine does.
+        "stop_strings": dict(stop_strings=[byte_tokenizer.decode(new[0, 4:6])], tokenizer=byte_tokenizer, eos_token_id=256),
+        "num_return_sequences": dict(num_return_sequences=3, do_sample=True, temperature=0.9, top_k=20),
+        "no_repeat_ngram_size": dict(no_repeat_ngram_size=2),
+        "bad_words_ids": dict(bad_words_ids=[[new[0, 0].item()], new[1, 1:3].tolist()]),
+    }[field]
+    call = {**plain, **settings}
+    torch.manual_seed(3)
+    theirs = transformers_generate(model, input_ids, **call)
+    torch.manual_seed(3)
+    without_field = transformers_generate(model, input_ids, **{**call, field: 1 if field == "num_return_sequences" else None})
+    assert theirs.shape != without_field.shape or not torch.equal(theirs, without_field)  # the field changes the text
+
+    monkeypatch.setattr(GenerationMixin, "generate", lambda *args, **kwargs: pytest.fail("reached transformers' loop"))
+    torch.manual_seed(3)
+    ours = model.generate(input_ids, **call)
+    assert ours.shape == theirs.shape
+    if call["do_sample"]:
+        assert torch.equal(ours, theirs)  # the same draws, in transformers' row order
+    else:
+        prompts = [prompt for prompt in PROMPTS for _ in range(call.get("num_return_sequences", 1))]
+        assert_same_greedy(model, prompts, ours[:, width:].tolist(), theirs[:, width:].tolist())
+
+
+def test_greedy_num_return_sequences_is_refused_as_transformers_refuses_it(monkeypatch, tiny_model):
+    """transformers' generate() refuses greedy copies (a ValueError from its config check); the engine runs the same
+    check, so `model.generate()` refuses them too, without reaching transformers' loop."""
+    model = tiny_model(attention_type="mha")
+    call = dict(max_new_tokens=4, do_sample=False, num_return_sequences=2)
+    with pytest.raises(ValueError, match="num_return_sequences") as theirs:
+        transformers_generate(model, torch.tensor([PROMPTS[0]]), **call)
+    monkeypatch.setattr(GenerationMixin, "generate", lambda *args, **kwargs: pytest.fail("reached transformers' loop"))
+    with pytest.raises(ValueError, match="num_return_sequences") as ours:
+        model.generate(torch.tensor([PROMPTS[0]]), **call)
+    assert str(ours.value) == str(theirs.value)
+
+
+def test_model_generate_names_what_sends_it_to_transformers_once_per_process(monkeypatch, tiny_model):
+    from tinyseek.generate import engine
+
+    monkeypatch.setattr(engine, "FALLBACK_WARNED", set())
+    model = tiny_model(attention_type="mha")
+    prompt = torch.tensor([PROMPTS[0]])
+    with pytest.warns(RuntimeWarning, match="does not do num_beams; decoding with transformers' generate"):
+        expected = model.generate(prompt, max_new_tokens=4, num_beams=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(model.generate(prompt, max_new_tokens=4, num_beams=2), expected)
+
+
 def test_without_a_working_compiler_generation_falls_back_to_the_eager_step_and_says_so(
     monkeypatch, tmp_path, capsys, tiny_model, byte_tokenizer, write_run, letters_only
 ):
@@ -348,7 +445,7 @@ def test_without_a_working_compiler_generation_falls_back_to_the_eager_step_and_
     lean.compiled_lean_step.cache_clear()
     model = tiny_model(2, attention_type="mha")
     expected = [greedy_by_recomputation(model, prompt, 6) for prompt in PROMPTS]
-    engine = GenerationEngine(model, eos_token_ids=[], compile=True)
+    engine = GenerationEngine(model, eos_token_ids=[], decoder="compiled")
     with pytest.warns(RuntimeWarning, match="torch.compile failed .*decoding with the eager lean step") as caught:
         assert greedy(engine, PROMPTS, 6) == expected
     assert len(caught) == 1 and engine.path == "lean step"
@@ -365,8 +462,8 @@ def test_the_engine_decodes_in_fp32_inside_a_bf16_autocast(tiny_model):
     model = tiny_model(2, attention_type="mla")
     expected = [greedy_by_recomputation(model, prompt, 8) for prompt in PROMPTS]
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        for lean in (True, False):
-            assert greedy(GenerationEngine(model, eos_token_ids=[], lean=lean), PROMPTS, 8) == expected
+        for decoder in ("lean", "model-forward"):
+            assert greedy(GenerationEngine(model, eos_token_ids=[], decoder=decoder), PROMPTS, 8) == expected
 
 
 # --- self-speculative decoding with the MTP head ------------------------------------------------------------------
@@ -375,7 +472,7 @@ def test_the_engine_decodes_in_fp32_inside_a_bf16_autocast(tiny_model):
 def test_speculative_greedy_output_equals_plain_greedy_at_eos_and_at_the_last_position(attention_type, tiny_model):
     model = tiny_model(2, attention_type=attention_type, num_nextn_predict_layers=1)
     plain = GenerationEngine(model, eos_token_ids=[])
-    speculative = GenerationEngine(model, eos_token_ids=[], speculative=True)
+    speculative = GenerationEngine(model, eos_token_ids=[], decoder="speculative")
     room = model.config.max_position_embeddings - len(PROMPTS[1]) + 1
     for prompt in PROMPTS:
         expected = greedy(plain, [prompt], 200)[0]  # runs to the model's last position
@@ -385,7 +482,7 @@ def test_speculative_greedy_output_equals_plain_greedy_at_eos_and_at_the_last_po
         drafted, accepted = speculative.acceptance
         assert drafted >= len(expected) // 2 - 1 and 0 <= accepted <= drafted
         eos = expected[len(expected) // 3]
-        with_eos = GenerationEngine(model, eos_token_ids=[eos], speculative=True)
+        with_eos = GenerationEngine(model, eos_token_ids=[eos], decoder="speculative")
         assert greedy(with_eos, [prompt], 200)[0] == expected[: expected.index(eos) + 1]
     assert greedy(speculative, [PROMPTS[1]], room - 7)[0] == greedy(plain, [PROMPTS[1]], room - 7)[0]
 
@@ -405,7 +502,7 @@ def draft_model(model: TinySeekForCausalLM, always_right: bool) -> TinySeekForCa
 @pytest.mark.parametrize("always_right", [True, False])
 def test_speculative_acceptance_is_counted_on_drafts_that_are_always_right_or_always_wrong(always_right, tiny_model):
     model = draft_model(tiny_model(attention_type="mla", num_nextn_predict_layers=1), always_right)
-    engine = GenerationEngine(model, eos_token_ids=[], speculative=True)
+    engine = GenerationEngine(model, eos_token_ids=[], decoder="speculative")
     new_tokens = 9
     assert greedy(engine, [PROMPTS[0]], new_tokens)[0] == [0] * new_tokens
     # Steps follow tokens 1..8. Right drafts are checked every other step (an accepted one makes the next step

@@ -1,5 +1,7 @@
 """The model: the seed's exact shape, causality, cached decoding against full forwards, and the Hugging Face API."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -191,3 +193,56 @@ def test_registering_an_attention_type_without_a_declaration_is_refused():
 def test_an_unknown_attention_type_is_refused_naming_the_registered_ones(tiny_config):
     with pytest.raises(ValueError, match=r"^attention_type: unknown attention type 'flash'.*'mla'"):
         tiny_config(attention_type="flash")
+
+
+@pytest.mark.parametrize("ffn_type", ["moe", "dense"])
+def test_packed_documents_equal_each_document_run_alone(attention_type, ffn_type, tiny_model):
+    """Chat fine-tuning packs conversations into one window: with document_ids, each document's logits (and the MTP
+    loss's inputs) are those of the document alone: no attention across a boundary, positions from 0, linear
+    attention's state restarted. Lengths 7, 3 and 12 cross the tiny config's chunk (4) and window (5) both ways."""
+    model = tiny_model(attention_type=attention_type, ffn_type=ffn_type, num_nextn_predict_layers=1)
+    lengths = [7, 3, 12]
+    documents = [torch.randint(0, 257, (1, length)) for length in lengths]
+    packed = torch.cat(documents, dim=1)
+    document_ids = torch.cat([torch.full((1, length), index) for index, length in enumerate(lengths)], dim=1)
+    with torch.no_grad():
+        together = model(packed, document_ids=document_ids).logits
+        alone = torch.cat([model(document).logits for document in documents], dim=1)
+    torch.testing.assert_close(together, alone, rtol=0, atol=1e-5)
+    unpacked = model(packed).logits.detach()
+    assert not torch.allclose(unpacked[:, lengths[0]:], alone[:, lengths[0]:], atol=1e-3)  # the ids do matter
+
+    # Training on the packed window: each document's loss alone, weighted by its targets, is the packed loss.
+    model.train()
+    torch.manual_seed(0)
+    targets = torch.cat([torch.cat([d[:, 1:], torch.full((1, 1), -100)], dim=1) for d in documents], dim=1)
+    packed_loss = model(packed, shift_labels=targets, document_ids=document_ids).lm_loss
+    alone_losses = [model(d, shift_labels=torch.cat([d[:, 1:], torch.full((1, 1), -100)], dim=1)).lm_loss for d in documents]
+    weights = torch.tensor([length - 1 for length in lengths], dtype=torch.float)
+    torch.testing.assert_close(packed_loss, (torch.stack(alone_losses) * weights).sum() / weights.sum(), rtol=0, atol=1e-5)
+
+
+def test_document_ids_refuse_a_cache(tiny_model):
+    model = tiny_model(attention_type="mha")
+    tokens = torch.randint(0, 257, (1, 6))
+    prefix = model(tokens[:, :3], use_cache=True)
+    with pytest.raises(ValueError, match="document_ids"):
+        model(tokens[:, 3:], cache=prefix.cache, use_cache=True, document_ids=torch.zeros(1, 3, dtype=torch.long))
+
+
+def test_a_subclass_never_decodes_with_its_parents_step_by_accident():
+    from tinyseek.attention.multi_head import MultiHeadAttention
+
+    spec = ATTENTION_REGISTRY["mha"]
+
+    class Subclass(MultiHeadAttention):
+        pass
+
+    with pytest.raises(TypeError, match="would decode with its parent's MultiHeadAttentionStep"):
+        register_attention("accidental", spec)(Subclass)
+    assert "accidental" not in ATTENTION_REGISTRY
+    register_attention("declared-valid", replace(spec, parent_decode_step_is_valid=True))(Subclass)
+    try:
+        assert ATTENTION_REGISTRY["declared-valid"].decode_step is spec.decode_step
+    finally:
+        del ATTENTION_REGISTRY["declared-valid"]

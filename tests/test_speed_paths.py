@@ -225,10 +225,11 @@ def test_fused_projections_and_dense_dispatch_match_separate_layers_and_routed_e
         return (logits, *model_loss_and_grads(model, tokens, targets, fused=True))
 
     fused_logits, fused_loss, fused = logits_and_grads()
-    from tinyseek import attention, moe
+    from tinyseek import moe
+    from tinyseek.attention import latent, linear, multi_head
 
-    monkeypatch.setattr(attention, "fused_linear", unfused_linear)
-    monkeypatch.setattr(moe, "fused_linear", unfused_linear)
+    for module in (latent, linear, multi_head, moe):
+        monkeypatch.setattr(module, "fused_linear", unfused_linear)
     monkeypatch.setattr(moe, "DENSE_DISPATCH_MAX_ROWS", 0)
     plain_logits, plain_loss_, plain = logits_and_grads()
     torch.testing.assert_close(fused_logits, plain_logits, rtol=0, atol=1e-6)

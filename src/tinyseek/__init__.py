@@ -43,3 +43,10 @@ def _register_auto_classes() -> None:
 
 
 after_import("transformers", _register_auto_classes)
+
+
+# Extension points whose owners sit above the module they extend (which therefore cannot import them): the attention
+# and feed-forward registries add their configuration checks to tinyseek.config, and the generation engine takes over
+# the model's generate(). Each loads as soon as the module it extends has loaded.
+after_import("tinyseek.config", lambda: [importlib.import_module(name) for name in ("tinyseek.attention", "tinyseek.moe")])
+after_import("tinyseek.modeling", lambda: importlib.import_module("tinyseek.generate.engine"))

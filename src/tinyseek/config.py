@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from huggingface_hub.errors import StrictDataclassError
 from transformers import PretrainedConfig
 
 from tinyseek.errors import ConfigError
 
-FFN_TYPES = ("moe", "dense")
 TYPE_SPECIFIC_SIZES = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
                        "num_key_value_heads", "linear_attention_chunk_size", "moe_intermediate_size", "n_routed_experts",
                        "n_shared_experts", "num_experts_per_tok")
-SCORING_FUNCS = ("softmax", "sigmoid")
+ARCHITECTURE_CHECKS: list[Callable[["TinySeekConfig"], None]] = []
+"""The checks that belong to a registered type: the attention and feed-forward registries (built from this config,
+so this module cannot import them) each add one when they load, which `import tinyseek` arranges as soon as this
+module has loaded. Each raises ConfigError naming the field."""
 
 
 class TinySeekConfig(PretrainedConfig):
@@ -19,8 +23,9 @@ class TinySeekConfig(PretrainedConfig):
 
     Attention is any registered type (``tinyseek.attention.ATTENTION_REGISTRY``): ``"linear"`` (causal ELU+1 linear
     attention), ``"mla"`` (DeepSeek's multi-head latent attention), ``"mha"`` (softmax attention with optional
-    grouped-query heads) and the others registered there. The feed-forward block is a
-    DeepSeekMoE (``"moe"``: shared plus fine-grained routed SwiGLU experts) or a dense SwiGLU MLP (``"dense"``).
+    grouped-query heads) and the others registered there. The feed-forward block is any registered type
+    (``tinyseek.moe.FEED_FORWARD_REGISTRY``): DeepSeekMoE (``"moe"``: shared plus fine-grained routed SwiGLU experts)
+    or a dense SwiGLU MLP (``"dense"``); the first ``first_k_dense_replace`` layers are dense whatever the type.
     Invalid combinations raise ``ValueError`` naming the field at fault.
     """
 
@@ -133,13 +138,12 @@ class TinySeekConfig(PretrainedConfig):
     def qk_head_dim(self) -> int:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 
-    def is_moe_layer(self, layer_idx: int) -> bool:
-        return self.ffn_type == "moe" and layer_idx >= self.first_k_dense_replace
+    def feed_forward_type(self, layer_idx: int) -> str:
+        """The layer's feed-forward type: ``ffn_type``, except the first ``first_k_dense_replace`` layers (DeepSeek-V3's
+        dense first layers)."""
+        return self.ffn_type if layer_idx >= self.first_k_dense_replace else "dense"
 
     def validate_architecture(self) -> None:
-        # Imported here, not at the top: the attention modules are built from this config.
-        from tinyseek.attention import attention_spec
-
         def fail(field: str, reason: str):
             raise ConfigError(f"{field}: {reason}")
 
@@ -147,43 +151,18 @@ class TinySeekConfig(PretrainedConfig):
                          "max_position_embeddings")
         # Sizes of parts the chosen types do not build are still sizes: a negative one is a typo waiting to matter.
         require_non_negative(self, *(name for name in TYPE_SPECIFIC_SIZES if getattr(self, name) is not None))
-        attention = attention_spec(self.attention_type)
-        if self.ffn_type not in FFN_TYPES:
-            fail("ffn_type", f"unknown feed-forward type {self.ffn_type!r}; choose one of {FFN_TYPES}")
         if not 0.0 <= self.attention_dropout < 1.0:
             fail("attention_dropout", f"must be in [0, 1), got {self.attention_dropout}")
         if self.rms_norm_eps <= 0:
             fail("rms_norm_eps", f"must be positive, got {self.rms_norm_eps}")
         if self.rope_theta <= 0:
             fail("rope_theta", f"must be positive, got {self.rope_theta}")
-        attention.validate(self)
-
         require_positive(self, "intermediate_size")
         require_non_negative(self, "first_k_dense_replace", "num_nextn_predict_layers")
-        if self.ffn_type == "moe":
-            require_positive(self, "moe_intermediate_size", "n_routed_experts", "num_experts_per_tok")
-            require_non_negative(self, "n_shared_experts")
-            if self.num_experts_per_tok > self.n_routed_experts:
-                fail(
-                    "num_experts_per_tok",
-                    f"top-k={self.num_experts_per_tok} is larger than n_routed_experts={self.n_routed_experts}",
-                )
-            if self.scoring_func not in SCORING_FUNCS:
-                fail("scoring_func", f"unknown scoring function {self.scoring_func!r}; choose one of {SCORING_FUNCS}")
-            if self.num_experts_per_tok == 1 and self.norm_topk_prob:
-                fail(
-                    "norm_topk_prob",
-                    "with num_experts_per_tok=1 renormalising makes every gate weight 1.0, so the router gets no "
-                    "gradient; set norm_topk_prob=False",
-                )
-            if self.bias_update_speed < 0:
-                fail("bias_update_speed", f"must be non-negative, got {self.bias_update_speed}")
-            if self.seq_aux_loss_coef < 0:
-                fail("seq_aux_loss_coef", f"must be non-negative, got {self.seq_aux_loss_coef}")
-            if self.routed_scaling_factor <= 0:
-                fail("routed_scaling_factor", f"must be positive, got {self.routed_scaling_factor}")
         if self.mtp_loss_weight < 0:
             fail("mtp_loss_weight", f"must be non-negative, got {self.mtp_loss_weight}")
+        for check in ARCHITECTURE_CHECKS:
+            check(self)
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "TinySeekConfig":
@@ -191,6 +170,13 @@ class TinySeekConfig(PretrainedConfig):
         if name not in PRESETS:
             raise ConfigError(f"preset: unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
+
+
+def registered(registry: dict, field: str, kind: str, name: str):
+    """``registry[name]``, or a ConfigError naming the config field and what is registered."""
+    if name not in registry:
+        raise ConfigError(f"{field}: unknown {kind} {name!r}; choose one of {tuple(registry)}")
+    return registry[name]
 
 
 def require_positive(config: TinySeekConfig, *fields: str) -> None:

@@ -2,8 +2,9 @@
 
 TinySeek's module names follow transformers' DeepseekV3 and Llama, so a conversion is a config translation plus a
 state-dict copy by name. Each attention type declares its twin (``AttentionSpec.transformers_export``, a key of
-``TWINS``) or why it has none: MLA with a sigmoid-scored MoE (or a dense MLP) is a ``DeepseekV3ForCausalLM``; MHA with
-a dense MLP is a ``LlamaForCausalLM``. Everything else is refused with the reason.
+``TWINS``) or why it has none, and each feed-forward type which twins can express it
+(``FeedForwardSpec.transformers_problem``): MLA with a sigmoid-scored MoE (or a dense MLP) is a
+``DeepseekV3ForCausalLM``; MHA with a dense MLP is a ``LlamaForCausalLM``. Everything else is refused with the reason.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from tinyseek.attention import ATTENTION_REGISTRY, attention_spec
 from tinyseek.config import TinySeekConfig
 from tinyseek.errors import ConfigError
 from tinyseek.modeling import TinySeekForCausalLM
+from tinyseek.moe import feed_forward_spec
 
 COMMON_FIELDS = (
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -38,18 +40,10 @@ class TransformersTwin:
     """A transformers model family that some tinyseek architectures equal exactly."""
 
     model_class: type[PreTrainedModel]
-    problem: Callable[[TinySeekConfig], str | None]
-    """Why this tinyseek config has no twin in the family (the attention already matches), or None."""
     to_config: Callable[[TinySeekConfig, dict], PretrainedConfig]
     """The family's config, from the tinyseek config and the fields they share (COMMON_FIELDS and rope_parameters)."""
     from_config: Callable[[PretrainedConfig, dict, str], TinySeekConfig]
     """The tinyseek config, from the family's config, the shared fields and the attention type exported to it."""
-
-
-def llama_problem(config: TinySeekConfig) -> str | None:
-    if config.ffn_type != "dense":
-        return "MHA with a MoE has no transformers twin here (LlamaForCausalLM is dense); use ffn_type='dense'"
-    return None
 
 
 def llama_config(config: TinySeekConfig, common: dict) -> LlamaConfig:
@@ -67,17 +61,6 @@ def from_llama_config(hf_config: LlamaConfig, common: dict, attention_type: str)
     return TinySeekConfig(
         **common, attention_type=attention_type, ffn_type="dense", num_key_value_heads=hf_config.num_key_value_heads
     )
-
-
-def deepseek_v3_problem(config: TinySeekConfig) -> str | None:
-    if config.ffn_type == "moe":
-        if config.scoring_func != "sigmoid":
-            return "transformers' DeepseekV3 router scores experts with a sigmoid; this model uses softmax"
-        if config.router_bias:
-            return "transformers' DeepseekV3 router has no learnable bias (router_bias=True here)"
-        if config.n_routed_experts < 2:
-            return "transformers' DeepseekV3 router needs at least 2 routed experts"
-    return None
 
 
 def deepseek_v3_config(config: TinySeekConfig, common: dict) -> DeepseekV3Config:
@@ -107,9 +90,8 @@ def from_deepseek_v3_config(hf_config: DeepseekV3Config, common: dict, attention
 
 
 TWINS = {
-    "llama": TransformersTwin(LlamaForCausalLM, llama_problem, llama_config, from_llama_config),
-    "deepseek_v3": TransformersTwin(DeepseekV3ForCausalLM, deepseek_v3_problem, deepseek_v3_config,
-                                    from_deepseek_v3_config),
+    "llama": TransformersTwin(LlamaForCausalLM, llama_config, from_llama_config),
+    "deepseek_v3": TransformersTwin(DeepseekV3ForCausalLM, deepseek_v3_config, from_deepseek_v3_config),
 }
 
 
@@ -122,7 +104,7 @@ def transformers_twin_problem(config: TinySeekConfig) -> str | None:
     attention = attention_spec(config.attention_type)
     if attention.transformers_export is None:
         return attention.no_export_reason
-    return TWINS[attention.transformers_export].problem(config)
+    return feed_forward_spec(config.ffn_type).transformers_problem(config, attention.transformers_export)
 
 
 def to_transformers_config(config: TinySeekConfig) -> PretrainedConfig:

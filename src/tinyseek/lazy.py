@@ -31,7 +31,7 @@ def lazy_exports(package: str, exports: dict[str, str]):
 
 
 def after_import(name: str, callback: Callable[[], None]) -> None:
-    """Run `callback` once the top-level module `name` has been imported: now if it already is, else right after
+    """Run `callback` once the module `name` has been imported: now if it already is, else right after
     whoever imports it first has executed it."""
     if name in sys.modules:
         callback()

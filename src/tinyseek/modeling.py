@@ -9,6 +9,7 @@ between the three by name (see ``tinyseek.hf``).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -19,11 +20,11 @@ from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from tinyseek.attention import TinySeekCache, attention_spec
+from tinyseek.attention import TinySeekCache, attention_spec, document_positions
 from tinyseek.config import TinySeekConfig
 from tinyseek.errors import InputError
 from tinyseek.layers import RMSNorm, RotaryEmbedding
-from tinyseek.moe import DeepSeekMoE, RoutedExperts, Router, build_feed_forward
+from tinyseek.moe import DeepSeekMoE, RoutedExperts, Router, feed_forward_spec
 from tinyseek.ops import Embedding, Linear, StepMemory, linear_cross_entropy
 
 IGNORE_INDEX = -100
@@ -33,7 +34,8 @@ class DecoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: TinySeekConfig, layer_idx: int):
         super().__init__()
         self.self_attn = attention_spec(config.attention_type).module(config)
-        self.mlp = build_feed_forward(config, layer_idx)
+        self.feed_forward_spec = feed_forward_spec(config.feed_forward_type(layer_idx))
+        self.mlp = self.feed_forward_spec.build(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -41,11 +43,8 @@ class DecoderLayer(GradientCheckpointingLayer):
         """Returns the new hidden states and the layer's sequence-wise balance loss (or None)."""
         attended = self.self_attn(self.input_layernorm(hidden_states), rotary, causal_mask, padding_mask, cache_layer)
         hidden_states = hidden_states + attended
-        balance_loss = None
-        if isinstance(self.mlp, DeepSeekMoE):
-            feed_forward, balance_loss = self.mlp(self.post_attention_layernorm(hidden_states))
-        else:
-            feed_forward = self.mlp(self.post_attention_layernorm(hidden_states))
+        output = self.mlp(self.post_attention_layernorm(hidden_states))
+        feed_forward, balance_loss = output if self.feed_forward_spec.routes else (output, None)
         return hidden_states + feed_forward, balance_loss
 
 
@@ -152,8 +151,11 @@ class TinySeekModel(TinySeekPreTrainedModel):
         cache: TinySeekCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        document_ids: torch.LongTensor | None = None,
         **kwargs,
     ) -> TinySeekModelOutput:
+        """``document_ids`` [B, T] (equal ids contiguous) packs several documents into each row: no token sees
+        another document, and positions restart at each document's first token (see `tinyseek.attention`)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         hidden_states = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
@@ -169,13 +171,17 @@ class TinySeekModel(TinySeekPreTrainedModel):
         padding_mask = None
         if attention_mask is not None and not bool(attention_mask.all()):
             padding_mask = attention_mask.bool()
+        if document_ids is not None and (past_len or padding_mask is not None):
+            raise InputError("document_ids pack whole documents: they take neither a cache nor padding")
         if position_ids is None:
-            if padding_mask is not None:  # left padding: real tokens count positions from 0
+            if document_ids is not None:
+                position_ids = document_positions(document_ids)
+            elif padding_mask is not None:  # left padding: real tokens count positions from 0
                 position_ids = (padding_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq_len:]
             else:
                 position_ids = torch.arange(past_len, past_len + seq_len, device=hidden_states.device)[None]
         rotary = self.rotary_emb(position_ids) if self.rotary_emb is not None else None
-        causal_mask = self.attention.mask(self.config, padding_mask, seq_len, past_len, hidden_states.device)
+        causal_mask = self.attention.mask(self.config, padding_mask, seq_len, past_len, hidden_states.device, document_ids)
 
         balance_loss = None
         for i, layer in enumerate(self.layers):
@@ -237,6 +243,7 @@ class TinySeekForCausalLM(TinySeekPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         step_memory: StepMemory | None = None,
+        document_ids: torch.LongTensor | None = None,
         **kwargs,
     ) -> TinySeekCausalLMOutput:
         """``labels`` are the inputs' own ids (shifted inside, transformers' convention); ``shift_labels`` are the
@@ -245,7 +252,7 @@ class TinySeekForCausalLM(TinySeekPreTrainedModel, GenerationMixin):
         cache = kwargs.pop("past_key_values", cache)
         outputs = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
-            inputs_embeds=inputs_embeds, use_cache=use_cache,
+            inputs_embeds=inputs_embeds, use_cache=use_cache, document_ids=document_ids,
         )
         hidden_states = outputs.last_hidden_state
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
@@ -268,7 +275,7 @@ class TinySeekForCausalLM(TinySeekPreTrainedModel, GenerationMixin):
                 loss = loss + outputs.balance_loss
             if self.mtp is not None and self.training:
                 mtp_loss = self.multi_token_prediction_loss(
-                    outputs.pre_norm_hidden_state, input_ids, shift_labels, step_memory
+                    outputs.pre_norm_hidden_state, input_ids, shift_labels, document_ids, step_memory
                 )
                 loss = loss + self.config.mtp_loss_weight * mtp_loss
         return TinySeekCausalLMOutput(
@@ -276,25 +283,36 @@ class TinySeekForCausalLM(TinySeekPreTrainedModel, GenerationMixin):
             balance_loss=outputs.balance_loss, mtp_loss=mtp_loss,
         )
 
-    def generate(self, inputs=None, generation_config=None, **kwargs):
-        """Greedy and sampled decoding run on tinyseek's generation engine; anything else (beam search, custom
-        processors or stopping criteria, streamers, scores in the output, ...) on transformers' own `generate()`."""
-        from tinyseek.generate.engine import generate_through_engine  # the engine is built on top of this module
+    engine_generate: ClassVar[Callable | None] = None
+    """`model.generate()` on tinyseek's generation engine: (model, inputs, generation_config, kwargs) -> the output,
+    or None where the request needs transformers' loop. ``tinyseek.generate.engine`` sets it when it loads, which
+    `import tinyseek` arranges as soon as this module has loaded (this module cannot import the engine, which is
+    built on it)."""
 
-        output = generate_through_engine(self, inputs, generation_config, kwargs)
+    def generate(self, inputs=None, generation_config=None, **kwargs):
+        """Decoding runs on tinyseek's generation engine; what it does not do (beam search, custom processors or
+        stopping criteria, streamers, scores in the output, ...) runs on transformers' own `generate()`, with a
+        warning naming the field."""
+        output = self.engine_generate(inputs, generation_config, kwargs) if self.engine_generate is not None else None
         return output if output is not None else super().generate(inputs, generation_config, **kwargs)
 
-    def multi_token_prediction_loss(self, hidden, input_ids, shift_labels, step_memory=None) -> torch.Tensor:
+    def multi_token_prediction_loss(
+        self, hidden, input_ids, shift_labels, document_ids=None, step_memory=None
+    ) -> torch.Tensor:
         """Mean over depths k = 1..D of the cross-entropy of predicting token t + k + 1 at position t."""
         seq_len = hidden.shape[1]
-        positions = torch.arange(seq_len, device=hidden.device)[None]
+        if document_ids is None:
+            positions = torch.arange(seq_len, device=hidden.device)[None]
+        else:
+            positions = document_positions(document_ids)
         losses = []
         for depth, module in enumerate(self.mtp, start=1):
             if seq_len - depth < 1:
                 break
             rotary = self.model.rotary_emb(positions[:, : seq_len - depth]) if self.model.rotary_emb is not None else None
             future = self.model.embed_tokens(input_ids[:, depth:])
-            mask = self.model.attention.mask(self.config, None, seq_len - depth, 0, hidden.device)
+            documents = document_ids[:, : seq_len - depth] if document_ids is not None else None
+            mask = self.model.attention.mask(self.config, None, seq_len - depth, 0, hidden.device, documents)
             hidden, normed, balance_loss = module(hidden[:, : seq_len - depth], future, rotary, mask)
             depth_loss = self.lm_loss(normed, shift_labels[:, depth:], step_memory)
             losses.append(depth_loss if balance_loss is None else depth_loss + balance_loss)
@@ -306,8 +324,9 @@ class TinySeekForCausalLM(TinySeekPreTrainedModel, GenerationMixin):
         """Mean next-token cross-entropy of the LM head on these (normalised) hidden states, fused and chunked."""
         return linear_cross_entropy(hidden_states, self.lm_head.weight, shift_labels, IGNORE_INDEX, memory=step_memory)
 
-    def moe_layers(self) -> list[DeepSeekMoE]:
-        return [module for module in self.modules() if isinstance(module, DeepSeekMoE)]
+    def moe_layers(self) -> list[nn.Module]:
+        """The routing feed-forward modules, the MTP blocks' included."""
+        return [layer.mlp for layer in self.modules() if isinstance(layer, DecoderLayer) and layer.feed_forward_spec.routes]
 
     def expert_load_counts(self) -> list[torch.Tensor]:
         """The live per-expert token counts of every MoE layer (to all-reduce across ranks before the update)."""

@@ -1,4 +1,5 @@
-"""Feed-forward blocks: the dense SwiGLU MLP and DeepSeekMoE (shared plus fine-grained routed experts).
+"""Feed-forward blocks, each a unit with its module, decode step and `FeedForwardSpec`: the dense SwiGLU MLP
+(``"dense"``) and DeepSeekMoE (``"moe"``: shared plus fine-grained routed experts).
 
 Routing follows DeepSeek-V3: experts are *selected* by score + a per-expert bias that the trainer nudges towards
 balance once per optimizer step (auxiliary-loss-free balancing), while the *gating weights* come from the unbiased
@@ -7,11 +8,16 @@ scores. Parameter names and layouts match transformers' DeepseekV3 so that weigh
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tinyseek.config import TinySeekConfig
+from tinyseek.config import ARCHITECTURE_CHECKS, TinySeekConfig, registered, require_non_negative, require_positive
+from tinyseek.decoding import joined_bias, project, transposed
+from tinyseek.errors import ConfigError
 # A drop-in nn.Linear / F.linear whose bf16-autocast matmuls avoid torch's slow CPU fallback (see tinyseek.ops).
 from tinyseek.ops import Linear, fused_linear, linear
 
@@ -46,17 +52,31 @@ class Router(nn.Linear):
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=x.device.type, enabled=False):
             logits = F.linear(x.float(), self.weight.float(), None if self.bias is None else self.bias.float())
-        return logits.softmax(dim=-1) if self.scoring_func == "softmax" else logits.sigmoid()
+        return SCORING_FUNCTIONS[self.scoring_func](logits)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (expert indices [N, k], gating weights [N, k], scores [N, E]) for tokens x [N, H]."""
         scores = self.scores(x)
-        # The balancing bias decides *which* experts; it never enters the weights, so it carries no gradient.
-        expert_indices = torch.topk(scores.detach() + self.e_score_correction_bias, self.top_k, dim=-1).indices
-        weights = scores.gather(1, expert_indices)
-        if self.norm_topk_prob:
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        return expert_indices, weights * self.routed_scaling_factor, scores
+        return (*choose_experts(scores, self), scores)
+
+
+SCORING_FUNCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "softmax": lambda logits: logits.softmax(dim=-1),
+    "sigmoid": torch.sigmoid,
+}
+
+
+def choose_experts(scores: torch.Tensor, router: Router) -> tuple[torch.Tensor, torch.Tensor]:
+    """(expert indices [N, k], gating weights [N, k]) from the scores [N, E]: the routing rule, which the model's
+    forward and the decode step both call. ``router`` supplies top_k, the balancing bias, norm_topk_prob and
+    routed_scaling_factor (the Router itself, or a decode step holding copies)."""
+    # The balancing bias decides *which* experts; it never enters the weights, so it carries no gradient (top-k's
+    # indices carry none whatever its input, so the scores need no detach: one operation less per decode step).
+    expert_indices = torch.topk(scores + router.e_score_correction_bias, router.top_k, dim=-1).indices
+    weights = scores.gather(1, expert_indices)
+    if router.norm_topk_prob:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return expert_indices, weights * router.routed_scaling_factor
 
 
 DENSE_DISPATCH_MAX_ROWS = 1024
@@ -203,7 +223,191 @@ def in_backward_recomputation() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
-def build_feed_forward(config: TinySeekConfig, layer_idx: int) -> nn.Module:
-    if config.is_moe_layer(layer_idx):
-        return DeepSeekMoE(config)
-    return SwiGLU(config.hidden_size, config.intermediate_size)
+class SwiGLUStep:
+    """The dense MLP for a few rows: gate and up projections in one GEMM against weights arranged once."""
+
+    decodes = SwiGLU
+
+    def __init__(self, module: SwiGLU):
+        self.gate_up = transposed(module.gate_proj.weight, module.up_proj.weight)
+        self.down = transposed(module.down_proj.weight)
+
+    def new_cache(self, batch: int, capacity: int) -> None:
+        return None
+
+    def __call__(self, x: torch.Tensor, cache=None, routed: list | None = None) -> torch.Tensor:
+        gate, up = (x @ self.gate_up).chunk(2, dim=-1)
+        return (F.silu(gate) * up) @ self.down
+
+
+class DeepSeekMoEStep:
+    """DeepSeekMoE for a few tokens. One token, with few of the experts chosen: the shared experts and its top-k
+    experts, whose weights are gathered. Otherwise: every expert in two GEMMs, the shared experts as extra columns
+    with gate 1, activations scaled by the gates; cheaper than grouping rows by expert at these sizes."""
+
+    decodes = DeepSeekMoE
+
+    def __init__(self, module: DeepSeekMoE):
+        router, experts = module.gate, module.experts
+        self.router, self.router_bias = transposed(router.weight), joined_bias([router])
+        self.e_score_correction_bias = router.e_score_correction_bias.detach().clone()
+        self.top_k, self.score = router.top_k, SCORING_FUNCTIONS[router.scoring_func]
+        self.norm_topk_prob, self.routed_scaling_factor = router.norm_topk_prob, router.routed_scaling_factor
+        self.num_experts, intermediate = experts.num_experts, experts.intermediate_size
+        experts_gate_up = experts.gate_up_proj.detach().transpose(1, 2)  # [E, hidden, 2I]
+        self.experts_down = experts.down_proj.detach().transpose(1, 2).contiguous()  # [E, I, hidden]
+        # Gathering copies the chosen weights (a read and a write) and the GEMMs read the copy: about 3k/E of the
+        # bytes that running every expert reads, which at batch 1 is what a step costs.
+        self.gather = 3 * self.top_k < self.num_experts
+        if self.gather:
+            self.experts_gate_up_by_input = experts.gate_up_proj.detach().permute(2, 0, 1).contiguous()  # [hidden, E, 2I]
+        self.shared = SwiGLUStep(module.shared_experts) if module.shared_experts is not None else None
+        # Every expert at once: columns [shared | expert 0 | expert 1 | ...] of the gate and of the up projection.
+        gates = [experts_gate_up[..., :intermediate].permute(1, 0, 2).flatten(1)]
+        ups = [experts_gate_up[..., intermediate:].permute(1, 0, 2).flatten(1)]
+        downs = [self.experts_down.flatten(0, 1)]
+        column_gate = torch.arange(self.num_experts).repeat_interleave(intermediate)
+        if self.shared is not None:
+            shared_gate, shared_up = self.shared.gate_up.chunk(2, dim=1)
+            gates.insert(0, shared_gate)
+            ups.insert(0, shared_up)
+            downs.insert(0, self.shared.down)
+            column_gate = torch.cat((column_gate.new_full((shared_gate.shape[1],), self.num_experts), column_gate))
+        self.all_gate_up = torch.cat(gates + ups, dim=1).contiguous()
+        self.all_down = torch.cat(downs).contiguous()
+        self.column_gate = column_gate.to(self.all_down.device)
+
+    def new_cache(self, batch: int, capacity: int) -> torch.Tensor:
+        """The gates of [routed experts | shared experts (always 1)], rewritten each step."""
+        gates = self.all_down.new_zeros(batch, self.num_experts + 1)
+        gates[:, -1] = 1.0
+        return gates
+
+    def __call__(self, x: torch.Tensor, gates: torch.Tensor, routed: list | None = None) -> torch.Tensor:
+        chosen, weights = choose_experts(self.score(project(x, self.router, self.router_bias)), self)
+        if routed is not None:
+            routed.append(chosen)
+        if x.shape[0] == 1 and self.gather:
+            return self.chosen_experts(x, chosen[0], weights[0])
+        gates = gates[: x.shape[0]]
+        gates[:, :-1] = 0
+        gates.scatter_(1, chosen, weights)
+        gate, up = (x @ self.all_gate_up).chunk(2, dim=-1)
+        return (F.silu(gate) * up * gates[:, self.column_gate]) @ self.all_down
+
+    def chosen_experts(self, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """One token [1, hidden] through its experts: two GEMMs against the chosen experts' weights side by side (a
+        compiled step turns a single-row batched matmul into a slow reduction, so these are plain GEMMs)."""
+        gate_up = self.experts_gate_up_by_input.index_select(1, chosen).view(x.shape[-1], -1)
+        gate, up = (x @ gate_up).view(self.top_k, -1).chunk(2, dim=-1)
+        activation = (F.silu(gate) * up * weights[:, None]).view(1, -1)
+        # Scaled by their gates, the experts' activations against their down projections stacked along the inner
+        # dimension give the gate-weighted sum of the experts' outputs.
+        output = activation @ self.experts_down.index_select(0, chosen).view(-1, x.shape[-1])
+        return output + self.shared(x) if self.shared is not None else output
+
+
+@dataclass(frozen=True)
+class FeedForwardSpec:
+    """What the model, the decoders, the FLOP count and the export need to know about one feed-forward type. Every
+    field but ``name`` is required."""
+
+    build: Callable[[TinySeekConfig], nn.Module]
+    """The layer's module. A routing module returns (output, balance loss or None); a dense one, the output."""
+    decode_step: type | None
+    """The single-token decode step (`tinyseek.decoding`) built from the module, or None where the type decodes
+    through the model's own forward."""
+    routes: bool
+    """Whether tokens are routed to experts (balancing, expert counts, capture of routed experts, routing maps)."""
+    parameters_per_token: Callable[[nn.Module], int]
+    """The module's parameters one token's forward uses; its training FLOPs are 6 times these."""
+    validate: Callable[[TinySeekConfig], None]
+    """Raise ConfigError naming the field when the config's fields for this type are inconsistent."""
+    transformers_problem: Callable[[TinySeekConfig, str], str | None]
+    """Why a transformers twin (a ``tinyseek.hf.TWINS`` key) cannot express this feed-forward, or None."""
+    name: str = ""
+    """Filled in by ``register_feed_forward``."""
+
+
+FEED_FORWARD_REGISTRY: dict[str, FeedForwardSpec] = {}
+
+
+def register_feed_forward(name: str, spec: FeedForwardSpec) -> None:
+    if name in FEED_FORWARD_REGISTRY:
+        raise TypeError(f"feed-forward type {name!r} is already registered")
+    FEED_FORWARD_REGISTRY[name] = replace(spec, name=name)
+
+
+def feed_forward_spec(name: str) -> FeedForwardSpec:
+    return registered(FEED_FORWARD_REGISTRY, "ffn_type", "feed-forward type", name)
+
+
+def validate_feed_forward(config: TinySeekConfig) -> None:
+    feed_forward_spec(config.ffn_type).validate(config)
+
+
+ARCHITECTURE_CHECKS.append(validate_feed_forward)
+
+
+def validate_moe(config: TinySeekConfig) -> None:
+    def fail(field: str, reason: str):
+        raise ConfigError(f"{field}: {reason}")
+
+    require_positive(config, "moe_intermediate_size", "n_routed_experts", "num_experts_per_tok")
+    require_non_negative(config, "n_shared_experts")
+    if config.num_experts_per_tok > config.n_routed_experts:
+        fail("num_experts_per_tok", f"top-k={config.num_experts_per_tok} is larger than n_routed_experts={config.n_routed_experts}")
+    if config.scoring_func not in SCORING_FUNCTIONS:
+        fail("scoring_func", f"unknown scoring function {config.scoring_func!r}; choose one of {tuple(SCORING_FUNCTIONS)}")
+    if config.num_experts_per_tok == 1 and config.norm_topk_prob:
+        fail(
+            "norm_topk_prob",
+            "with num_experts_per_tok=1 renormalising makes every gate weight 1.0, so the router gets no gradient; "
+            "set norm_topk_prob=False",
+        )
+    if config.bias_update_speed < 0:
+        fail("bias_update_speed", f"must be non-negative, got {config.bias_update_speed}")
+    if config.seq_aux_loss_coef < 0:
+        fail("seq_aux_loss_coef", f"must be non-negative, got {config.seq_aux_loss_coef}")
+    if config.routed_scaling_factor <= 0:
+        fail("routed_scaling_factor", f"must be positive, got {config.routed_scaling_factor}")
+
+
+def moe_transformers_problem(config: TinySeekConfig, model_type: str) -> str | None:
+    if model_type != "deepseek_v3":
+        return f"a MoE has no {model_type} twin here (only DeepseekV3 routes); use ffn_type='dense'"
+    if config.scoring_func != "sigmoid":
+        return "transformers' DeepseekV3 router scores experts with a sigmoid; this model uses softmax"
+    if config.router_bias:
+        return "transformers' DeepseekV3 router has no learnable bias (router_bias=True here)"
+    if config.n_routed_experts < 2:
+        return "transformers' DeepseekV3 router needs at least 2 routed experts"
+    return None
+
+
+def moe_parameters_per_token(moe: DeepSeekMoE) -> int:
+    """Everything but the routed experts a token is not sent to (k of n are used)."""
+    routed = sum(p.numel() for p in moe.experts.parameters())
+    return sum(p.numel() for p in moe.parameters()) - routed + routed * moe.top_k // moe.experts.num_experts
+
+
+def all_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+register_feed_forward("dense", FeedForwardSpec(
+    build=lambda config: SwiGLU(config.hidden_size, config.intermediate_size),
+    decode_step=SwiGLUStep,
+    routes=False,
+    parameters_per_token=all_parameters,
+    validate=lambda config: None,  # intermediate_size is checked for every model: DeepSeek's first layers are dense
+    transformers_problem=lambda config, model_type: None,  # Llama's MLP and DeepseekV3's dense layers are SwiGLU
+))
+register_feed_forward("moe", FeedForwardSpec(
+    build=DeepSeekMoE,
+    decode_step=DeepSeekMoEStep,
+    routes=True,
+    parameters_per_token=moe_parameters_per_token,
+    validate=validate_moe,
+    transformers_problem=moe_transformers_problem,
+))

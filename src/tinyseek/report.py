@@ -11,8 +11,7 @@ from torch import nn
 from tinyseek.attention import attention_spec
 from tinyseek.config import PRESETS, TinySeekConfig
 from tinyseek.errors import ConfigError, FileError
-from tinyseek.modeling import TinySeekForCausalLM
-from tinyseek.moe import DeepSeekMoE
+from tinyseek.modeling import DecoderLayer, TinySeekForCausalLM
 
 
 def parameter_report(model: nn.Module) -> dict[str, int]:
@@ -29,8 +28,8 @@ def parameter_report(model: nn.Module) -> dict[str, int]:
     embedding = sum(p.numel() for p in embedding_params.values())
     mtp = getattr(model, "mtp", None)
     mtp_params = sum(p.numel() for p in mtp.parameters()) if mtp is not None else 0
-    mtp_unused = unused_routed_parameters(mtp) if mtp is not None else 0
-    active = total - unused_routed_parameters(model) - (mtp_params - mtp_unused)
+    mtp_unused = unused_feed_forward_parameters(mtp) if mtp is not None else 0
+    active = total - unused_feed_forward_parameters(model) - (mtp_params - mtp_unused)
     return {
         "total": total,
         "trainable": trainable,
@@ -41,13 +40,14 @@ def parameter_report(model: nn.Module) -> dict[str, int]:
     }
 
 
-def unused_routed_parameters(module: nn.Module) -> int:
-    """Routed-expert parameters one token does not use: (n - k) / n of each MoE layer's experts."""
-    unused = 0
-    for moe in (m for m in module.modules() if isinstance(m, DeepSeekMoE)):
-        routed = sum(p.numel() for p in moe.experts.parameters())
-        unused += routed - routed * moe.top_k // moe.experts.num_experts
-    return unused
+def unused_feed_forward_parameters(module: nn.Module) -> int:
+    """Feed-forward parameters one token does not use, as each type declares (`FeedForwardSpec.parameters_per_token`:
+    for DeepSeekMoE, the routed experts it is not sent to)."""
+    return sum(
+        sum(p.numel() for p in layer.mlp.parameters()) - layer.feed_forward_spec.parameters_per_token(layer.mlp)
+        for layer in module.modules()
+        if isinstance(layer, DecoderLayer)
+    )
 
 
 def format_parameter_report(report: dict[str, int]) -> str:

@@ -130,7 +130,7 @@ def main(argv: list[str]) -> int:
 
     model, tokenizer = load_from_arguments(args, "cpu")
     config = model.config
-    moe_layers = [index for index in range(config.num_hidden_layers) if config.is_moe_layer(index)]
+    moe_layers = [index for index, layer in enumerate(model.model.layers) if layer.feed_forward_spec.routes]
     if not moe_layers:
         raise ConfigError("this model is dense (ffn_type=dense): its tokens are not routed, so there is nothing to draw")
     prompt = encode_prompt(tokenizer, args.text)

@@ -48,7 +48,7 @@ class Session:
         from tinyseek.generate.engine import GenerationEngine  # torch: imported once the arguments parse
 
         self.tokenizer, self.sampling, self.args = tokenizer, sampling, args
-        self.engine = GenerationEngine(model, tokenizer, compile=args.compile)
+        self.engine = GenerationEngine(model, tokenizer, decoder="compiled" if args.compile else "lean")
         self.positions = model.config.max_position_embeddings
 
     def continue_prompt(self, prompt: str) -> str:

@@ -9,23 +9,22 @@ Decoding runs in fp32 whatever autocast the caller is inside (a trainer's bf16 w
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import copy
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
+from tinyseek.config import registered
 from tinyseek.errors import ConfigError, InputError
-from tinyseek.generate.lean import (
-    LeanDecoder,
-    LeanWeights,
-    supports_lean_decoding,
-    weights_version,
-)
+from tinyseek.generate.forward import CachedForward, Decoder
+from tinyseek.generate.lean import LeanDecoder, LeanWeights, supports_lean_decoding, weights_version
 from tinyseek.generate.sampling import Sampling
 from tinyseek.generate.speculative import SpeculativeForward
 from tinyseek.generate.streaming import TextStream
-from tinyseek.moe import Router
+from tinyseek.modeling import TinySeekForCausalLM
 
 ALTERNATIVES = 5
 
@@ -70,83 +69,68 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch
     return input_ids, attention_mask
 
 
-class CachedForward:
-    """Decoding through the model's own forward and its `TinySeekCache`, one call per step."""
+def lean(engine: GenerationEngine, batch: int, capacity: int, capture: bool, compiled: bool = False) -> Decoder:
+    if not supports_lean_decoding(engine.model):
+        return CachedForward(engine.model, capture)
+    return LeanDecoder(engine.model, engine.lean_weights(), batch, capacity, capture, compiled=compiled)
 
-    path = "model forward"
 
-    def __init__(self, model, batch: int, capacity: int, capture: bool):
-        self.model, self.capacity, self.cache, self.attention_mask = model, capacity, None, None
-        self.routers = [module for module in model.model.modules() if isinstance(module, Router)] if capture else []
-        self.routed: list[torch.Tensor] = []
+def compiled(engine: GenerationEngine, batch: int, capacity: int, capture: bool) -> Decoder:
+    return lean(engine, batch, capacity, capture, compiled=True)
 
-    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        self.attention_mask = attention_mask
-        return self.forward(input_ids)
 
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        self.attention_mask = torch.cat((self.attention_mask, self.attention_mask.new_ones(len(tokens), 1)), dim=1)
-        return self.forward(tokens[:, None])
+def speculative(engine: GenerationEngine, batch: int, capacity: int, capture: bool) -> Decoder:
+    if batch == 1 and not capture:
+        return SpeculativeForward(engine.model)
+    return lean(engine, batch, capacity, capture)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Logits [B, V] in fp32 for the next token of every row."""
-        self.routed = []
-        hooks = [router.register_forward_hook(self.record_routing) for router in self.routers]
-        try:
-            output = self.model(
-                input_ids, attention_mask=self.attention_mask, cache=self.cache, use_cache=True, logits_to_keep=1
-            )
-        finally:
-            for hook in hooks:
-                hook.remove()
-        self.cache = output.cache
-        return output.logits[:, -1].float()
 
-    def record_routing(self, router, inputs, outputs) -> None:
-        expert_indices = outputs[0]  # [B * T, k], tokens in (row, position) order
-        rows = self.attention_mask.shape[0]
-        self.routed.append(expert_indices.view(rows, -1, expert_indices.shape[-1])[:, -1])
+def needs_mtp(model) -> str | None:
+    if model.mtp is None:
+        return "speculative decoding drafts with the multi-token-prediction head; this model has none"
+    return None
 
-    def experts(self) -> list[list[list[int]]]:
-        """Per row, per MoE layer: the routed experts of the last position of the latest forward."""
-        if not self.routed:
-            return [[] for _ in range(self.attention_mask.shape[0])]
-        return torch.stack(self.routed, dim=1).tolist()
+
+@dataclass(frozen=True)
+class DecoderChoice:
+    """One way to decode: how the engine builds it for a stream, and why a model cannot use it (or None)."""
+
+    build: Callable[[GenerationEngine, int, int, bool], Decoder]
+    refuse: Callable[[TinySeekForCausalLM], str | None] = lambda model: None
+
+
+DECODERS: dict[str, DecoderChoice] = {
+    # The lean step (`tinyseek.generate.lean`): each layer's declared decode step, on preallocated caches. Models
+    # with a layer whose type declares none, and sharded models, decode through the model's forward instead.
+    "lean": DecoderChoice(lean),
+    # The lean step through torch.compile: tens of seconds once, then faster steps (pays for a server or long
+    # generations); where compilation fails, the eager lean step, with one warning.
+    "compiled": DecoderChoice(compiled),
+    # The model's own forward with its TinySeekCache: the reference every other decoder is tested against.
+    "model-forward": DecoderChoice(lambda engine, batch, capacity, capture: CachedForward(engine.model, capture)),
+    # Drafts each next token with the MTP head and verifies it in the same forward as the current one
+    # (`tinyseek.generate.speculative`); single prompts without capture, others decode lean.
+    "speculative": DecoderChoice(speculative, refuse=needs_mtp),
+}
 
 
 class GenerationEngine:
     """Continues batches of token-id prompts with a TinySeek model; see the module docstring.
 
     ``tokenizer`` may be None (then events carry no text and stop strings are unavailable); EOS comes from
-    ``eos_token_ids``, else the tokenizer, else the model's config. ``device`` None keeps the model where it is.
-    ``lean=False`` decodes through the model's own forward (the reference the lean step is tested against);
-    ``speculative=True`` drafts each next token with the model's MTP head and verifies it in the same forward as
-    the current one (single prompts without capture; see `tinyseek.generate.speculative`). ``compile=True`` compiles
-    the lean step with torch.compile (tens of seconds once, then faster steps; it pays
-    for a server or long generations) and falls back to the eager step, with one warning, where that fails.
+    ``eos_token_ids``, else the tokenizer, else the model's config. ``decoder`` names how to decode, one of
+    `DECODERS`.
     """
 
-    def __init__(
-        self,
-        model,
-        tokenizer=None,
-        *,
-        device=None,
-        compile: bool = False,
-        eos_token_ids=None,
-        pad_token_id=None,
-        lean: bool = True,
-        speculative: bool = False,
-    ):
-        self.model, self.tokenizer, self.compile, self.lean = model, tokenizer, compile, lean
-        if speculative and model.mtp is None:
-            raise ConfigError("speculative decoding drafts with the multi-token-prediction head; this model has none")
-        self.speculative = speculative
-        self.lean_weights: LeanWeights | None = None
-        self.decoder = None
-        self.device = torch.device(device) if device is not None else model.device
-        if model.device != self.device:
-            model.to(self.device)
+    def __init__(self, model, tokenizer=None, *, decoder: str = "lean", eos_token_ids=None, pad_token_id=None):
+        self.decoder_choice = registered(DECODERS, "decoder", "decoder", decoder)
+        refusal = self.decoder_choice.refuse(model)
+        if refusal is not None:
+            raise ConfigError(refusal)
+        self.model, self.tokenizer = model, tokenizer
+        self.cached_lean_weights: LeanWeights | None = None
+        self.decoder: Decoder | None = None
+        self.device = model.device
         if eos_token_ids is None:
             eos_token_ids = tokenizer.eos_token_id if tokenizer is not None else model.config.eos_token_id
         if isinstance(eos_token_ids, int):
@@ -156,6 +140,12 @@ class GenerationEngine:
             pad_token_id = tokenizer.pad_token_id
         # Padding only fills the left of shorter prompts (masked out) and the rows that have finished.
         self.pad_token_id = pad_token_id if pad_token_id is not None else min(self.eos_token_ids, default=0)
+
+    def lean_weights(self) -> LeanWeights:
+        """The model's weights arranged for the lean step, rearranged only when a weight changed."""
+        if self.cached_lean_weights is None or self.cached_lean_weights.version != weights_version(self.model):
+            self.cached_lean_weights = LeanWeights(self.model)
+        return self.cached_lean_weights
 
     def stream(
         self,
@@ -174,7 +164,7 @@ class GenerationEngine:
         steps = min(max_new_tokens, self.room(longest))
         input_ids, attention_mask = (t.to(self.device) for t in left_pad(prompts, self.pad_token_id))
         sequences = torch.cat((input_ids, input_ids.new_full((len(prompts), steps), self.pad_token_id)), dim=1)
-        processors = sampling.logits_processor()
+        processors = sampling.logits_processor(longest, self.eos_token_ids)
         if generator is None:
             generator = sampling.generator(self.device)
         texts = [TextStream(self.tokenizer, prompt, stop) if self.tokenizer is not None else None for prompt in prompts]
@@ -183,7 +173,7 @@ class GenerationEngine:
         self.model.eval()
         try:
             with fp32_inference(self.device.type):
-                decoder = self.decoder = self.make_decoder(len(prompts), longest + steps, capture)
+                decoder = self.decoder = self.decoder_choice.build(self, len(prompts), longest + steps, capture)
                 logits = decoder.prefill(input_ids, attention_mask)
             for step in range(steps):
                 length = longest + step
@@ -237,15 +227,6 @@ class GenerationEngine:
         if not isinstance(self.decoder, SpeculativeForward):
             return None
         return self.decoder.drafted, self.decoder.accepted
-
-    def make_decoder(self, batch: int, capacity: int, capture: bool):
-        if self.speculative and batch == 1 and not capture:
-            return SpeculativeForward(self.model, batch, capacity, capture)
-        if not (self.lean and supports_lean_decoding(self.model)):
-            return CachedForward(self.model, batch, capacity, capture)
-        if self.lean_weights is None or self.lean_weights.version != weights_version(self.model):
-            self.lean_weights = LeanWeights(self.model)
-        return LeanDecoder(self.model, self.lean_weights, batch, capacity, capture, compiled=self.compile)
 
     def room(self, prompt_length: int) -> int:
         """How many new tokens fit after a prompt of this length: the last token chosen is never fed back, so P
@@ -305,59 +286,97 @@ def fp32_inference(device_type: str):
 
 
 # What the engine does itself when `model.generate()` is called; a generation config that sets anything else to a
-# non-default value (beams, constraints, extra processors, scores in the output, ...) goes to transformers.
+# non-default value (beams, constraints, extra processors, scores in the output, ...) goes to transformers' loop,
+# with a warning naming the field.
 ENGINE_GENERATION_FIELDS = frozenset({
     "max_length", "max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
     "eos_token_id", "pad_token_id", "bos_token_id", "use_cache", "transformers_version", "_from_model_config",
-    "cache_implementation", "disable_compile",
+    "cache_implementation", "disable_compile", "min_new_tokens", "stop_strings", "num_return_sequences",
+    "no_repeat_ngram_size", "bad_words_ids",
 })
+ENGINE_MODEL_KWARGS = frozenset({"attention_mask", "tokenizer"})
+FALLBACK_WARNED: set[str] = set()
 
 
 def generate_through_engine(model, inputs, generation_config, kwargs: dict) -> torch.Tensor | None:
-    """`model.generate()`'s output [B, P + new] from the engine, or None where the request needs transformers."""
+    """`model.generate()`'s output [B * num_return_sequences, P + new] from the engine, or None (after a warning
+    naming what needs it, once per process) where the request needs transformers' loop."""
     kwargs = dict(kwargs)
     inputs = kwargs.pop("input_ids", inputs)
-    if inputs is None or inputs.dim() != 2:
-        return None
-    config, model_kwargs = model._prepare_generation_config(generation_config, **kwargs)
-    if set(model_kwargs) - {"attention_mask"} or not uses_engine_fields_only(model, config):
-        return None
-    if config.cache_implementation not in (None, "static"):
-        return None
+    # A copy updated with the call's fields, as transformers does (GenerationConfig.update returns the rest).
+    config = copy.deepcopy(generation_config if generation_config is not None else model.generation_config)
+    model_kwargs = config.update(**kwargs)
+    config.validate(user_set_attributes=set(kwargs) - set(model_kwargs))  # refuses what transformers' generate() refuses
     attention_mask = model_kwargs.get("attention_mask")
-    if attention_mask is None:
+    if attention_mask is None and inputs is not None:
         attention_mask = torch.ones_like(inputs)
-    prompts = [row[mask.bool()].tolist() for row, mask in zip(inputs, attention_mask)]
-    if any(not prompt for prompt in prompts):
+    needs_transformers = transformers_only_fields(model, inputs, config, model_kwargs, attention_mask)
+    if needs_transformers:
+        warn_transformers_loop(needs_transformers)
         return None
+    prompts = [row[mask.bool()].tolist() for row, mask in zip(inputs, attention_mask)]
+    copies = config.num_return_sequences or 1
+    prompts = [prompt for prompt in prompts for _ in range(copies)]  # transformers' order: each prompt's copies together
     eos = config.eos_token_id
     eos = [eos] if isinstance(eos, int) else list(eos or ())
     pad = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0)
     steps = config.max_new_tokens if config.max_new_tokens is not None else config.max_length - inputs.shape[1]
-    if steps < 1:
-        return None
-    if config.do_sample:
-        sampling = Sampling(config.temperature, config.top_k or 0, config.top_p, config.min_p or 0.0, config.repetition_penalty)
-    else:
-        sampling = Sampling(temperature=0, repetition_penalty=config.repetition_penalty)
+    constraints = dict(
+        min_new_tokens=config.min_new_tokens or 0, no_repeat_ngram_size=config.no_repeat_ngram_size or 0,
+        bad_words_ids=tuple(tuple(words) for words in config.bad_words_ids or ()),
+    )
+    # Unset (None) fields take Sampling's defaults, which are transformers' own.
+    chosen = dict(temperature=config.temperature, top_k=config.top_k, top_p=config.top_p, min_p=config.min_p,
+                  repetition_penalty=config.repetition_penalty)
+    if not config.do_sample:
+        chosen = dict(temperature=0, repetition_penalty=config.repetition_penalty)
+    sampling = Sampling(**{name: value for name, value in chosen.items() if value is not None}, **constraints)
     # transformers compiles the decode step when asked for a static cache; the engine's cache is always static.
-    compile = config.cache_implementation == "static" and not config.disable_compile
-    engine = GenerationEngine(model, eos_token_ids=eos, pad_token_id=pad, compile=compile)
-    completions = engine.generate(prompts, sampling, steps)
+    decoder = "compiled" if config.cache_implementation == "static" and not config.disable_compile else "lean"
+    engine = GenerationEngine(model, model_kwargs.get("tokenizer"), decoder=decoder, eos_token_ids=eos, pad_token_id=pad)
+    completions = engine.generate(prompts, sampling, steps, stop=config.stop_strings or ())
     width = max(len(completion.token_ids) for completion in completions)
     new = torch.full((len(prompts), width), pad, dtype=inputs.dtype, device=inputs.device)
     for row, completion in enumerate(completions):
         new[row, : len(completion.token_ids)] = torch.tensor(completion.token_ids)
-    return torch.cat((inputs, new), dim=1)
+    return torch.cat((inputs.repeat_interleave(copies, dim=0), new), dim=1)
 
 
-def uses_engine_fields_only(model, config) -> bool:
-    baseline = type(config)()
-    baseline.update(**model.generation_config._get_default_generation_params(), defaults_only=True)
-    defaults = baseline.to_dict()
+def transformers_only_fields(model, inputs, config, model_kwargs: dict, attention_mask) -> list[str]:
+    """What in this `model.generate()` call the engine does not do: fields, keyword arguments, or input shapes."""
+    if inputs is None or inputs.dim() != 2:
+        return ["inputs (anything but a [batch, length] tensor of token ids)"]
+    fields = sorted(set(model_kwargs) - ENGINE_MODEL_KWARGS)
+    defaults = type(config)().to_dict()
     # `or None`: an unset field reads None in one config and False or 0 in the other.
-    return all(
-        (value or None) == (defaults.get(name) or None)
-        for name, value in config.to_dict().items()
-        if name not in ENGINE_GENERATION_FIELDS
-    )
+    fields += [
+        name for name, value in config.to_dict().items()
+        if name not in ENGINE_GENERATION_FIELDS and (value or None) != (defaults.get(name) or None)
+    ]
+    if config.cache_implementation not in (None, "static"):
+        fields.append(f"cache_implementation={config.cache_implementation!r}")
+    if config.stop_strings and model_kwargs.get("tokenizer") is None:
+        fields.append("stop_strings (without tokenizer=)")
+    if config.stop_strings and config.eos_token_id is None:  # transformers then keeps generating the stopped rows
+        fields.append("stop_strings (without eos_token_id)")
+    if config.max_new_tokens is None and (config.max_length is None or config.max_length <= inputs.shape[1]):
+        fields.append("max_new_tokens (unset, and max_length leaves no room)")
+    if not bool(attention_mask.any(dim=1).all()):
+        fields.append("attention_mask (a row without tokens)")
+    return fields
+
+
+def warn_transformers_loop(fields: list[str]) -> None:
+    """Once per process for each field: the slow path is never taken silently, nor announced at every call."""
+    new = [field for field in fields if field not in FALLBACK_WARNED]
+    if new:
+        FALLBACK_WARNED.update(new)
+        warnings.warn(
+            f"model.generate(): tinyseek's generation engine does not do {', '.join(new)}; decoding with transformers' "
+            "generate() loop instead, several times slower",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+
+TinySeekForCausalLM.engine_generate = generate_through_engine

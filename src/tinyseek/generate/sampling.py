@@ -14,8 +14,10 @@ from tinyseek.errors import ConfigError
 
 @dataclass(frozen=True)
 class Sampling:
-    """Decoding settings. ``temperature=0`` is greedy decoding (the repetition penalty still applies); 0 / 1.0 / 0.0
-    switch top-k / top-p / min-p off. The defaults are transformers' own."""
+    """Decoding settings. ``temperature=0`` is greedy decoding (the repetition penalty and the constraints still
+    apply); 0 / 1.0 / 0.0 switch top-k / top-p / min-p off. The constraints: EOS is not chosen before
+    ``min_new_tokens`` new tokens (when there is an EOS), no n-gram of ``no_repeat_ngram_size`` tokens repeats, and no
+    sequence of ``bad_words_ids`` is completed. The defaults are transformers' own."""
 
     temperature: float = 1.0
     top_k: int = 50
@@ -23,6 +25,9 @@ class Sampling:
     min_p: float = 0.0
     repetition_penalty: float = 1.0
     seed: int | None = None
+    min_new_tokens: int = 0
+    no_repeat_ngram_size: int = 0
+    bad_words_ids: tuple[tuple[int, ...], ...] = ()
 
     def __post_init__(self):
         if self.temperature < 0:
@@ -35,16 +40,24 @@ class Sampling:
             raise ConfigError(f"min_p must be in [0, 1], got {self.min_p}")
         if self.repetition_penalty <= 0:
             raise ConfigError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.min_new_tokens < 0 or self.no_repeat_ngram_size < 0:
+            raise ConfigError("min_new_tokens and no_repeat_ngram_size must be >= 0")
+        if any(not words for words in self.bad_words_ids):
+            raise ConfigError("bad_words_ids: every banned sequence needs at least one token id")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
 
-    def logits_processor(self) -> LogitsProcessorList:
+    def logits_processor(self, prompt_length: int = 0, eos_token_ids=()) -> LogitsProcessorList:
+        """The processors for sequences whose prompts (left-padded) take ``prompt_length`` columns."""
         # Imported here so that the settings themselves (the commands' defaults) load without transformers.
         from transformers.generation import (
             LogitsProcessorList,
+            MinNewTokensLengthLogitsProcessor,
             MinPLogitsWarper,
+            NoBadWordsLogitsProcessor,
+            NoRepeatNGramLogitsProcessor,
             RepetitionPenaltyLogitsProcessor,
             TemperatureLogitsWarper,
             TopKLogitsWarper,
@@ -52,8 +65,15 @@ class Sampling:
         )
 
         processors = LogitsProcessorList()
+        eos = sorted(eos_token_ids)
         if self.repetition_penalty != 1.0:
             processors.append(RepetitionPenaltyLogitsProcessor(self.repetition_penalty))
+        if self.no_repeat_ngram_size:
+            processors.append(NoRepeatNGramLogitsProcessor(self.no_repeat_ngram_size))
+        if self.bad_words_ids:
+            processors.append(NoBadWordsLogitsProcessor([list(words) for words in self.bad_words_ids], eos or None))
+        if self.min_new_tokens and eos:
+            processors.append(MinNewTokensLengthLogitsProcessor(prompt_length, self.min_new_tokens, eos))
         if self.greedy:
             return processors
         if self.temperature != 1.0:
@@ -85,9 +105,13 @@ class Sampling:
 
     def generate_kwargs(self) -> dict:
         """The same settings as keyword arguments of `model.generate()` (seed it with `torch.manual_seed`)."""
+        constraints = {
+            "min_new_tokens": self.min_new_tokens or None, "no_repeat_ngram_size": self.no_repeat_ngram_size or None,
+            "bad_words_ids": [list(words) for words in self.bad_words_ids] or None,
+        }
         if self.greedy:
-            return {"do_sample": False, "repetition_penalty": self.repetition_penalty}
+            return {"do_sample": False, "repetition_penalty": self.repetition_penalty, **constraints}
         return {
             "do_sample": True, "temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p,
-            "min_p": self.min_p or None, "repetition_penalty": self.repetition_penalty,
+            "min_p": self.min_p or None, "repetition_penalty": self.repetition_penalty, **constraints,
         }

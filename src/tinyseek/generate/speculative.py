@@ -5,8 +5,9 @@ the embedding of x, drafts the token after x; the main model then runs x and the
 two tokens) and so yields the logits after x and, if the engine's next choice equals the draft, the logits after
 the draft as well: that step needs no forward at all. The engine chooses every token from the main model's logits,
 so the output is the non-speculative greedy output; a wrong draft costs only its column of the cache, which is
-dropped (for linear attention, whose recurrent state cannot drop a token, the state before the pair is restored
-and x is run again).
+dropped where the cache can crop, and otherwise (a recurrent state cannot drop a token) the cache's snapshot from
+before the pair is restored and x is run again. The cache says which (`TinySeekCache.can_crop`); the attention type
+is never asked.
 
 The MTP block has its own cache: position i of it reads (h_i, x_{i+1}), which the prefill fills for the prompt and
 each draft extends by the positions verified since the last one.
@@ -15,27 +16,25 @@ each draft extends by the positions verified since the last one.
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import DynamicLayer
 
 from tinyseek.attention import TinySeekCache
 
 
 class SpeculativeForward:
-    """The engine's decoder interface (prefill, step, experts) for one row, with an MTP draft per step. Any rule
-    for choosing tokens works: logits after a draft are used only when the chosen token is the draft."""
+    """A `Decoder` for one row, with an MTP draft per step. Any rule for choosing tokens works: logits after a draft
+    are used only when the chosen token is the draft."""
 
     path = "speculative (MTP draft, model forward verify)"
 
-    def __init__(self, model, batch: int, capacity: int, capture: bool):
-        self.model, self.capacity = model, capacity
+    def __init__(self, model):
+        self.model = model
         self.mtp = model.mtp[0]
         self.cache = TinySeekCache(model.config)
-        self.mtp_cache = TinySeekCache(model.config)
-        self.mtp_cache.layers = self.mtp_cache.layers[:1]
+        self.mtp_cache = TinySeekCache(model.config, num_layers=1)
         self.drafted = self.accepted = 0
         # From the last verify: (draft, logits after the draft, hidden at the draft, hidden at the token before it).
         self.pending = None
-        self.snapshot: list = []  # recurrent states before the last verify (linear attention cannot crop)
+        self.snapshot: list | None = None  # the cache before the last verify, where it cannot crop
         self.last_pair_first: torch.Tensor | None = None
         self.unseen: list[tuple[torch.Tensor, int]] = []  # (main hidden at i, token i + 1) not yet in the MTP cache
 
@@ -67,7 +66,7 @@ class SpeculativeForward:
             return logits[:, 0]
         draft = self.draft()
         pair = torch.tensor([[token, draft]], device=tokens.device)
-        self.snapshot = [(layer.state, layer.normalizer, layer.seen_tokens) for layer in self.cache.layers if not isinstance(layer, DynamicLayer)]
+        self.snapshot = None if self.cache.can_crop else self.cache.snapshot()
         hidden, logits = self.forward(pair)
         self.pending = (draft, logits[:, 1], hidden[:, 1:], hidden[:, :1])
         return logits[:, 0]
@@ -81,7 +80,7 @@ class SpeculativeForward:
         count = tokens.shape[1]
         positions = torch.arange(past, past + count, device=hidden.device)[None]
         rotary = self.model.model.rotary_emb(positions) if self.model.model.rotary_emb is not None else None
-        causal_mask = self.model.model.attention.mask(self.model.config, None, count, past, hidden.device)
+        causal_mask = self.model.model.attention.mask(self.model.config, None, count, past, hidden.device, None)
         _, normed, _ = self.mtp(
             hidden, self.model.model.embed_tokens(tokens), rotary, causal_mask=causal_mask,
             cache_layer=self.mtp_cache.layers[0],
@@ -90,13 +89,12 @@ class SpeculativeForward:
 
     def drop_draft(self) -> None:
         """Forget the rejected draft's entry in every layer of the main cache."""
-        if not self.snapshot:
+        if self.snapshot is None:
             for layer in self.cache.layers:
                 layer.crop(-1)
             return
-        # A recurrent state cannot drop a token: restore the state before the pair and run its first token again.
-        for layer, (state, normalizer, seen) in zip(self.cache.layers, self.snapshot):
-            layer.state, layer.normalizer, layer.seen_tokens = state, normalizer, seen
+        # A cache that cannot drop a token: restore it as it was before the pair and run the pair's first token again.
+        self.cache.restore(self.snapshot)
         self.forward(self.last_pair_first)
 
     def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

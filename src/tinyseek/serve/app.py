@@ -35,10 +35,10 @@ ERROR_TYPES = {404: "not_found_error", 503: "server_overloaded"}
 
 def create_app(model, tokenizer, *, model_name: str = "tinyseek", limits: Limits = Limits(), compile: bool = False) -> FastAPI:
     """The server for one model. The generation thread starts and stops with the application's lifespan."""
-    engine = GenerationEngine(model, tokenizer, compile=compile)
+    engine = GenerationEngine(model, tokenizer, decoder="compiled" if compile else "lean")
     scheduler = Scheduler(engine, model.device, max_streams=limits.max_streams, max_waiting=limits.max_waiting)
     config = model.config
-    moe_layers = [index for index in range(config.num_hidden_layers) if config.is_moe_layer(index)]
+    moe_layers = [index for index, layer in enumerate(model.model.layers) if layer.feed_forward_spec.routes]
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

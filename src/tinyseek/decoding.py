@@ -1,0 +1,76 @@
+"""What every single-token decode step shares: weights arranged once as [in, out], RoPE applied from a rotated copy,
+and the `Step` each layer reads.
+
+Each attention and feed-forward type declares its own decode step (``AttentionSpec.decode_step``,
+``FeedForwardSpec.decode_step``) beside its module; `tinyseek.generate.lean` only drives them. At these sizes a
+decode step does ~10 MFLOP, well under a millisecond of arithmetic; what costs is the number of operations, each a few
+microseconds of dispatch, and GEMM calls in the shape BLAS is slow at. So every step follows the same rules:
+
+* every weight is stored once as [in, out], contiguous: for one row, ``x @ W`` runs MKL's fast path, while
+  ``F.linear(x, W)`` on the [out, in] parameter runs a transposed GEMM that is several times slower for a wide head;
+* projections that read the same input are one GEMM against weights concatenated once, not per call;
+* RoPE is x * cos + (x @ R) * sin with R rotate-half's signed permutation, from tables built once;
+* caches are preallocated and written in place at the step's column; nothing grows, nothing is concatenated.
+
+An attention step has ``new_cache(batch, capacity)``, ``load(cache, cache_layer, length)`` (copy the prefill's
+`TinySeekCache` entry in) and ``__call__(x, step, cache, rotary)``; a feed-forward step has ``new_cache(batch,
+capacity)`` (None when it needs none) and ``__call__(x, cache, routed)``, appending its routed experts to ``routed``
+when that is a list. Every tensor a step holds is contiguous, which the compiled step relies on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def transposed(*weights: torch.Tensor) -> torch.Tensor:
+    """[in, out] contiguous copy of nn.Linear weights [out, in] stacked along out."""
+    return torch.cat([w.detach() for w in weights]).t().contiguous()
+
+
+def joined_bias(layers) -> torch.Tensor | None:
+    """The layers' biases side by side (zeros for a layer without one), or None if none has a bias."""
+    if all(getattr(layer, "bias", None) is None for layer in layers):
+        return None
+    return torch.cat([layer.bias.detach() if layer.bias is not None else layer.weight.new_zeros(layer.out_features) for layer in layers])
+
+
+def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return x @ weight if bias is None else torch.addmm(bias, x, weight)
+
+
+def rotated_rows(weight: torch.Tensor, dim: int) -> torch.Tensor:
+    """The rows of a [heads * dim, in] projection that produce rotate_half of its output, head by head."""
+    heads = weight.view(-1, dim, weight.shape[-1])
+    first, second = heads.chunk(2, dim=1)
+    return torch.cat((-second, first), dim=1).flatten(0, 1)
+
+
+class Rotary:
+    """cos and sin for every position. RoPE is x * cos + rotate_half(x) * sin, and rotate_half(x) = [-x2, x1] is
+    linear in x: the projections that produce a RoPE'd vector also produce its rotated copy (`rotated_rows`), so
+    applying RoPE is two elementwise operations and no extra GEMM."""
+
+    def __init__(self, rotary_embedding, positions: int, device):
+        cos, sin = rotary_embedding(torch.arange(positions, device=device)[None])
+        self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()
+
+    @staticmethod
+    def apply(x: torch.Tensor, rotated: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """RoPE on x [B, heads, d] given rotate_half(x), with cos/sin [B, 1, d]."""
+        return torch.addcmul(x * cos, rotated, sin)
+
+
+@dataclass
+class Step:
+    """What every layer reads in one step: the rows' cos/sin for RoPE ([B, 1, d] or None), the cache column written
+    (a one-element tensor, so a compiled step does not specialise on it), the number of cache columns attended, and
+    the additive mask over them (None when no column needs masking)."""
+
+    cos: torch.Tensor | None
+    sin: torch.Tensor | None
+    column: torch.Tensor
+    length: int
+    mask: torch.Tensor | None
