@@ -13,6 +13,7 @@ from tinyseek.data.chat import END_OF_TURN_TOKEN, mark_chat_trained, render_chat
 from tinyseek.generate.engine import GenerationEngine
 from tinyseek.generate.sampling import Sampling
 from tinyseek.loading import load_model_and_tokenizer
+from tinyseek.route import expert_colour
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -137,6 +138,20 @@ def test_the_expert_view_tags_each_token_with_its_expert_in_the_chosen_layer(cha
     assert replies[0] == "".join(f"[{event.experts[layer][0]}]{event.text}" for (event,) in steps)
     assert replies[1] == reference.text  # the view toggled off
     assert "expert view on" in log and "expert view off" in log and "/experts takes a MoE layer's index" in log
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr("sys.stdout", terminal)
+    monkeypatch.setattr("sys.stdin", io.StringIO("/experts 1\nhello\n"))
+    assert tinyseek_main(["chat", "--run-dir", str(chat_run), "--device", "cpu", "--temperature", "0",
+                          "--max-new-tokens", "5"]) == 0
+    colours = [tuple(int(expert_colour(event.experts[layer][0])[i: i + 2], 16) for i in (1, 3, 5))
+               for (event,) in steps]
+    assert terminal.getvalue() == "".join(f"\x1b[38;2;{r};{g};{b}m{event.text}\x1b[0m"
+                                          for (r, g, b), (event,) in zip(colours, steps)) + "\n"
 
 
 def test_a_base_model_is_refused_unless_asked_for_explicitly(tiny_model, letters_only, chat_byte_tokenizer,
