@@ -110,6 +110,7 @@ def test_openai_client_gets_the_text_of_tinyseek_generate_alone_and_while_anothe
     error = refused.value.body
     assert error["code"] == "model_not_chat_trained" and error["param"] == "messages"
     assert "its tokenizer has no tinyseek chat template" in error["message"]
+    assert httpx.get(f"{server.url}/v1/models/letters", timeout=TIMEOUT).json()["tinyseek"]["chat"] is False
 
     # Another request streams throughout: its tokens are interleaved with ours, our text must not change.
     with client.completions.create(model="letters", prompt="a dog", max_tokens=40, stream=True) as other:
@@ -174,6 +175,7 @@ def test_a_chat_trained_model_answers_with_its_template_alone_and_while_another_
     assert expected.text
 
     client = chat_server.client()
+    assert httpx.get(f"{chat_server.url}/v1/models/letters", timeout=TIMEOUT).json()["tinyseek"]["chat"] is True
     chat = client.chat.completions.create(model="letters", messages=messages, **SAMPLED)
     assert chat.choices[0].message.content == expected.text
     assert chat.usage.prompt_tokens == len(prompt_ids)

@@ -14,7 +14,7 @@ from fastapi.staticfiles import StaticFiles
 from jinja2 import TemplateError
 from starlette.exceptions import HTTPException
 
-from tinyseek.data.chat import ChatTemplateError, chat_refusal, end_of_turn_ids, render_chat
+from tinyseek.data.chat import chat_refusal, end_of_turn_ids, render_chat
 from tinyseek.data.tokenizer import encode_prompt
 from tinyseek.generate.engine import GenerationEngine
 from tinyseek.generate.sampling import Sampling
@@ -80,6 +80,8 @@ def create_app(model, tokenizer, *, model_name: str = "tinyseek", limits: Limits
                 "n_routed_experts": config.n_routed_experts if moe_layers else 0,
                 "num_experts_per_tok": config.num_experts_per_tok if moe_layers else 0,
                 "max_position_embeddings": config.max_position_embeddings, "max_tokens": limits.max_tokens,
+                # Whether /v1/chat/completions answers, and why not.
+                "chat": chat_refused is None, "chat_refused": chat_refused,
             },
         }
 
@@ -109,7 +111,7 @@ def create_app(model, tokenizer, *, model_name: str = "tinyseek", limits: Limits
                            "/v1/completions continues plain text", param="messages", code="model_not_chat_trained")
         try:
             prompt_ids = render_chat(tokenizer, body.conversation(), add_generation_prompt=True)
-        except (ChatTemplateError, TemplateError) as error:
+        except TemplateError as error:
             raise APIError(422, f"messages: {error}", param="messages", code="invalid_value") from None
         requested = body.max_completion_tokens or body.max_tokens
         job = submit(body, prompt_ids, "messages", requested)
