@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import subprocess
 import sys
 
@@ -271,3 +272,60 @@ def test_a_hub_chat_dataset_is_read_through_datasets(tmp_path, monkeypatch):
     assert [c.messages for c in read] == [[{"role": m["role"], "content": m["content"]} for m in row["messages"]]
                                           for row in rows]
     assert read[2].where == "HuggingFaceTB/smol-smoltalk[train]" and read[2].row == 3
+
+
+CHAPTER = """## Chapter: Chapter 2: Medieval Religions
+
+### Introduction
+
+{words}
+
+### Section: 2.2 Historical Perspectives on Religion:
+
+#### 2.2b Medieval Religions
+
+##### The Crusades
+
+{words}
+
+##### Too short
+
+A few words only.
+
+### Exercises
+
+#### Exercise 1
+
+{words}
+"""
+
+
+def test_textbook_sections_become_questions_and_whole_courses_are_held_out(tmp_path):
+    from tinyseek.data.textbook import QUESTIONS, is_held_out_course, textbook_conversations
+
+    courses = [f"Course {number}" for number in range(100)]
+    held_out = next(name for name in courses if is_held_out_course(name))
+    kept = next(name for name in courses if not is_held_out_course(name))
+    words = " ".join(f"word{number}" for number in range(50))
+    path = write_jsonl(tmp_path / "books.jsonl", [{"text": CHAPTER.format(words=words), "course_name": name}
+                                                  for name in (held_out, kept)])
+    made = list(textbook_conversations(path))
+    assert len(made) == 1 and made[0]["kind"] == "textbook"
+    question, answer = (message["content"] for message in made[0]["messages"])
+    assert question in {template.format(topic="The Crusades", course=kept) for template in QUESTIONS}
+    assert answer == words
+
+
+def test_the_textbook_recipe_reads_the_library_of_phi_corpus(shared_data):
+    from tinyseek.data.textbook import COURSE_COLUMN, is_held_out_course, textbook_conversations
+
+    corpus = shared_data / "corpus" / "library_of_phi_gpt4.jsonl"
+    made = list(textbook_conversations(corpus))
+    assert len(made) > 5000
+    courses = {json.loads(line)[COURSE_COLUMN] for line in corpus.open(encoding="utf-8")}
+    held_out = [course for course in courses if is_held_out_course(course)]
+    assert held_out and len(held_out) < len(courses) / 4
+    questions = [row["messages"][0]["content"] for row in made]
+    assert not any(question.endswith(f", from {course}.") for course in held_out for question in questions)
+    assert not any(re.fullmatch(r"(Explain|What should I know about) (Introduction|Exercises?( \d+)?|Conclusion)[.?]",
+                                question) for question in questions)

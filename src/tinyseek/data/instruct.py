@@ -19,7 +19,7 @@ import json
 import random
 import re
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from tinyseek.data.builtin import BUILTIN_CORPUS, BUILTIN_INSTRUCT
@@ -104,14 +104,14 @@ GREETINGS = ("", "Hi! ", "Hello. ", "Hey, ", "Good morning. ")
 QUESTION_STYLES = (str, str.lower)
 
 
-def story_id(text: str) -> int:
-    """A stable number for a story, from its text alone."""
+def text_hash(text: str) -> int:
+    """A stable number for a text (a story, a course name), from the text alone."""
     return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big")
 
 
 def is_held_out_story(text: str) -> bool:
     """Whether a story is kept for the held-out evaluation (and out of every training set)."""
-    return story_id(text) % 1000 < HELD_OUT_PER_THOUSAND
+    return text_hash(text) % 1000 < HELD_OUT_PER_THOUSAND
 
 
 def builtin_stories() -> list[str]:
@@ -179,7 +179,7 @@ def story_conversations(text: str) -> list[dict]:
     character, and one of "uses the words", "continue this story" and "what is this story about", chosen by the
     story's hash."""
     story = "\n".join(line.strip() for line in text.strip().splitlines() if line.strip())
-    chooser = random.Random(story_id(text))
+    chooser = random.Random(text_hash(text))
     character, parts = main_character(text), sentences(text)
     thing = story_thing(text, character)
     made = []
@@ -227,19 +227,24 @@ def instruct_conversations() -> Iterator[dict]:
     yield from tinyseek_conversations()
 
 
-def write_instruct_data(out: Path) -> int:
-    """Write the set as gzip JSONL with a fixed gzip header (no time, no name), so equal data give equal bytes;
-    return the number of conversations."""
+def write_conversations(conversations: Iterable[dict], out: Path) -> int:
+    """Write conversations as gzip JSONL with a fixed gzip header (no time, no name), so equal data give equal bytes;
+    nothing is left at `out` unless the whole file was written. Return how many were written."""
     buffer = io.BytesIO()
     count = 0
     with gzip.GzipFile(fileobj=buffer, mode="wb", mtime=0, filename="") as handle:
-        for item in instruct_conversations():
+        for item in conversations:
             handle.write((json.dumps(item, ensure_ascii=False) + "\n").encode("utf-8"))
             count += 1
     partial = out.with_name(out.name + ".partial")
     partial.write_bytes(buffer.getvalue())
     partial.replace(out)
     return count
+
+
+def write_instruct_data(out: Path) -> int:
+    """Write the built-in instruction set to `out`; return the number of conversations."""
+    return write_conversations(instruct_conversations(), out)
 
 
 def main(argv: list[str] | None = None) -> int:
