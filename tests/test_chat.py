@@ -329,3 +329,32 @@ def test_the_textbook_recipe_reads_the_library_of_phi_corpus(shared_data):
     assert not any(question.endswith(f", from {course}.") for course in held_out for question in questions)
     assert not any(re.fullmatch(r"(Explain|What should I know about) (Introduction|Exercises?( \d+)?|Conclusion)[.?]",
                                 question) for question in questions)
+
+
+def test_held_out_instructions_are_scored_by_their_rules_and_an_echo_passes_nothing():
+    from tinyseek.data.instruction_rules import Score, distinct_ngrams, held_out_instructions, score
+
+    instructions = held_out_instructions()
+    by_kind = {kind: [i for i in instructions if i.kind == kind] for kind in ("about", "words", "self")}
+    assert len(by_kind["about"]) > 60 and by_kind["words"] and by_kind["self"]
+    shipped_prompts = {c.messages[0]["content"] for c in read_conversations("builtin-chat")}
+    assert not any(instruction.prompt in shipped_prompts for instruction in by_kind["self"])
+    # The held-out story an instruction was made from passes its rule.
+    for story in held_out_stories():
+        for made in story_conversations(story):
+            matching = [i for i in instructions if i.prompt == made["messages"][0]["content"]]
+            for instruction in matching:
+                result = score(instruction, made["messages"][1]["content"], stopped=True)
+                assert result.passed == 1.0 or not result.long_enough
+
+    about = by_kind["about"][0]
+    filler = " ".join(["and then they played in the park"] * 10)
+    assert score(about, f"{about.prompt} {filler}", stopped=True).passed == 0.0  # the name only in the echo
+    assert score(about, f"{about.prompt} {about.name} was happy.", stopped=True).long_enough is False
+    assert score(about, f"{filler} {about.name} smiled.", stopped=False) == Score(1.0, True, False)
+    words = by_kind["words"][0]
+    half = f"{filler} {words.words[0]}"
+    assert score(words, half, stopped=True).passed == pytest.approx(1 / len(words.words))
+    assert score(by_kind["self"][0], "I am tinyseek, made by the tinyseek developers.", True).passed == 1.0
+    assert score(by_kind["self"][0], "I am a robot.", True).passed == 0.0
+    assert distinct_ngrams(["a b c d a b c d"]) == pytest.approx(4 / 5)

@@ -170,8 +170,10 @@ def listed(words: list[str]) -> str:
     return ", ".join(quoted[:-1]) + " and " + quoted[-1]
 
 
-def conversation(kind: str, prompt: str, answer: str) -> dict:
-    return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}], "kind": kind}
+def conversation(kind: str, prompt: str, answer: str, **checkable) -> dict:
+    """One exchange in OpenAI form, with its kind and what a rule can check in an answer to it (`name`, `words`)."""
+    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+    return {"messages": messages, "kind": kind, **checkable}
 
 
 def story_conversations(text: str) -> list[dict]:
@@ -185,10 +187,10 @@ def story_conversations(text: str) -> list[dict]:
     made = []
     if character:
         about = f"{character} and {thing}" if thing else character
-        made.append(conversation(ABOUT_KIND, f"Write a story about {about}.", story))
+        made.append(conversation(ABOUT_KIND, f"Write a story about {about}.", story, name=character.split()[-1]))
     for kind in chooser.sample(SECOND_KINDS, len(SECOND_KINDS)):
         if kind == WORDS_KIND and (words := required_words(text, chooser)):
-            made.append(conversation(kind, f"Write a story that uses the words {listed(words)}.", story))
+            made.append(conversation(kind, f"Write a story that uses the words {listed(words)}.", story, words=words))
         elif kind == CONTINUE_KIND and len(parts) >= MIN_STORY_SENTENCES:
             opening = " ".join(parts[:CONTINUE_PROMPT_SENTENCES])
             made.append(conversation(kind, f"Continue this story: {opening}",
