@@ -151,6 +151,8 @@ class ChatSession:
         elif name == "/experts":
             self.toggle_experts(argument)
         else:
+            if name != "/help":
+                self.note(f"unknown command {name}")
             print(HELP, file=self.log, flush=True)
         return True
 
@@ -177,7 +179,7 @@ class ChatSession:
             self.note("expert view off")
         else:
             how = "coloured" if self.colour else "tagged [expert]"
-            self.note(f"expert view on: each token {how} by the expert layer {self.expert_layer} routed it to first")
+            self.note(f"expert view on: each token {how} by the first expert that layer {self.expert_layer} routed it to")
 
     def run(self, stdin: TextIO) -> int:
         while True:
