@@ -1,3 +1,4 @@
+import copy
 import json
 import os
 from contextlib import contextmanager
@@ -14,6 +15,7 @@ from transformers import PreTrainedTokenizerFast
 from tinyseek import TinySeekConfig, TinySeekForCausalLM
 from tinyseek.attention import ATTENTION_REGISTRY
 from tinyseek.data import resolve_data, train_bpe_tokenizer
+from tinyseek.data.chat import CHAT_TEMPLATE, CHAT_TOKENS
 from tinyseek.train import latest_checkpoint
 from tinyseek.train.checkpoint import save_checkpoint
 
@@ -26,6 +28,7 @@ TINY_MODEL = dict(
     moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2, linear_attention_chunk_size=4,
     sliding_window=5,
 )
+CHAT_VOCAB_SIZE = 260  # the byte tokenizer's 257 and the chat template's three tokens
 WORDS = "the a cat dog sat ran on under mat tree red big small quickly slowly".split()
 
 
@@ -121,6 +124,17 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     backend.decoder = token_decoders.ByteLevel()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|eos|>", pad_token="<|eos|>")
     assert tokenizer.eos_token_id == 256
+    return tokenizer
+
+
+@pytest.fixture(scope="session")
+def chat_byte_tokenizer(byte_tokenizer) -> PreTrainedTokenizerFast:
+    """The byte tokenizer with tinyseek's chat template and its <|User|>, <|Assistant|>, <|EOT|> tokens (ids 257,
+    258, 259): a model for it needs vocab_size=260."""
+    tokenizer = copy.deepcopy(byte_tokenizer)
+    assert tokenizer.add_tokens(list(CHAT_TOKENS), special_tokens=True) == len(CHAT_TOKENS)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    assert len(tokenizer) == CHAT_VOCAB_SIZE
     return tokenizer
 
 

@@ -15,6 +15,7 @@ from transformers import AutoTokenizer
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = [
     "builtin/tinystories/tinystories_sample.jsonl.gz",
+    "builtin/tinystories/tinystories_instruct.jsonl.gz",
     "builtin/tinystories/LICENSE-CDLA-Sharing-1.0.txt",
     "builtin/tinystories/README.md",
     "builtin/deepseek-coder/tokenizer.json",
@@ -68,6 +69,10 @@ def test_wheel_installed_outside_the_repository_trains_offline_on_the_builtin_pa
            "with the built-in DeepSeek-Coder tokenizer" in trained.stderr
     checkpoint = work / "D" / "checkpoints" / "step_00000003"
     assert AutoTokenizer.from_pretrained(checkpoint)("Once upon a time").input_ids[:2] == [32013, 10503]
+    # The chat template travels with the built-in tokenizer into every checkpoint.
+    chat = AutoTokenizer.from_pretrained(checkpoint).apply_chat_template([{"role": "user", "content": "Hi"}],
+                                                                         add_generation_prompt=True)
+    assert chat["input_ids"] == [32013, 32019, 11041, 32020]
 
     # `python train.py` from the clone, in the same conditions.
     scripted = subprocess.run([sys.executable, "train.py", "--max-steps", "3", "--checkpoint-every", "3",

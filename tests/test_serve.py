@@ -18,7 +18,9 @@ import pytest
 import torch
 
 from tinyseek.cli import main as tinyseek_main
-from tinyseek.serve.protocol import CHAT_STOP, ChatMessage, chat_prompt
+from tinyseek.data.chat import END_OF_TURN_TOKEN, end_of_turn_ids, mark_chat_trained, render_chat
+from tinyseek.generate.engine import GenerationEngine
+from tinyseek.generate.sampling import Sampling
 from tinyseek.loading import load_model_and_tokenizer
 
 openai = pytest.importorskip("openai")
@@ -44,6 +46,24 @@ def run_dir(tmp_path_factory, tiny_model, letters_only, byte_tokenizer, write_ru
     with torch.no_grad():
         model.lm_head.weight.mul_(20)  # letters far above every other token, so sampled text is letters too
     return write_run(tmp_path_factory.mktemp("serve") / "run", model, byte_tokenizer).parent.parent
+
+
+@pytest.fixture(scope="module")
+def chat_run_dir(tmp_path_factory, tiny_model, letters_only, chat_byte_tokenizer, write_run):
+    """The same kind of letter-writing model, marked chat-trained, with the chat template's tokens."""
+    model = letters_only(tiny_model(attention_type="linear", max_position_embeddings=64,
+                                    vocab_size=len(chat_byte_tokenizer)))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)
+    mark_chat_trained(model.config)
+    return write_run(tmp_path_factory.mktemp("serve") / "chat", model, chat_byte_tokenizer).parent.parent
+
+
+@pytest.fixture(scope="module")
+def chat_server(chat_run_dir):
+    model, tokenizer = load_model_and_tokenizer(chat_run_dir, "cpu")
+    with LoopbackServer(create_app(model, tokenizer, model_name="letters", limits=LIMITS)) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -84,21 +104,19 @@ def test_openai_client_gets_the_text_of_tinyseek_generate_alone_and_while_anothe
     assert expected
     assert completion_texts(client, prompt="the cat", **SAMPLED) == (expected, expected)
 
-    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
-    chat_expected = generate_command(
-        run_dir, capsys, chat_prompt([ChatMessage(**m) for m in messages]), *SAMPLED_FLAGS, "--stop", CHAT_STOP
-    )
-    chat = client.chat.completions.create(model="letters", messages=messages, **SAMPLED)
-    assert chat.choices[0].message.content == chat_expected
-    assert chat.usage.prompt_tokens == len(chat_prompt([ChatMessage(**m) for m in messages])) + 1  # bytes + EOS
+    # A base model's chat requests are refused, not wrapped in a template it never learned.
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model="letters", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    error = refused.value.body
+    assert error["code"] == "model_not_chat_trained" and error["param"] == "messages"
+    assert "its tokenizer has no tinyseek chat template" in error["message"]
+    assert httpx.get(f"{server.url}/v1/models/letters", timeout=TIMEOUT).json()["tinyseek"]["chat"] is False
 
     # Another request streams throughout: its tokens are interleaved with ours, our text must not change.
     with client.completions.create(model="letters", prompt="a dog", max_tokens=40, stream=True) as other:
         first = next(iter(other))
         assert first.choices[0].text
         assert completion_texts(client, prompt="the cat", **SAMPLED) == (expected, expected)
-        streamed_chat = client.chat.completions.create(model="letters", messages=messages, stream=True, **SAMPLED)
-        assert "".join(chunk.choices[0].delta.content or "" for chunk in streamed_chat) == chat_expected
         assert server.client().with_options(timeout=TIMEOUT).models.list()  # still answering
     assert httpx.get(f"{server.url}/health", timeout=TIMEOUT).json()["status"] == "ok"
 
@@ -146,11 +164,64 @@ def test_each_bad_request_gets_its_status_and_an_openai_error_body_and_the_serve
     assert follow_up.usage.completion_tokens == 2
 
 
-def test_chat_errors_and_ignored_unknown_fields(server):
+def test_a_chat_trained_model_answers_with_its_template_alone_and_while_another_request_streams(
+    chat_server, chat_run_dir
+):
+    model, tokenizer = load_model_and_tokenizer(chat_run_dir, "cpu")
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "hello"}, {"role": "user", "content": "more"}]
+    prompt_ids = render_chat(tokenizer, messages, add_generation_prompt=True)
+    sampling = Sampling(temperature=SAMPLED["temperature"], top_k=0, top_p=SAMPLED["top_p"], seed=SAMPLED["seed"])
+    engine = GenerationEngine(model, tokenizer, eos_token_ids=end_of_turn_ids(tokenizer))
+    (expected,) = engine.generate([prompt_ids], sampling, SAMPLED["max_tokens"])
+    assert expected.text
+
+    client = chat_server.client()
+    assert httpx.get(f"{chat_server.url}/v1/models/letters", timeout=TIMEOUT).json()["tinyseek"]["chat"] is True
+    chat = client.chat.completions.create(model="letters", messages=messages, **SAMPLED)
+    assert chat.choices[0].message.content == expected.text
+    assert chat.usage.prompt_tokens == len(prompt_ids)
+    with client.completions.create(model="letters", prompt="a dog", max_tokens=40, stream=True) as other:
+        assert next(iter(other)).choices[0].text
+        streamed = client.chat.completions.create(model="letters", messages=messages, stream=True, **SAMPLED)
+        assert "".join(chunk.choices[0].delta.content or "" for chunk in streamed) == expected.text
+
+
+def test_a_base_model_served_with_the_explicit_flag_stops_at_the_end_of_its_turn(
+    tiny_model, letters_only, chat_byte_tokenizer
+):
+    model = letters_only(tiny_model(attention_type="linear", max_position_embeddings=64,
+                                    vocab_size=len(chat_byte_tokenizer)))
+    end_of_turn = chat_byte_tokenizer.convert_tokens_to_ids(END_OF_TURN_TOKEN)
+    with torch.no_grad():  # a large constant in the residual stream's first channel, read by <|EOT|>'s row alone
+        model.model.embed_tokens.weight[:, 0] = 100.0
+        model.lm_head.weight[end_of_turn] = 0.0
+        model.lm_head.weight[end_of_turn, 0] = 10.0
+    from starlette.testclient import TestClient
+
+    without_flag = TestClient(create_app(model, chat_byte_tokenizer, limits=LIMITS)).post(
+        "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+    assert without_flag.status_code == 400 and "it is a base model" in without_flag.json()["error"]["message"]
+    app = create_app(model, chat_byte_tokenizer, limits=LIMITS, chat_template_for_base_model=True)
+    with LoopbackServer(app) as running:
+        chat = running.client().chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}],
+                                                        max_tokens=10, temperature=0)
+        assert (chat.choices[0].message.content, chat.choices[0].finish_reason) == ("", "stop")
+        assert chat.usage.completion_tokens == 1
+        # Where chat is served, plain completions end at the end of a turn too.
+        completion = running.client().completions.create(model="m", prompt="hi", max_tokens=10, temperature=0)
+        assert completion.usage.completion_tokens == 1 and completion.choices[0].finish_reason == "stop"
+
+
+def test_chat_errors_and_ignored_unknown_fields(chat_server):
+    server = chat_server
     url = f"{server.url}/v1/chat/completions"
     bad_role = httpx.post(url, json={"messages": [{"role": "robot", "content": "hi"}]}, timeout=TIMEOUT)
     assert bad_role.status_code == 422 and bad_role.json()["error"]["param"] == "messages[0].role"
     assert httpx.post(url, json={"messages": []}, timeout=TIMEOUT).status_code == 422
+    late_system = httpx.post(url, timeout=TIMEOUT, json={"messages": [{"role": "user", "content": "hi"},
+                                                                      {"role": "system", "content": "x"}]})
+    assert late_system.status_code == 422 and "system message must come first" in late_system.json()["error"]["message"]
     # Open WebUI and others send fields of their own; they are ignored.
     # Null means the default, as with OpenAI.
     extra = {"messages": [{"role": "user", "content": "hi", "name": "x"}], "max_tokens": 3, "user": "u",

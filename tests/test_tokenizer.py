@@ -56,7 +56,7 @@ def test_trained_tokenizer_round_trips_and_has_its_special_tokens_where_its_meta
 
 
 def test_training_refuses_a_vocabulary_smaller_than_the_byte_alphabet(tmp_path):
-    with pytest.raises(ValueError, match="--vocab-size must exceed 259"):
+    with pytest.raises(ValueError, match="--vocab-size must exceed 262"):
         train_bpe_tokenizer(write_corpus(tmp_path / "corpus.jsonl"), 100, tmp_path / "bpe")
 
 

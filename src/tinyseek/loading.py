@@ -45,6 +45,7 @@ def load_model_and_tokenizer(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tinyseek import TinySeekForCausalLM
+    from tinyseek.data.chat import is_chat_trained, mark_chat_trained
     from tinyseek.hf import TWINS, from_transformers
     from tinyseek.train.checkpoint import TOKENIZER_FILES, has_tokenizer
 
@@ -54,7 +55,10 @@ def load_model_and_tokenizer(
     try:
         if model_type(folder) in TWINS:  # a `--format transformers` export
             # Converted back to tinyseek, whose cache decodes MLA from the latent.
-            model = from_transformers(AutoModelForCausalLM.from_pretrained(folder))
+            exported = AutoModelForCausalLM.from_pretrained(folder)
+            model = from_transformers(exported)
+            if is_chat_trained(exported.config):
+                mark_chat_trained(model.config)
         else:
             model = TinySeekForCausalLM.from_pretrained(folder)
         tokenizer = AutoTokenizer.from_pretrained(folder) if has_tokenizer(folder) else None

@@ -19,6 +19,9 @@ DEFAULT_TOKENIZER = "deepseek-ai/deepseek-coder-1.3b-base"
 BUILTIN = "builtin"
 BUILTIN_ROOT = Path(__file__).resolve().parents[1] / "builtin"
 BUILTIN_CORPUS = BUILTIN_ROOT / "tinystories" / "tinystories_sample.jsonl.gz"
+# Conversations made from BUILTIN_CORPUS by `python -m tinyseek.data.instruct`; `--data builtin-chat` names them.
+BUILTIN_INSTRUCT = BUILTIN_ROOT / "tinystories" / "tinystories_instruct.jsonl.gz"
+BUILTIN_CHAT = "builtin-chat"
 BUILTIN_TOKENIZER = BUILTIN_ROOT / "deepseek-coder"
 
 

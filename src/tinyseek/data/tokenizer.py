@@ -150,12 +150,16 @@ def train_bpe_tokenizer(
 ) -> Path:
     """Train a byte-level BPE on a corpus and save a directory that `load_tokenizer` loads.
 
-    The special tokens take ids 0, 1 and 2 (BOS, EOS, PAD); `tinyseek_tokenizer.json` in the directory records
-    them with the vocabulary size and the corpus identity. Its default call puts BOS first, as `encode_prompt` does.
+    The special tokens take ids 0, 1 and 2 (BOS, EOS, PAD), then 3, 4 and 5 for the chat template's user, assistant
+    and end-of-turn tokens, and the directory carries that template (`tinyseek.data.chat`);
+    `tinyseek_tokenizer.json` records them with the vocabulary size and the corpus identity. Its default call puts
+    BOS first, as `encode_prompt` does.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    special_tokens = [bos_token, eos_token, pad_token]
+    from tinyseek.data.chat import CHAT_TEMPLATE, CHAT_TOKENS
+
+    special_tokens = [bos_token, eos_token, pad_token, *CHAT_TOKENS]
     smallest = BYTE_ALPHABET_SIZE + len(special_tokens)
     if vocab_size <= smallest:
         raise ConfigError(
@@ -187,6 +191,7 @@ def train_bpe_tokenizer(
     tokenizer = match_prompt_convention(
         PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=bos_token, eos_token=eos_token, pad_token=pad_token)
     )
+    tokenizer.chat_template = CHAT_TEMPLATE
 
     out_dir = Path(out_dir)
     staging = staging_directory(out_dir.parent, out_dir.name)
@@ -199,6 +204,7 @@ def train_bpe_tokenizer(
                 role: {"token": token, "id": tokenizer.convert_tokens_to_ids(token)}
                 for role, token in zip(("bos", "eos", "pad"), special_tokens)
             },
+            "chat_tokens": {token: tokenizer.convert_tokens_to_ids(token) for token in CHAT_TOKENS},
             "source": source.identity,
             "max_documents": max_documents,
             "min_frequency": min_frequency,

@@ -1,5 +1,8 @@
 """`tinyseek export`: a Hugging Face folder (weights, config, tokenizer, generation config) from a run or model.
 
+The tokenizer files carry the chat template (transformers writes it to chat_template.jinja); a chat-trained model
+keeps `chat_trained: true` in its config.json and stops generating at the end of a turn.
+
 ``--format tinyseek`` (the default) loads with ``AutoModelForCausalLM`` once ``tinyseek`` is imported;
 ``--format transformers`` loads with plain transformers as ``DeepseekV3ForCausalLM`` or ``LlamaForCausalLM`` where the
 architecture has such a twin (see ``tinyseek.hf``), and is refused with the reason where it has not.
@@ -29,6 +32,7 @@ def export(model, tokenizer, out: Path, format: str = "tinyseek") -> Path:
     # Imported here so that `tinyseek export --help` answers without transformers.
     from transformers import GenerationConfig
 
+    from tinyseek.data.chat import chat_refusal, end_of_turn_ids, is_chat_trained, mark_chat_trained
     from tinyseek.data.tokenizer import match_prompt_convention
     from tinyseek.hf import to_transformers, transformers_twin_problem
 
@@ -39,13 +43,19 @@ def export(model, tokenizer, out: Path, format: str = "tinyseek") -> Path:
                 f"--format transformers: this {model.config.attention_type}/{model.config.ffn_type} model has no "
                 f"transformers equivalent: {problem}"
             )
+        chat_trained = is_chat_trained(model.config)
         model = to_transformers(model)
+        if chat_trained:
+            mark_chat_trained(model.config)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileError(f"--out {out} already exists and is not an empty folder")
     if tokenizer is not None:
         for field in ("bos_token_id", "eos_token_id", "pad_token_id"):
             setattr(model.config, field, getattr(tokenizer, field))
     model.generation_config = GenerationConfig.from_model_config(model.config)
+    if chat_refusal(model.config, tokenizer, base_model_allowed=False) is None:
+        # A chat model's reply ends at the end of its turn, in plain transformers' generate() too.
+        model.generation_config.eos_token_id = end_of_turn_ids(tokenizer)
     model.save_pretrained(out)
     if tokenizer is not None:
         match_prompt_convention(tokenizer).save_pretrained(out)

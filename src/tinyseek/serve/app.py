@@ -11,8 +11,10 @@ from importlib import resources
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
+from jinja2 import TemplateError
 from starlette.exceptions import HTTPException
 
+from tinyseek.data.chat import chat_refusal, end_of_turn_ids, render_chat
 from tinyseek.data.tokenizer import encode_prompt
 from tinyseek.generate.engine import GenerationEngine
 from tinyseek.generate.sampling import Sampling
@@ -33,9 +35,16 @@ STATIC = resources.files("tinyseek.serve") / "static"
 ERROR_TYPES = {404: "not_found_error", 503: "server_overloaded"}
 
 
-def create_app(model, tokenizer, *, model_name: str = "tinyseek", limits: Limits = Limits(), compile: bool = False) -> FastAPI:
-    """The server for one model. The generation thread starts and stops with the application's lifespan."""
-    engine = GenerationEngine(model, tokenizer, decoder="compiled" if compile else "lean")
+def create_app(model, tokenizer, *, model_name: str = "tinyseek", limits: Limits = Limits(), compile: bool = False,
+               chat_template_for_base_model: bool = False) -> FastAPI:
+    """The server for one model. The generation thread starts and stops with the application's lifespan.
+
+    Chat requests are rendered with the tokenizer's chat template when the model is chat-trained (or
+    `chat_template_for_base_model` says to use it anyway) and refused otherwise; where chat is served, every
+    generation stops at the end of a turn."""
+    chat_refused = chat_refusal(model.config, tokenizer, base_model_allowed=chat_template_for_base_model)
+    stop_ids = end_of_turn_ids(tokenizer) if chat_refused is None else None
+    engine = GenerationEngine(model, tokenizer, decoder="compiled" if compile else "lean", eos_token_ids=stop_ids)
     scheduler = Scheduler(engine, model.device, max_streams=limits.max_streams, max_waiting=limits.max_waiting)
     config = model.config
     moe_layers = [index for index, layer in enumerate(model.model.layers) if layer.feed_forward_spec.routes]
@@ -71,6 +80,8 @@ def create_app(model, tokenizer, *, model_name: str = "tinyseek", limits: Limits
                 "n_routed_experts": config.n_routed_experts if moe_layers else 0,
                 "num_experts_per_tok": config.num_experts_per_tok if moe_layers else 0,
                 "max_position_embeddings": config.max_position_embeddings, "max_tokens": limits.max_tokens,
+                # Whether /v1/chat/completions answers, and why not.
+                "chat": chat_refused is None, "chat_refused": chat_refused,
             },
         }
 
@@ -88,24 +99,30 @@ def create_app(model, tokenizer, *, model_name: str = "tinyseek", limits: Limits
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = parse_request(CompletionRequest, await read_body(request, limits.max_body_bytes))
-        job = submit(body, "prompt", body.max_tokens)
+        job = submit(body, encode_prompt(tokenizer, body.prompt_text()), "prompt", body.max_tokens)
         reply = CompletionReply(new_id("cmpl"), model_name, job, routing=body.routing)
         return await respond(request, body, job, reply)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = parse_request(ChatRequest, await read_body(request, limits.max_body_bytes))
+        if chat_refused is not None:
+            raise APIError(400, f"this server does not answer chat requests for {model_name!r}: {chat_refused}; "
+                           "/v1/completions continues plain text", param="messages", code="model_not_chat_trained")
+        try:
+            prompt_ids = render_chat(tokenizer, body.conversation(), add_generation_prompt=True)
+        except TemplateError as error:
+            raise APIError(422, f"messages: {error}", param="messages", code="invalid_value") from None
         requested = body.max_completion_tokens or body.max_tokens
-        job = submit(body, "messages", requested)
+        job = submit(body, prompt_ids, "messages", requested)
         reply = ChatReply(new_id("chatcmpl"), model_name, job, routing=body.routing)
         return await respond(request, body, job, reply)
 
-    def submit(body: GenerationRequest, prompt_param: str, requested_tokens: int | None) -> Job:
-        """Encode and check the request, then queue its generation (APIError when it cannot be served)."""
+    def submit(body: GenerationRequest, prompt_ids: list[int], prompt_param: str, requested_tokens: int | None) -> Job:
+        """Check the request, then queue its generation (APIError when it cannot be served)."""
         if requested_tokens is not None and requested_tokens > limits.max_tokens:
             raise APIError(422, f"max_tokens is {requested_tokens}; this server allows at most {limits.max_tokens}",
                            param="max_tokens", code="max_tokens_exceeded")
-        prompt_ids = encode_prompt(tokenizer, body.prompt_text())
         positions = config.max_position_embeddings
         if len(prompt_ids) >= positions:
             raise APIError(400, f"the prompt is {len(prompt_ids)} tokens long; the model has {positions} positions",

@@ -24,6 +24,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="decode with the step compiled by torch.compile: faster tokens, but the first request of each size "
              "(cache lengths go in powers of two) waits tens of seconds while it compiles",
     )
+    parser.add_argument(
+        "--chat-template-for-base-model", action="store_true",
+        help="answer /v1/chat/completions with the tokenizer's chat template even when the model was not "
+             "chat-trained (by default a base model's chat requests are refused)",
+    )
     parser.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes,
                         help="largest request body accepted (413 beyond)")
     parser.add_argument("--max-streams", type=int, default=defaults.max_streams,
@@ -54,7 +59,8 @@ def main(argv: list[str]) -> int:
 
     model, tokenizer = load_from_arguments(args, choose_device(args.device))
     name = args.model_name or (args.run_dir or args.model).resolve().name
-    app = create_app(model, tokenizer, model_name=name, limits=limits, compile=args.compile)
+    app = create_app(model, tokenizer, model_name=name, limits=limits, compile=args.compile,
+                     chat_template_for_base_model=args.chat_template_for_base_model)
     print(f"serving {name} on http://{args.host}:{args.port}/ (playground) and /v1 (OpenAI API)", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0

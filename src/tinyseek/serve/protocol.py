@@ -1,4 +1,4 @@
-"""The OpenAI wire format that `tinyseek serve` speaks: request bodies, the chat template, response objects, errors.
+"""The OpenAI wire format that `tinyseek serve` speaks: request bodies, response objects, errors.
 
 Requests are validated strictly (a number sent as a string is an error, as with OpenAI) but unknown fields are
 ignored, as OpenAI-compatible servers do: clients such as Open WebUI send fields of their own.
@@ -12,11 +12,6 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError, model_validator
 
-# A base model has no chat format of its own; this plain one is documented in docs/serving.md.
-CHAT_ROLE_NAMES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant", "tool": "Tool"}
-CHAT_REPLY_PREFIX = "Assistant:"
-# Without it a base model goes on to write the user's next turn itself.
-CHAT_STOP = "\nUser:"
 MAX_STOP_STRINGS = 4
 
 
@@ -75,7 +70,8 @@ class TextPart(BaseModel):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    # The roles of tinyseek's chat template (tinyseek.data.chat); tool calls are not part of it.
+    role: Literal["system", "developer", "user", "assistant"]
     content: StrictStr | list[TextPart] | None = None
 
     def text(self) -> str:
@@ -90,17 +86,9 @@ class ChatRequest(Request):
     # OpenAI's newer name for max_tokens.
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
 
-    def prompt_text(self) -> str:
-        return chat_prompt(self.messages)
-
-    def stop_strings(self) -> list[str]:
-        return [*super().stop_strings(), CHAT_STOP]
-
-
-def chat_prompt(messages: list[ChatMessage]) -> str:
-    """Each message as "Role: content" followed by a blank line, then "Assistant:" for the model to continue."""
-    turns = [f"{CHAT_ROLE_NAMES[message.role]}: {message.text()}\n\n" for message in messages]
-    return "".join(turns) + CHAT_REPLY_PREFIX
+    def conversation(self) -> list[dict[str, str]]:
+        """The messages as `tinyseek.data.chat.render_chat` takes them."""
+        return [{"role": message.role, "content": message.text()} for message in self.messages]
 
 
 class APIError(Exception):
