@@ -239,7 +239,7 @@ def test_seed_preset_runs_two_steps_on_local_data(tmp_path, shared_data):
         (["logging", "progress_bar"], False),
     ])
     trainer = Trainer(config)
-    assert trainer.config.gradient_checkpointing and trainer.precision == "bf16"
+    assert trainer.config.gradient_checkpointing == "full" and trainer.precision == "bf16"  # the preset's `true`
     assert sum(p.numel() for p in trainer.model.parameters()) == 10_095_760
     assert trainer.train() == 0
     assert latest_checkpoint(trainer.run_dir).name == "step_00000002"
