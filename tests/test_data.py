@@ -22,6 +22,7 @@ from tinyseek.data import (
     resolve_data,
     train_bpe_tokenizer,
 )
+from tinyseek.testing import write_jsonl
 
 WORDS = "the of model data token learning gradient matrix über café 中文 naïve 🦊 x² energy proof lemma".split()
 
@@ -34,12 +35,6 @@ def make_texts(count, seed=0, paragraphs=True):
         lines = [" ".join(rng.choices(WORDS, k=rng.randint(3, 30))) for _ in range(rng.randint(1, 4))]
         texts.append(f"Document {number}. " + ("\n\n" if paragraphs else "\n").join(lines))
     return texts
-
-
-def write_jsonl(path, rows):
-    with open(path, "w", encoding="utf-8") as handle:
-        handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-    return path
 
 
 @pytest.fixture(scope="session")

@@ -20,6 +20,7 @@ import torch
 from tinyseek.cli import main as tinyseek_main
 from tinyseek.serve.protocol import CHAT_STOP, ChatMessage, chat_prompt
 from tinyseek.loading import load_model_and_tokenizer
+from tinyseek.testing import streamed_chunks
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
@@ -165,10 +166,7 @@ async def stream_tokens(client: httpx.AsyncClient, url: str, max_tokens: int) ->
     body = {"prompt": "the", "max_tokens": max_tokens, "stream": True, "routing": True, "temperature": 0}
     async with client.stream("POST", url, json=body) as response:
         assert response.status_code == 200
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
+        async for chunk in streamed_chunks(response.aiter_lines()):
             assert "error" not in chunk
             first = first or time.perf_counter()
             tokens += len(chunk["tinyseek"]["tokens"])
