@@ -4,7 +4,6 @@ then the named flags, then `--set KEY=VALUE` overrides in order."""
 from __future__ import annotations
 
 import argparse
-import sys
 
 # Flag name -> the config key it sets.
 FLAG_KEYS = {
@@ -75,9 +74,3 @@ def main(argv: list[str]) -> int:
 
     return Trainer(config).train()
 
-
-def run_script() -> int:
-    """`python train.py`: the same program and the same error handling as `tinyseek train`."""
-    from tinyseek.cli import main as tinyseek_main
-
-    return tinyseek_main(["train", *sys.argv[1:]])

@@ -411,19 +411,18 @@ def validate(config: TrainConfig) -> None:
                 f"data.mixture: the weight of {source} must be a positive number, got {weight!r}")
     require(not config.data.mixture or config.data.split_by is not None,
             "data.mixture: needs data.split_by, so that no validation group is trained on from another source")
-    require(not (config.optim.name == "muon" and config.parallel == "fsdp"),
-            "optim.name muon: Muon orthogonalises whole weight matrices, and under --parallel fsdp each process holds "
-            "only a shard of each; use --parallel ddp, or optim.name adamw with fsdp")
     require(config.parallel in STRATEGIES,
             f"parallel: unknown strategy {config.parallel!r}; choose one of {', '.join(STRATEGIES)}")
     require(config.gradient_checkpointing in CHECKPOINTING_MODES,
             f"gradient_checkpointing: unknown mode {config.gradient_checkpointing!r}; choose one of "
             f"{', '.join(CHECKPOINTING_MODES)}")
     require(config.dtype in DTYPES, f"dtype: unknown dtype {config.dtype!r}; choose one of {', '.join(DTYPES)}")
-    from tinyseek.train.optim import MUON_MULTIPLIER, OPTIMIZERS, ROLES  # here: the optimizers read this config
+    from tinyseek.train.optim import CONFIG_RULES, MUON_MULTIPLIER, OPTIMIZERS, ROLES  # torch: after the CLI parses
 
     require(config.optim.name in OPTIMIZERS,
             f"optim.name: unknown optimizer {config.optim.name!r}; choose one of {', '.join(OPTIMIZERS)}")
+    if config.optim.name in CONFIG_RULES:
+        CONFIG_RULES[config.optim.name](config)
     require(config.optim.lr > 0, f"optim.lr: must be positive, got {config.optim.lr}")
     for role, multiplier in config.optim.lr_multipliers.items():
         require(role in (*ROLES, MUON_MULTIPLIER),
