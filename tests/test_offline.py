@@ -108,3 +108,11 @@ def test_a_run_directory_refuses_other_data_than_it_pinned_with_one_line(tmp_pat
     assert Path(same.data).resolve() == corpus.resolve() and same.tokenizer == "builtin"
     with pytest.raises(InputError, match="started with --data .*books.jsonl, not builtin.*--out-dir"):
         resolve_sources("builtin", None, pinned)
+
+
+def test_the_training_config_and_its_choices_load_without_torch_or_transformers():
+    # tinyseek.train.cli takes its flag choices from the config's definitions before parsing the arguments.
+    script = ("import sys, tinyseek.train.config, tinyseek.train.cli; "
+              f"print(sorted(name for name in {HEAVY_MODULES} if name in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
