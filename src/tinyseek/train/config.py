@@ -14,8 +14,17 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AllowInfNan, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError
-from pydantic import create_model, field_validator
+from pydantic import (
+    AllowInfNan,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    create_model,
+    field_validator,
+)
 
 from tinyseek.data.builtin import is_builtin
 from tinyseek.errors import ConfigError, FileError
@@ -48,6 +57,8 @@ Positive = Annotated[int, Field(gt=0)]
 
 
 class Section(BaseModel):
+    """A config section: an unknown key, or a value of another type (no coercion: "3" is no integer), is an error."""
+
     model_config = ConfigDict(extra="forbid", strict=True, use_attribute_docstrings=True)
 
 
