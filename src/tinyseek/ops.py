@@ -346,7 +346,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 else:
                     torch.mm(h_c, w_op.t(), out=logits)
                 # One fused row-wise pass instead of max / exp / sum / log passes over the chunk.
-                torch._softmax(logits, 1, False, out=probs)
+                torch.softmax(logits, 1, out=probs)
                 arange = torch.arange(n, device=device)
                 p_target = probs[arange, t_c]
                 token_loss = -torch.log(p_target)
