@@ -1,8 +1,9 @@
-"""`python train.py [options]`: the same program as `tinyseek train` (see `python train.py --help`)."""
+"""`python train.py [options]`: the same program as `tinyseek train` (see `python train.py --help`), with the same
+error handling."""
 
 import sys
 
-from tinyseek.train.cli import run_script
+from tinyseek.cli import main
 
 if __name__ == "__main__":
-    sys.exit(run_script())
+    sys.exit(main(["train", *sys.argv[1:]]))

@@ -41,14 +41,15 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from tinyseek.testing import TINY_TRAINED_MODEL, write_jsonl
+
 REPO = Path(__file__).resolve().parents[1]
 WORDS = "the a cat dog sat ran on under mat tree red big small quickly slowly".split()
 WRITE_POINTS = ("checkpoint.staging", "checkpoint.weights", "checkpoint.optimizer", "checkpoint.state",
                 "checkpoint.renamed")
 STEP_LINE = re.compile(r"\bstep (\d+)/\d+ \|")
 SKIPPED_LINE = re.compile(r"skipping unusable checkpoint (step_\d+)")
-TINY_MODEL = {"hidden_size": 32, "num_hidden_layers": 2, "intermediate_size": 64, "moe_intermediate_size": 32,
-              "vocab_size": 304}
+TINY_MODEL = {**TINY_TRAINED_MODEL, "num_hidden_layers": 2, "vocab_size": 304}
 
 
 def environment() -> dict[str, str]:
@@ -63,10 +64,9 @@ def make_corpus(workdir: Path, documents: int) -> tuple[Path, Path]:
     from tinyseek.data import train_bpe_tokenizer
 
     generator = random.Random(0)
-    corpus = workdir / "corpus.jsonl"
-    with open(corpus, "w") as handle:
-        for _ in range(documents):
-            handle.write(json.dumps({"text": " ".join(generator.choice(WORDS) for _ in range(60)) + "."}) + "\n")
+    corpus = write_jsonl(workdir / "corpus.jsonl", (
+        {"text": " ".join(generator.choice(WORDS) for _ in range(60)) + "."} for _ in range(documents)
+    ))
     tokenizer = train_bpe_tokenizer(str(corpus), 300, workdir / "tokenizer")
     return corpus, tokenizer
 

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import yaml
 
+from tinyseek.testing import write_jsonl
+
 REPO = Path(__file__).resolve().parents[1]
 WORDS = "the a cat dog sat ran on under mat tree red big small quickly slowly".split()
 OUTCOMES = ("handled", "clear error", "unclear", "traceback", "hang", "leftover")
@@ -119,9 +121,8 @@ def make_fixture(workdir: Path) -> dict[str, Path]:
     from tinyseek.data import prepare_corpus, train_bpe_tokenizer
 
     generator = random.Random(0)
-    corpus = workdir / "good.jsonl"
-    corpus.write_text("".join(
-        json.dumps({"text": " ".join(generator.choice(WORDS) for _ in range(60))}) + "\n" for _ in range(200)
+    corpus = write_jsonl(workdir / "good.jsonl", (
+        {"text": " ".join(generator.choice(WORDS) for _ in range(60))} for _ in range(200)
     ))
     with contextlib.redirect_stderr(io.StringIO()):
         tokenizer = train_bpe_tokenizer(str(corpus), 300, workdir / "tokenizer")

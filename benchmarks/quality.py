@@ -186,7 +186,7 @@ class ReferenceRun:
 
 
 def primary_data_dir(args) -> Path:
-    return resolve_data(args.data, args.tokenizer, Path(DataConfig.cache_dir).expanduser(), **SPLIT)
+    return resolve_data(args.data, args.tokenizer, Path(DataConfig().cache_dir).expanduser(), **SPLIT)
 
 
 def training_split_tokenizer(args, vocab_size: int) -> tuple[str, float]:
@@ -213,7 +213,8 @@ def tinyseek_trainer(name: str, args, budget_s: float | None) -> tuple[Trainer, 
     # The held-out split comes first: a run with a mixture is only valid with it.
     override_list = [(["data", key], value) for key, value in SPLIT.items()]
     override_list += [([section, key], value) for section, values in overrides.items() for key, value in values.items()]
-    tokenizer, tokenizer_s = load_config(preset, override_list).data.tokenizer or args.tokenizer, 0.0
+    preset_tokenizer = load_config(preset, override_list, look_up_tokenizer=False).data.tokenizer  # trained below
+    tokenizer, tokenizer_s = preset_tokenizer or args.tokenizer, 0.0
     if re.fullmatch(r"bpe-\d+", Path(tokenizer).name):
         tokenizer, tokenizer_s = training_split_tokenizer(args, int(Path(tokenizer).name.removeprefix("bpe-")))
     settings = {

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import statistics
 import time
 from pathlib import Path
 
@@ -31,6 +29,7 @@ from tinyseek.generate.sampling import Sampling
 from tinyseek.loading import load_from_arguments
 from tinyseek.serve.app import Limits, create_app
 from tinyseek.serve.background import BackgroundServer
+from tinyseek.testing import streamed_chunks
 
 PROMPT = "Once upon a time there was a little dog who"
 
@@ -62,10 +61,7 @@ async def one_stream(client: httpx.AsyncClient, url: str, seed: int, max_tokens:
         async with client.stream("POST", url, json=body) as response:
             if response.status_code != 200:
                 return {"ttft": None, "tokens": 0, "error": f"HTTP {response.status_code}"}
-            async for line in response.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
+            async for chunk in streamed_chunks(response.aiter_lines()):
                 if "error" in chunk:
                     return {"ttft": first, "tokens": tokens, "error": chunk["error"]["message"]}
                 if chunk["choices"] and first is None:

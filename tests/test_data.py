@@ -22,6 +22,7 @@ from tinyseek.data import (
     resolve_data,
     train_bpe_tokenizer,
 )
+from tinyseek.testing import write_jsonl
 
 WORDS = "the of model data token learning gradient matrix über café 中文 naïve 🦊 x² energy proof lemma".split()
 
@@ -34,12 +35,6 @@ def make_texts(count, seed=0, paragraphs=True):
         lines = [" ".join(rng.choices(WORDS, k=rng.randint(3, 30))) for _ in range(rng.randint(1, 4))]
         texts.append(f"Document {number}. " + ("\n\n" if paragraphs else "\n").join(lines))
     return texts
-
-
-def write_jsonl(path, rows):
-    with open(path, "w", encoding="utf-8") as handle:
-        handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-    return path
 
 
 @pytest.fixture(scope="session")
@@ -243,6 +238,9 @@ def test_windows_are_token_slices_that_tile_each_epoch(prepared_corpus):
     index = 5
     assert sampler.batch(index)[0].tolist() == dataset.tokens[sampler.window_starts(index)[0] :][:17].tolist()
     assert not torch.equal(sampler.batch(0), WindowSampler(dataset, 16, 1, seed=4).batch(0))
+    # A new seed is a new order, also for epochs whose layout the old seed had already drawn.
+    sampler.seed = 4
+    assert all(torch.equal(sampler.batch(i), WindowSampler(dataset, 16, 1, seed=4).batch(i)) for i in (0, index))
 
 
 def test_data_parallel_ranks_take_disjoint_parts_of_the_global_batch(prepared_corpus):
@@ -334,3 +332,23 @@ def test_unknown_options_exit_nonzero_without_a_traceback(capsys):
     with pytest.raises(SystemExit) as exit_info:
         tinyseek(["prepare", "--no-such-option"])
     assert exit_info.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_a_downloaded_dataset_is_identified_by_its_files_without_private_attributes(tmp_path, monkeypatch):
+    import datasets
+
+    from tinyseek.data.sources import _downloaded_content
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    corpus = tmp_path / "corpus.jsonl"
+
+    def content():
+        return _downloaded_content(datasets.load_dataset("json", data_files=str(corpus), split="train"))
+
+    corpus.write_text("".join(json.dumps({"text": row}) + "\n" for row in ["one", "two"]))
+    first = content()
+    assert first is not None and content() == first  # loaded again from datasets' cache
+    corpus.write_text("".join(json.dumps({"text": row}) + "\n" for row in ["one", "two", "three"]))
+    assert content() != first
+    streamed = datasets.load_dataset("json", data_files=str(corpus), split="train", streaming=True)
+    assert _downloaded_content(streamed) is None

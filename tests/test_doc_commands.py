@@ -21,6 +21,8 @@ import pytest
 
 from doc_commands import SHARED_VARIABLE, SKIPPED, Command, page_commands
 
+from tinyseek.testing import write_jsonl
+
 REPO = Path(__file__).resolve().parents[1]
 PAGES = ["README.md", *sorted(str(path.relative_to(REPO)) for path in (REPO / "docs").glob("*.md"))]
 SHARED = os.environ.get("TINYSEEK_SHARED_DATA", "")
@@ -52,7 +54,7 @@ def write_fixtures(root: Path) -> None:
         stories = [json.loads(line)["text"] for line in f][:600]
     rows = [{"text": text, "title": f"Book {index % 12}"} for index, text in enumerate(stories)]
     for name in ("books.jsonl", "my_corpus.jsonl"):
-        (root / name).write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+        write_jsonl(root / name, rows)
     shutil.copytree(REPO / "src/tinyseek/builtin/deepseek-coder", root / "path/to/tokenizer")
     (root / "my.yaml").write_text(
         "out_dir: runs/my-config\nmodel:\n  preset: seed\ndata:\n  source: books.jsonl\n  tokenizer: builtin\n")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -12,6 +11,7 @@ from tinyseek import TinySeekConfig, TinySeekForCausalLM
 from tinyseek.data import TokenDataset, load_tokenizer, prepare_corpus, train_bpe_tokenizer
 from tinyseek.data.tokenizer import encode_prompt
 from tinyseek.evaluation import distinct_ngram_share, score_split
+from tinyseek.testing import write_jsonl
 
 BOOKS = {
     "Cells": ["The cell membrane keeps the inside in.", "Mitochondria make energy; ribosomes make proteins."],
@@ -24,9 +24,7 @@ BOOKS = {
 def book_corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("books")
     rows = [{"text": text, "title": title} for title, texts in BOOKS.items() for text in texts]
-    corpus = root / "books.jsonl"
-    corpus.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-    return root, corpus
+    return root, write_jsonl(root / "books.jsonl", rows)
 
 
 def hand_bits_per_byte(model, tokenizer, documents: list[str], seq_len: int) -> float:

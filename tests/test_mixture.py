@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +11,7 @@ import torch
 from tinyseek.data import TokenDataset, load_tokenizer, prepare_corpus, train_bpe_tokenizer
 from tinyseek.data.mixture import MIX_BLOCK, MixtureSampler, block_quota, prepare_extra_sources
 from tinyseek.errors import TinySeekError
+from tinyseek.testing import write_jsonl
 
 TITLES = ["Algebra", "Botany", "Chemistry", "Dynamics", "Ecology"]
 
@@ -21,8 +21,7 @@ def write_books(path: Path, marker: str, titles: list[str], chapters: int = 6) -
         {"title": title, "text": f"{marker} {title} chapter {number}: " + " ".join([f"{marker}{title}"] * 40)}
         for title in titles for number in range(chapters)
     ]
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
+    return write_jsonl(path, rows)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,15 @@ import torch
 
 from tinyseek import TinySeekConfig, TinySeekForCausalLM
 from tinyseek.distributed import full_optimizer_state_dict, load_full_state
-from tinyseek.train.muon import Float32Muon, MuonWithAdamW, build_muon_with_adamw, is_muon_matrix, newton_schulz_fp32
+from tinyseek.ops import cpu_has_native_bf16_matmul
+from tinyseek.train.muon import (
+    Float32Muon,
+    MuonWithAdamW,
+    adjusted_lr,
+    build_muon_with_adamw,
+    is_muon_matrix,
+    newton_schulz_fp32,
+)
 
 
 @pytest.mark.parametrize("shape", [(64, 128), (128, 64), (96, 96)])
@@ -21,6 +29,14 @@ def test_fp32_newton_schulz_matches_torchs_bf16_iteration(shape):
     # bf16 keeps 8 bits of mantissa: the two agree to bf16's precision, entry by entry.
     assert torch.allclose(actual, expected, rtol=2e-2, atol=2e-2)
     assert (actual - expected).norm() / expected.norm() < 2e-2
+
+
+@pytest.mark.parametrize("adjust_lr_fn", [None, "original", "match_rms_adamw"])
+@pytest.mark.parametrize("shape", [(64, 128), (128, 64), (96, 96), (32, 16, 4)])
+def test_learning_rate_adjustment_is_torchs(adjust_lr_fn, shape):
+    # torch's own rule is private: this pins that Float32Muon scales its steps exactly as torch.optim.Muon does.
+    expected = torch.optim._muon._adjust_lr(0.02, adjust_lr_fn, torch.Size(shape))
+    assert adjusted_lr(0.02, adjust_lr_fn, torch.Size(shape)) == pytest.approx(expected, rel=1e-12)
 
 
 # For each preset: parameter name (layer 1 stands for every layer) -> "muon" or "adamw".
@@ -93,7 +109,8 @@ def test_which_parameters_muon_takes(preset):
     for name, parameter in names.items():
         if ".layers." in name and ".layers.0." not in name:
             assert group_of[id(parameter)] == expected["model.layers.1." + name.split(".", 3)[3]]
-    assert isinstance(optimizer.muon, Float32Muon) or isinstance(optimizer.muon, torch.optim.Muon)
+    # torch's bf16 Muon only where bf16 matmuls are native; Float32Muon (a subclass) everywhere else.
+    assert type(optimizer.muon) is (torch.optim.Muon if cpu_has_native_bf16_matmul() else Float32Muon)
 
 
 def tiny_model() -> TinySeekForCausalLM:

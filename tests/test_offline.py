@@ -11,6 +11,7 @@ from transformers import AutoTokenizer
 from tinyseek.cli import COMMANDS, main as tinyseek
 from tinyseek.train.checkpoint import latest_checkpoint
 from tinyseek.data import load_tokenizer, open_source, tokenizer_identity
+from tinyseek.testing import tiny_training_flags
 from tinyseek.train.config import PRESET_DIR, load_config
 
 
@@ -34,10 +35,8 @@ def test_without_the_hub_a_run_trains_on_the_builtin_pair_and_a_resume_keeps_wha
     tmp_path, unreachable_hub, capsys, monkeypatch
 ):
     run = tmp_path / "run"
-    tiny = ["--set", "model.hidden_size=32", "--set", "model.num_hidden_layers=1", "--set", "model.intermediate_size=64",
-            "--set", "model.moe_intermediate_size=32", "--set", "data.cache_dir=" + str(tmp_path / "cache"),
-            "--set", "logging.sample_every=1000", "--set", "logging.eval_batches=1", "--set", "logging.progress_bar=false",
-            "--set", "logging.peak_flops=1e11", "--dtype", "fp32", "--device", "cpu", "--out-dir", str(run)]
+    tiny = [*tiny_training_flags(), "--set", "data.cache_dir=" + str(tmp_path / "cache"),
+            "--set", "logging.sample_every=1000", "--out-dir", str(run)]
     assert tinyseek(["train", *tiny, "--max-steps", "2", "--checkpoint-every", "2"]) == 0
     err = capsys.readouterr().err
     assert "Hub unreachable: training on the built-in TinyStories sample with the built-in DeepSeek-Coder tokenizer; " \
@@ -109,3 +108,11 @@ def test_a_run_directory_refuses_other_data_than_it_pinned_with_one_line(tmp_pat
     assert Path(same.data).resolve() == corpus.resolve() and same.tokenizer == "builtin"
     with pytest.raises(InputError, match="started with --data .*books.jsonl, not builtin.*--out-dir"):
         resolve_sources("builtin", None, pinned)
+
+
+def test_the_training_config_and_its_choices_load_without_torch_or_transformers():
+    # tinyseek.train.cli takes its flag choices from the config's definitions before parsing the arguments.
+    script = ("import sys, tinyseek.train.config, tinyseek.train.cli; "
+              f"print(sorted(name for name in {HEAVY_MODULES} if name in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"

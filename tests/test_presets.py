@@ -15,6 +15,7 @@ import yaml
 
 from tinyseek import TinySeekConfig
 from tinyseek.cli import main as tinyseek
+from tinyseek.testing import tiny_training_flags
 from tinyseek.report import format_parameter_report, meta_model, parameter_report
 from tinyseek.train import load_config
 from tinyseek.train.metrics import read_metrics
@@ -22,10 +23,7 @@ from tinyseek.train.metrics import read_metrics
 REPO = Path(__file__).resolve().parents[1]
 # Two steps of a model small enough for seconds, whatever the preset's own model, windows and samples.
 TINY_RUN = [
-    "--max-steps", "2", "--device", "cpu", "--dtype", "fp32",
-    "--set", "model.hidden_size=32", "--set", "model.num_hidden_layers=1", "--set", "model.intermediate_size=64",
-    "--set", "model.moe_intermediate_size=16", "--set", "data.seq_len=16", "--set", "data.micro_batch_size=2",
-    "--set", "logging.eval_batches=1", "--set", "logging.progress_bar=false", "--set", "logging.peak_flops=1e11",
+    "--max-steps", "2", *tiny_training_flags(), "--set", "data.seq_len=16", "--set", "data.micro_batch_size=2",
     "--set", "sample.prompts=[]",
 ]
 

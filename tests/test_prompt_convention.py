@@ -3,7 +3,6 @@ plain transformers export."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 
@@ -18,6 +17,7 @@ from tinyseek.train.checkpoint import latest_checkpoint
 from tinyseek.train.config import load_config
 from tinyseek.train.metrics import read_metrics
 from tinyseek.train.trainer import Trainer
+from tinyseek.testing import write_jsonl
 
 # Short prompts, for which this tiny model's greedy continuation depends on the token the prompt starts with.
 PROMPTS = ["a", "big"]
@@ -26,9 +26,8 @@ NEW_TOKENS = 8
 
 
 def test_prepared_documents_begin_as_encode_prompt_begins_a_prompt(tmp_path, tiny_corpus, shared_data):
-    corpus = tmp_path / "two.jsonl"
     texts = ["the cat sat on the mat.", "a dog ran under the tree."]
-    corpus.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
+    corpus = write_jsonl(tmp_path / "two.jsonl", ({"text": text} for text in texts))
     for spec in (tiny_corpus["tokenizer"], shared_data / "tokenizers" / "gpt2" / "tokenizer.json"):
         tokenizer = load_tokenizer(spec)
         prepared = prepare_corpus(str(corpus), str(spec), tmp_path / "cache", val_fraction=0)

@@ -22,6 +22,7 @@ from tinyseek.data.chat import END_OF_TURN_TOKEN, end_of_turn_ids, mark_chat_tra
 from tinyseek.generate.engine import GenerationEngine
 from tinyseek.generate.sampling import Sampling
 from tinyseek.loading import load_model_and_tokenizer
+from tinyseek.testing import streamed_chunks
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
@@ -238,10 +239,7 @@ async def stream_tokens(client: httpx.AsyncClient, url: str, max_tokens: int) ->
     body = {"prompt": "the", "max_tokens": max_tokens, "stream": True, "routing": True, "temperature": 0}
     async with client.stream("POST", url, json=body) as response:
         assert response.status_code == 200
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
+        async for chunk in streamed_chunks(response.aiter_lines()):
             assert "error" not in chunk
             first = first or time.perf_counter()
             tokens += len(chunk["tinyseek"]["tokens"])

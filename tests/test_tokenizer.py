@@ -4,6 +4,7 @@ import pytest
 
 from tinyseek.cli import main as tinyseek
 from tinyseek.data import check_tokenizer_fits, load_tokenizer, tokenizer_identity, train_bpe_tokenizer
+from tinyseek.testing import write_jsonl
 
 ROUND_TRIP_TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -16,12 +17,10 @@ ROUND_TRIP_TEXTS = [
 
 def write_corpus(path, count=200):
     topics = ["gradient descent", "matrix algebra", "thermodynamics", "protein folding", "compilers"]
-    with open(path, "w", encoding="utf-8") as handle:
-        for number in range(count):
-            topic = topics[number % len(topics)]
-            text = f"Chapter {number}: {topic}.\nIn this section we study {topic} and its {number % 7} main ideas."
-            handle.write(json.dumps({"text": text}) + "\n")
-    return path
+    return write_jsonl(path, (
+        {"text": f"Chapter {n}: {topics[n % 5]}.\nIn this section we study {topics[n % 5]} and its {n % 7} main ideas."}
+        for n in range(count)
+    ))
 
 
 @pytest.mark.parametrize("which", ["shared", "builtin"])

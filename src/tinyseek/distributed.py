@@ -17,9 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from tinyseek.errors import ConfigError
 
-STRATEGIES = ("ddp", "fsdp")
 
 
 @dataclass(frozen=True)
@@ -74,8 +72,6 @@ def shutdown() -> None:
 
 def parallelize(model: nn.Module, strategy: str, world: World, device: torch.device) -> nn.Module:
     """Wrap the model for data-parallel training; the model itself is unchanged and reachable as ``unwrap(m)``."""
-    if strategy not in STRATEGIES:
-        raise ConfigError(f"parallel: unknown strategy {strategy!r}; choose one of {STRATEGIES}")
     if not world.is_distributed:
         return model
     if strategy == "ddp":

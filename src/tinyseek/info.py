@@ -33,7 +33,7 @@ def model_config(spec: str):
     from tinyseek.config import PRESETS
     from tinyseek.errors import FileError
     from tinyseek.report import load_config as load_model_config
-    from tinyseek.train.checkpoint import checkpoint_root, latest_checkpoint
+    from tinyseek.runs import checkpoint_root, latest_checkpoint
     from tinyseek.train.config import load_config as load_train_config, resolve_config_path
 
     path = Path(spec).expanduser()

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 def resolve_checkpoint(path_or_run_dir: str | Path) -> Path:
     """A checkpoint directory, the latest valid checkpoint of a run directory, or a model folder as it is."""
-    from tinyseek.train.checkpoint import STEP_DIR, TRAINER_STATE, checkpoint_problem, checkpoint_root, latest_checkpoint
+    from tinyseek.runs import STEP_DIR, TRAINER_STATE, checkpoint_problem, checkpoint_root, latest_checkpoint
 
     path = Path(path_or_run_dir)
     if not path.exists():
@@ -47,7 +47,7 @@ def load_model_and_tokenizer(
     from tinyseek import TinySeekForCausalLM
     from tinyseek.data.chat import is_chat_trained, mark_chat_trained
     from tinyseek.hf import TWINS, from_transformers
-    from tinyseek.train.checkpoint import TOKENIZER_FILES, has_tokenizer
+    from tinyseek.runs import TOKENIZER_FILES, has_tokenizer
 
     folder = resolve_checkpoint(path_or_run_dir)
     if tokenizer_required and not has_tokenizer(folder):

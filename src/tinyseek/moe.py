@@ -148,7 +148,8 @@ def expert_swiglu(
 
 
 def grouped_mm_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
-    # torch._grouped_mm wants 16-byte aligned rows. Its CPU kernel has no working backward (torch 2.13), so it is
+    # torch._grouped_mm has no public equivalent (tests/test_torch_internals.py pins its meaning); it wants 16-byte
+    # aligned rows. Its CPU kernel has no working backward (torch 2.13), so it is
     # used on CUDA only; on CPU one matmul per expert is as fast at these sizes.
     if x.device.type != "cuda" or not hasattr(torch, "_grouped_mm"):
         return False
@@ -219,7 +220,8 @@ class DeepSeekMoE(nn.Module):
 
 
 def in_backward_recomputation() -> bool:
-    # Gradient checkpointing re-runs forward inside the backward pass; counting there would count tokens twice.
+    # Gradient checkpointing re-runs forward inside the backward pass; counting there would count tokens twice. No
+    # public torch API tells whether the autograd engine is running; tests/test_torch_internals.py pins this one.
     return torch._C._current_graph_task_id() != -1
 
 

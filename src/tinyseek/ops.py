@@ -2,7 +2,7 @@
 no native bf16 matrix multiply.
 
 Both compute what the plain path computes (``F.cross_entropy(lm_head(h).float(), y)`` and ``F.linear`` under
-autocast); ``tests/test_speed_paths.py`` checks losses and gradients against it. Why they exist (measured with
+autocast); ``tests/test_fused_ops.py`` checks losses and gradients against it. Why they exist (measured with
 ``benchmarks/train_speed.py``, see docs/benchmarks.md):
 
 * At the seed's size the LM head (hidden 128 -> vocab 32256) is ~80% of the FLOPs, and the plain path materialises

@@ -92,6 +92,15 @@ class WindowSampler:
         # One window of slack leaves room for the random offset while every epoch has the same number of windows.
         self.windows_per_epoch = (len(dataset) - seq_len) // seq_len
         self._max_offset = min(seq_len - 1, len(dataset) - 1 - self.windows_per_epoch * seq_len)
+
+    @property
+    def seed(self) -> int:
+        return self._seed
+
+    @seed.setter
+    def seed(self, seed: int) -> None:
+        """Another seed is another order: the epoch layouts drawn from the old one go."""
+        self._seed = seed
         self._layouts: dict[int, tuple[int, np.ndarray]] = {}
 
     @property
@@ -155,7 +164,6 @@ class WindowSampler:
         self._check_same_data(state, global_batch_size=self.global_batch_size)
         self.seed = state["seed"]
         self.first_window = state.get("first_window", 0)
-        self._layouts.clear()
 
     def continue_after(self, state: dict, consumed_windows: int, next_index: int) -> None:
         """Continue a checkpoint's order whose run had read `consumed_windows` windows, with micro-batch
@@ -163,7 +171,6 @@ class WindowSampler:
         self._check_same_data(state)
         self.seed = state["seed"]
         self.first_window = consumed_windows - next_index * self.global_batch_size
-        self._layouts.clear()
 
     def _check_same_data(self, state: dict, **expected_batch) -> None:
         expected = {

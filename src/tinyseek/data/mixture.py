@@ -121,4 +121,3 @@ class MixtureSampler(WindowSampler):
         self._blocks.clear()
         for sampler in self.sources:
             sampler.seed = self.seed
-            sampler._layouts.clear()

@@ -245,8 +245,8 @@ def _hub_source(name: str, text_column: str, group_column: str | None, split: st
             raise InputError(
                 f"dataset {name!r} has no column {column!r} (columns: {', '.join(columns)}); check {option}"
             )
-    # The dataset's fingerprint (downloaded) or commit (streamed) pins its content, as a file hash does for local data.
-    content = getattr(dataset, "_fingerprint", None) or _hub_revision(name)
+    # The downloaded files or the Hub's commit (streamed) pin the content, as a file hash does for local data.
+    content = _downloaded_content(dataset) or _hub_revision(name)
     identity = {
         "kind": "hub",
         "name": name,
@@ -262,6 +262,17 @@ def _hub_source(name: str, text_column: str, group_column: str | None, split: st
 
     num_rows = None if streaming else len(dataset)
     return Source(slug(name.split("/")[-1]), identity, [name], read_rows, text_column, group_column, num_rows)
+
+
+def _downloaded_content(dataset) -> str | None:
+    """What pins a downloaded dataset's rows: each Arrow file's size and name with its folders up to the config's
+    (datasets names them after the configuration and the revision). Hashing the files' bytes would read gigabytes on
+    every run. None when streamed."""
+    files = [Path(entry["filename"]) for entry in getattr(dataset, "cache_files", None) or []]
+    if not files:
+        return None
+    described = [[*file.parts[-4:], file.stat().st_size] for file in files]
+    return hashlib.sha256(json.dumps(described).encode()).hexdigest()
 
 
 def _hub_revision(name: str) -> str | None:

@@ -4,7 +4,9 @@ then the named flags, then `--set KEY=VALUE` overrides in order."""
 from __future__ import annotations
 
 import argparse
-import sys
+from typing import get_args
+
+from tinyseek.train.config import CheckpointingMode, DType, ParallelStrategy
 
 # Flag name -> the config key it sets.
 FLAG_KEYS = {
@@ -44,11 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--keep", type=int, help="how many of the latest checkpoints to keep")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--device", help="cpu, cuda, cuda:1, mps, or auto (default)")
-    parser.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], help="training precision")
-    parser.add_argument("--parallel", choices=["ddp", "fsdp"], help="data parallelism under torchrun (default ddp)")
+    parser.add_argument("--dtype", choices=get_args(DType), help="training precision")
+    parser.add_argument("--parallel", choices=get_args(ParallelStrategy), help="data parallelism under torchrun (default ddp)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="torch.compile each decoder layer for training (eager if no compiler works)")
-    parser.add_argument("--gradient-checkpointing", choices=["none", "full", "selective"],
+    parser.add_argument("--gradient-checkpointing", choices=get_args(CheckpointingMode),
                         help="recompute activations in the backward pass: none, full, or selective (cheap ops only)")
     parser.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--peak-flops", type=float, help="device peak FLOP/s for MFU (default: measured)")
@@ -62,7 +64,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     """`argv[0]` is the command name ("train"), as the `tinyseek` dispatcher passes it."""
     args = build_parser().parse_args(argv[1:])
-    # Imported once the arguments parse, so that --help and argument errors answer without torch or transformers.
     from tinyseek.train.config import load_config, parse_assignment
 
     overrides = [
@@ -75,9 +76,3 @@ def main(argv: list[str]) -> int:
 
     return Trainer(config).train()
 
-
-def run_script() -> int:
-    """`python train.py`: the same program and the same error handling as `tinyseek train`."""
-    from tinyseek.cli import main as tinyseek_main
-
-    return tinyseek_main(["train", *sys.argv[1:]])

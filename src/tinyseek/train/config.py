@@ -1,37 +1,68 @@
-"""The training configuration: one dataclass per concern, loaded from YAML or TOML, overridden from the command line,
-and checked strictly (an unknown key or a value of the wrong type is a `ConfigError` that names the key)."""
+"""The training configuration: one pydantic model per concern, loaded from YAML or TOML, overridden from the command
+line, and checked strictly (an unknown key or a value of the wrong type is a `ConfigError` that names the key).
+
+The choices (`Literal` types) are the definitions the command line offers too (tinyseek.train.cli), so this module
+imports neither torch nor transformers at load time: `tinyseek train --help` must answer without them.
+"""
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import inspect
-import math
-import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import (
+    AllowInfNan,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    create_model,
+    field_validator,
+)
 
-from tinyseek.config import TinySeekConfig
 from tinyseek.data.builtin import is_builtin
-from tinyseek.distributed import STRATEGIES
 from tinyseek.errors import ConfigError, FileError
 from tinyseek.generate.sampling import Sampling
 from tinyseek.train.budget import parse_duration
 
 # Inside the package (a link to the repository's configs/), so installed copies find the presets too.
 PRESET_DIR = Path(__file__).resolve().parents[1] / "configs"
-DTYPES = ("auto", "fp32", "bf16", "fp16")
-CHECKPOINTING_MODES = ("none", "full", "selective")
-SCHEDULES = ("cosine", "wsd", "constant")
-OPTIMIZER_IMPLEMENTATIONS = ("auto", "fused", "foreach", "for-loop")
 DEFAULT_MODEL_PRESET = "seed"
+DType = Literal["auto", "fp32", "bf16", "fp16"]
+CheckpointingMode = Literal["none", "full", "selective"]
+ParallelStrategy = Literal["ddp", "fsdp"]
+Schedule = Literal["cosine", "wsd", "constant"]
+OptimizerImplementation = Literal["auto", "fused", "foreach", "for-loop"]
 
 
-@dataclass
-class DataConfig:
+def number_from_yaml(value: Any) -> Any:
+    """PyYAML reads `5e-5` (no dot) as a string: such a string is the number it spells."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
+# A finite float; an int is one too (strict mode otherwise: `true` is no number, "3" no integer).
+Number = Annotated[float, BeforeValidator(number_from_yaml), AllowInfNan(False)]
+Positive = Annotated[int, Field(gt=0)]
+
+
+class Section(BaseModel):
+    """A config section: an unknown key, or a value of another type (no coercion: "3" is no integer), is an error."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, use_attribute_docstrings=True)
+
+
+class DataConfig(Section):
     source: str | None = None
     """A Hub dataset name, a local file or directory of text, or a directory made by `tinyseek prepare`;
     None means the data module's default dataset."""
@@ -43,80 +74,73 @@ class DataConfig:
     split_by: str | None = None
     """A column (e.g. a book title) that decides the train/val split, so no group sits in both; None splits by
     document."""
-    val_fraction: float = 0.01
+    val_fraction: Number = 0.01
     val_documents: int | None = None
-    mixture: dict[str, float] = field(default_factory=dict)
+    mixture: dict[str, Annotated[Number, Field(gt=0)]] = {}
     """More training sources (a local file, directory or Hub name) and their weights, relative to `weight` of
     `source`. Validation stays `source`'s; the other sources leave out its validation groups (`split_by`)."""
-    weight: float = 1.0
+    weight: Annotated[Number, Field(gt=0)] = 1.0
     """The share of `source` in a mixture, relative to the weights in `mixture`."""
-    seq_len: int = 32
-    micro_batch_size: int = 1
-    grad_accum: int = 8
+    seq_len: Positive = 32
+    micro_batch_size: Positive = 1
+    grad_accum: Positive = 8
 
 
-@dataclass
-class OptimConfig:
+class OptimConfig(Section):
     name: str = "adamw"
     """A registered optimizer (``tinyseek.train.optim.OPTIMIZERS``)."""
-    lr: float = 5e-5
-    lr_multipliers: dict[str, float] = field(default_factory=dict)
+    lr: Annotated[Number, Field(gt=0)] = 5e-5
+    lr_multipliers: dict[str, Annotated[Number, Field(gt=0)]] = {}
     """Learning-rate multiplier per parameter role ("matrix", "head", "embedding", "vector"; 1 if not given), and with
     optim.name muon for the matrices Muon takes ("muon", on top of their role's)."""
-    weight_decay: float = 0.1
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
-    grad_clip: float = 1.0
+    weight_decay: Annotated[Number, Field(ge=0)] = 0.1
+    betas: Annotated[list[Annotated[Number, Field(ge=0, lt=1)]], Field(min_length=2, max_length=2)] = [0.9, 0.95]
+    eps: Number = 1e-8
+    grad_clip: Annotated[Number, Field(ge=0)] = 1.0
     """Clip the global gradient norm to this; 0 disables clipping."""
-    max_non_finite_steps: int = 5
+    max_non_finite_steps: Positive = 5
     """A step whose loss or gradient is NaN or infinite is skipped (no optimizer or bias update, counted and logged);
     this many in a row stop the run without saving."""
-    implementation: str = "auto"
+    implementation: OptimizerImplementation = "auto"
     """AdamW kernel: "fused" (one kernel for all tensors, fastest on CPU and CUDA), "foreach", "for-loop", or
     "auto" (fused where the device supports it, else foreach)."""
 
 
-@dataclass
-class ScheduleConfig:
-    kind: str = "cosine"
+class ScheduleConfig(Section):
+    kind: Schedule = "cosine"
     """"cosine": linear warmup then cosine decay to the floor; "wsd": warmup, stable, then linear decay to the floor
     over the last `decay_fraction` of the steps; "constant": warmup then flat."""
-    warmup_steps: int = 100
-    min_lr_ratio: float = 0.1
+    warmup_steps: Annotated[int, Field(ge=0)] = 100
+    min_lr_ratio: Annotated[Number, Field(ge=0, le=1)] = 0.1
     """The floor, as a fraction of the peak learning rate."""
-    decay_fraction: float = 0.2
+    decay_fraction: Annotated[Number, Field(gt=0, le=1)] = 0.2
 
 
-@dataclass
-class CheckpointConfig:
-    every: int = 100
-    keep: int = 1
+class CheckpointConfig(Section):
+    every: Positive = 100
+    keep: Positive = 1
 
 
-@dataclass
-class LoggingConfig:
-    log_every: int = 10
-    eval_every: int = 100
-    eval_batches: int = 20
-    sample_every: int = 100
+class LoggingConfig(Section):
+    log_every: Positive = 10
+    eval_every: Positive = 100
+    eval_batches: Positive = 20
+    sample_every: Positive = 100
     tensorboard: bool = False
     progress_bar: bool = True
-    peak_flops: float | None = None
+    peak_flops: Annotated[Number, Field(gt=0)] | None = None
     """Peak FLOP/s of the device for the MFU estimate; None measures a matmul once at startup."""
 
 
-@dataclass
-class SampleConfig:
-    prompts: list[str] = field(
-        default_factory=lambda: ["The history of", "In mathematics, a function is", "Once upon a time"]
-    )
-    max_new_tokens: int = 40
+class SampleConfig(Section):
+    prompts: list[str] = ["The history of", "In mathematics, a function is", "Once upon a time"]
+    max_new_tokens: Positive = 40
     do_sample: bool = True
-    temperature: float = 0.8
+    temperature: Number = 0.8
     top_k: int = 50
-    top_p: float = 0.95
-    min_p: float = 0.0
-    repetition_penalty: float = 1.1
+    top_p: Number = 0.95
+    min_p: Number = 0.0
+    repetition_penalty: Number = 1.1
 
     def sampling(self, seed: int | None) -> Sampling:
         """These settings as the generation engine's sampling configuration (``do_sample: false`` is greedy)."""
@@ -125,52 +149,66 @@ class SampleConfig:
         )
 
 
-@dataclass
-class TrainConfig:
+class TrainConfig(Section):
     out_dir: str = "runs/default"
-    max_steps: int = 10_000
+    max_steps: Positive = 10_000
     """Optimizer steps; each consumes micro_batch_size * grad_accum * world_size windows."""
     time_budget: str | None = None
     """A wall-clock budget ("15m", "90s", "1h30m") that replaces max_steps: the first steps are timed, max_steps is
     fixed once from the measured rate and kept by checkpoints, so a resumed run follows the same schedule."""
     seed: int = 0
     device: str = "auto"
-    dtype: str = "auto"
+    dtype: DType = "auto"
     """"auto": bf16 autocast on CPU and on GPUs that support it, fp16 with a GradScaler on GPUs that don't, fp32
     on MPS; or one of "fp32", "bf16", "fp16"."""
-    gradient_checkpointing: str | bool = "none"
+    gradient_checkpointing: CheckpointingMode = "none"
     """"none"; "full": recompute each decoder layer's forward in the backward pass; "selective": recompute only its
     cheap element-wise ops and keep matmul and attention outputs (most of full's memory saving at a fraction of its
     recompute). `true`/`false` (older configs) mean "full"/"none"."""
     compile: bool = False
     """torch.compile each decoder layer's training forward (regional compilation: one block compiled once and reused
     by every layer, seconds rather than minutes); falls back to eager with a message where no compiler works."""
-    parallel: str = "ddp"
+    parallel: ParallelStrategy = "ddp"
     """Data parallelism under torchrun: "ddp" (DistributedDataParallel) or "fsdp" (FSDP2, parameters sharded per
     decoder layer). A single process ignores it."""
-    model: dict[str, Any] = field(default_factory=lambda: {"preset": DEFAULT_MODEL_PRESET})
+    model: dict[str, Any] = {"preset": DEFAULT_MODEL_PRESET}
     """`preset` (a name in tinyseek.PRESETS, default "seed"; null for TinySeekConfig's own defaults) plus any
     TinySeekConfig field, which overrides the preset."""
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-    sample: SampleConfig = field(default_factory=SampleConfig)
-    # Set by load_config, and not config keys (a ClassVar is no field: not in to_dict, not accepted in a file): lines
-    # for the run's log, and the keys whose values a preset chose rather than the user.
-    notes: ClassVar[tuple[str, ...]] = ()
-    preset_keys: ClassVar[frozenset[str]] = frozenset()
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    logging: LoggingConfig = LoggingConfig()
+    sample: SampleConfig = SampleConfig()
+    # Set by load_config, not config keys: lines for the run's log, and the keys a preset chose rather than the user.
+    _notes: tuple[str, ...] = PrivateAttr(default=())
+    _preset_keys: frozenset[str] = PrivateAttr(default=frozenset())
 
-    def __post_init__(self):
-        if isinstance(self.gradient_checkpointing, bool):
-            self.gradient_checkpointing = "full" if self.gradient_checkpointing else "none"
+    @field_validator("gradient_checkpointing", mode="before")
+    @classmethod
+    def checkpointing_from_boolean(cls, value: Any) -> Any:
+        return {True: "full", False: "none"}.get(value, value) if isinstance(value, bool) else value
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def check_model_section(cls, values: Any) -> Any:
+        return {"preset": DEFAULT_MODEL_PRESET, **model_section().model_validate(values).model_dump(exclude_unset=True)}
+
+    @property
+    def notes(self) -> tuple[str, ...]:
+        return self._notes
+
+    @property
+    def preset_keys(self) -> frozenset[str]:
+        return self._preset_keys
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return self.model_dump()
 
-    def build_model_config(self, **tokenizer_defaults) -> TinySeekConfig:
+    def build_model_config(self, **tokenizer_defaults):
         """The model's TinySeekConfig: preset, then `tokenizer_defaults` (special-token ids), then explicit fields."""
+        from tinyseek.config import TinySeekConfig  # transformers: only once a model is wanted
+
         fields = dict(self.model)
         preset = fields.pop("preset", None)
         explicit = {**{k: v for k, v in tokenizer_defaults.items() if k not in fields}, **fields}
@@ -180,6 +218,20 @@ class TrainConfig:
             return TinySeekConfig.from_preset(preset, **explicit)
         except ValueError as error:
             raise ConfigError(f"model.{error}") from None
+
+
+@functools.cache
+def model_section() -> type[BaseModel]:
+    """The `model` section's schema: `preset` and TinySeekConfig's typed keyword arguments, all optional (only the
+    given ones are passed on, so the preset's values stand for the rest)."""
+    from tinyseek.config import TinySeekConfig  # transformers: only once a config is read
+
+    hints = typing.get_type_hints(TinySeekConfig.__init__)
+    fields = {
+        name: ({float: Number, float | None: Number | None}.get(hints[name], hints[name]), None)
+        for name in inspect.signature(TinySeekConfig.__init__).parameters if name in hints and name != "return"
+    }
+    return create_model("model", __config__=Section.model_config, preset=(str | None, None), **fields)
 
 
 def resolve_config_path(name_or_path: str) -> Path:
@@ -268,10 +320,13 @@ def load_config(
         set_nested(tree, key, value)
     if path is not None and look_up_tokenizer and "data.tokenizer" not in given:
         find_relative_tokenizer(tree, path)
-    train_config = build_dataclass(TrainConfig, tree, prefix="")
+    try:
+        train_config = TrainConfig.model_validate(tree)
+    except ValidationError as error:
+        raise ConfigError(describe_error(error)) from None
     validate(train_config)
-    train_config.notes = tuple(notes)
-    train_config.preset_keys = frozenset(preset_keys)
+    train_config._notes = tuple(notes)
+    train_config._preset_keys = frozenset(preset_keys)
     return train_config
 
 
@@ -308,147 +363,63 @@ def find_relative_tokenizer(tree: dict[str, Any], config_path: Path) -> None:
         )
 
 
-def build_dataclass(cls, values: dict[str, Any], prefix: str):
-    if not isinstance(values, dict):
-        raise ConfigError(f"{prefix.rstrip('.')}: expected a section (mapping), got {values!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ConfigError(f"unknown config key {prefix}{unknown[0]}; {prefix or 'top level'} keys are: {', '.join(sorted(names))}")
-    kwargs = {}
-    for name, value in values.items():
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint):
-            kwargs[name] = build_dataclass(hint, value, prefix=f"{prefix}{name}.")
-        elif name == "model" and cls is TrainConfig:
-            kwargs[name] = check_model_section(value)
-        else:
-            kwargs[name] = check_type(f"{prefix}{name}", value, hint)
-    return cls(**kwargs)
+def describe_error(error: ValidationError) -> str:
+    """The first problem pydantic found, in one line that names the key."""
+    problem = error.errors()[0]
+    key = ".".join(str(part) for part in problem["loc"])
+    kind, value, context = problem["type"], problem.get("input"), problem.get("ctx", {})
+    if kind == "extra_forbidden":
+        section, _, _ = key.rpartition(".")
+        return f"unknown config key {key}; {section or 'top level'} keys are: {', '.join(section_keys(section))}"
+    if kind in ("model_type", "dict_type"):
+        return f"{key}: expected a section (mapping), got {value!r}"
+    if kind == "literal_error":
+        return f"{key}: unknown value {value!r}; choose one of {context['expected']}"
+    if kind == "finite_number":
+        return f"{key}: expected a finite number, got {value!r}"
+    if kind.startswith(("int_", "float_", "bool_", "string_", "list_")):
+        expected = {"int": "int", "float": "float", "bool": "bool", "string": "str", "list": "list"}[kind.split("_")[0]]
+        return f"{key}: expected {expected}, got {value!r}"
+    if kind == "greater_than" and context.get("gt") == 0:
+        return f"{key}: must be positive, got {value!r}"
+    return f"{key}: {problem['msg'].lower()}, got {value!r}"
 
 
-def check_model_section(values: Any) -> dict[str, Any]:
-    if not isinstance(values, dict):
-        raise ConfigError(f"model: expected a section (mapping), got {values!r}")
-    hints = typing.get_type_hints(TinySeekConfig.__init__)
-    fields = {name for name in inspect.signature(TinySeekConfig.__init__).parameters if name in hints}
-    checked = {"preset": DEFAULT_MODEL_PRESET}
-    for name, value in values.items():
-        if name == "preset":
-            checked[name] = check_type("model.preset", value, str | None)
-        elif name not in fields:
-            raise ConfigError(f"unknown config key model.{name}; model keys are `preset` and the TinySeekConfig fields")
-        else:
-            checked[name] = check_type(f"model.{name}", value, hints[name])
-    return checked
-
-
-def check_type(key: str, value: Any, hint) -> Any:
-    """`value` if it has type `hint` (int is accepted for float), else a ConfigError naming `key`."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        for option in typing.get_args(hint):
-            try:
-                return check_type(key, value, option)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{key}: expected {type_name(hint)}, got {value!r}")
-    if hint is type(None):
-        if value is None:
-            return None
-    elif origin is list:
-        if isinstance(value, (list, tuple)):
-            (item_hint,) = typing.get_args(hint)
-            return [check_type(f"{key}[{i}]", item, item_hint) for i, item in enumerate(value)]
-    elif origin is dict or hint is Any:
-        return value
-    elif hint is float:
-        # PyYAML reads `5e-5` (no dot) as a string, so numbers written that way are accepted here.
-        number = None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            number = float(value)
-        elif isinstance(value, str):
-            try:
-                number = float(value)
-            except ValueError:
-                pass
-        if number is not None and math.isfinite(number):
-            return number
-        if number is not None:
-            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif isinstance(value, hint):
-        return value
-    raise ConfigError(f"{key}: expected {type_name(hint)}, got {value!r}")
-
-
-def type_name(hint) -> str:
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return " or ".join(type_name(option) for option in typing.get_args(hint))
-    if hint is type(None):
-        return "null"
-    return getattr(hint, "__name__", str(hint))
+def section_keys(section: str) -> list[str]:
+    if section == "model":
+        return ["preset and any TinySeekConfig field"]
+    schema = TrainConfig
+    for part in filter(None, section.split(".")):
+        schema = schema.model_fields[part].annotation
+    return sorted(schema.model_fields)
 
 
 def validate(config: TrainConfig) -> None:
+    """The rules between keys (each key's own type and range are the schema's): the registries' names, what the
+    chosen optimizer asks of the run, and what the model must hold."""
+    from tinyseek.train.optim import CONFIG_RULES, MUON_MULTIPLIER, OPTIMIZERS, ROLES  # torch: after the CLI parses
+
     def require(condition: bool, message: str):
         if not condition:
             raise ConfigError(message)
 
-    for key in ("max_steps", "data.seq_len", "data.micro_batch_size", "data.grad_accum", "checkpoint.every",
-                "checkpoint.keep", "optim.max_non_finite_steps", "logging.log_every", "logging.eval_every", "logging.eval_batches",
-                "logging.sample_every", "sample.max_new_tokens"):
-        section, _, name = key.rpartition(".")
-        value = getattr(getattr(config, section) if section else config, name)
-        require(value > 0, f"{key}: must be a positive integer, got {value}")
     if config.time_budget is not None:
         parse_duration(config.time_budget)
-    for source, weight in {"data.weight": config.data.weight, **config.data.mixture}.items():
-        require(isinstance(weight, (int, float)) and not isinstance(weight, bool) and weight > 0,
-                f"data.mixture: the weight of {source} must be a positive number, got {weight!r}")
     require(not config.data.mixture or config.data.split_by is not None,
             "data.mixture: needs data.split_by, so that no validation group is trained on from another source")
-    require(not (config.optim.name == "muon" and config.parallel == "fsdp"),
-            "optim.name muon: Muon orthogonalises whole weight matrices, and under --parallel fsdp each process holds "
-            "only a shard of each; use --parallel ddp, or optim.name adamw with fsdp")
-    require(config.parallel in STRATEGIES,
-            f"parallel: unknown strategy {config.parallel!r}; choose one of {', '.join(STRATEGIES)}")
-    require(config.gradient_checkpointing in CHECKPOINTING_MODES,
-            f"gradient_checkpointing: unknown mode {config.gradient_checkpointing!r}; choose one of "
-            f"{', '.join(CHECKPOINTING_MODES)}")
-    require(config.dtype in DTYPES, f"dtype: unknown dtype {config.dtype!r}; choose one of {', '.join(DTYPES)}")
-    from tinyseek.train.optim import MUON_MULTIPLIER, OPTIMIZERS, ROLES  # here: the optimizers read this config
-
     require(config.optim.name in OPTIMIZERS,
             f"optim.name: unknown optimizer {config.optim.name!r}; choose one of {', '.join(OPTIMIZERS)}")
-    require(config.optim.lr > 0, f"optim.lr: must be positive, got {config.optim.lr}")
-    for role, multiplier in config.optim.lr_multipliers.items():
+    if config.optim.name in CONFIG_RULES:
+        CONFIG_RULES[config.optim.name](config)
+    for role in config.optim.lr_multipliers:
         require(role in (*ROLES, MUON_MULTIPLIER),
                 f"optim.lr_multipliers: unknown parameter role {role!r}; roles are {', '.join(ROLES)}, {MUON_MULTIPLIER}")
         require(role != MUON_MULTIPLIER or config.optim.name == "muon",
                 f"optim.lr_multipliers.{MUON_MULTIPLIER}: only with optim.name muon, got {config.optim.name!r}")
-        require(isinstance(multiplier, (int, float)) and not isinstance(multiplier, bool) and multiplier > 0,
-                f"optim.lr_multipliers.{role}: must be a positive number, got {multiplier!r}")
-    require(config.optim.weight_decay >= 0, f"optim.weight_decay: must be non-negative, got {config.optim.weight_decay}")
-    require(len(config.optim.betas) == 2 and all(0 <= b < 1 for b in config.optim.betas),
-            f"optim.betas: expected two numbers in [0, 1), got {config.optim.betas}")
-    require(config.optim.grad_clip >= 0, f"optim.grad_clip: must be non-negative (0 disables), got {config.optim.grad_clip}")
-    require(config.optim.implementation in OPTIMIZER_IMPLEMENTATIONS,
-            f"optim.implementation: choose one of {', '.join(OPTIMIZER_IMPLEMENTATIONS)}")
-    require(config.schedule.kind in SCHEDULES,
-            f"schedule.kind: unknown schedule {config.schedule.kind!r}; choose one of {', '.join(SCHEDULES)}")
-    require(config.schedule.warmup_steps >= 0, "schedule.warmup_steps: must be non-negative")
-    require(0 <= config.schedule.min_lr_ratio <= 1, "schedule.min_lr_ratio: must be in [0, 1]")
-    require(0 < config.schedule.decay_fraction <= 1, "schedule.decay_fraction: must be in (0, 1]")
     try:
         config.sample.sampling(config.seed)
     except ValueError as error:
         raise ConfigError(f"sample.{error}") from None
-    require(config.logging.peak_flops is None or config.logging.peak_flops > 0,
-            f"logging.peak_flops: must be positive (or null to measure it), got {config.logging.peak_flops}")
     positions = config.build_model_config().max_position_embeddings
     if config.data.seq_len > positions:
         raise ConfigError(f"data.seq_len: {config.data.seq_len} is longer than the model's max_position_embeddings="

@@ -9,6 +9,7 @@ parameter like any torch optimizer's) cover them, and resume is bitwise exact on
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
@@ -47,6 +48,19 @@ def newton_schulz_fp32(matrix: torch.Tensor, steps: int = NS_STEPS, eps: float =
     return x.T if transposed else x
 
 
+# torch.optim.Muon's learning-rate adjustments by the shape (rows A, columns B) of a matrix, as its documentation
+# states them; torch keeps its own function private (tests/test_muon.py checks that the two agree).
+LR_ADJUSTMENTS = {
+    "original": lambda rows, columns: math.sqrt(max(1, rows / columns)),
+    "match_rms_adamw": lambda rows, columns: 0.2 * math.sqrt(max(rows, columns)),
+}
+
+
+def adjusted_lr(lr: float, adjust_lr_fn: str | None, shape: torch.Size) -> float:
+    """The learning rate torch.optim.Muon applies to a matrix of `shape` (None means "original")."""
+    return lr * LR_ADJUSTMENTS[adjust_lr_fn or "original"](*shape[:2])
+
+
 class Float32Muon(torch.optim.Muon):
     """torch.optim.Muon's update (momentum, Nesterov, decoupled weight decay, learning-rate adjustment) with the
     Newton–Schulz iteration in fp32 (see `newton_schulz_fp32`)."""
@@ -70,7 +84,7 @@ class Float32Muon(torch.optim.Muon):
                 update = parameter.grad.lerp(buffer, momentum) if group["nesterov"] else buffer
                 update = newton_schulz_fp32(update, group["ns_steps"], group["eps"]).to(parameter.dtype)
                 parameter.mul_(1 - lr * group["weight_decay"])
-                parameter.add_(update, alpha=-torch.optim._muon._adjust_lr(lr, group["adjust_lr_fn"], parameter.shape))
+                parameter.add_(update, alpha=-adjusted_lr(lr, group["adjust_lr_fn"], parameter.shape))
         return loss
 
 

@@ -15,14 +15,16 @@ Adding one::
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
 
 from tinyseek.errors import ConfigError
-from tinyseek.train.config import OptimConfig
 from tinyseek.train.muon import MuonWithAdamW, build_muon_with_adamw
+
+if TYPE_CHECKING:  # the config module consults this registry when it validates; only the types go the other way
+    from tinyseek.train.config import OptimConfig, TrainConfig
 
 # Every trainable parameter has exactly one role, in this order of precedence.
 ROLES = ("matrix", "head", "embedding", "vector")
@@ -34,17 +36,23 @@ MUON_MULTIPLIER = "muon"
 # vectors without regularising anything useful, so only matrices decay.
 DECAYED_ROLES = ("matrix", "head")
 
-OptimizerBuilder = Callable[[nn.Module, OptimConfig, torch.device], torch.optim.Optimizer]
+OptimizerBuilder = Callable[[nn.Module, "OptimConfig", torch.device], torch.optim.Optimizer]
 OPTIMIZERS: dict[str, OptimizerBuilder] = {}
+# What an optimizer asks of the rest of the run (a ConfigError otherwise), checked with the config.
+ConfigRule = Callable[["TrainConfig"], None]
+CONFIG_RULES: dict[str, ConfigRule] = {}
 
 
-def register_optimizer(name: str) -> Callable[[OptimizerBuilder], OptimizerBuilder]:
-    """Decorator: make `name` a valid ``optim.name``, built by the decorated ``builder(model, optim, device)``."""
+def register_optimizer(name: str, rule: ConfigRule | None = None) -> Callable[[OptimizerBuilder], OptimizerBuilder]:
+    """Decorator: make `name` a valid ``optim.name``, built by the decorated ``builder(model, optim, device)``;
+    `rule(config)` raises a ConfigError for a run the optimizer cannot serve."""
 
     def register(builder: OptimizerBuilder) -> OptimizerBuilder:
         if name in OPTIMIZERS:
             raise TypeError(f"optimizer {name!r} is already registered by {OPTIMIZERS[name].__name__}")
         OPTIMIZERS[name] = builder
+        if rule is not None:
+            CONFIG_RULES[name] = rule
         return builder
 
     return register
@@ -107,7 +115,15 @@ def build_adamw(model: nn.Module, optim: OptimConfig, device: torch.device) -> t
     )
 
 
-@register_optimizer("muon")
+def muon_needs_whole_matrices(config: TrainConfig) -> None:
+    if config.parallel == "fsdp":
+        raise ConfigError(
+            "optim.name muon: Muon orthogonalises whole weight matrices, and under --parallel fsdp each process holds "
+            "only a shard of each; use --parallel ddp, or optim.name adamw with fsdp"
+        )
+
+
+@register_optimizer("muon", rule=muon_needs_whole_matrices)
 def build_muon(model: nn.Module, optim: OptimConfig, device: torch.device) -> MuonWithAdamW:
     """Muon for the blocks' 2-D hidden matrices (attention projections, dense and shared-expert MLPs), AdamW with
     these groups' settings for the rest (embedding, head, norms, biases, router, routed-expert stacks): one

@@ -60,7 +60,7 @@ def test_checkpointing_config_accepts_modes_and_the_old_booleans():
     assert load_config(None, [(["gradient_checkpointing"], True)]).gradient_checkpointing == "full"
     assert load_config(None, [(["gradient_checkpointing"], False)]).gradient_checkpointing == "none"
     assert load_config(None, [(["gradient_checkpointing"], "selective")]).gradient_checkpointing == "selective"
-    with pytest.raises(ValueError, match="gradient_checkpointing: unknown mode 'some'"):
+    with pytest.raises(ValueError, match="gradient_checkpointing: unknown value 'some'; choose one of 'none', 'full' or 'selective'"):
         load_config(None, [(["gradient_checkpointing"], "some")])
 
 

@@ -1,0 +1,46 @@
+"""What the tests and the benchmarks both build, in one place: corpora written as JSON lines, the chunks of a streamed
+completion, and the overrides that turn any training preset into a tiny run of seconds.
+
+Inside the package (as transformers keeps `transformers.testing_utils`) so that benchmarks/ imports it like the rest of
+tinyseek; it imports nothing heavier than the standard library.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from pathlib import Path
+from typing import Any
+
+# A seed-shaped model (any preset's attention and feed-forward) small enough for a training step in milliseconds.
+TINY_TRAINED_MODEL = {"hidden_size": 32, "num_hidden_layers": 1, "intermediate_size": 64, "moe_intermediate_size": 32}
+# What else makes a run quick and quiet: one evaluation batch, no progress bar, and a fixed peak (no FLOP/s probe).
+QUICK_LOGGING = {"eval_batches": 1, "progress_bar": False, "peak_flops": 1e11}
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> Path:
+    """One JSON object per line, in UTF-8 (non-ASCII text kept as it is)."""
+    path = Path(path)
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    return path
+
+
+def set_flags(section: str, values: dict[str, Any]) -> list[str]:
+    """`--set SECTION.KEY=VALUE` for each of `values`, as `tinyseek train` takes them."""
+    return [argument for key, value in values.items() for argument in ("--set", f"{section}.{key}={value}")]
+
+
+def tiny_training_flags(**model: Any) -> list[str]:
+    """The `tinyseek train` flags of a tiny, quick CPU run in fp32; `model` overrides TINY_TRAINED_MODEL's fields."""
+    return [
+        "--device", "cpu", "--dtype", "fp32",
+        *set_flags("model", {**TINY_TRAINED_MODEL, **model}), *set_flags("logging", QUICK_LOGGING),
+    ]
+
+
+async def streamed_chunks(lines: AsyncIterable[str]) -> AsyncIterator[dict[str, Any]]:
+    """The JSON chunks of a server-sent event stream (OpenAI's streamed completions), without the `[DONE]` marker."""
+    async for line in lines:
+        if line.startswith("data: ") and line != "data: [DONE]":
+            yield json.loads(line.removeprefix("data: "))
