@@ -14,7 +14,7 @@ import torch
 
 from tinyseek.cli import main as tinyseek_main
 from tinyseek.data.builtin import BUILTIN_ROOT
-from tinyseek.data.tokenizer import encode_prompt
+from tinyseek.data.tokenizer import encode_prompt, load_tokenizer
 from tinyseek.generate import GenerationEngine, Sampling
 from tinyseek.loading import load_model_and_tokenizer
 
@@ -36,6 +36,7 @@ MODELS = {
     "llama": ["model.preset=llama-tiny", "model.num_key_value_heads=2"],
 }
 LOGITS_ATOL = 1e-3
+GREEDY = Sampling(temperature=0)
 TIE = 2e-3  # the equality rule's margin, matched to the logits' tolerance
 PROMPTS = ["Once upon a time, there was a little", "Tom and Lily went to the park. They saw a big",
            "The cat said, \"I am hungry!\" Then", "def add(a, b):\n    return"]
@@ -137,28 +138,33 @@ def perplexity(logits: np.ndarray, tokens: list[int]) -> float:
 def test_f32_file_gives_llama_cpp_the_same_tokens_logits_and_greedy_continuations(name, trained, exported):
     _, model, tokenizer = trained(name)
     with llama(exported(name, "f32")) as runner:
-        for text in PROMPTS:
-            check_prompt(runner, model, tokenizer, text)
+        results = [check_prompt(runner, model, tokenizer, text) for text in PROMPTS]
+    differences, identical = zip(*results)
+    print(f"{name} f32: logits within {max(differences):.2g} of tinyseek's on {len(PROMPTS)} prompts; greedy "
+          f"continuations identical token for token on {sum(identical)}/{len(PROMPTS)} (the rest up to a near-tie)")
 
 
-def check_prompt(runner, model, tokenizer, text: str) -> None:
-    """Same prompt tokens, fp32 logits within LOGITS_ATOL, and greedy continuations equal under the equality rule."""
+def check_prompt(runner, model, tokenizer, text: str) -> tuple[float, bool]:
+    """Same prompt tokens, fp32 logits within LOGITS_ATOL, and greedy continuations equal under the equality rule.
+    Returns the largest logit difference and whether the continuations were identical."""
     tokens = encode_prompt(tokenizer, text)
     # llama.cpp begins the prompt as tinyseek does (BOS), from the file's metadata alone.
     assert runner.tokenize(text.encode(), add_bos=True, special=True) == tokens
-    np.testing.assert_allclose(llama_logits(runner, tokens), tinyseek_logits(model, tokens), rtol=0, atol=LOGITS_ATOL)
+    theirs, ours = llama_logits(runner, tokens), tinyseek_logits(model, tokens)
+    np.testing.assert_allclose(theirs, ours, rtol=0, atol=LOGITS_ATOL)
 
     new_tokens = 24
-    ours = GenerationEngine(model, eos_token_ids=[]).generate([tokens], Sampling(temperature=0), new_tokens)[0].token_ids
+    continuation = GenerationEngine(model, eos_token_ids=[]).generate([tokens], GREEDY, new_tokens)[0].token_ids
     runner.reset()
-    theirs = list(itertools.islice(runner.generate(tokens, temp=0.0, top_k=1, reset=True), new_tokens))
-    assert len(theirs) == len(ours) == new_tokens
-    steps = tinyseek_logits(model, tokens + ours)[len(tokens) - 1:]
-    for step, (mine, other) in enumerate(zip(ours, theirs)):
+    their_continuation = list(itertools.islice(runner.generate(tokens, temp=0.0, top_k=1, reset=True), new_tokens))
+    assert len(their_continuation) == len(continuation) == new_tokens
+    steps = tinyseek_logits(model, tokens + continuation)[len(tokens) - 1:]
+    for step, (mine, other) in enumerate(zip(continuation, their_continuation)):
         if mine != other:  # allowed only where tinyseek's own top two are within the tie margin
             top = np.sort(steps[step])[-2:]
-            assert top[1] - top[0] <= TIE, (text, step, ours, theirs)
+            assert top[1] - top[0] <= TIE, (text, step, continuation, their_continuation)
             break
+    return float(np.abs(theirs - ours).max()), continuation == their_continuation
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -220,8 +226,6 @@ def test_llama_architecture_reads_back_in_transformers_gguf_loader_with_the_same
 def test_tokenization_equals_llama_cpp_on_varied_texts_for_the_builtin_and_a_trained_bpe(
     trained, exported, tiny_corpus, tiny_model, write_run, tmp_path
 ):
-    from tinyseek.data.tokenizer import load_tokenizer
-
     trained_bpe = load_tokenizer(tiny_corpus["tokenizer"])
     write_run(tmp_path / "run", tiny_model(vocab_size=304, attention_type="mha", ffn_type="dense"), trained_bpe)
     bpe_file = tmp_path / "bpe.gguf"
@@ -235,12 +239,55 @@ def test_tokenization_equals_llama_cpp_on_varied_texts_for_the_builtin_and_a_tra
         assert mismatches == []
 
 
+def test_the_file_carries_the_special_ids_the_chat_template_and_the_tokenizers_licence(
+    trained, exported, tmp_path, tiny_model, tiny_corpus, write_run
+):
+    _, _, builtin = trained("llama")
+    with llama(exported("llama", "f32"), vocab_only=True) as runner:
+        assert (runner.token_bos(), runner.token_eos()) == (builtin.bos_token_id, builtin.eos_token_id)
+        assert runner.n_vocab() == 32256 > len(builtin)  # one entry per embedding row
+        assert runner.metadata["tokenizer.ggml.pre"] == "deepseek-coder"
+        assert runner.metadata["tokenizer.license"].startswith((BUILTIN_ROOT / "deepseek-coder" / "NOTICE").read_text())
+        assert "DEEPSEEK LICENSE AGREEMENT" in runner.metadata["tokenizer.license"]
+
+    chat = load_tokenizer(tiny_corpus["tokenizer"])
+    chat.bos_token = None
+    chat.chat_template = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
+    write_run(tmp_path / "run", tiny_model(vocab_size=304, attention_type="mha", ffn_type="dense"), chat)
+    argv = ["export", "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "chat.gguf"), "--format", "gguf"]
+    assert tinyseek_main(argv) == 0
+    with llama(tmp_path / "chat.gguf", vocab_only=True) as runner:
+        assert runner.metadata["tokenizer.chat_template"] == chat.chat_template
+        # Without a BOS, a prompt begins with EOS, as training documents follow the previous one's EOS.
+        assert runner.token_bos() == runner.token_eos() == chat.eos_token_id
+        assert runner.metadata["tokenizer.ggml.pre"] == "gpt-2" and "tokenizer.license" not in runner.metadata
+
+
+def test_mtp_modules_are_left_out_with_a_note_and_a_softmax_moe_without_shared_experts_runs_alike(
+    tmp_path, capsys, tiny_model, tiny_corpus, write_run
+):
+    tokenizer = load_tokenizer(tiny_corpus["tokenizer"])
+    model = tiny_model(vocab_size=304, attention_type="mla", q_lora_rank=16, num_nextn_predict_layers=1)
+    assert model.config.scoring_func == "softmax" and model.config.n_shared_experts == 0
+    with torch.no_grad():  # a balancing bias away from zero, so that a lost one would change which experts are chosen
+        for moe in model.moe_layers():
+            moe.gate.e_score_correction_bias.normal_(0, 0.05)
+    write_run(tmp_path / "run", model, tokenizer)
+    out = tmp_path / "mtp.gguf"
+    assert tinyseek_main(["export", "--run-dir", str(tmp_path / "run"), "--out", str(out), "--format", "gguf"]) == 0
+    assert "note: left out 1 multi-token-prediction module(s)" in capsys.readouterr().out
+    tokens = encode_prompt(tokenizer, "the big red dog sat on the mat under the tree")
+    with llama(out) as runner:
+        np.testing.assert_allclose(llama_logits(runner, tokens), tinyseek_logits(model, tokens), rtol=0, atol=LOGITS_ATOL)
+
+
 @pytest.mark.parametrize("overrides, reason", [
     (dict(attention_type="linear"), "no ELU+1 causal linear attention"),
     (dict(attention_type="mla", q_lora_rank=16, router_bias=True), "router has no learnable bias"),
     (dict(attention_type="mla"), "needs a low-rank query projection"),
     (dict(attention_type="mla", q_lora_rank=16, rms_norm_eps=1e-5), "one epsilon for every norm"),
     (dict(attention_type="mha", ffn_type="moe"), "Mixtral"),
+    (dict(attention_type="mha", ffn_type="dense"), "the tokenizer has no merges"),  # the byte tokenizer
 ])
 def test_what_llama_cpp_cannot_run_is_refused_in_one_line_with_the_reason(
     overrides, reason, tmp_path, capsys, tiny_model, byte_tokenizer, write_run
@@ -254,8 +301,9 @@ def test_what_llama_cpp_cannot_run_is_refused_in_one_line_with_the_reason(
 
 
 def test_a_failure_while_writing_leaves_no_file_and_no_partial_one(tmp_path, capsys, monkeypatch, tiny_model,
-                                                                  byte_tokenizer, write_run):
-    write_run(tmp_path / "run", tiny_model(attention_type="mha", ffn_type="dense"), byte_tokenizer)
+                                                                  tiny_corpus, write_run):
+    model = tiny_model(vocab_size=304, attention_type="mha", ffn_type="dense")
+    write_run(tmp_path / "run", model, load_tokenizer(tiny_corpus["tokenizer"]))
     out = tmp_path / "out" / "model.gguf"
     argv = ["export", "--run-dir", str(tmp_path / "run"), "--out", str(out), "--format", "gguf"]
     monkeypatch.setenv("TINYSEEK_FAULTS", "gguf.written=enospc")

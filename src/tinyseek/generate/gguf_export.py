@@ -258,6 +258,8 @@ def gguf_vocabulary(tokenizer: PreTrainedTokenizerFast, rows: int) -> Vocabulary
                          "llama.cpp's BPE reads byte-level BPE tokenizers (DeepSeek-Coder's, `tinyseek tokenizer train`)")
     if normalizer and normalizer.get("normalizers") != []:
         raise InputError(f"--format gguf: llama.cpp's BPE applies no normalizer, but the tokenizer has {normalizer['type']}")
+    if not model["merges"]:  # the gguf writer cannot store an empty list, and llama.cpp's BPE requires one
+        raise InputError("--format gguf: the tokenizer has no merges (one token per byte); llama.cpp's BPE needs them")
     names = [name for name, known in reproduced_pre_tokenizers().items() if known == definition["pre_tokenizer"]]
     if not names:
         raise InputError("--format gguf: the tokenizer's pre-tokenizer has no llama.cpp equivalent (llama.cpp "
