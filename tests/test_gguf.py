@@ -263,19 +263,26 @@ def test_the_file_carries_the_special_ids_the_chat_template_and_the_tokenizers_l
         assert runner.metadata["tokenizer.ggml.pre"] == "gpt-2" and "tokenizer.license" not in runner.metadata
 
 
-def test_mtp_modules_are_left_out_with_a_note_and_a_softmax_moe_without_shared_experts_runs_alike(
-    tmp_path, capsys, tiny_model, tiny_corpus, write_run
+@pytest.mark.parametrize("overrides, note", [
+    # Softmax scores, no shared expert (the file gets a zero one), and an MTP module to leave out.
+    (dict(attention_type="mla", q_lora_rank=16, num_nextn_predict_layers=1),
+     "note: left out 1 multi-token-prediction module(s)"),
+    (dict(attention_type="mla", q_lora_rank=16, ffn_type="dense"), None),
+    (dict(attention_type="mha", ffn_type="dense", tie_word_embeddings=True), None),
+])
+def test_the_other_exportable_shapes_run_alike_in_llama_cpp(
+    overrides, note, tmp_path, capsys, tiny_model, tiny_corpus, write_run
 ):
     tokenizer = load_tokenizer(tiny_corpus["tokenizer"])
-    model = tiny_model(vocab_size=304, attention_type="mla", q_lora_rank=16, num_nextn_predict_layers=1)
-    assert model.config.scoring_func == "softmax" and model.config.n_shared_experts == 0
+    model = tiny_model(vocab_size=304, **overrides)
     with torch.no_grad():  # a balancing bias away from zero, so that a lost one would change which experts are chosen
         for moe in model.moe_layers():
             moe.gate.e_score_correction_bias.normal_(0, 0.05)
     write_run(tmp_path / "run", model, tokenizer)
-    out = tmp_path / "mtp.gguf"
+    out = tmp_path / "model.gguf"
     assert tinyseek_main(["export", "--run-dir", str(tmp_path / "run"), "--out", str(out), "--format", "gguf"]) == 0
-    assert "note: left out 1 multi-token-prediction module(s)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert note in printed if note else "note:" not in printed
     tokens = encode_prompt(tokenizer, "the big red dog sat on the mat under the tree")
     with llama(out) as runner:
         np.testing.assert_allclose(llama_logits(runner, tokens), tinyseek_logits(model, tokens), rtol=0, atol=LOGITS_ATOL)

@@ -1,9 +1,10 @@
 """`tinyseek export --format gguf`: one GGUF file that llama.cpp runs (and so ollama, LM Studio, llama-cpp-python).
 
 Written with the `gguf` package (llama.cpp's own writer and numpy quantizers), not by llama.cpp's
-`convert_hf_to_gguf.py`, because that converter reads DeepSeek weights as DeepSeek publishes them: RoPE dimensions
-interleaved in pairs, while tinyseek (like transformers with ``rope_interleave=False``) rotates halves. Converted
-as they are, the rotary rows are scrambled and the logits are off by ~0.1 (docs/export.md).
+`convert_hf_to_gguf.py` on a `--format transformers` export: that converter reads DeepSeek weights as DeepSeek
+publishes them, RoPE dimensions interleaved in pairs, while tinyseek (like transformers with
+``rope_interleave=False``) rotates halves; and transformers' DeepseekV3 config names no scoring function, so it
+writes none and llama.cpp assumes softmax. Either alone moves the logits by ~0.1 or more (docs/export.md).
 
 An architecture goes out as the llama.cpp architecture that computes the same function (``GGUF_ARCHITECTURES``, by
 attention type): MLA, with a DeepSeekMoE or a dense MLP, as ``deepseek2``; softmax attention with a dense MLP as
@@ -33,7 +34,9 @@ if TYPE_CHECKING:
 
 # Kept in fp32 whatever the file type, as llama.cpp's converter does: 1-D tensors (norms, the balancing bias) are
 # tiny, and the router's scores decide discrete expert choices that rounding would flip.
-FP32_TENSORS = ("ffn_gate_inp",)
+FP32_KINDS = (gguf.MODEL_TENSOR.FFN_GATE_INP,)
+# `--gguf-type` -> the file type llama.cpp reports (general.file_type).
+FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}
 
 
 @dataclass(frozen=True)
@@ -163,11 +166,15 @@ def gguf_problem(config: TinySeekConfig) -> str | None:
     return architecture.problem(config)
 
 
+def swiglu_tensors(state: dict, prefix: str, kinds: tuple) -> Iterator[tuple]:
+    for kind, name in zip(kinds, ("gate_proj", "up_proj", "down_proj")):
+        yield kind, state[f"{prefix}{name}.weight"]
+
+
 def feed_forward_tensors(state: dict, config: TinySeekConfig, i: int) -> Iterator[tuple]:
     mlp, kinds = f"model.layers.{i}.mlp.", gguf.MODEL_TENSOR
     if not config.is_moe_layer(i):
-        for kind, name in ((kinds.FFN_GATE, "gate_proj"), (kinds.FFN_UP, "up_proj"), (kinds.FFN_DOWN, "down_proj")):
-            yield kind, state[f"{mlp}{name}.weight"]
+        yield from swiglu_tensors(state, mlp, (kinds.FFN_GATE, kinds.FFN_UP, kinds.FFN_DOWN))
         return
     yield kinds.FFN_GATE_INP, state[mlp + "gate.weight"]
     yield kinds.FFN_EXP_PROBS_B, state[mlp + "gate.e_score_correction_bias"]
@@ -175,27 +182,28 @@ def feed_forward_tensors(state: dict, config: TinySeekConfig, i: int) -> Iterato
     yield kinds.FFN_GATE_EXP, np.ascontiguousarray(gate)
     yield kinds.FFN_UP_EXP, np.ascontiguousarray(up)
     yield kinds.FFN_DOWN_EXP, state[mlp + "experts.down_proj"]
-    if config.n_shared_experts:
-        shared = {name: state[f"{mlp}shared_experts.{name}.weight"] for name in ("gate_proj", "up_proj", "down_proj")}
-    else:
-        # llama.cpp's deepseek2 always runs a shared expert; one whose down projection is zero adds exactly nothing.
+    shared = f"{mlp}shared_experts."
+    if not config.n_shared_experts:
+        # llama.cpp's deepseek2 always runs a shared expert; one with zero weights adds exactly nothing.
         width, hidden = config.moe_intermediate_size, config.hidden_size
-        shared = {"gate_proj": np.zeros((width, hidden), np.float32), "up_proj": np.zeros((width, hidden), np.float32),
-                  "down_proj": np.zeros((hidden, width), np.float32)}
-    yield kinds.FFN_GATE_SHEXP, shared["gate_proj"]
-    yield kinds.FFN_UP_SHEXP, shared["up_proj"]
-    yield kinds.FFN_DOWN_SHEXP, shared["down_proj"]
+        state = {f"{shared}gate_proj.weight": np.zeros((width, hidden), np.float32),
+                 f"{shared}up_proj.weight": np.zeros((width, hidden), np.float32),
+                 f"{shared}down_proj.weight": np.zeros((hidden, width), np.float32)}
+    yield from swiglu_tensors(state, shared, (kinds.FFN_GATE_SHEXP, kinds.FFN_UP_SHEXP, kinds.FFN_DOWN_SHEXP))
 
 
-def model_tensors(model: TinySeekForCausalLM, architecture: GGUFArchitecture) -> Iterator[tuple[str, np.ndarray]]:
-    """(GGUF name, fp32 array) of every tensor llama.cpp reads; multi-token-prediction modules are left out."""
+def model_tensors(
+    model: TinySeekForCausalLM, architecture: GGUFArchitecture
+) -> Iterator[tuple[str, gguf.MODEL_TENSOR, np.ndarray]]:
+    """(GGUF name, tensor kind, fp32 array) of every tensor llama.cpp reads; multi-token-prediction modules are left
+    out."""
     config, kinds = model.config, gguf.MODEL_TENSOR
     state = {name: tensor.detach().float().cpu().numpy() for name, tensor in model.state_dict().items()
              if not name.startswith("mtp.")}
 
     def named(kind, array, layer=None):
         suffix = "bias" if kind == kinds.FFN_EXP_PROBS_B else "weight"
-        return f"{gguf.TENSOR_NAMES[kind].format(bid=layer)}.{suffix}", array
+        return f"{gguf.TENSOR_NAMES[kind].format(bid=layer)}.{suffix}", kind, array
 
     yield named(kinds.TOKEN_EMBD, state["model.embed_tokens.weight"])
     for i in range(config.num_hidden_layers):
@@ -210,18 +218,16 @@ def model_tensors(model: TinySeekForCausalLM, architecture: GGUFArchitecture) ->
         yield named(kinds.OUTPUT, state["lm_head.weight"])
 
 
-def encoded(array: np.ndarray, name: str, gguf_type: str) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
+def encoded(array: np.ndarray, kind: gguf.MODEL_TENSOR, gguf_type: str) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
     """The array in the file's type; where a type cannot hold it (Q8_0 needs rows of whole 32-blocks), F16."""
     types = gguf.GGMLQuantizationType
-    if array.ndim == 1 or any(f".{kind}." in f".{name}" for kind in FP32_TENSORS) or gguf_type == "f32":
+    if array.ndim == 1 or kind in FP32_KINDS or gguf_type == "f32":
         return array.astype(np.float32), types.F32
     qtype = types[gguf_type.upper()]
     if qtype == types.Q8_0 and array.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
         qtype = types.F16
     return gguf.quants.quantize(array, qtype), qtype
 
-
-FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}
 
 
 def reproduced_pre_tokenizers() -> dict[str, dict]:
@@ -257,7 +263,9 @@ def gguf_vocabulary(tokenizer: PreTrainedTokenizerFast, rows: int) -> Vocabulary
         raise InputError(f"--format gguf: the tokenizer is a {model['type']} model without a byte-level decoder; "
                          "llama.cpp's BPE reads byte-level BPE tokenizers (DeepSeek-Coder's, `tinyseek tokenizer train`)")
     if normalizer and normalizer.get("normalizers") != []:
-        raise InputError(f"--format gguf: llama.cpp's BPE applies no normalizer, but the tokenizer has {normalizer['type']}")
+        raise InputError(
+            f"--format gguf: llama.cpp's BPE applies no normalizer, but the tokenizer has {normalizer['type']}"
+        )
     if not model["merges"]:  # the gguf writer cannot store an empty list, and llama.cpp's BPE requires one
         raise InputError("--format gguf: the tokenizer has no merges (one token per byte); llama.cpp's BPE needs them")
     names = [name for name, known in reproduced_pre_tokenizers().items() if known == definition["pre_tokenizer"]]
@@ -358,8 +366,8 @@ def export_gguf(model: TinySeekForCausalLM, tokenizer: PreTrainedTokenizerFast |
         writer.add_name(out.stem)
         write_hyperparameters(writer, config, architecture, gguf_type)
         write_tokenizer(writer, tokenizer, config.vocab_size)
-        for name, array in model_tensors(model, architecture):
-            data, qtype = encoded(array, name, gguf_type)
+        for name, kind, array in model_tensors(model, architecture):
+            data, qtype = encoded(array, kind, gguf_type)
             writer.add_tensor(name, data, raw_dtype=qtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
