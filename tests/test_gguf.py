@@ -321,3 +321,6 @@ def test_a_failure_while_writing_leaves_no_file_and_no_partial_one(tmp_path, cap
     monkeypatch.delenv("TINYSEEK_FAULTS")
     assert tinyseek_main(argv) == 0
     assert [path.name for path in out.parent.iterdir()] == ["model.gguf"]
+    capsys.readouterr()
+    assert tinyseek_main(argv) == 2  # an existing file is never overwritten
+    assert "already exists" in capsys.readouterr().err
