@@ -19,14 +19,14 @@ from tinyseek.generate import GenerationEngine, Sampling
 from tinyseek.loading import load_model_and_tokenizer
 
 llama_cpp = pytest.importorskip(
-    "llama_cpp", reason="llama-cpp-python is not installed: pip install -e '.[gguf]' (.ci/run installs it)"
+    "llama_cpp", reason="llama-cpp-python is not installed: pip install -e '.[llama-cpp]' (.ci/run installs it)"
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 THREADS = 1
 STEPS = 100
-# Small enough to train in seconds, wide enough that Q8_0 quantizes every matrix (rows of whole 32-blocks).
+# Small enough to train in about a minute, wide enough that Q8_0 quantizes every matrix (rows of whole 32-blocks).
 SMALL = ["model.hidden_size=64", "model.num_hidden_layers=2", "model.num_attention_heads=4",
          "model.intermediate_size=128", "model.max_position_embeddings=256"]
 MODELS = {
