@@ -11,6 +11,7 @@ Actions:  kill      SIGKILL this process (a crash at exactly that instant)
 
 Points:   checkpoint.staging     checkpoint.weights     checkpoint.optimizer    checkpoint.state
           checkpoint.renamed     run_dir.write          prepare.batch           prepare.meta
+          gguf.written (a GGUF export, complete but not yet renamed into place)
           train.loss (indexed by the step being computed, 1-based; action nan)
 
 Example:  TINYSEEK_FAULTS=checkpoint.optimizer@2=kill tinyseek train ...   (dies inside its second checkpoint write)

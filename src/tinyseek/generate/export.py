@@ -1,11 +1,13 @@
-"""`tinyseek export`: a Hugging Face folder (weights, config, tokenizer, generation config) from a run or model.
+"""`tinyseek export`: a Hugging Face folder (weights, config, tokenizer, generation config) or a GGUF file from a run
+or model.
 
 The tokenizer files carry the chat template (transformers writes it to chat_template.jinja); a chat-trained model
 keeps `chat_trained: true` in its config.json and stops generating at the end of a turn.
 
 ``--format tinyseek`` (the default) loads with ``AutoModelForCausalLM`` once ``tinyseek`` is imported;
 ``--format transformers`` loads with plain transformers as ``DeepseekV3ForCausalLM`` or ``LlamaForCausalLM`` where the
-architecture has such a twin (see ``tinyseek.hf``), and is refused with the reason where it has not.
+architecture has such a twin (see ``tinyseek.hf``), and is refused with the reason where it has not;
+``--format gguf`` writes one file that llama.cpp runs (see ``tinyseek.generate.gguf_export``).
 """
 
 from __future__ import annotations
@@ -16,14 +18,18 @@ from pathlib import Path
 from tinyseek.errors import ConfigError, FileError
 from tinyseek.loading import add_source_arguments, load_from_arguments
 
-FORMATS = ("tinyseek", "transformers")
+FORMATS = ("tinyseek", "transformers", "gguf")
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")  # the keys of gguf_export.FILE_TYPES, here so --help needs no gguf
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tinyseek export", description=__doc__.split("\n\n")[0])
     add_source_arguments(parser)
-    parser.add_argument("--out", type=Path, required=True, help="the folder to write (must not exist or be empty)")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="the folder to write (must not exist or be empty); for gguf, the file (must not exist)")
     parser.add_argument("--format", choices=FORMATS, default="tinyseek")
+    parser.add_argument("--gguf-type", choices=GGUF_TYPES, default="f32",
+                        help="the GGUF file's weight type (norms and the router stay f32)")
     return parser
 
 
@@ -65,6 +71,16 @@ def export(model, tokenizer, out: Path, format: str = "tinyseek") -> Path:
 def main(argv: list[str]) -> int:
     """`argv[0]` is the command name ("export"), as the `tinyseek` dispatcher passes it."""
     args = build_parser().parse_args(argv[1:])
+    if args.format == "gguf":
+        try:
+            from tinyseek.generate.gguf_export import export_gguf
+        except ImportError as error:
+            raise ConfigError(f"--format gguf needs the gguf package ({error}); pip install 'tinyseek[gguf]'") from None
+        model, tokenizer = load_from_arguments(args, tokenizer_required=True)
+        for note in export_gguf(model, tokenizer, args.out, args.gguf_type):
+            print(f"note: {note}")
+        print(f"wrote {args.gguf_type} GGUF file {args.out}")
+        return 0
     model, tokenizer = load_from_arguments(args, tokenizer_required=False)
     export(model, tokenizer, args.out, args.format)
     print(f"wrote {args.format} folder {args.out}")
