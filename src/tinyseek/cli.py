@@ -20,7 +20,7 @@ COMMANDS = {
     "train": ("tinyseek.train.cli", "train a model (the same program as `python train.py`)"),
     "plot": ("tinyseek.train.plot", "plot a run's training and validation loss"),
     "generate": ("tinyseek.generate.cli", "continue a prompt with a trained model"),
-    "chat": ("tinyseek.generate.chat", "talk to a chat-trained model in the terminal"),
+    "chat": ("tinyseek.chat", "talk to a chat-trained model in the terminal"),
     "export": ("tinyseek.generate.export", "write a Hugging Face folder or a GGUF file from a run or model"),
     "serve": ("tinyseek.serve.cli", "serve a model over OpenAI's API, with a playground page"),
     "route": ("tinyseek.route", "draw which expert each token of a text is routed to, as a PNG"),
