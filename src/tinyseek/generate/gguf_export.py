@@ -25,6 +25,7 @@ import numpy as np
 
 from tinyseek import faults
 from tinyseek.errors import ConfigError, FileError, InputError
+from tinyseek.moe import feed_forward_spec
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -89,7 +90,7 @@ def llama_attention(state: dict, config: TinySeekConfig, i: int) -> Iterator[tup
 
 
 def deepseek2_problem(config: TinySeekConfig) -> str | None:
-    from tinyseek.attention import LATENT_NORM_EPS
+    from tinyseek.attention.latent import LATENT_NORM_EPS
 
     if config.q_lora_rank is None:
         # llama.cpp reads a full-rank query only for DeepSeek-V2-Lite's depths (26, 27 or 48 layers).
@@ -173,7 +174,7 @@ def swiglu_tensors(state: dict, prefix: str, kinds: tuple) -> Iterator[tuple]:
 
 def feed_forward_tensors(state: dict, config: TinySeekConfig, i: int) -> Iterator[tuple]:
     mlp, kinds = f"model.layers.{i}.mlp.", gguf.MODEL_TENSOR
-    if not config.is_moe_layer(i):
+    if not feed_forward_spec(config.feed_forward_type(i)).routes:
         yield from swiglu_tensors(state, mlp, (kinds.FFN_GATE, kinds.FFN_UP, kinds.FFN_DOWN))
         return
     yield kinds.FFN_GATE_INP, state[mlp + "gate.weight"]
