@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from tinyseek.train.metrics import measured_peak_flops
+from tinyseek.train.metrics import measured_peak_flops, sustained_matmul_flops
 
 
 def single_window_probe(size: int = 1024) -> float:
@@ -25,18 +25,6 @@ def single_window_probe(size: int = 1024) -> float:
     return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
-def sustained(m: int, k: int, n: int, seconds: float) -> float:
-    a, b = torch.randn(m, k), torch.randn(k, n)
-    warm_until = time.perf_counter() + 0.5
-    while time.perf_counter() < warm_until:
-        torch.matmul(a, b)
-    repeats, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        torch.matmul(a, b)
-        repeats += 1
-    return 2 * m * k * n * repeats / (time.perf_counter() - start) / 1e9
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -47,9 +35,9 @@ def main() -> None:
     old = single_window_probe()
     new = measured_peak_flops.__wrapped__("cpu", torch.float32, args.threads) / 1e9
     print(f"threads {args.threads}: previous probe {old:.1f}, probe {new:.1f}, sustained 1024^3 "
-          f"{sustained(1024, 1024, 1024, seconds):.1f}, head forward 4096x128x8192 "
-          f"{sustained(4096, 128, 8192, seconds):.1f}, head weight gradient 8192x4096x128 "
-          f"{sustained(8192, 4096, 128, seconds):.1f} GFLOP/s")
+          f"{sustained_matmul_flops(1024, 1024, 1024, seconds) / 1e9:.1f}, head forward 4096x128x8192 "
+          f"{sustained_matmul_flops(4096, 128, 8192, seconds) / 1e9:.1f}, head weight gradient 8192x4096x128 "
+          f"{sustained_matmul_flops(8192, 4096, 128, seconds) / 1e9:.1f} GFLOP/s")
 
 
 if __name__ == "__main__":

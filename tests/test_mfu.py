@@ -1,30 +1,16 @@
 """MFU's denominator: the start-up probe of the practical matmul peak agrees with a longer measurement taken the
 same way at the run's thread count, so a run's MFU cannot exceed 100% because the probe read low."""
 
-import time
-
 import pytest
 import torch
 
-from tinyseek.train.metrics import measured_peak_flops
-
-
-def sustained_flops(seconds: float, size: int = 1024) -> float:
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    warm_until = time.perf_counter() + 0.5
-    while time.perf_counter() < warm_until:
-        torch.matmul(a, b)
-    repeats, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        torch.matmul(a, b)
-        repeats += 1
-    return 2 * size**3 * repeats / (time.perf_counter() - start)
+from tinyseek.train.metrics import measured_peak_flops, sustained_matmul_flops
 
 
 def test_probe_agrees_with_a_longer_measurement_at_the_runs_thread_count():
     threads = torch.get_num_threads()
     probe = measured_peak_flops.__wrapped__("cpu", torch.float32, threads)
-    sustained = sustained_flops(2.0)
+    sustained = sustained_matmul_flops(1024, 1024, 1024, 2.0)
     # The probe is the best of short windows, so it may sit a little above the 2-second mean; it must never sit
     # far below it, which is what made MFU read above 100%.
     assert 0.85 * sustained <= probe <= 1.3 * sustained, (probe / 1e9, sustained / 1e9)

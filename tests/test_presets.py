@@ -171,7 +171,8 @@ def test_gitignore_covers_what_the_documented_commands_write():
     pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
     written = {
         match for page in pages for match in WRITTEN.findall(page.read_text())
-        if not match.startswith(("/", "~", "$")) and not match.isupper()  # scratch folders and placeholders
+        # scratch folders, placeholders, and report.py's temporary folder in the blocks' headers
+        if not match.startswith(("/", "~", "$", "{")) and not match.isupper()
     }
     assert {"data/prepared", "tokenizers/bpe-8192", "exported/", "routes.png"} <= written
     result = subprocess.run(["git", "check-ignore", "--no-index", *written], cwd=REPO, capture_output=True, text=True)

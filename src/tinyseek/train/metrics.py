@@ -117,6 +117,20 @@ def measured_peak_flops(device_type: str, dtype: torch.dtype, threads: int) -> f
 PEAK_WARMUP_S, PEAK_WINDOW_S, PEAK_WINDOWS = 0.3, 0.1, 5
 
 
+def sustained_matmul_flops(m: int, k: int, n: int, seconds: float) -> float:
+    """FLOP/s of an [m, k] x [k, n] fp32 CPU matmul held for `seconds` after half a second of warm-up: the longer
+    measurement the peak probe must agree with (tests/test_mfu.py, benchmarks/peak_probe.py)."""
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    warm_until = time.perf_counter() + 0.5
+    while time.perf_counter() < warm_until:
+        torch.matmul(a, b)
+    repeats, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        torch.matmul(a, b)
+        repeats += 1
+    return 2 * m * k * n * repeats / (time.perf_counter() - start)
+
+
 def synchronize(device_type: str) -> None:
     if device_type == "cuda":
         torch.cuda.synchronize()
