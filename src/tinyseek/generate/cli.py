@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto (default)")
     parser.add_argument(
         "--compile", action="store_true",
-        help="compile the decode step with torch.compile: tens of seconds once, then faster tokens (long outputs)",
+        help="compile the decode step with torch.compile: seconds once, then faster tokens (long outputs)",
     )
     return parser
 

@@ -103,7 +103,7 @@ DECODERS: dict[str, DecoderChoice] = {
     # The lean step (`tinyseek.generate.lean`): each layer's declared decode step, on preallocated caches. Models
     # with a layer whose type declares none, and sharded models, decode through the model's forward instead.
     "lean": DecoderChoice(lean),
-    # The lean step through torch.compile: tens of seconds once, then faster steps (pays for a server or long
+    # The lean step through torch.compile: seconds once, then faster steps (pays for a server or long
     # generations); where compilation fails, the eager lean step, with one warning.
     "compiled": DecoderChoice(compiled),
     # The model's own forward with its TinySeekCache: the reference every other decoder is tested against.

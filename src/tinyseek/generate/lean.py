@@ -106,7 +106,7 @@ def warn_compile_failed(error: Exception) -> None:
 def compiled_lean_step(structure: str, capture: bool, batch: int, capacity: int, device_type: str):
     """`lean_step` through torch.compile for one decoder shape of models of one configuration (``structure``: the
     config as JSON): C++ kernels and a C++ wrapper that calls them on CPU, CUDA graphs on GPU. Compilation happens at
-    the first call and takes tens of seconds.
+    the first call and takes seconds (docs/decode.md has the measured compile times).
 
     Before every call torch.compile checks guards on everything the step reads; over the whole LeanWeights object
     graph that is a sizeable share of a step. This step checks none. That is sound because nothing it reads can

@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--compile", action="store_true",
         help="decode with the step compiled by torch.compile: faster tokens, but the first request of each size "
-             "(cache lengths go in powers of two) waits tens of seconds while it compiles",
+             "(cache lengths go in powers of two) waits a few seconds while it compiles",
     )
     parser.add_argument(
         "--chat-template-for-base-model", action="store_true",
