@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers.utils.logging import disable_progress_bar
 
 from tinyseek.data import TokenDataset
 from tinyseek.data.chat import CHAT_TOKENS, end_of_turn_ids, render_chat
@@ -129,7 +130,8 @@ def report(base: dict, chat: dict, counts: dict[str, int], source: str) -> str:
             lines.append(f"| {title} | {percent(base['rules'].get(kind))} | {percent(chat['rules'].get(kind))} |")
     lines += [
         f"| stops at end-of-turn | {percent(base['stopped'])} | {percent(chat['stopped'])} |",
-        f"| stories of at least 50 words | {percent(base['long_enough'])} | {percent(chat['long_enough'])} |",
+        f"| answers long enough to score (a story: 50 words) | {percent(base['long_enough'])} | "
+        f"{percent(chat['long_enough'])} |",
         f"| distinct 4-grams of the answers | {base['distinct_4grams']:.2f} | {chat['distinct_4grams']:.2f} |",
         f"| validation bits per byte, pre-training split | {base['bits_per_byte']:.4f} | {chat['bits_per_byte']:.4f} |",
         "",
@@ -160,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a tiny model for 3 steps a stage; 2 instructions a rule")
     parser.add_argument("--json", type=Path, help="also write the measurements here")
     args = parser.parse_args(argv)
+    disable_progress_bar()  # transformers' weight-loading bars, one per model loaded
     torch.set_num_threads(args.threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     if args.quick:
