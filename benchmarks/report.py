@@ -105,6 +105,8 @@ BLOCKS = [
     Block("fuzz-inputs", "docs/reliability.md",
           (PY, "benchmarks/fuzz_inputs.py"),
           (PY, "benchmarks/fuzz_inputs.py", "--quick"), threads=1, stdout_format="markdown"),
+    Block("install", "docs/export.md",
+          (PY, "benchmarks/install_time.py"), (PY, "benchmarks/install_time.py", "--quick"), threads=2),
     Block("quality-15min", "docs/quality.md",
           (PY, "benchmarks/quality.py", "--runs", "reference,cpu-15min", "--time-budget", "15m", "--threads", "2",
            "--out", "{out}"),
