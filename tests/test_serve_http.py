@@ -146,10 +146,13 @@ def test_each_chat_field_is_honoured_refused_by_name_or_ignored(chat_server, fie
     check_answer(httpx.post(f"{chat_server.url}/v1/chat/completions", json=body, timeout=TIMEOUT), refused)
 
 
-def test_token_id_prompts_continue_as_their_text_does(server):
+def test_token_id_prompts_are_taken_as_they_are(server):
+    """A text prompt begins as training documents do (here EOS, id 256, then the bytes); ids are used unchanged."""
     as_text = client(server).completions.create(model="m", prompt="hi", max_tokens=6, temperature=0)
-    as_ids = client(server).completions.create(model="m", prompt=[104, 105], max_tokens=6, temperature=0)
+    as_ids = client(server).completions.create(model="m", prompt=[256, 104, 105], max_tokens=6, temperature=0)
     assert as_ids.choices[0].text == as_text.choices[0].text and as_ids.usage == as_text.usage
+    bare = client(server).completions.create(model="m", prompt=[[104, 105]], max_tokens=6, temperature=0)
+    assert bare.usage.prompt_tokens == 2
 
 
 def test_non_numbers_and_values_beyond_64_bits_are_400_not_500(server):
