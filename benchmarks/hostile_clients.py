@@ -20,6 +20,7 @@ import json
 import multiprocessing
 import socket
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 
 import httpx
@@ -185,7 +186,8 @@ def run(args, load_model: Callable, well_behaved: Callable) -> int:
             failed |= bool(errors or wrong)
             print(f"round {number} ({time.perf_counter() - started:.0f} s): well-behaved {len(result['streams'])} "
                   f"streams, {tokens} tokens, {len(errors)} errors" + (f" ({errors[0]})" if errors else "")
-                  + f"; malformed refused {len(result['statuses']) - len(wrong)}/{len(result['statuses'])}"
+                  + f"; malformed refused {len(result['statuses']) - len(wrong)}/{len(result['statuses'])} "
+                  f"({', '.join(f'{status} x{count}' for status, count in sorted(Counter(result['statuses']).items()))})"
                   + (f" (not refused: {', '.join(wrong)})" if wrong else "")
                   + f"; slow readers read {min(result['slow'])}-{max(result['slow'])} bytes; "
                   f"{sum(result['hung_up'])} hung up mid-stream; {result['idle_open']} idle connections still open "
