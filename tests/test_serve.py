@@ -452,7 +452,7 @@ def test_serve_command_listens_on_loopback_by_default_and_refuses_bad_limits(run
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     command = [sys.executable, "-m", "tinyseek", "serve", "--run-dir", str(run_dir), "--port", str(port)]
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen([*command, "--access-log"], stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 4 * TIMEOUT  # a fresh interpreter imports torch, transformers and FastAPI
         while True:
@@ -470,6 +470,7 @@ def test_serve_command_listens_on_loopback_by_default_and_refuses_bad_limits(run
         process.terminate()
         _, err = process.communicate(timeout=TIMEOUT)
     assert f"http://127.0.0.1:{port}/" in err
+    assert '127.0.0.1 "GET /static/playground.js" 200 ' in err  # --access-log: a line per request
 
     refused = subprocess.run([*command[:-2], "--max-streams", "0"], capture_output=True, text=True, timeout=TIMEOUT)
     assert refused.returncode == 2 and "--max-streams must be at least 1" in refused.stderr
