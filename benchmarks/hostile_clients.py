@@ -36,15 +36,15 @@ SLOW_BOUND_S, SLOW_TOKENS, SLOW_CLIENTS = 60.0, 256, 8
 DISCONNECTING_CLIENTS = 8
 IDLE_CONNECTIONS = 200
 MAX_BODY_BYTES = 1 << 20
-JSON_HEAD = b"Content-Type: application/json\r\n"
+# Raw HTTP/1.1, so that a request can be as wrong as a hostile client makes it; the length or framing follows.
+POST_HEAD = b"POST /v1/completions HTTP/1.1\r\nHost: h\r\nContent-Type: application/json\r\n"
 
 
 def bodies() -> list[tuple[str, bytes, Iterable[bytes]]]:
     """(name, request head, body chunks) of each malformed or oversized request."""
     def post(body: bytes) -> tuple[bytes, list[bytes]]:
-        return b"POST /v1/completions HTTP/1.1\r\nHost: h\r\n" + JSON_HEAD + b"Content-Length: %d\r\n\r\n" % len(body), [body]
+        return POST_HEAD + b"Content-Length: %d\r\n\r\n" % len(body), [body]
 
-    chunked_head = b"POST /v1/completions HTTP/1.1\r\nHost: h\r\n" + JSON_HEAD + b"Transfer-Encoding: chunked\r\n\r\n"
     piece = b"x" * 65536
     return [
         ("invalid JSON", *post(b'{"prompt": "hi", "max_tokens": ')),
@@ -53,9 +53,8 @@ def bodies() -> list[tuple[str, bytes, Iterable[bytes]]]:
         ("wrong types", *post(b'{"prompt": 5, "max_tokens": "many", "stop": {"a": 1}}')),
         ("seed beyond 64 bits", *post(json.dumps({"prompt": "hi", "seed": 1 << 80}).encode())),
         ("NaN temperature", *post(b'{"prompt": "hi", "temperature": NaN}')),
-        ("declared oversize", b"POST /v1/completions HTTP/1.1\r\nHost: h\r\n" + JSON_HEAD
-         + b"Content-Length: %d\r\n\r\n" % (4 * MAX_BODY_BYTES), [b'{"prompt": "']),
-        ("chunked oversize", chunked_head,
+        ("declared oversize", POST_HEAD + b"Content-Length: %d\r\n\r\n" % (4 * MAX_BODY_BYTES), [b'{"prompt": "']),
+        ("chunked oversize", POST_HEAD + b"Transfer-Encoding: chunked\r\n\r\n",
          [b"%x\r\n%s\r\n" % (len(piece), piece) for _ in range(MAX_BODY_BYTES // len(piece) + 2)] + [b"0\r\n\r\n"]),
         ("not HTTP", b"\x16\x03\x01\x02\x00 hello\r\n\r\n", []),
     ]
@@ -87,8 +86,7 @@ async def slow_reader(port: int, bound: float, max_tokens: int) -> int:
     reader, writer = await asyncio.open_connection(sock=sock, limit=1)
     body = json.dumps({"prompt": "Once upon a time", "max_tokens": max_tokens, "stream": True,
                        "routing": True}).encode()
-    writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: h\r\n" + JSON_HEAD
-                 + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    writer.write(POST_HEAD + b"Content-Length: %d\r\n\r\n" % len(body) + body)
     read, end = 0, time.monotonic() + bound
     try:
         while time.monotonic() < end and await reader.read(1):
@@ -143,6 +141,24 @@ async def one_round(port: int, args, well_behaved: Callable, plan: dict) -> dict
     return {"streams": streams, "slow": slow, "hung_up": hung_up, "statuses": statuses, "idle_open": still_open}
 
 
+def describe(result: dict) -> tuple[str, bool]:
+    """One round in a line, and whether it went as it must: no well-behaved stream failed, every hostile request
+    was refused."""
+    errors = [stream["error"] for stream in result["streams"] if stream["error"]]
+    tokens = sum(stream["tokens"] for stream in result["streams"])
+    statuses = result["statuses"]
+    wrong = [f"{name}: {status}" for (name, _, _), status in zip(bodies(), statuses)
+             if not (status.startswith("4") or status == "closed")]
+    answers = ", ".join(f"{status} x{count}" for status, count in sorted(Counter(statuses).items()))
+    line = (f"well-behaved {len(result['streams'])} streams, {tokens} tokens, {len(errors)} errors"
+            + (f" ({errors[0]})" if errors else "")
+            + f"; malformed refused {len(statuses) - len(wrong)}/{len(statuses)} ({answers})"
+            + (f", not refused: {'; '.join(wrong)}" if wrong else "")
+            + f"; slow readers read {min(result['slow'])}-{max(result['slow'])} bytes; {sum(result['hung_up'])} "
+            f"hung up mid-stream; {result['idle_open']} idle connections still open at the end")
+    return line, not (errors or wrong)
+
+
 def run(args, load_model: Callable, well_behaved: Callable) -> int:
     """Three rounds of hostile load; prints one line per round and the memory verdict. Exit status 1 if a
     well-behaved stream failed, a hostile request got a 5xx or 200, or memory grew beyond the tolerance."""
@@ -179,19 +195,9 @@ def run(args, load_model: Callable, well_behaved: Callable) -> int:
             started = time.perf_counter()
             result = asyncio.run(asyncio.wait_for(one_round(port, args, well_behaved, plan), args.timeout))
             rss.append(memory.memory_info().rss / 2**20)
-            errors = [stream["error"] for stream in result["streams"] if stream["error"]]
-            tokens = sum(stream["tokens"] for stream in result["streams"])
-            wrong = [f"{name}: {status}" for (name, _, _), status in zip(bodies(), result["statuses"])
-                     if not (status.startswith("4") or status == "closed")]
-            failed |= bool(errors or wrong)
-            print(f"round {number} ({time.perf_counter() - started:.0f} s): well-behaved {len(result['streams'])} "
-                  f"streams, {tokens} tokens, {len(errors)} errors" + (f" ({errors[0]})" if errors else "")
-                  + f"; malformed refused {len(result['statuses']) - len(wrong)}/{len(result['statuses'])} "
-                  f"({', '.join(f'{status} x{count}' for status, count in sorted(Counter(result['statuses']).items()))})"
-                  + (f" (not refused: {', '.join(wrong)})" if wrong else "")
-                  + f"; slow readers read {min(result['slow'])}-{max(result['slow'])} bytes; "
-                  f"{sum(result['hung_up'])} hung up mid-stream; {result['idle_open']} idle connections still open "
-                  f"at the end; server RSS {rss[-1]:.1f} MiB")
+            line, ok = describe(result)
+            failed |= not ok
+            print(f"round {number} ({time.perf_counter() - started:.0f} s): {line}; server RSS {rss[-1]:.1f} MiB")
         growth = rss[-1] - rss[0]
         steady = growth <= RSS_TOLERANCE_MIB
         print(f"resident memory from round 1 to round {ROUNDS}: {rss[0]:.1f} -> {rss[-1]:.1f} MiB ({growth:+.1f} MiB; "

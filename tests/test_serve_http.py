@@ -98,7 +98,8 @@ COMPLETION_FIELDS = [
 CHAT_FIELDS = [
     ({"max_completion_tokens": 2}, None),
     ({"tools": []}, None),
-    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, ("tools", "unsupported_parameter")),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
+     ("tools", "unsupported_parameter")),
     ({"tool_choice": "none"}, None),
     ({"tool_choice": "required"}, ("tool_choice", "unsupported_parameter")),
     ({"parallel_tool_calls": False}, None),
