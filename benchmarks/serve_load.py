@@ -7,6 +7,7 @@ tokens per second over the whole run, and errors; then runs the same generations
 HTTP) in the same process, so the ratio shows what serving costs on top of decoding.
 
     python benchmarks/serve_load.py [--run-dir DIR | --model DIR] [--streams 32] [--max-tokens 64] [--threads 2]
+    python benchmarks/serve_load.py --hostile    # the same streams beside hostile clients (hostile_clients.py)
 
 Without a run or model it serves a randomly initialised `seed` preset with the built-in tokenizer (speed does not
 depend on the weights).
@@ -45,6 +46,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
     parser.add_argument("--timeout", type=float, default=600, help="give up after this many seconds")
     parser.add_argument("--quick", action="store_true", help="2 streams of 4 tokens (to check the script runs)")
+    parser.add_argument("--hostile", action="store_true",
+                        help="three rounds of the streams beside slow, disconnecting, malformed and idle clients, "
+                             "with the server's resident memory after each (benchmarks/hostile_clients.py)")
     args = parser.parse_args()
     if args.quick:
         args.streams, args.max_tokens = 2, 4
@@ -105,14 +109,22 @@ def engine_alone(model, tokenizer, streams: int, max_tokens: int) -> tuple[int, 
     return tokens, time.perf_counter() - start
 
 
+def load_model(args: argparse.Namespace):
+    """(model, tokenizer): the run or model given, else a randomly initialised `seed` preset."""
+    if args.run_dir or args.model:
+        return load_from_arguments(args, "cpu")
+    torch.manual_seed(0)
+    return TinySeekForCausalLM(TinySeekConfig.from_preset("seed")).eval(), load_tokenizer("builtin")
+
+
 def main() -> None:
     args = parse_args()
+    if args.hostile:
+        import hostile_clients
+
+        raise SystemExit(hostile_clients.run(args, load_model, one_stream))
     torch.set_num_threads(args.threads)
-    if args.run_dir or args.model:
-        model, tokenizer = load_from_arguments(args, "cpu")
-    else:
-        torch.manual_seed(0)
-        model, tokenizer = TinySeekForCausalLM(TinySeekConfig.from_preset("seed")).eval(), load_tokenizer("builtin")
+    model, tokenizer = load_model(args)
     limits = Limits(max_streams=args.max_streams, max_waiting=args.streams, max_tokens=args.max_tokens)
     with BackgroundServer(create_app(model, tokenizer, limits=limits)) as server:
         # One request first, so the first measured one pays no one-off costs.
