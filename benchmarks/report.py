@@ -108,6 +108,8 @@ BLOCKS = [
     Block("fuzz-inputs", "docs/reliability.md",
           (PY, "benchmarks/fuzz_inputs.py"),
           (PY, "benchmarks/fuzz_inputs.py", "--quick"), threads=1, stdout_format="markdown"),
+    Block("gguf-parity", "docs/export.md",
+          (PY, "benchmarks/gguf_parity.py"), (PY, "benchmarks/gguf_parity.py", "--quick"), threads=1),
     Block("install", "docs/export.md",
           (PY, "benchmarks/install_time.py"), (PY, "benchmarks/install_time.py", "--quick"), threads=2),
     Block("quality-15min", "docs/quality.md",
