@@ -156,7 +156,7 @@ def speaking(model: TinySeekForCausalLM, token_ids: list[int]) -> TinySeekForCau
     return model
 
 
-def write_trained_run(run_dir, model, tokenizer, **data):
+def write_trained_run(run_dir, model, tokenizer, data: dict):
     """A run directory whose checkpoint records a training run as the trainer does (its resolved configuration,
     steps, tokens and time)."""
     from tinyseek.train.checkpoint import save_checkpoint
@@ -179,7 +179,7 @@ def test_plain_transformers_answers_a_chat_as_tinyseek_chat_does_and_stops_at_th
 
     tokenizer = chat_byte_tokenizer
     end_of_turn = tokenizer.convert_tokens_to_ids(END_OF_TURN_TOKEN)
-    model = speaking(trained_looking(tiny_model(5, **DEEPSEEK_V3_LIKE, vocab_size=len(tokenizer))),
+    model = speaking(trained_looking(tiny_model(12, **DEEPSEEK_V3_LIKE, vocab_size=len(tokenizer))),
                      [*b"abcdefghijklmnopqrstuvwxyz", end_of_turn])
     mark_chat_trained(model.config)
     write_run(tmp_path / "run", model, tokenizer)
@@ -215,8 +215,8 @@ def test_an_export_carries_a_model_card_and_the_licences_of_its_tokenizer_and_da
     tokenizer = load_tokenizer("builtin")
     model = tiny_model(**DEEPSEEK_V3_LIKE, vocab_size=32256)
     mark_chat_trained(model.config)
-    run = write_trained_run(tmp_path / "run", model, tokenizer, source="builtin-chat", tokenizer="builtin",
-                            mixture={"builtin": 0.5})
+    run = write_trained_run(tmp_path / "run", model, tokenizer, dict(source="builtin-chat", tokenizer="builtin",
+                                                                     mixture={"builtin": 0.5}))
     first, second = tmp_path / "first", tmp_path / "second"
     assert tinyseek_main(["export", "--run-dir", str(run), "--out", str(first), "--format", "transformers"]) == 0
     # An export of the export says the same: the training record travels with it.
@@ -262,7 +262,7 @@ def test_a_gguf_chat_model_answers_in_llama_cpp_as_tinyseek_chat_does(tmp_path, 
     end_of_turn = tokenizer.convert_tokens_to_ids(END_OF_TURN_TOKEN)
     model = speaking(tiny_model(5, attention_type="mla", q_lora_rank=12, vocab_size=32256), [*letters, end_of_turn])
     mark_chat_trained(model.config)
-    run = write_trained_run(tmp_path / "run", model, tokenizer, source="builtin", tokenizer="builtin")
+    run = write_trained_run(tmp_path / "run", model, tokenizer, dict(source="builtin", tokenizer="builtin"))
     out = tmp_path / "chat.gguf"
     assert tinyseek_main(["export", "--run-dir", str(run), "--out", str(out), "--format", "gguf"]) == 0
 
