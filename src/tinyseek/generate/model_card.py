@@ -132,15 +132,14 @@ def model_card(model, licences: list[Licence], training: dict[str, Any] | None, 
         "## Licences\n\n" + licence_section(licences, training, format),
     ]
     card = "\n\n".join(sections) + "\n"
-    return card if format == "gguf" else hub_header(licences, chat_trained, format) + card
+    return card if format == "gguf" else hub_header(licences, chat_trained) + card
 
 
-def hub_header(licences: list[Licence], chat_trained: bool, format: str) -> str:
+def hub_header(licences: list[Licence], chat_trained: bool) -> str:
     """The Hugging Face Hub's model-card metadata."""
     header: dict[str, Any] = {
         "library_name": "transformers", "pipeline_tag": "text-generation",
-        "tags": ["tinyseek", "deepseek"] + (["chat"] if chat_trained else []) + (
-            ["custom_code"] if format == "tinyseek" else []),
+        "tags": ["tinyseek", "deepseek"] + (["chat"] if chat_trained else []),
     }
     if TOKENIZER_LICENCE in licences:
         header.update(license="other", license_name="deepseek-license",
@@ -161,9 +160,10 @@ def architecture_table(model, format: str) -> str:
         "mha": f"softmax, {config.num_key_value_heads} key/value heads",
     }.get(config.attention_type, config.attention_type)
     if config.ffn_type == "moe":
+        dense_first = config.first_k_dense_replace
         feed_forward = (f"DeepSeekMoE: {config.n_routed_experts} routed experts of width {config.moe_intermediate_size}"
-                        f", top {config.num_experts_per_tok}, {config.scoring_func} scores, {config.n_shared_experts} "
-                        f"shared; first {config.first_k_dense_replace} layer(s) dense")
+                        f", top {config.num_experts_per_tok}, {config.scoring_func} scores, {config.n_shared_experts} shared"
+                        + (f"; the first {dense_first} layer(s) dense" if dense_first else ""))
     else:
         feed_forward = f"{config.ffn_type}, width {config.intermediate_size}"
     rows = [
@@ -221,7 +221,7 @@ def training_section(training: dict[str, Any] | None, chat_trained: bool) -> str
                      f"{data.get('micro_batch_size')} per micro-batch, {data.get('grad_accum')} micro-batches a step")
     if optim:
         lines.append(f"- {optim.get('name')} at learning rate {optim.get('lr')}, {schedule.get('kind')} schedule "
-                     f"({schedule.get('warmup_steps')} warm-up steps), {run.get('dtype')} on {run.get('device')}")
+                     f"({schedule.get('warmup_steps')} warm-up steps); dtype {run.get('dtype')}, device {run.get('device')}")
     if run:
         lines += ["", "<details><summary>The run's configuration</summary>", "", "```yaml",
                   yaml.safe_dump(run, sort_keys=False).rstrip(), "```", "", "</details>"]
