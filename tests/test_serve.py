@@ -416,6 +416,84 @@ def test_playground_asks_for_the_api_key_once_and_streams_with_it(run_dir):
             driver.quit()
 
 
+def test_playground_chat_mode_streams_replies_with_the_template_and_the_expert_view_in_chromium(
+    chat_server, chat_run_dir, monkeypatch, tiny_model, letters_only, chat_byte_tokenizer
+):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from tinyseek.serve.scheduler import Scheduler
+
+    queued = []  # the prompt ids the server queues, whoever asks
+    submit = Scheduler.submit
+
+    def recording(self, job):
+        queued.append(job.prompt_ids)
+        return submit(self, job)
+
+    monkeypatch.setattr(Scheduler, "submit", recording)
+    _, tokenizer = load_model_and_tokenizer(chat_run_dir, "cpu")
+    driver = chromium_driver()
+
+    def fill(field: str, value: str) -> None:
+        driver.find_element(By.ID, field).clear()
+        driver.find_element(By.ID, field).send_keys(value)
+
+    def turns() -> list:
+        return driver.find_elements(By.CSS_SELECTOR, "#conversation .turn")
+
+    try:
+        driver.get(chat_server.url + "/")
+        wait = WebDriverWait(driver, TIMEOUT)
+        wait.until(lambda d: "letters" in d.find_element(By.ID, "model-name").text)
+        driver.find_element(By.ID, "mode-chat").click()
+        assert driver.find_element(By.ID, "send").is_displayed() and not driver.find_element(By.ID, "generate").is_displayed()
+        assert not driver.find_element(By.ID, "chat-notice").is_displayed()
+        for field, value in (("system", "Sé bref."), ("max-tokens", "8"), ("temperature", "0")):
+            fill(field, value)
+        messages = [{"role": "system", "content": "Sé bref."}]
+        for said in ("hi there", "más, ça va?"):
+            fill("message", said)
+            driver.find_element(By.ID, "send").click()
+            wait.until(lambda d: d.find_element(By.ID, "status").get_attribute("data-state") == "done"
+                       and len(turns()) == len(messages) + 1)
+            messages.append({"role": "user", "content": said})
+            # The ids the playground's request became are the template's, as the trainer renders them.
+            assert queued[-1] == render_chat(tokenizer, messages, add_generation_prompt=True)
+            expected = chat_server.client().chat.completions.create(model="letters", messages=messages, max_tokens=8,
+                                                                     temperature=0)
+            reply = turns()[-1]
+            assert reply.find_element(By.CSS_SELECTOR, ".role").text.lower() == "model"
+            assert reply.find_element(By.CSS_SELECTOR, ".text").text == expected.choices[0].message.content
+            assert len(reply.find_elements(By.CSS_SELECTOR, ".token")) == expected.usage.completion_tokens
+            messages.append({"role": "assistant", "content": expected.choices[0].message.content})
+        assert [turn.find_element(By.CSS_SELECTOR, ".text").text for turn in turns()] == [
+            message["content"] for message in messages[1:]]
+
+        driver.find_element(By.ID, "colour-experts").click()
+        tokens = driver.find_elements(By.CSS_SELECTOR, "#conversation .token")
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#conversation .token[class*='expert-']")) == len(tokens) == 16
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#histograms .histogram")) == 2
+        driver.find_element(By.ID, "reset").click()
+        assert not turns()
+
+        # A base model's server refuses chat: the page says why, before and after a message is sent.
+        base = letters_only(tiny_model(max_position_embeddings=64, vocab_size=len(chat_byte_tokenizer)))
+        with LoopbackServer(create_app(base, chat_byte_tokenizer, model_name="base")) as base_server:
+            driver.get(base_server.url + "/")
+            wait.until(lambda d: "base" in d.find_element(By.ID, "model-name").text)
+            driver.find_element(By.ID, "mode-chat").click()
+            notice = driver.find_element(By.ID, "chat-notice")
+            assert notice.is_displayed() and "it is a base model" in notice.text
+            fill("message", "hello")
+            driver.find_element(By.ID, "send").click()
+            wait.until(lambda d: d.find_element(By.ID, "status").get_attribute("data-state") == "error")
+            assert "does not answer chat requests" in notice.text and "it is a base model" in notice.text
+            assert not turns() and driver.find_element(By.ID, "message").get_attribute("value") == "hello"
+    finally:
+        driver.quit()
+
+
 # --- `tinyseek route` ----------------------------------------------------------------------------------------
 
 
