@@ -89,6 +89,18 @@ def test_rows_that_join_and_leave_a_running_batch_each_decode_as_their_prompt_al
     assert run_schedule(batch, {0: [(owner, PROMPTS[owner], greedy, lengths[owner]) for owner in range(4)]}) == expected
 
 
+def test_the_compiled_batch_decodes_as_each_prompt_alone(tiny_model):
+    # Sliding-window MHA: a per-row mask, per-row window and left-padded rows in the compiled step (batch sizes 1
+    # and 8, each compiled once).
+    model = tiny_model(2, attention_type="sliding-window-mha")
+    lengths = [10, 6, 8, 7]
+    expected = {owner: greedy_by_recomputation(model, PROMPTS[owner], lengths[owner]) for owner in range(4)}
+    batch = ContinuousBatch(GenerationEngine(model, eos_token_ids=[]), rows=3, compiled=True)
+    greedy = Sampling(temperature=0)
+    assert run_schedule(batch, {0: [(owner, PROMPTS[owner], greedy, lengths[owner]) for owner in range(4)]}) == expected
+    assert batch.compiled  # not fallen back to the eager step
+
+
 def test_a_seeded_row_draws_as_the_engine_alone_does_whatever_else_runs(tiny_model):
     model = tiny_model(3, attention_type="mla")
     engine = GenerationEngine(model, eos_token_ids=[])
