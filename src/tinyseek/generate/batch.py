@@ -62,7 +62,7 @@ class Row:
     owner: object
     index: int  # which of its owner's copies: OpenAI's choice index
     sampling: Sampling
-    processors: Callable | None
+    processors: list[Callable]
     generator: torch.Generator
     text: TextStream | None
     sequence: torch.Tensor  # [prompt + max_new_tokens] token ids; the first `length` are set
@@ -247,7 +247,7 @@ class ContinuousBatch:
         tokenizer = self.engine.tokenizer
         return Row(
             owner=prompt.owner, index=index, sampling=prompt.sampling,
-            processors=prompt.sampling.logits_processor(length, self.engine.eos_token_ids) or None,
+            processors=list(prompt.sampling.logits_processor(length, self.engine.eos_token_ids)),
             generator=row_generator(prompt.sampling.seed, index, self.device),
             text=TextStream(tokenizer, prompt.ids, prompt.stop) if tokenizer is not None else None,
             sequence=sequence, length=length, max_new_tokens=prompt.max_new_tokens, capture=prompt.capture,
@@ -298,7 +298,11 @@ class ContinuousBatch:
 
     def choose(self, row: Row, logits: torch.Tensor, experts: list[list[int]]) -> TokenEvent:
         """The row's next token from its logits [1, V], through its own processors and generator."""
-        scores = row.processors(row.sequence[None, : row.length], logits) if row.processors else logits
+        scores = logits
+        # Each processor called directly: LogitsProcessorList's call inspects every processor's signature, which
+        # costs more than the processor itself, once per row and step.
+        for processor in row.processors:
+            scores = processor(row.sequence[None, : row.length], scores)
         token = int(row.sampling.choose(scores, row.generator))
         row.sequence[row.length] = token
         row.length += 1
