@@ -5,7 +5,6 @@ reference computed separately: every prompt decoded alone, or the model's logits
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from collections import Counter
 
