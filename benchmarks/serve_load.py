@@ -11,9 +11,11 @@ another's prefill).
 
     python benchmarks/serve_load.py [--run-dir DIR | --model DIR] [--paths eager,compiled] [--max-tokens 64]
                                     [--threads N] [--quick]
+    python benchmarks/serve_load.py --hostile    # 32 streams beside hostile clients (hostile_clients.py)
 
 Without a run or model it serves a randomly initialised `seed` preset with the built-in tokenizer (speed does not
-depend on the weights). Each load kind is one function (`well_behaved_streams`); others run beside it.
+depend on the weights). Each load kind is one function: `well_behaved_streams` here, the hostile clients in
+benchmarks/hostile_clients.py.
 """
 
 from __future__ import annotations
@@ -54,6 +56,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
     parser.add_argument("--timeout", type=float, default=600, help="give up on one load after this many seconds")
     parser.add_argument("--quick", action="store_true", help="1 and 2 streams of 4 tokens, eager (checks the script)")
+    parser.add_argument("--hostile", action="store_true",
+                        help="three rounds of 32 streams beside slow, disconnecting, malformed and idle clients, "
+                             "with the server's resident memory after each (benchmarks/hostile_clients.py)")
     args = parser.parse_args()
     args.streams = [int(count) for count in args.streams.split(",")]
     args.paths = args.paths.split(",")
@@ -109,6 +114,12 @@ async def well_behaved_streams(url: str, streams: int, max_tokens: int) -> tuple
         start = time.perf_counter()
         results = await asyncio.gather(*(one_stream(client, url, seed, max_tokens) for seed in range(streams)))
         return results, time.perf_counter() - start
+
+
+async def stream_record(client: httpx.AsyncClient, url: str, seed: int, max_tokens: int) -> dict:
+    """One streamed completion as benchmarks/hostile_clients.py reads it."""
+    result = await one_stream(client, url, seed, max_tokens)
+    return {"ttft": result.ttft, "tokens": result.tokens, "error": result.error}
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -167,14 +178,23 @@ def report_path(path: str, rows: list[tuple[int, list[StreamResult], float]], st
               f"step of {step_32 * 1000:.1f} ms (target: at most 1.5x)")
 
 
+def load_model(args: argparse.Namespace):
+    """(model, tokenizer): the run or model given, else a randomly initialised `seed` preset."""
+    if args.run_dir or args.model:
+        return load_from_arguments(args, "cpu")
+    torch.manual_seed(0)
+    return TinySeekForCausalLM(TinySeekConfig.from_preset("seed")).eval(), load_tokenizer("builtin")
+
+
 def main() -> None:
     args = parse_args()
+    if args.hostile:
+        import hostile_clients
+
+        args.streams, args.max_streams = (2 if args.quick else 32), 32
+        raise SystemExit(hostile_clients.run(args, load_model, stream_record))
     torch.set_num_threads(args.threads)
-    if args.run_dir or args.model:
-        model, tokenizer = load_from_arguments(args, "cpu")
-    else:
-        torch.manual_seed(0)
-        model, tokenizer = TinySeekForCausalLM(TinySeekConfig.from_preset("seed")).eval(), load_tokenizer("builtin")
+    model, tokenizer = load_model(args)
     print(f"one server per path with --max-streams {MAX_STREAMS}; {args.max_tokens} tokens per stream (temperature "
           f"{TEMPERATURE}, seeds 0..N-1); {args.threads} torch threads; model {model.config.attention_type}/"
           f"{model.config.ffn_type} ({sum(p.numel() for p in model.parameters()):,} parameters); prompt "

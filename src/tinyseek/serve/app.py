@@ -28,16 +28,20 @@ from tinyseek.serve.protocol import (
     parse_request,
     usage,
 )
-from tinyseek.serve.limits import Limits
+from tinyseek.serve.exposure import install as install_exposure
+from tinyseek.serve.limits import Exposure, Limits
+from tinyseek.serve.metrics import ServerMetrics
 from tinyseek.serve.scheduler import FINISHED, Job, QueueFull, Scheduler
 
 STATIC = resources.files("tinyseek.serve") / "static"
 ERROR_TYPES = {404: "not_found_error", 503: "server_overloaded"}
 
 
-def create_app(model, tokenizer, *, model_name: str = "tinyseek", limits: Limits = Limits(), compile: bool = False,
+def create_app(model, tokenizer, *, model_name: str = "tinyseek", limits: Limits = Limits(),
+               exposure: Exposure = Exposure(), compile: bool = False,
                chat_template_for_base_model: bool = False) -> FastAPI:
-    """The server for one model. The generation thread starts and stops with the application's lifespan.
+    """The server for one model. The generation thread starts and stops with the application's lifespan; `exposure`
+    says who may call it and what it logs (tinyseek.serve.exposure).
 
     Chat requests are rendered with the tokenizer's chat template when the model is chat-trained (or
     `chat_template_for_base_model` says to use it anyway) and refused otherwise; where chat is served, every
@@ -47,6 +51,7 @@ def create_app(model, tokenizer, *, model_name: str = "tinyseek", limits: Limits
     engine = GenerationEngine(model, tokenizer, decoder="compiled" if compile else "lean", eos_token_ids=stop_ids)
     scheduler = Scheduler(engine, model.device, max_streams=limits.max_streams, max_waiting=limits.max_waiting,
                           compile=compile)
+    metrics = ServerMetrics(scheduler)
     config = model.config
     moe_layers = [index for index, layer in enumerate(model.model.layers) if layer.feed_forward_spec.routes]
 
@@ -101,7 +106,8 @@ def create_app(model, tokenizer, *, model_name: str = "tinyseek", limits: Limits
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = parse_request(CompletionRequest, await read_body(request, limits.max_body_bytes))
-        job = submit(body, encode_prompt(tokenizer, body.prompt_text()), "prompt", body.max_tokens)
+        prompt_ids = body.prompt_ids(lambda text: encode_prompt(tokenizer, text))
+        job = submit(body, prompt_ids, "prompt", body.max_tokens)
         reply = CompletionReply(new_id("cmpl"), model_name, job, routing=body.routing)
         return await respond(request, body, job, reply)
 
@@ -114,7 +120,7 @@ def create_app(model, tokenizer, *, model_name: str = "tinyseek", limits: Limits
         try:
             prompt_ids = render_chat(tokenizer, body.conversation(), add_generation_prompt=True)
         except TemplateError as error:
-            raise APIError(422, f"messages: {error}", param="messages", code="invalid_value") from None
+            raise APIError(400, f"messages: {error}", param="messages", code="invalid_value") from None
         requested = body.max_completion_tokens or body.max_tokens
         job = submit(body, prompt_ids, "messages", requested)
         reply = ChatReply(new_id("chatcmpl"), model_name, job, routing=body.routing)
@@ -123,8 +129,11 @@ def create_app(model, tokenizer, *, model_name: str = "tinyseek", limits: Limits
     def submit(body: GenerationRequest, prompt_ids: list[int], prompt_param: str, requested_tokens: int | None) -> Job:
         """Check the request, then queue its generation (APIError when it cannot be served)."""
         if requested_tokens is not None and requested_tokens > limits.max_tokens:
-            raise APIError(422, f"max_tokens is {requested_tokens}; this server allows at most {limits.max_tokens}",
+            raise APIError(400, f"max_tokens is {requested_tokens}; this server allows at most {limits.max_tokens}",
                            param="max_tokens", code="max_tokens_exceeded")
+        if prompt_ids and max(prompt_ids) >= config.vocab_size:
+            raise APIError(400, f"{prompt_param}: token id {max(prompt_ids)} is not in the model's vocabulary of "
+                           f"{config.vocab_size}", param=prompt_param, code="invalid_value")
         positions = config.max_position_embeddings
         if len(prompt_ids) >= positions:
             raise APIError(400, f"the prompt is {len(prompt_ids)} tokens long; the model has {positions} positions",
@@ -141,6 +150,7 @@ def create_app(model, tokenizer, *, model_name: str = "tinyseek", limits: Limits
                             logit_bias=body.token_biases(config.vocab_size))
         job = Job(prompt_ids, sampling, max_new_tokens, body.stop_strings(), body.routing, asyncio.get_running_loop(),
                   n=body.n, top_logprobs=body.top_logprobs_asked())
+        metrics.watch(job)
         try:
             scheduler.submit(job)
         except QueueFull as error:
@@ -169,6 +179,7 @@ def create_app(model, tokenizer, *, model_name: str = "tinyseek", limits: Limits
         return FileResponse(STATIC / "index.html")
 
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
+    install_exposure(app, limits, exposure, metrics)
     return app
 
 

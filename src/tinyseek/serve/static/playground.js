@@ -7,6 +7,8 @@ const $ = (id) => document.getElementById(id);
 const PALETTE = ["#8ecae6", "#ffb703", "#90be6d", "#f4978e", "#b8a1e3", "#f9c74f", "#84dcc6", "#ffafcc",
                  "#a3c4f3", "#e9c46a", "#c7e9b0", "#fbc4ab", "#cdb4db", "#ffd6a5", "#bde0fe", "#d0f4de"];
 const STRIP = "strip";
+// Where the API key lives once given (a server started with --api-key): this tab only, never sent elsewhere.
+const KEY_STORAGE = "tinyseek-api-key";
 
 const state = {
   model: null,        // the /v1/models entry, with its `tinyseek` description
@@ -29,9 +31,23 @@ function setStatus(text, stateName) {
   status.dataset.state = stateName;
 }
 
+// fetch() with the API key; when the server answers 401, the page asks for the key once and tries again.
+async function apiFetch(url, options = {}) {
+  for (let asked = false; ; asked = true) {
+    const key = sessionStorage.getItem(KEY_STORAGE);
+    const headers = {...(options.headers || {}), ...(key ? {Authorization: `Bearer ${key}`} : {})};
+    const response = await fetch(url, {...options, headers});
+    if (response.status !== 401 || asked) return response;
+    const entered = window.prompt("This server asks for an API key (tinyseek serve --api-key):");
+    if (entered === null) return response;
+    sessionStorage.setItem(KEY_STORAGE, entered.trim());
+  }
+}
+
 async function loadModel() {
-  const response = await fetch("/v1/models");
+  const response = await apiFetch("/v1/models");
   const body = await response.json();
+  if (!response.ok) throw new Error(body.error.message);
   state.model = body.data[0];
   const info = state.model.tinyseek;
   const kind = info.moe_layers.length
@@ -90,7 +106,7 @@ async function generate() {
   state.controller = new AbortController();
   const started = performance.now();
   try {
-    const response = await fetch("/v1/completions", {
+    const response = await apiFetch("/v1/completions", {
       method: "POST",
       headers: {"Content-Type": "application/json"},
       body: JSON.stringify(requestBody()),
