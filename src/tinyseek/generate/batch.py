@@ -17,7 +17,7 @@ size compiled once).
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -177,15 +177,21 @@ class ContinuousBatch:
                 self.free(slot)
 
     def advance(self) -> list[tuple[object, TokenEvent]]:
-        events = []
-        with fp32_inference(self.device.type):
-            if self.prefilling is None and self.queued:
-                self.prefilling = self.next_prefill()
-            if self.prefilling is not None:
-                events += self.prefill()
-            if self.running:
-                events += self.step()
-        return events
+        return [event for phase in self.phases() for event in phase]
+
+    def phases(self) -> Iterator[list[tuple[object, TokenEvent]]]:
+        """`advance`'s events as they come: the first tokens of the rows that joined, then the step's tokens (a
+        server hands the first ones over before the step runs)."""
+        if self.prefilling is None and self.queued:
+            self.prefilling = self.next_prefill()
+        if self.prefilling is not None:
+            with fp32_inference(self.device.type):
+                joined = self.prefill()
+            yield joined
+        if self.running:
+            with fp32_inference(self.device.type):
+                stepped = self.step()
+            yield stepped
 
     def next_prefill(self) -> Prefill:
         """The oldest waiting prompt, and as many of the next as fit one chunk with it, left-padded together (a

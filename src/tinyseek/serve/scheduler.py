@@ -137,15 +137,17 @@ class Scheduler:
         self.active.append(job)
 
     def advance(self) -> None:
-        """One prefill chunk and one decode step; each job gets its rows' events of the step as one list."""
+        """One prefill chunk and one decode step; each job gets its rows' events of each as one list."""
         try:
-            events = self.batch.advance()
+            for events in self.batch.phases():
+                self.deliver_all(events)
         except Exception as error:  # a bug in generation: the batch's requests fail, the server keeps serving
             for job in self.active:
                 self.batch.cancel(job)
                 self.finish(job, error)
             self.active = []
-            return
+
+    def deliver_all(self, events: list) -> None:
         by_job: dict[Job, list] = {}
         for job, event in events:
             by_job.setdefault(job, []).append(event)
