@@ -142,7 +142,7 @@ ERROR_CASES = [
     (json.dumps({"prompt": "hi", "max_tokens": "5"}).encode(), 400, "max_tokens"),
     (json.dumps({"prompt": "hi", "temperature": 2.5}).encode(), 400, "temperature"),
     (json.dumps({"prompt": "hi", "top_p": 0}).encode(), 400, "top_p"),
-    (json.dumps({"prompt": "hi", "n": 2}).encode(), 400, "n"),
+    (json.dumps({"prompt": "hi", "n": 5}).encode(), 400, "n"),  # more choices than --max-streams rows
     (json.dumps({"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}).encode(), 400, "stop"),
     (json.dumps({"prompt": 5}).encode(), 400, "prompt"),
     (json.dumps({"max_tokens": 5}).encode(), 400, "prompt"),

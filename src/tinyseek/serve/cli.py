@@ -25,8 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto (default)")
     parser.add_argument(
         "--compile", action="store_true",
-        help="decode with the step compiled by torch.compile: faster tokens, but the first request of each size "
-             "(cache lengths go in powers of two) waits a few seconds while it compiles",
+        help="decode with the step compiled by torch.compile: faster tokens, but the first step at each batch size "
+             "(1, 8, 32, 64 rows) waits a few seconds while it compiles",
     )
     parser.add_argument(
         "--chat-template-for-base-model", action="store_true",
@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes,
                         help="largest request body accepted (413 beyond)")
     parser.add_argument("--max-streams", type=int, default=defaults.max_streams,
-                        help="generations advanced together, a token each in turn")
+                        help="rows decoded together in one batch (a request with n takes n)")
     parser.add_argument("--max-waiting", type=int, default=defaults.max_waiting,
                         help="requests waiting for a generation slot (503 beyond)")
     parser.add_argument("--max-tokens", type=int, default=defaults.max_tokens,

@@ -18,6 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, Valida
 from pydantic_core import PydanticCustomError
 
 MAX_STOP_STRINGS = 4
+# OpenAI's own limits.
+MAX_CHOICES = 128
+MAX_LOGIT_BIAS = 300
 # torch.Generator.manual_seed takes any 64-bit integer, signed or not.
 SEED_RANGE = Field(ge=-(1 << 63), lt=1 << 64)
 TokenId = Annotated[int, Field(ge=0)]
@@ -56,7 +59,12 @@ class Request(BaseModel):
     top_k: Annotated[int, Field(ge=0)] = 0
     stop: StrictStr | Annotated[list[StrictStr], Field(max_length=MAX_STOP_STRINGS)] | None = None
     seed: Annotated[int, SEED_RANGE] | None = None
-    n: Annotated[int, Field(ge=1, le=1)] = 1
+    n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] = 1
+    presence_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
+    # Token ids (as strings, JSON's keys) to a bias added to their logits; checked against the vocabulary by
+    # `token_biases`.
+    logit_bias: dict[StrictStr, Annotated[float, Field(ge=-100, le=100)]] | None = None
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     # tinyseek's own: per token, the routed experts of each MoE layer and the top alternatives (an extra field
@@ -83,6 +91,25 @@ class Request(BaseModel):
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
+    def token_biases(self, vocab_size: int) -> tuple[tuple[int, float], ...]:
+        """`logit_bias` as (token id, bias) pairs; APIError 400 naming the field for more entries than OpenAI allows
+        or a key that is not a token id of this model (never silently ignored)."""
+        biases = self.logit_bias or {}
+        if len(biases) > MAX_LOGIT_BIAS:
+            raise APIError(400, f"logit_bias has {len(biases)} entries; at most {MAX_LOGIT_BIAS} are allowed",
+                           param="logit_bias", code="invalid_value")
+        pairs = []
+        for key, bias in biases.items():
+            if not (key.isascii() and key.isdigit() and int(key) < vocab_size):
+                raise APIError(400, f"logit_bias: {key[:40]!r} is not a token id of this model (0 to {vocab_size - 1})",
+                               param="logit_bias", code="invalid_value")
+            pairs.append((int(key), bias))
+        return tuple(pairs)
+
+    def top_logprobs_asked(self) -> int | None:
+        """How many alternatives each token's logprobs list, or None when logprobs are not asked for."""
+        raise NotImplementedError
+
 
 class CompletionRequest(Request):
     unsupported: ClassVar[dict[str, Unsupported]] = {
@@ -96,6 +123,8 @@ class CompletionRequest(Request):
              | Annotated[list[TokenId], Field(min_length=1)]
              | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1, max_length=1)])
     max_tokens: Annotated[int, Field(ge=1)] = 16
+    # The legacy endpoint's logprobs: how many alternatives per token (OpenAI allows 0 to 5).
+    logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
     # With n candidates returned, the best of n is all of them; picking the likeliest of more is not implemented.
     best_of: Annotated[int, Field(ge=1)] | None = None
 
@@ -110,6 +139,9 @@ class CompletionRequest(Request):
         """The prompt's token ids: `encode`d when it is text."""
         prompt = self.prompt if isinstance(self.prompt, str) or isinstance(self.prompt[0], int) else self.prompt[0]
         return encode(prompt) if isinstance(prompt, str) else list(prompt)
+
+    def top_logprobs_asked(self) -> int | None:
+        return self.logprobs
 
 
 class TextPart(BaseModel):
@@ -151,6 +183,13 @@ class ChatRequest(Request):
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     # OpenAI's newer name for max_tokens.
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    logprobs: StrictBool = False
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+
+    def top_logprobs_asked(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs set to true", param="top_logprobs", code="invalid_value")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def conversation(self) -> list[dict[str, str]]:
         """The messages as `tinyseek.data.chat.render_chat` takes them."""
