@@ -43,10 +43,10 @@ import torch
 
 from tinyseek.data import TokenDataset, load_tokenizer, open_source, resolve_data, train_bpe_tokenizer
 from tinyseek.evaluation import continuations, score_split
-from tinyseek.train.budget import CALIBRATION_HORIZON, BudgetCalibration, parse_duration
+from tinyseek.train.budget import Horizon, TimeBudget, parse_duration
 from tinyseek.train.config import DataConfig, ScheduleConfig, load_config
 from tinyseek.train.metrics import read_metrics
-from tinyseek.train.schedule import lr_multiplier
+from tinyseek.train.schedule import lr_multiplier, moved_horizon
 from tinyseek.train.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -151,9 +151,9 @@ class ReferenceRun:
         self.generator = torch.Generator().manual_seed(seed)
         self.schedule = ScheduleConfig(kind="cosine", warmup_steps=self.WARMUP, min_lr_ratio=0.1)
 
-    def step(self, step: int, max_steps: int) -> float:
+    def step(self, step: int, horizon: Horizon) -> float:
         for group in self.optimizer.param_groups:
-            group["lr"] = self.LR * lr_multiplier(step, self.schedule, max_steps)
+            group["lr"] = self.LR * lr_multiplier(step, self.schedule, *horizon)
         offsets = torch.randint(0, len(self.train) - self.SEQ_LEN - 1, (self.MICRO_BATCH,), generator=self.generator)
         windows = [self.train[o : o + self.SEQ_LEN + 1] for o in offsets.tolist()]
         batch = torch.from_numpy(np.stack(windows).astype(np.int64))
@@ -165,21 +165,24 @@ class ReferenceRun:
         self.optimizer.zero_grad(set_to_none=True)
         return loss.item()
 
-    def run(self, budget_s: float | None, tokens: int | None) -> dict:
+    def run(self, time_budget: str | None, tokens: int | None) -> dict:
+        """Train for the time budget, kept as tinyseek's trainer keeps it (the same calibration and pace), or for
+        `tokens`."""
         tokens_per_step = self.MICRO_BATCH * self.SEQ_LEN
-        calibration = BudgetCalibration(budget_s) if budget_s else None
-        max_steps = CALIBRATION_HORIZON if calibration else max(1, tokens // tokens_per_step)
+        budget = TimeBudget(time_budget)
+        horizon = Horizon(budget.initial_max_steps(max(1, (tokens or 0) // tokens_per_step)))
+        budget.start()
         self.model.train()
         curve, step, start = [], 0, time.perf_counter()
-        while step < max_steps:
+        while step < horizon.max_steps:
             step_start = time.perf_counter()
-            loss = self.step(step, max_steps)
+            loss = self.step(step, horizon)
             step += 1
             elapsed = time.perf_counter() - start
-            if calibration is not None and max_steps == CALIBRATION_HORIZON:
-                fixed = calibration.observe(step, time.perf_counter() - step_start, elapsed)
-                max_steps = fixed or max_steps
-            if step % 10 == 0 or step == max_steps:
+            moved = budget.observe(step, time.perf_counter() - step_start, elapsed, horizon.max_steps)
+            if moved is not None:
+                horizon = budget.horizon = moved_horizon(self.schedule, horizon, step, moved)
+            if step % 10 == 0 or step == horizon.max_steps:
                 curve.append((elapsed, loss))
         return {"steps": step, "tokens": step * tokens_per_step, "train_s": time.perf_counter() - start,
                 "curve": curve, "maxvio": None}
@@ -262,7 +265,7 @@ def measure(name: str, args, budget_s: float | None) -> dict:
         tokenizer = load_tokenizer(args.tokenizer)
         data_dir = primary_data_dir(args)
         reference = ReferenceRun(data_dir, tokenizer)
-        result = reference.run(budget_s, args.tokens)
+        result = reference.run(args.time_budget if budget_s else None, args.tokens)
         model, val_set = reference.model, TokenDataset(data_dir, "val")
     else:
         result, model, tokenizer, val_set = run_tinyseek(name, args, budget_s)
@@ -292,7 +295,7 @@ def side_by_side_throughput(names: list[str], args, rounds: int, steps: int = 2)
         if name == REFERENCE:
             reference = ReferenceRun(primary_data_dir(args), load_tokenizer(args.tokenizer))
             reference.model.train()
-            steppers[name] = lambda step, reference=reference: reference.step(step, 10**9)
+            steppers[name] = lambda step, reference=reference: reference.step(step, Horizon(10**9))
             tokens_per_step[name] = reference.MICRO_BATCH * reference.SEQ_LEN
             meta = TokenDataset(primary_data_dir(args), "train").meta
         else:

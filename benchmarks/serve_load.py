@@ -1,15 +1,21 @@
-"""Load on `tinyseek serve`: many concurrent streaming completions against one server on a loopback port.
+"""Load on `tinyseek serve`: 1, 8, 32 and 64 concurrent streaming completions against one server, eager and compiled.
 
-Starts the server in this process (its generation thread and the HTTP event loop) and fires `--streams` streamed
-completions at once from an asynchronous client, each asking for exactly `--max-tokens` tokens (sampled with its
-own seed; EOS can end one early, and the count says so). Prints time to first token (p50/p99), total generated
-tokens per second over the whole run, and errors; then runs the same generations through the engine alone (no
-HTTP) in the same process, so the ratio shows what serving costs on top of decoding.
+For each path (the default eager step, and `--compile`'s compiled step) it starts one server in this process (its
+generation thread and the HTTP event loop, on a loopback port) with `--max-streams 64`, and fires each number of
+streams at it in turn from an asynchronous client, each stream asking for `--max-tokens` tokens (sampled with its own
+seed; EOS can end one early, and the count says so). Per number of streams it prints the total generated tokens per
+second, time to first token and inter-token latency (p50 and p99) and errors; per path, the total at 32 streams over
+the total at 1 (target: at least 5x) and the p99 inter-token latency at 32 streams over the time of one batched
+decode step of 32 rows, measured alone in the same process (target: at most 1.5x, so no request stalls behind
+another's prefill).
 
-    python benchmarks/serve_load.py [--run-dir DIR | --model DIR] [--streams 32] [--max-tokens 64] [--threads 2]
+    python benchmarks/serve_load.py [--run-dir DIR | --model DIR] [--paths eager,compiled] [--max-tokens 64]
+                                    [--threads N] [--quick]
+    python benchmarks/serve_load.py --hostile    # 32 streams beside hostile clients (hostile_clients.py)
 
 Without a run or model it serves a randomly initialised `seed` preset with the built-in tokenizer (speed does not
-depend on the weights).
+depend on the weights). Each load kind is one function: `well_behaved_streams` here, the hostile clients in
+benchmarks/hostile_clients.py.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -24,6 +31,7 @@ import torch
 
 from tinyseek import TinySeekConfig, TinySeekForCausalLM
 from tinyseek.data.tokenizer import encode_prompt, load_tokenizer
+from tinyseek.generate.batch import ContinuousBatch
 from tinyseek.generate.engine import GenerationEngine
 from tinyseek.generate.sampling import Sampling
 from tinyseek.loading import load_from_arguments
@@ -32,6 +40,9 @@ from tinyseek.serve.background import BackgroundServer
 from tinyseek.testing import streamed_chunks
 
 PROMPT = "Once upon a time there was a little dog who"
+MAX_STREAMS = 64
+TEMPERATURE = 0.8
+PATHS = {"eager": False, "compiled": True}
 
 
 def parse_args() -> argparse.Namespace:
@@ -39,41 +50,65 @@ def parse_args() -> argparse.Namespace:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--run-dir", type=Path)
     source.add_argument("--model", type=Path)
-    parser.add_argument("--streams", type=int, default=32, help="concurrent streaming requests")
+    parser.add_argument("--streams", default="1,8,32,64", help="numbers of concurrent streams, comma-separated")
+    parser.add_argument("--paths", default="eager,compiled", help="decode paths, comma-separated: eager, compiled")
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens each request asks for")
-    parser.add_argument("--max-streams", type=int, default=32, help="the server's --max-streams")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
-    parser.add_argument("--timeout", type=float, default=600, help="give up after this many seconds")
-    parser.add_argument("--quick", action="store_true", help="2 streams of 4 tokens (to check the script runs)")
+    parser.add_argument("--timeout", type=float, default=600, help="give up on one load after this many seconds")
+    parser.add_argument("--quick", action="store_true", help="1 and 2 streams of 4 tokens, eager (checks the script)")
+    parser.add_argument("--hostile", action="store_true",
+                        help="three rounds of 32 streams beside slow, disconnecting, malformed and idle clients, "
+                             "with the server's resident memory after each (benchmarks/hostile_clients.py)")
     args = parser.parse_args()
+    args.streams = [int(count) for count in args.streams.split(",")]
+    args.paths = args.paths.split(",")
+    if unknown := set(args.paths) - set(PATHS):
+        parser.error(f"--paths: unknown {sorted(unknown)}; choose from {sorted(PATHS)}")
     if args.quick:
-        args.streams, args.max_tokens = 2, 4
+        args.streams, args.max_tokens, args.paths = [1, 2], 4, ["eager"]
     return args
 
 
-async def one_stream(client: httpx.AsyncClient, url: str, seed: int, max_tokens: int) -> dict:
-    """Time to first token, tokens received and the error (None when all went well) of one streamed completion."""
-    body = {"prompt": PROMPT, "max_tokens": max_tokens, "stream": True, "temperature": 0.8, "seed": seed,
+@dataclass
+class StreamResult:
+    """One streamed completion: when its first token came, the gaps between the later ones, tokens and error."""
+
+    ttft: float | None = None
+    gaps: list[float] = field(default_factory=list)
+    tokens: int = 0
+    error: str | None = None
+
+
+async def one_stream(client: httpx.AsyncClient, url: str, seed: int, max_tokens: int) -> StreamResult:
+    body = {"prompt": PROMPT, "max_tokens": max_tokens, "stream": True, "temperature": TEMPERATURE, "seed": seed,
             "stream_options": {"include_usage": True}}
-    start = time.perf_counter()
-    first, tokens = None, 0
+    result = StreamResult()
+    start = last = time.perf_counter()
     try:
         async with client.stream("POST", url, json=body) as response:
             if response.status_code != 200:
-                return {"ttft": None, "tokens": 0, "error": f"HTTP {response.status_code}"}
+                result.error = f"HTTP {response.status_code}"
+                return result
             async for chunk in streamed_chunks(response.aiter_lines()):
                 if "error" in chunk:
-                    return {"ttft": first, "tokens": tokens, "error": chunk["error"]["message"]}
-                if chunk["choices"] and first is None:
-                    first = time.perf_counter() - start
+                    result.error = chunk["error"]["message"]
+                    return result
+                if chunk["choices"]:
+                    now = time.perf_counter()
+                    if result.ttft is None:
+                        result.ttft = now - start
+                    else:
+                        result.gaps.append(now - last)
+                    last = now
                 if chunk.get("usage"):
-                    tokens = chunk["usage"]["completion_tokens"]
+                    result.tokens = chunk["usage"]["completion_tokens"]
     except httpx.HTTPError as error:
-        return {"ttft": first, "tokens": tokens, "error": repr(error)}
-    return {"ttft": first, "tokens": tokens, "error": None}
+        result.error = repr(error)
+    return result
 
 
-async def load_test(url: str, streams: int, max_tokens: int) -> tuple[list[dict], float]:
+async def well_behaved_streams(url: str, streams: int, max_tokens: int) -> tuple[list[StreamResult], float]:
+    """`streams` streamed completions at once; their results and the seconds until the last one ended."""
     limits = httpx.Limits(max_connections=streams + 4)
     async with httpx.AsyncClient(timeout=None, limits=limits) as client:
         start = time.perf_counter()
@@ -81,56 +116,94 @@ async def load_test(url: str, streams: int, max_tokens: int) -> tuple[list[dict]
         return results, time.perf_counter() - start
 
 
+async def stream_record(client: httpx.AsyncClient, url: str, seed: int, max_tokens: int) -> dict:
+    """One streamed completion as benchmarks/hostile_clients.py reads it."""
+    result = await one_stream(client, url, seed, max_tokens)
+    return {"ttft": result.ttft, "tokens": result.tokens, "error": result.error}
+
+
 def percentile(values: list[float], fraction: float) -> float:
+    if not values:
+        return float("nan")
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
-def engine_alone(model, tokenizer, streams: int, max_tokens: int) -> tuple[int, float]:
-    """(tokens, seconds) of the same generations advanced in turn by the engine in this thread: no HTTP, no JSON,
-    no event loop. The server's rate divided by this one is what serving costs on top of decoding."""
-    engine = GenerationEngine(model, tokenizer)
+def batch_step_seconds(engine: GenerationEngine, tokenizer, rows: int, compiled: bool, steps: int = 20) -> float:
+    """Seconds per decode step (sampling included) of `rows` running rows, the server's batch without HTTP."""
+    batch = ContinuousBatch(engine, rows, compiled=compiled)
     prompt = encode_prompt(tokenizer, PROMPT)
+    for seed in range(rows):
+        batch.add(seed, prompt, Sampling(temperature=TEMPERATURE, top_k=0, seed=seed), 2 * steps + 8)
+    while batch.prefills:
+        batch.advance()
+    for _ in range(3):  # the first steps of a compiled size compile it
+        batch.advance()
     start = time.perf_counter()
-    running = [engine.stream([prompt], Sampling(temperature=0.8, top_k=0, seed=seed), max_tokens)
-               for seed in range(streams)]
-    tokens = 0
-    while running:
-        for steps in list(running):
-            events = next(steps, None)
-            if events is None:
-                running.remove(steps)
-            else:
-                tokens += len(events)
-    return tokens, time.perf_counter() - start
+    for _ in range(steps):
+        batch.advance()
+    return (time.perf_counter() - start) / steps
+
+
+def measure_path(model, tokenizer, compiled: bool, args) -> list[tuple[int, list[StreamResult], float]]:
+    limits = Limits(max_streams=MAX_STREAMS, max_waiting=max(args.streams), max_tokens=args.max_tokens)
+    with BackgroundServer(create_app(model, tokenizer, limits=limits, compile=compiled)) as server:
+        url = f"{server.url}/v1/completions"
+        # One round first, at the most streams: the measured ones pay no one-off costs (the compiled step compiles
+        # once per batch size, and a ramp to the most streams passes through every size).
+        asyncio.run(asyncio.wait_for(well_behaved_streams(url, max(args.streams), 4), args.timeout))
+        return [(streams, *asyncio.run(asyncio.wait_for(well_behaved_streams(url, streams, args.max_tokens),
+                                                        args.timeout)))
+                for streams in args.streams]
+
+
+def report_path(path: str, rows: list[tuple[int, list[StreamResult], float]], step_32: float | None) -> None:
+    totals = {}
+    p99_gaps = {}
+    print(f"{path:9} {'streams':>7} {'tokens/s':>9} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8} "
+          f"{'errors':>6}")
+    for streams, results, seconds in rows:
+        first = [result.ttft for result in results if result.ttft is not None]
+        gaps = [gap for result in results for gap in result.gaps]
+        errors = [result.error for result in results if result.error]
+        totals[streams] = sum(result.tokens for result in results) / seconds
+        p99_gaps[streams] = percentile(gaps, 0.99)
+        print(f"{'':9} {streams:7d} {totals[streams]:9.1f} {percentile(first, 0.5):9.3f} {percentile(first, 0.99):9.3f} "
+              f"{percentile(gaps, 0.5):8.4f} {p99_gaps[streams]:8.4f} {len(errors):6d}"
+              + (f"  ({errors[0][:80]})" if errors else ""))
+    if 1 in totals and 32 in totals:
+        print(f"{path}: 32 streams give {totals[32] / totals[1]:.1f}x the total of 1 stream (target: at least 5x)")
+    if step_32 is not None and 32 in p99_gaps:
+        print(f"{path}: p99 inter-token latency at 32 streams is {p99_gaps[32] / step_32:.2f}x the batch-32 decode "
+              f"step of {step_32 * 1000:.1f} ms (target: at most 1.5x)")
+
+
+def load_model(args: argparse.Namespace):
+    """(model, tokenizer): the run or model given, else a randomly initialised `seed` preset."""
+    if args.run_dir or args.model:
+        return load_from_arguments(args, "cpu")
+    torch.manual_seed(0)
+    return TinySeekForCausalLM(TinySeekConfig.from_preset("seed")).eval(), load_tokenizer("builtin")
 
 
 def main() -> None:
     args = parse_args()
+    if args.hostile:
+        import hostile_clients
+
+        args.streams, args.max_streams = (2 if args.quick else 32), 32
+        raise SystemExit(hostile_clients.run(args, load_model, stream_record))
     torch.set_num_threads(args.threads)
-    if args.run_dir or args.model:
-        model, tokenizer = load_from_arguments(args, "cpu")
-    else:
-        torch.manual_seed(0)
-        model, tokenizer = TinySeekForCausalLM(TinySeekConfig.from_preset("seed")).eval(), load_tokenizer("builtin")
-    limits = Limits(max_streams=args.max_streams, max_waiting=args.streams, max_tokens=args.max_tokens)
-    with BackgroundServer(create_app(model, tokenizer, limits=limits)) as server:
-        # One request first, so the first measured one pays no one-off costs.
-        httpx.post(f"{server.url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 2}, timeout=args.timeout)
-        results, seconds = asyncio.run(asyncio.wait_for(
-            load_test(f"{server.url}/v1/completions", args.streams, args.max_tokens), args.timeout))
-    first_tokens = [r["ttft"] for r in results if r["ttft"] is not None]
-    errors = [r["error"] for r in results if r["error"]]
-    tokens = sum(r["tokens"] for r in results)
-    print(f"{args.streams} concurrent streams x {args.max_tokens} tokens, server --max-streams {args.max_streams}, "
-          f"{args.threads} torch threads, model {model.config.attention_type}/{model.config.ffn_type} "
-          f"({sum(p.numel() for p in model.parameters()):,} parameters)")
-    print(f"time to first token: p50 {percentile(first_tokens, 0.5):.3f} s, p99 {percentile(first_tokens, 0.99):.3f} s")
-    print(f"generated {tokens} tokens in {seconds:.2f} s: {tokens / seconds:.1f} tokens/s in total")
-    print(f"errors: {len(errors)}" + (f" ({errors[0]})" if errors else ""))
-    alone_tokens, alone_seconds = engine_alone(model, tokenizer, args.streams, args.max_tokens)
-    print(f"the engine alone, same generations in turn in one thread: {alone_tokens / alone_seconds:.1f} tokens/s; "
-          f"the server reaches {(tokens / seconds) / (alone_tokens / alone_seconds):.0%} of it")
+    model, tokenizer = load_model(args)
+    print(f"one server per path with --max-streams {MAX_STREAMS}; {args.max_tokens} tokens per stream (temperature "
+          f"{TEMPERATURE}, seeds 0..N-1); {args.threads} torch threads; model {model.config.attention_type}/"
+          f"{model.config.ffn_type} ({sum(p.numel() for p in model.parameters()):,} parameters); prompt "
+          f"{len(encode_prompt(tokenizer, PROMPT))} tokens; latencies in seconds")
+    engine = GenerationEngine(model, tokenizer)
+    for path in args.paths:
+        rows = measure_path(model, tokenizer, PATHS[path], args)
+        step_32 = batch_step_seconds(engine, tokenizer, 32, PATHS[path]) if 32 in args.streams else None
+        report_path(path, rows, step_32)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import re
 import subprocess
@@ -358,3 +359,81 @@ def test_held_out_instructions_are_scored_by_their_rules_and_an_echo_passes_noth
     assert score(by_kind["self"][0], "I am tinyseek, made by the tinyseek developers.", True).passed == 1.0
     assert score(by_kind["self"][0], "I am a robot.", True).passed == 0.0
     assert distinct_ngrams(["a b c d a b c d"]) == pytest.approx(4 / 5)
+
+
+# --- one template, the same ids everywhere -------------------------------------------------------------------------
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "Write a story about a dog named Max."}],
+    [{"role": "system", "content": "Tu écris des histoires pour enfants."},
+     {"role": "user", "content": "Une histoire sur un chat — 猫, über Ünïcödé 🐈, s'il te plaît.\n\nMerci !"}],
+    CONVERSATION,
+]
+
+# In a fresh interpreter: plain transformers renders each conversation with the folder's template.
+APPLY_TEMPLATE_TO_EACH = """
+import json, sys
+from transformers import AutoTokenizer
+tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])
+print(json.dumps([list(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
+                                                     return_dict=True)["input_ids"])
+                  for messages in json.loads(sys.argv[2])]))
+"""
+
+
+@pytest.mark.parametrize("tokenizer_kind", ["builtin", "trained"])
+def test_the_trainer_the_server_tinyseek_chat_and_plain_transformers_give_identical_ids(
+    tmp_path, tiny_model, builtin_tokenizer, tokenizer_kind, monkeypatch, one_thread
+):
+    """The trainer renders with `render_chat`; the server and `tinyseek chat` through their own code paths (the ids
+    the server queues, the ids the chat loop builds from its history and system message); plain transformers from an
+    export. The playground sends its conversation to the server's endpoint: tests/test_serve.py's browser test
+    checks the ids the server receives from it against `render_chat` too."""
+    pytest.importorskip("fastapi")
+    from starlette.testclient import TestClient
+
+    from tinyseek.chat import ChatSession, build_parser
+    from tinyseek.generate.export import export
+    from tinyseek.serve.app import create_app
+    from tinyseek.serve.scheduler import Scheduler
+
+    if tokenizer_kind == "builtin":
+        tokenizer = builtin_tokenizer
+    else:
+        corpus = tmp_path / "corpus.jsonl"
+        corpus.write_text("".join(json.dumps({"text": text}) + "\n" for text in builtin_stories()[:100]))
+        tokenizer = load_tokenizer(train_bpe_tokenizer(corpus, 400, tmp_path / "bpe"))
+    model = tiny_model(vocab_size=len(tokenizer), max_position_embeddings=512, scoring_func="sigmoid")
+    mark_chat_trained(model.config)
+    trainer = [render_chat(tokenizer, messages, add_generation_prompt=True) for messages in CONVERSATIONS]
+
+    queued = []
+    submit = Scheduler.submit
+
+    def recording(self, job):
+        queued.append(job.prompt_ids)
+        return submit(self, job)
+
+    monkeypatch.setattr(Scheduler, "submit", recording)
+    with TestClient(create_app(model, tokenizer)) as client:
+        for messages in CONVERSATIONS:
+            reply = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 1})
+            assert reply.status_code == 200, reply.text
+    assert queued == trainer
+
+    session = ChatSession(model, tokenizer, build_parser().parse_args(["--model", "unused"]), io.StringIO(),
+                          io.StringIO())
+    chat_command = []
+    for messages in CONVERSATIONS:
+        system = [message["content"] for message in messages if message["role"] == "system"]
+        session.system = system[0] if system else ""
+        session.messages = [message for message in messages if message["role"] != "system"]
+        chat_command.append(session.prompt_ids())
+    assert chat_command == trainer
+
+    out = export(model, tokenizer, tmp_path / "exported", "transformers")
+    plain = subprocess.run([sys.executable, "-c", APPLY_TEMPLATE_TO_EACH, str(out), json.dumps(CONVERSATIONS)],
+                           capture_output=True, text=True, check=True)
+    assert json.loads(plain.stdout) == trainer
+    # And the ids are the template's, built by hand.
+    assert trainer == [reference_ids(tokenizer, messages, True) for messages in CONVERSATIONS]

@@ -249,6 +249,10 @@ def test_the_file_carries_the_special_ids_the_chat_template_and_the_tokenizers_l
         assert runner.metadata["tokenizer.ggml.pre"] == "deepseek-coder"
         assert runner.metadata["tokenizer.license"].startswith((BUILTIN_ROOT / "deepseek-coder" / "NOTICE").read_text())
         assert "DEEPSEEK LICENSE AGREEMENT" in runner.metadata["tokenizer.license"]
+        # The run trained on the built-in data: its licence, and a card that says how the model was trained.
+        assert "Community Data License Agreement - Sharing" in runner.metadata["tinyseek.data.license"]
+        assert f"{STEPS} optimizer steps" in runner.metadata["general.description"]
+        assert runner.metadata["tinyseek.chat_trained"] == "false" and "tokenizer.ggml.eot_token_id" not in runner.metadata
 
     chat = load_tokenizer(tiny_corpus["tokenizer"])
     chat.bos_token = None
@@ -261,6 +265,7 @@ def test_the_file_carries_the_special_ids_the_chat_template_and_the_tokenizers_l
         # Without a BOS, a prompt begins with EOS, as training documents follow the previous one's EOS.
         assert runner.token_bos() == runner.token_eos() == chat.eos_token_id
         assert runner.metadata["tokenizer.ggml.pre"] == "gpt-2" and "tokenizer.license" not in runner.metadata
+        assert "tinyseek.data.license" not in runner.metadata
 
 
 @pytest.mark.parametrize("overrides, note", [

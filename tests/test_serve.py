@@ -27,6 +27,7 @@ from tinyseek.testing import streamed_chunks
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 from tinyseek.serve.app import Limits, create_app  # noqa: E402  (needs fastapi, from the serve extra)
+from tinyseek.serve.limits import Exposure  # noqa: E402
 from tinyseek.serve.background import BackgroundServer  # noqa: E402
 
 LIMITS = Limits(max_body_bytes=4096, max_streams=4, max_waiting=6, max_tokens=40)
@@ -138,14 +139,14 @@ ERROR_CASES = [
     # (body, status, param)
     (b'{"prompt": "hi", "max_tokens": ', 400, None),
     (b'["a list"]', 400, None),
-    (json.dumps({"prompt": "hi", "max_tokens": "5"}).encode(), 422, "max_tokens"),
-    (json.dumps({"prompt": "hi", "temperature": 2.5}).encode(), 422, "temperature"),
-    (json.dumps({"prompt": "hi", "top_p": 0}).encode(), 422, "top_p"),
-    (json.dumps({"prompt": "hi", "n": 2}).encode(), 422, "n"),
-    (json.dumps({"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}).encode(), 422, "stop"),
-    (json.dumps({"prompt": 5}).encode(), 422, "prompt"),
-    (json.dumps({"max_tokens": 5}).encode(), 422, "prompt"),
-    (json.dumps({"prompt": "hi", "max_tokens": 41}).encode(), 422, "max_tokens"),
+    (json.dumps({"prompt": "hi", "max_tokens": "5"}).encode(), 400, "max_tokens"),
+    (json.dumps({"prompt": "hi", "temperature": 2.5}).encode(), 400, "temperature"),
+    (json.dumps({"prompt": "hi", "top_p": 0}).encode(), 400, "top_p"),
+    (json.dumps({"prompt": "hi", "n": 5}).encode(), 400, "n"),  # more choices than --max-streams rows
+    (json.dumps({"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}).encode(), 400, "stop"),
+    (json.dumps({"prompt": 5}).encode(), 400, "prompt"),
+    (json.dumps({"max_tokens": 5}).encode(), 400, "prompt"),
+    (json.dumps({"prompt": "hi", "max_tokens": 41}).encode(), 400, "max_tokens"),
     (json.dumps({"prompt": "x" * 70}).encode(), 400, "prompt"),
     (json.dumps({"prompt": "x" * 5000}).encode(), 413, None),
 ]
@@ -218,11 +219,11 @@ def test_chat_errors_and_ignored_unknown_fields(chat_server):
     server = chat_server
     url = f"{server.url}/v1/chat/completions"
     bad_role = httpx.post(url, json={"messages": [{"role": "robot", "content": "hi"}]}, timeout=TIMEOUT)
-    assert bad_role.status_code == 422 and bad_role.json()["error"]["param"] == "messages[0].role"
-    assert httpx.post(url, json={"messages": []}, timeout=TIMEOUT).status_code == 422
+    assert bad_role.status_code == 400 and bad_role.json()["error"]["param"] == "messages[0].role"
+    assert httpx.post(url, json={"messages": []}, timeout=TIMEOUT).status_code == 400
     late_system = httpx.post(url, timeout=TIMEOUT, json={"messages": [{"role": "user", "content": "hi"},
                                                                       {"role": "system", "content": "x"}]})
-    assert late_system.status_code == 422 and "system message must come first" in late_system.json()["error"]["message"]
+    assert late_system.status_code == 400 and "system message must come first" in late_system.json()["error"]["message"]
     # Open WebUI and others send fields of their own; they are ignored.
     # Null means the default, as with OpenAI.
     extra = {"messages": [{"role": "user", "content": "hi", "name": "x"}], "max_tokens": 3, "user": "u",
@@ -329,6 +330,12 @@ def test_routing_names_the_experts_of_every_moe_layer_and_does_not_depend_on_wha
 
 
 def chromium_driver():
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
+        message = "needs headless Chromium and its driver: apt-get install chromium chromium-driver (.ci/run does)"
+        if os.environ.get("TINYSEEK_REQUIRE_BROWSER"):
+            pytest.fail(message)
+        pytest.skip(message)
+    pytest.importorskip("selenium")
     from selenium import webdriver
 
     options = webdriver.ChromeOptions()
@@ -342,16 +349,10 @@ def chromium_driver():
 def test_playground_streams_tokens_coloured_by_expert_in_chromium(
     server, tmp_path, tiny_model, byte_tokenizer, letters_only
 ):
-    if not (shutil.which("chromium") and shutil.which("chromedriver")):
-        message = "needs headless Chromium and its driver: apt-get install chromium chromium-driver (.ci/run does)"
-        if os.environ.get("TINYSEEK_REQUIRE_BROWSER"):
-            pytest.fail(message)
-        pytest.skip(message)
-    pytest.importorskip("selenium")
+    driver = chromium_driver()
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
-    driver = chromium_driver()
     try:
         driver.get(server.url + "/")
         wait = WebDriverWait(driver, TIMEOUT)
@@ -384,6 +385,111 @@ def test_playground_streams_tokens_coloured_by_expert_in_chromium(
             wait.until(lambda d: "dense" in d.find_element(By.ID, "model-name").text)
             assert driver.find_element(By.ID, "dense-note").is_displayed()
             assert not driver.find_element(By.ID, "colour-experts").is_enabled()
+    finally:
+        driver.quit()
+
+
+def test_playground_asks_for_the_api_key_once_and_streams_with_it(run_dir):
+    model, tokenizer = load_model_and_tokenizer(run_dir, "cpu")
+    app = create_app(model, tokenizer, model_name="letters", limits=LIMITS, exposure=Exposure(api_key="sk-play"))
+    with LoopbackServer(app) as guarded:
+        driver = chromium_driver()
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.support import expected_conditions
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        try:
+            driver.get(guarded.url + "/")
+            wait = WebDriverWait(driver, TIMEOUT)
+            asked = wait.until(expected_conditions.alert_is_present())
+            assert "API key" in asked.text
+            asked.send_keys("sk-play")
+            asked.accept()
+            wait.until(lambda d: "letters" in d.find_element(By.ID, "model-name").text)
+            for field, value in (("max-tokens", "5"), ("temperature", "0")):
+                driver.find_element(By.ID, field).clear()
+                driver.find_element(By.ID, field).send_keys(value)
+            driver.find_element(By.ID, "generate").click()  # the key is kept: no second question
+            wait.until(lambda d: d.find_element(By.ID, "status").get_attribute("data-state") == "done")
+            assert len(driver.find_elements(By.CSS_SELECTOR, "#output .token")) == 5
+        finally:
+            driver.quit()
+
+
+def test_playground_chat_mode_streams_replies_with_the_template_and_the_expert_view_in_chromium(
+    chat_server, chat_run_dir, monkeypatch, tiny_model, letters_only, chat_byte_tokenizer
+):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from tinyseek.serve.scheduler import Scheduler
+
+    queued = []  # the prompt ids the server queues, whoever asks
+    submit = Scheduler.submit
+
+    def recording(self, job):
+        queued.append(job.prompt_ids)
+        return submit(self, job)
+
+    monkeypatch.setattr(Scheduler, "submit", recording)
+    _, tokenizer = load_model_and_tokenizer(chat_run_dir, "cpu")
+    driver = chromium_driver()
+
+    def fill(field: str, value: str) -> None:
+        driver.find_element(By.ID, field).clear()
+        driver.find_element(By.ID, field).send_keys(value)
+
+    def turns() -> list:
+        return driver.find_elements(By.CSS_SELECTOR, "#conversation .turn")
+
+    try:
+        driver.get(chat_server.url + "/")
+        wait = WebDriverWait(driver, TIMEOUT)
+        wait.until(lambda d: "letters" in d.find_element(By.ID, "model-name").text)
+        driver.find_element(By.ID, "mode-chat").click()
+        assert driver.find_element(By.ID, "send").is_displayed() and not driver.find_element(By.ID, "generate").is_displayed()
+        assert not driver.find_element(By.ID, "chat-notice").is_displayed()
+        for field, value in (("system", "Sé bref."), ("max-tokens", "8"), ("temperature", "0")):
+            fill(field, value)
+        messages = [{"role": "system", "content": "Sé bref."}]
+        for said in ("hi there", "más, ça va?"):
+            fill("message", said)
+            driver.find_element(By.ID, "send").click()
+            wait.until(lambda d: d.find_element(By.ID, "status").get_attribute("data-state") == "done"
+                       and len(turns()) == len(messages) + 1)
+            messages.append({"role": "user", "content": said})
+            # The ids the playground's request became are the template's, as the trainer renders them.
+            assert queued[-1] == render_chat(tokenizer, messages, add_generation_prompt=True)
+            expected = chat_server.client().chat.completions.create(model="letters", messages=messages, max_tokens=8,
+                                                                     temperature=0)
+            reply = turns()[-1]
+            assert reply.find_element(By.CSS_SELECTOR, ".role").text.lower() == "model"
+            assert reply.find_element(By.CSS_SELECTOR, ".text").text == expected.choices[0].message.content
+            assert len(reply.find_elements(By.CSS_SELECTOR, ".token")) == expected.usage.completion_tokens
+            messages.append({"role": "assistant", "content": expected.choices[0].message.content})
+        assert [turn.find_element(By.CSS_SELECTOR, ".text").text for turn in turns()] == [
+            message["content"] for message in messages[1:]]
+
+        driver.find_element(By.ID, "colour-experts").click()
+        tokens = driver.find_elements(By.CSS_SELECTOR, "#conversation .token")
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#conversation .token[class*='expert-']")) == len(tokens) == 16
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#histograms .histogram")) == 2
+        driver.find_element(By.ID, "reset").click()
+        assert not turns()
+
+        # A base model's server refuses chat: the page says why, before and after a message is sent.
+        base = letters_only(tiny_model(max_position_embeddings=64, vocab_size=len(chat_byte_tokenizer)))
+        with LoopbackServer(create_app(base, chat_byte_tokenizer, model_name="base")) as base_server:
+            driver.get(base_server.url + "/")
+            wait.until(lambda d: "base" in d.find_element(By.ID, "model-name").text)
+            driver.find_element(By.ID, "mode-chat").click()
+            notice = driver.find_element(By.ID, "chat-notice")
+            assert notice.is_displayed() and "it is a base model" in notice.text
+            fill("message", "hello")
+            driver.find_element(By.ID, "send").click()
+            wait.until(lambda d: d.find_element(By.ID, "status").get_attribute("data-state") == "error")
+            assert "does not answer chat requests" in notice.text and "it is a base model" in notice.text
+            assert not turns() and driver.find_element(By.ID, "message").get_attribute("value") == "hello"
     finally:
         driver.quit()
 
@@ -424,7 +530,7 @@ def test_serve_command_listens_on_loopback_by_default_and_refuses_bad_limits(run
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     command = [sys.executable, "-m", "tinyseek", "serve", "--run-dir", str(run_dir), "--port", str(port)]
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen([*command, "--access-log"], stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 4 * TIMEOUT  # a fresh interpreter imports torch, transformers and FastAPI
         while True:
@@ -442,6 +548,7 @@ def test_serve_command_listens_on_loopback_by_default_and_refuses_bad_limits(run
         process.terminate()
         _, err = process.communicate(timeout=TIMEOUT)
     assert f"http://127.0.0.1:{port}/" in err
+    assert '127.0.0.1 "GET /static/playground.js" 200 ' in err  # --access-log: a line per request
 
     refused = subprocess.run([*command[:-2], "--max-streams", "0"], capture_output=True, text=True, timeout=TIMEOUT)
     assert refused.returncode == 2 and "--max-streams must be at least 1" in refused.stderr

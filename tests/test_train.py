@@ -228,6 +228,26 @@ def test_schedule_warms_up_then_decays_to_the_floor():
     assert lr_multiplier(100, wsd, 100) == 0.0
 
 
+@pytest.mark.parametrize("kind", ["wsd", "cosine"])
+def test_moving_the_end_keeps_the_rate_continuous_and_still_decays_to_the_floor(kind):
+    from tinyseek.train.budget import Horizon
+    from tinyseek.train.schedule import moved_horizon
+
+    schedule = ScheduleConfig(kind=kind, warmup_steps=10, min_lr_ratio=0.1, decay_fraction=0.3)
+    if kind == "wsd":  # before the decay, a new end is just the plain schedule for it
+        assert moved_horizon(schedule, Horizon(100), 50, 120) == Horizon(120)
+    for step, new_end in ((80, 130), (80, 90), (95, 97)):  # inside the decay, longer or shorter
+        before = lr_multiplier(step, schedule, 100)
+        moved = moved_horizon(schedule, Horizon(100), step, new_end)
+        assert moved.decay_from == (step, before)
+        assert lr_multiplier(step, schedule, *moved) == before
+        rates = [lr_multiplier(s, schedule, *moved) for s in range(step, new_end + 1)]
+        assert all(a >= b for a, b in zip(rates, rates[1:])) and rates[-1] == pytest.approx(0.1)
+        # Moved again, from the moved horizon, it continues from wherever the rate is.
+        again = moved_horizon(schedule, moved, step + 2, new_end + 5)
+        assert lr_multiplier(step + 2, schedule, *again) == lr_multiplier(step + 2, schedule, *moved)
+
+
 def test_set_values_keep_their_yaml_types():
     assert parse_assignment("optim.betas=[0.9, 0.99]") == (["optim", "betas"], [0.9, 0.99])
     config = load_config(None, [parse_assignment("optim.lr=3e-4"), parse_assignment("model.hidden_size=256")])
@@ -279,17 +299,17 @@ def test_time_budget_calibration_leaves_out_the_slow_first_steps():
     assert budget_s - 1.0 < sum(step_seconds[:fixed]) <= budget_s
 
 
-def test_time_budget_fixes_max_steps_once_from_the_measured_speed(tmp_path, tiny_corpus, tiny_trainer):
+def test_time_budget_fixes_max_steps_from_the_measured_speed(tmp_path, tiny_corpus, tiny_trainer):
     trainer = tiny_trainer(tmp_path, tiny_corpus, time_budget="1s", max_steps=3)
     fixed = []
     original = Trainer.fix_max_steps
     trainer.fix_max_steps = lambda steps: (fixed.append(steps), original(trainer, steps))
     assert trainer.train() == 0
-    assert len(fixed) == 1 and fixed[0] > 5  # measured after the timed steps, not the config's 3
-    assert trainer.progress.step == fixed[0]
-    assert yaml.safe_load((trainer.run_dir / "config.yaml").read_text())["max_steps"] == fixed[0]
+    assert fixed and fixed[0] > 5  # measured after the timed steps, not the config's 3
+    assert trainer.progress.step == fixed[-1]
+    assert yaml.safe_load((trainer.run_dir / "config.yaml").read_text())["max_steps"] == fixed[-1]
     state = json.loads((latest_checkpoint(trainer.run_dir) / "trainer_state.json").read_text())
-    assert state["budget"] == {"time_budget": "1s", "max_steps": fixed[0]}
+    assert (state["budget"]["time_budget"], state["budget"]["max_steps"]) == ("1s", fixed[-1])
     assert 0 < state["train_seconds"]
     assert "% of the budget" in (trainer.run_dir / "train.log").read_text()
 
@@ -313,6 +333,63 @@ def test_time_budget_resume_keeps_the_fixed_steps_and_is_bitwise_identical(
     assert second.train() == 0 and second.progress.step == 9
     expected, actual = final_weights(straight.run_dir), final_weights(second.run_dir)
     assert all(torch.equal(expected[key], actual[key]) for key in expected)
+
+
+def test_a_run_whose_end_moved_inside_the_decay_resumes_bitwise_identical(
+    tmp_path, tiny_corpus, monkeypatch, tiny_trainer, final_weights
+):
+    from tinyseek.train.budget import TimeBudget
+
+    # The clock decides: 9 steps at step 3, then, its pace having slowed, 12 at step 7 (inside the cosine decay).
+    decisions = {3: 9, 7: 12}
+    monkeypatch.setattr(TimeBudget, "observe", lambda self, step, *args, **kwargs: decisions.get(step))
+    sections = dict(time_budget="10m", schedule={"warmup_steps": 4}, checkpoint={"every": 100})
+    straight = tiny_trainer(tmp_path, tiny_corpus, out_dir=tmp_path / "straight", **sections)
+    assert straight.train() == 0 and straight.progress.step == 12
+    assert straight.budget.horizon.decay_from[0] == 7
+    first = tiny_trainer(tmp_path, tiny_corpus, out_dir=tmp_path / "resumed", **sections)
+    first.train(stop_at_step=10)
+    second = tiny_trainer(tmp_path, tiny_corpus, out_dir=tmp_path / "resumed", **sections)
+    assert second.budget.horizon == straight.budget.horizon and second.progress.step == 10
+    assert second.train() == 0 and second.progress.step == 12
+    expected, actual = final_weights(straight.run_dir), final_weights(second.run_dir)
+    assert all(torch.equal(expected[key], actual[key]) for key in expected)
+
+
+def test_a_run_whose_steps_slow_down_still_ends_on_its_budget(tmp_path, tiny_corpus, monkeypatch, tiny_trainer):
+    # From step 40 on, every step sleeps 40 ms more (the fault hook): the pace measured at calibration no longer
+    # holds, and a budget fixed once would end at about twice its length.
+    monkeypatch.setenv("TINYSEEK_FAULTS", "train.step@40+=pause:0.04")
+    trainer = tiny_trainer(tmp_path, tiny_corpus, time_budget="5s", max_steps=3,
+                           logging={"eval_every": 50, "eval_batches": 1}, checkpoint={"every": 10**6})
+    assert trainer.train() == 0
+    assert trainer.progress.train_seconds == pytest.approx(5.0, rel=0.03)
+    assert trainer.optimization.learning_rate == pytest.approx(
+        trainer.config.optim.lr * trainer.config.schedule.min_lr_ratio)  # the decay completed
+
+
+def test_the_budget_holds_when_steps_slow_down_and_evaluations_take_time():
+    from tinyseek.train.budget import Horizon, TimeBudget
+
+    # A cpu-15min run as measured on a 2-core machine: 0.56 s per step at calibration, 0.70 s by step 1,000, and a
+    # 5-second evaluation every 200 steps. Fixed once, it ran 114% of its budget.
+    def run(keep_pace: bool) -> float:
+        budget, max_steps, step, elapsed = TimeBudget("15m"), 10**9, 0, 0.0
+        budget.start()
+        while step < max_steps:
+            step += 1
+            seconds = 0.56 + 0.14 * min(step, 1000) / 1000
+            elapsed += seconds
+            moved = budget.observe(step, seconds, elapsed, max_steps)
+            if moved is not None and (keep_pace or not budget.fixed):
+                max_steps = moved
+                budget.horizon = Horizon(moved)
+            if step % 200 == 0:
+                elapsed += 5.0
+        return elapsed / 900
+
+    assert run(keep_pace=False) > 1.1
+    assert run(keep_pace=True) == pytest.approx(1.0, abs=0.02)
 
 
 def test_trainer_samples_tinyseek_generate_and_model_generate_give_the_same_text(

@@ -24,7 +24,7 @@ from tinyseek.data import TokenDataset, WindowSampler, iter_eval_batches
 from tinyseek.distributed import World
 from tinyseek.errors import ConfigError
 from tinyseek.train import load_config
-from tinyseek.train.budget import CALIBRATION_HORIZON, TimeBudget
+from tinyseek.train.budget import CALIBRATION_HORIZON, Horizon, TimeBudget
 from tinyseek.train.checkpoint import save_checkpoint
 from tinyseek.train.checkpointing import Checkpointer, Progress, Resumable, restore_rng_state, rng_state
 from tinyseek.train.data import TrainingData, continue_data_order, pinned_sources, preparation_lock
@@ -318,13 +318,29 @@ def test_the_time_budget_fixes_the_steps_once_and_every_process_adopts_the_first
     budget.start()
     monkeypatch.setattr(BudgetCalibration, "observe", lambda self, step, seconds, elapsed: None)
     # Another process decided 40: this one adopts it although its own calibration has not decided yet.
-    assert budget.observe(3, 0.5, 1.5, agree=lambda steps: max(steps, 40)) == 40
-    budget.fixed = True
-    assert budget.observe(4, 0.5, 2.0) is None  # decided once
-    assert budget.state(40) == {"time_budget": "1m", "max_steps": 40}
-    assert budget.saved_steps({"budget": {"time_budget": "1m", "max_steps": 40}}) == 40
-    assert TimeBudget("2m").saved_steps({"budget": {"time_budget": "1m", "max_steps": 40}}) is None
+    assert budget.observe(3, 0.5, 1.5, CALIBRATION_HORIZON, agree=lambda steps: max(steps, 40)) == 40
+    budget.horizon = Horizon(40)
+    assert budget.observe(4, 0.5, 2.0, 40) is None  # calibrated once; from here on only the pace moves the end
+    assert budget.state() == {"time_budget": "1m", "max_steps": 40, "decay_from": None}
+    budget.horizon = Horizon(45, (30, 0.5))
+    saved = {"budget": budget.state()}
+    assert budget.saved_horizon(saved) == Horizon(45, (30, 0.5))  # the checkpoint's JSON holds the pair as a list
+    assert TimeBudget("2m").saved_horizon(saved) is None
     assert budget.summary(40, 30.0) == "time budget 1m: trained 40 steps in 30 s, 50.0% of the budget"
+
+
+def test_the_pace_moves_the_end_only_past_its_tolerance_and_every_process_checks_at_the_same_steps():
+    from tinyseek.train.budget import BudgetPace
+
+    pace = BudgetPace(100.0, tolerance=0.01, window=4, check_every=2)
+    for step in range(1, 5):
+        pace.record(1.0, float(step))
+    assert not pace.due(3, 100) and pace.due(4, 100) and not pace.due(4, 4)
+    assert pace.proposal(4, 4.0, 100) is None  # 96 more seconds for 96 more steps
+    assert pace.proposal(4, 4.0, 99) is None  # 1% off: within the tolerance
+    assert pace.proposal(4, 4.0, 90) == 100
+    pace.record(1.0, 10.0)  # 5 s between steps 4 and 5 (an evaluation): 1 s per step so far, on top of the 1 s steps
+    assert pace.proposal(5, 10.0, 100) == 5 + round(90 / 2.0)
 
 
 # -- signals ------------------------------------------------------------------------------------------------------

@@ -15,7 +15,9 @@ microseconds of dispatch, and GEMM calls in the shape BLAS is slow at. So every 
 An attention step has ``new_cache(batch, capacity)``, ``load(cache, cache_layer, length)`` (copy the prefill's
 `TinySeekCache` entry in) and ``__call__(x, step, cache, rotary)``; a feed-forward step has ``new_cache(batch,
 capacity)`` (None when it needs none) and ``__call__(x, cache, routed)``, appending its routed experts to ``routed``
-when that is a list. Every tensor a step holds is contiguous, which the compiled step relies on.
+when that is a list. Every tensor a step holds is contiguous, which the compiled step relies on. Every cache tensor
+has the batch row as its leading dimension (alone, or times a per-row count such as heads), so that a continuous
+batch (`tinyseek.generate.batch`) can load, move and step any row's slice without knowing the type.
 """
 
 from __future__ import annotations
@@ -39,6 +41,12 @@ def joined_bias(layers) -> torch.Tensor | None:
 
 def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     return x @ weight if bias is None else torch.addmm(bias, x, weight)
+
+
+def write_columns(cache: torch.Tensor, dim: int, column: torch.Tensor, values: torch.Tensor) -> None:
+    """Each row b writes values[b] (size 1 along ``dim``) at its own cache column ``column[b]`` along ``dim``."""
+    index = column.view(-1, *[1] * (cache.dim() - 1)).expand(values.shape)
+    cache.scatter_(dim, index, values)
 
 
 def rotated_rows(weight: torch.Tensor, dim: int) -> torch.Tensor:
@@ -65,9 +73,9 @@ class Rotary:
 
 @dataclass
 class Step:
-    """What every layer reads in one step: the rows' cos/sin for RoPE ([B, 1, d] or None), the cache column written
-    (a one-element tensor, so a compiled step does not specialise on it), the number of cache columns attended, and
-    the additive mask over them (None when no column needs masking)."""
+    """What every layer reads in one step: the rows' cos/sin for RoPE ([B, 1, d] or None), the cache column each row
+    writes ([B]: rows of a continuous batch have their own lengths; a tensor, so a compiled step does not specialise on
+    it), the number of cache columns attended, and the additive mask over them (None when no column needs masking)."""
 
     cos: torch.Tensor | None
     sin: torch.Tensor | None

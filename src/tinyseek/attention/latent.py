@@ -10,7 +10,7 @@ from transformers.cache_utils import DynamicLayer
 
 from tinyseek.attention.registry import AttentionSpec, causal_mask, mean_causal_context, register_attention
 from tinyseek.config import TinySeekConfig, require_positive
-from tinyseek.decoding import Rotary, Step, joined_bias, project, rotated_rows, transposed
+from tinyseek.decoding import Rotary, Step, joined_bias, project, rotated_rows, transposed, write_columns
 from tinyseek.errors import ConfigError
 from tinyseek.layers import RMSNorm, apply_rotary
 # A drop-in nn.Linear whose bf16-autocast matmuls avoid torch's slow CPU fallback (see tinyseek.ops).
@@ -188,7 +188,7 @@ class LatentAttentionStep:
         q_rope = Rotary.apply(q_rope[:, 0], q_rope[:, 1], step.cos, step.sin)
         latent = F.rms_norm(latent, latent.shape[-1:], self.kv_norm, self.kv_norm_eps)
         k_rope = Rotary.apply(k_rope, k_rotated, step.cos[:, 0], step.sin[:, 0])
-        cache.index_copy_(1, step.column, torch.cat((latent, k_rope), dim=-1)[:, None])
+        write_columns(cache, 1, step.column, torch.cat((latent, k_rope), dim=-1)[:, None])
         keys = cache[:, : step.length]
         scores = torch.bmm(torch.cat((q_latent, q_rope), dim=-1), keys.transpose(1, 2))
         if step.mask is not None:

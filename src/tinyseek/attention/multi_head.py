@@ -14,7 +14,7 @@ from tinyseek.attention.registry import (
     require_whole_heads,
 )
 from tinyseek.config import TinySeekConfig, require_positive
-from tinyseek.decoding import Rotary, Step, joined_bias, project, rotated_rows, transposed
+from tinyseek.decoding import Rotary, Step, joined_bias, project, rotated_rows, transposed, write_columns
 from tinyseek.errors import ConfigError
 from tinyseek.layers import apply_rotary
 # A drop-in nn.Linear whose bf16-autocast matmuls avoid torch's slow CPU fallback (see tinyseek.ops).
@@ -96,8 +96,8 @@ class MultiHeadAttentionStep:
         heads = self.heads + self.kv_heads
         qkv = project(x, self.qkv, self.qkv_bias).view(batch, -1, self.head_dim)
         q_and_k = rotary.apply(qkv[:, :heads], qkv[:, heads + self.kv_heads :], step.cos, step.sin)
-        keys.index_copy_(2, step.column, q_and_k[:, self.heads :, None])
-        values.index_copy_(2, step.column, qkv[:, heads : heads + self.kv_heads, None])
+        write_columns(keys, 2, step.column, q_and_k[:, self.heads :, None])
+        write_columns(values, 2, step.column, qkv[:, heads : heads + self.kv_heads, None])
         # Two batched matmuls, query heads grouped by their key head: for one query row this is several times
         # faster than SDPA's kernel, whose set-up costs more than the arithmetic.
         query = q_and_k[:, : self.heads].view(batch, self.kv_heads, -1, self.head_dim)

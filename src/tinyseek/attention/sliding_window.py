@@ -48,8 +48,9 @@ class SlidingWindowAttention(MultiHeadAttention):
 
 
 class SlidingWindowAttentionStep(MultiHeadAttentionStep):
-    """MHA's step with the cache columns older than the window masked out. All rows write the same column (prompts
-    are left-padded), and a row's real tokens are contiguous, so a column's distance is the same in every row."""
+    """MHA's step with the cache columns older than the window masked out. A row's real tokens are contiguous up to
+    the column it writes (left-padded prompts, or a continuous batch's rows from column 0), so a column's distance
+    from that row's column is its distance in tokens."""
 
     decodes = SlidingWindowAttention
 
@@ -59,8 +60,9 @@ class SlidingWindowAttentionStep(MultiHeadAttentionStep):
 
     def attention_bias(self, step: Step) -> torch.Tensor:
         columns = torch.arange(step.length, device=step.column.device)
-        too_old = columns <= step.column - self.window
-        bias = torch.zeros(step.length, dtype=self.qkv.dtype, device=self.qkv.device).masked_fill(too_old, float("-inf"))
+        too_old = columns <= step.column[:, None] - self.window  # [B, length]: each row from its own column
+        bias = torch.zeros(too_old.shape, dtype=self.qkv.dtype, device=self.qkv.device).masked_fill(too_old, float("-inf"))
+        bias = bias[:, None, None]
         return bias if step.mask is None else step.mask + bias
 
 

@@ -37,7 +37,9 @@ class TokenEvent:
     stop string held back, EOS). ``finish_reason`` is None while the row runs, "stop" at EOS or a stop string, and
     "length" at ``max_new_tokens`` or the model's last position. ``experts`` (capture only) holds, per MoE layer in
     layer order, the routed expert ids of the position whose output chose this token; ``alternatives`` (capture
-    only) the top tokens of the model's distribution there as (token_id, token_text, probability).
+    only) the top tokens of the model's distribution there as (token_id, token_text, probability). ``logprobs``
+    (a continuous batch's rows that ask for them, `tinyseek.generate.batch`) holds the token's log-probability and
+    the likeliest alternatives under the scores it was drawn from.
     """
 
     row: int
@@ -46,6 +48,18 @@ class TokenEvent:
     finish_reason: str | None
     experts: list[list[int]] | None = None
     alternatives: list[tuple[int, str, float]] | None = None
+    logprobs: TokenLogprobs | None = None
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """OpenAI's logprobs of one token: its text (alone), its log-probability and the ``top`` likeliest tokens as
+    (token_id, token_text, log-probability), under the scores it was drawn from (after every logits processor: the
+    penalties, the bias, the temperature, top-k and top-p; a token they rule out has -inf)."""
+
+    text: str
+    logprob: float
+    top: list[tuple[int, str, float]]
 
 
 @dataclass(frozen=True)
@@ -180,7 +194,7 @@ class GenerationEngine:
                 scores = processors(sequences[:, :length], logits) if processors else logits
                 tokens = sampling.choose(scores, generator)
                 sequences[:, length] = tokens
-                details = self.capture_details(decoder, logits) if capture else None
+                details = self.capture_details(decoder.experts(), logits) if capture else None
                 token_list = tokens.tolist()
                 events = []
                 for row in running:
@@ -264,9 +278,8 @@ class GenerationEngine:
         experts, alternatives = (details[0][row], details[1][row]) if details is not None else (None, None)
         return TokenEvent(row, token, piece, finish, experts, alternatives)
 
-    def capture_details(self, decoder, logits: torch.Tensor):
-        """Per row: the experts per MoE layer, and the top alternatives (id, text, probability)."""
-        experts = decoder.experts()
+    def capture_details(self, experts: list[list[list[int]]], logits: torch.Tensor):
+        """Per row: the experts per MoE layer (as given), and the top alternatives (id, text, probability)."""
         top = logits.softmax(dim=-1).topk(ALTERNATIVES, dim=-1)
         alternatives = [
             [(token, self.token_text(token), probability) for token, probability in zip(ids, probabilities)]

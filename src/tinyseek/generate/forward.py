@@ -41,8 +41,13 @@ class CachedForward:
         return self.forward(input_ids)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        self.attention_mask = torch.cat((self.attention_mask, self.attention_mask.new_ones(len(tokens), 1)), dim=1)
-        return self.forward(tokens[:, None])
+        return self.extend(tokens[:, None])
+
+    def extend(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits [B, V] after feeding [B, T] more tokens, none of them padding (the next chunk of a prompt
+        prefilled in chunks)."""
+        self.attention_mask = torch.cat((self.attention_mask, self.attention_mask.new_ones(input_ids.shape)), dim=1)
+        return self.forward(input_ids)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Logits [B, V] in fp32 for the next token of every row."""

@@ -292,16 +292,6 @@ def gguf_vocabulary(tokenizer: PreTrainedTokenizerFast, rows: int) -> Vocabulary
     return Vocabulary(names[0], tokens, token_types, merges)
 
 
-def tokenizer_licence(tokenizer: PreTrainedTokenizerFast) -> str | None:
-    """The licence text that travels with the tokenizer: DeepSeek's for the built-in DeepSeek-Coder tokenizer."""
-    from tinyseek.data.builtin import BUILTIN_TOKENIZER
-    from tinyseek.data.tokenizer import load_tokenizer, tokenizer_identity
-
-    if tokenizer_identity(tokenizer) != tokenizer_identity(load_tokenizer("builtin")):
-        return None
-    return "\n\n".join((BUILTIN_TOKENIZER / name).read_text() for name in ("NOTICE", "LICENSE-MODEL"))
-
-
 def write_tokenizer(writer: gguf.GGUFWriter, tokenizer: PreTrainedTokenizerFast, rows: int) -> None:
     from tinyseek.data.tokenizer import encode_prompt
 
@@ -320,10 +310,33 @@ def write_tokenizer(writer: gguf.GGUFWriter, tokenizer: PreTrainedTokenizerFast,
         writer.add_pad_token_id(tokenizer.pad_token_id)
     if tokenizer.chat_template:
         writer.add_chat_template(tokenizer.chat_template)
-    licence = tokenizer_licence(tokenizer)
-    if licence is not None:
-        writer.add_string("tokenizer.license", licence)
-        writer.add_license_name("DeepSeek License Agreement (the tokenizer's); the weights are yours")
+
+
+def write_chat_and_card(writer: gguf.GGUFWriter, model: TinySeekForCausalLM, tokenizer: PreTrainedTokenizerFast,
+                        training: dict | None, name: str) -> None:
+    """What keeps chat working in llama.cpp (the end-of-turn token, for a chat-trained model), the model card and the
+    licences the file inherits, as metadata."""
+    from tinyseek.data.chat import END_OF_TURN_TOKEN, chat_refusal, chat_token_ids, is_chat_trained
+    from tinyseek.generate.model_card import (
+        DATA_LICENCE, TOKENIZER_LICENCE, inherited_licences, licence_text, model_card,
+    )
+
+    writer.add_bool("tinyseek.chat_trained", is_chat_trained(model.config))
+    if chat_refusal(model.config, tokenizer, base_model_allowed=False) is None:
+        # llama.cpp ends generation at EOS and at this token; without it a reply would run on past <|EOT|>.
+        writer.add_eot_token_id(chat_token_ids(tokenizer)[END_OF_TURN_TOKEN])
+    licences = inherited_licences(tokenizer, training)
+    writer.add_description(model_card(model, licences, training, "gguf", name))
+    if TOKENIZER_LICENCE in licences:
+        writer.add_string("tokenizer.license", licence_text(TOKENIZER_LICENCE))
+    if DATA_LICENCE in licences:
+        writer.add_string("tinyseek.data.license", licence_text(DATA_LICENCE))
+        writer.add_dataset_count(1)
+        writer.add_dataset_name(0, "TinyStories (a sample, and instruction conversations made from it)")
+        writer.add_dataset_repo_url(0, "https://huggingface.co/datasets/roneneldan/TinyStories")
+    if licences:
+        writer.add_license_name("; ".join(f"{licence.name} ({licence.folder})" for licence in licences)
+                                + "; the weights are yours")
 
 
 def write_hyperparameters(writer: gguf.GGUFWriter, config: TinySeekConfig, architecture: GGUFArchitecture,
@@ -342,8 +355,10 @@ def write_hyperparameters(writer: gguf.GGUFWriter, config: TinySeekConfig, archi
 
 
 def export_gguf(model: TinySeekForCausalLM, tokenizer: PreTrainedTokenizerFast | None, out: Path,
-                gguf_type: str = "f32") -> list[str]:
-    """Write `model` and `tokenizer` to the GGUF file `out`; return notes on what was left out.
+                gguf_type: str = "f32", training: dict | None = None) -> list[str]:
+    """Write `model` and `tokenizer` to the GGUF file `out`, with a model card that tells how it was trained from
+    `training` (`model_card.training_record` of its checkpoint; None: not recorded); return notes on what was left
+    out.
 
     Everything is checked before the first byte is written; the file is written beside `out` and renamed into place,
     so a failure at any point leaves no partial file."""
@@ -367,6 +382,7 @@ def export_gguf(model: TinySeekForCausalLM, tokenizer: PreTrainedTokenizerFast |
         writer.add_name(out.stem)
         write_hyperparameters(writer, config, architecture, gguf_type)
         write_tokenizer(writer, tokenizer, config.vocab_size)
+        write_chat_and_card(writer, model, tokenizer, training, out.name)
         for name, kind, array in model_tensors(model, architecture):
             data, qtype = encoded(array, kind, gguf_type)
             writer.add_tensor(name, data, raw_dtype=qtype)

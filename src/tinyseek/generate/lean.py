@@ -146,7 +146,7 @@ class LeanDecoder:
             )
         self.weights, self.capacity, self.capture, self.batch = weights, capacity, capture, batch
         self.caches = self.new_caches()
-        self.column = torch.zeros(1, dtype=torch.long, device=weights.head.device)
+        self.column = torch.zeros(batch, dtype=torch.long, device=weights.head.device)  # every row writes the same one
         self.mask = None
         self.routed: torch.Tensor | None = None
         self.prefilled = False

@@ -17,7 +17,9 @@ class Sampling:
     """Decoding settings. ``temperature=0`` is greedy decoding (the repetition penalty and the constraints still
     apply); 0 / 1.0 / 0.0 switch top-k / top-p / min-p off. The constraints: EOS is not chosen before
     ``min_new_tokens`` new tokens (when there is an EOS), no n-gram of ``no_repeat_ngram_size`` tokens repeats, and no
-    sequence of ``bad_words_ids`` is completed. The defaults are transformers' own."""
+    sequence of ``bad_words_ids`` is completed. The defaults are transformers' own. OpenAI's adjustments come first,
+    on the model's logits: ``logit_bias`` ((token id, bias) pairs) is added, and every token generated so far is
+    lowered by ``frequency_penalty`` per occurrence plus ``presence_penalty`` once (`OpenAIPenalties`)."""
 
     temperature: float = 1.0
     top_k: int = 50
@@ -28,6 +30,9 @@ class Sampling:
     min_new_tokens: int = 0
     no_repeat_ngram_size: int = 0
     bad_words_ids: tuple[tuple[int, ...], ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self):
         if self.temperature < 0:
@@ -44,6 +49,10 @@ class Sampling:
             raise ConfigError("min_new_tokens and no_repeat_ngram_size must be >= 0")
         if any(not words for words in self.bad_words_ids):
             raise ConfigError("bad_words_ids: every banned sequence needs at least one token id")
+        if not (-2 <= self.presence_penalty <= 2 and -2 <= self.frequency_penalty <= 2):
+            raise ConfigError("presence_penalty and frequency_penalty must be in [-2, 2], as OpenAI allows")
+        if any(not -100 <= bias <= 100 for _, bias in self.logit_bias):
+            raise ConfigError("logit_bias: every bias must be in [-100, 100], as OpenAI allows")
 
     @property
     def greedy(self) -> bool:
@@ -66,6 +75,9 @@ class Sampling:
 
         processors = LogitsProcessorList()
         eos = sorted(eos_token_ids)
+        if self.logit_bias or self.presence_penalty or self.frequency_penalty:
+            processors.append(OpenAIPenalties(prompt_length, self.presence_penalty, self.frequency_penalty,
+                                              self.logit_bias))
         if self.repetition_penalty != 1.0:
             processors.append(RepetitionPenaltyLogitsProcessor(self.repetition_penalty))
         if self.no_repeat_ngram_size:
@@ -115,3 +127,30 @@ class Sampling:
             "do_sample": True, "temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p,
             "min_p": self.min_p or None, "repetition_penalty": self.repetition_penalty, **constraints,
         }
+
+
+class OpenAIPenalties:
+    """OpenAI's logit adjustments, as its API reference defines them: logits[j] += logit_bias[j], then
+    logits[j] -= c[j] * frequency_penalty + (c[j] > 0) * presence_penalty, with c[j] the times token j was generated
+    so far (the prompt does not count, as in vLLM). Written here because transformers has no processor for the
+    penalties (its SequenceBiasLogitsProcessor would do the bias, at the cost of a second pass)."""
+
+    def __init__(self, prompt_length: int, presence: float, frequency: float, logit_bias: tuple[tuple[int, float], ...]):
+        self.prompt_length, self.presence, self.frequency = prompt_length, presence, frequency
+        self.biased = [token for token, _ in logit_bias]
+        self.biases = [bias for _, bias in logit_bias]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        scores = scores.clone()
+        if self.biased:
+            tokens = torch.tensor(self.biased, device=scores.device)
+            biases = torch.tensor(self.biases, dtype=scores.dtype, device=scores.device)
+            scores.index_add_(1, tokens, biases.expand(len(scores), -1))
+        generated = input_ids[:, self.prompt_length :]
+        if generated.shape[1] and (self.presence or self.frequency):
+            ones = torch.ones_like(generated, dtype=scores.dtype)
+            counts = torch.zeros_like(scores).scatter_add_(1, generated, ones)
+            scores -= counts * self.frequency + (counts > 0).to(scores.dtype) * self.presence
+        return scores

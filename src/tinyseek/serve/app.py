@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException
 
 from tinyseek.data.chat import chat_refusal, end_of_turn_ids, render_chat
 from tinyseek.data.tokenizer import encode_prompt
-from tinyseek.generate.engine import GenerationEngine
+from tinyseek.generate.engine import GenerationEngine, TokenLogprobs
 from tinyseek.generate.sampling import Sampling
 from tinyseek.serve.protocol import (
     APIError,
@@ -28,16 +28,20 @@ from tinyseek.serve.protocol import (
     parse_request,
     usage,
 )
-from tinyseek.serve.limits import Limits
+from tinyseek.serve.exposure import install as install_exposure
+from tinyseek.serve.limits import Exposure, Limits
+from tinyseek.serve.metrics import ServerMetrics
 from tinyseek.serve.scheduler import FINISHED, Job, QueueFull, Scheduler
 
 STATIC = resources.files("tinyseek.serve") / "static"
 ERROR_TYPES = {404: "not_found_error", 503: "server_overloaded"}
 
 
-def create_app(model, tokenizer, *, model_name: str = "tinyseek", limits: Limits = Limits(), compile: bool = False,
+def create_app(model, tokenizer, *, model_name: str = "tinyseek", limits: Limits = Limits(),
+               exposure: Exposure = Exposure(), compile: bool = False,
                chat_template_for_base_model: bool = False) -> FastAPI:
-    """The server for one model. The generation thread starts and stops with the application's lifespan.
+    """The server for one model. The generation thread starts and stops with the application's lifespan; `exposure`
+    says who may call it and what it logs (tinyseek.serve.exposure).
 
     Chat requests are rendered with the tokenizer's chat template when the model is chat-trained (or
     `chat_template_for_base_model` says to use it anyway) and refused otherwise; where chat is served, every
@@ -45,7 +49,9 @@ def create_app(model, tokenizer, *, model_name: str = "tinyseek", limits: Limits
     chat_refused = chat_refusal(model.config, tokenizer, base_model_allowed=chat_template_for_base_model)
     stop_ids = end_of_turn_ids(tokenizer) if chat_refused is None else None
     engine = GenerationEngine(model, tokenizer, decoder="compiled" if compile else "lean", eos_token_ids=stop_ids)
-    scheduler = Scheduler(engine, model.device, max_streams=limits.max_streams, max_waiting=limits.max_waiting)
+    scheduler = Scheduler(engine, model.device, max_streams=limits.max_streams, max_waiting=limits.max_waiting,
+                          compile=compile)
+    metrics = ServerMetrics(scheduler)
     config = model.config
     moe_layers = [index for index, layer in enumerate(model.model.layers) if layer.feed_forward_spec.routes]
 
@@ -56,6 +62,7 @@ def create_app(model, tokenizer, *, model_name: str = "tinyseek", limits: Limits
         scheduler.stop()
 
     app = FastAPI(title="tinyseek", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.scheduler = scheduler
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, error: APIError) -> JSONResponse:
@@ -99,7 +106,8 @@ def create_app(model, tokenizer, *, model_name: str = "tinyseek", limits: Limits
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = parse_request(CompletionRequest, await read_body(request, limits.max_body_bytes))
-        job = submit(body, encode_prompt(tokenizer, body.prompt_text()), "prompt", body.max_tokens)
+        prompt_ids = body.prompt_ids(lambda text: encode_prompt(tokenizer, text))
+        job = submit(body, prompt_ids, "prompt", body.max_tokens)
         reply = CompletionReply(new_id("cmpl"), model_name, job, routing=body.routing)
         return await respond(request, body, job, reply)
 
@@ -112,7 +120,7 @@ def create_app(model, tokenizer, *, model_name: str = "tinyseek", limits: Limits
         try:
             prompt_ids = render_chat(tokenizer, body.conversation(), add_generation_prompt=True)
         except TemplateError as error:
-            raise APIError(422, f"messages: {error}", param="messages", code="invalid_value") from None
+            raise APIError(400, f"messages: {error}", param="messages", code="invalid_value") from None
         requested = body.max_completion_tokens or body.max_tokens
         job = submit(body, prompt_ids, "messages", requested)
         reply = ChatReply(new_id("chatcmpl"), model_name, job, routing=body.routing)
@@ -121,15 +129,28 @@ def create_app(model, tokenizer, *, model_name: str = "tinyseek", limits: Limits
     def submit(body: GenerationRequest, prompt_ids: list[int], prompt_param: str, requested_tokens: int | None) -> Job:
         """Check the request, then queue its generation (APIError when it cannot be served)."""
         if requested_tokens is not None and requested_tokens > limits.max_tokens:
-            raise APIError(422, f"max_tokens is {requested_tokens}; this server allows at most {limits.max_tokens}",
+            raise APIError(400, f"max_tokens is {requested_tokens}; this server allows at most {limits.max_tokens}",
                            param="max_tokens", code="max_tokens_exceeded")
+        if prompt_ids and max(prompt_ids) >= config.vocab_size:
+            raise APIError(400, f"{prompt_param}: token id {max(prompt_ids)} is not in the model's vocabulary of "
+                           f"{config.vocab_size}", param=prompt_param, code="invalid_value")
         positions = config.max_position_embeddings
         if len(prompt_ids) >= positions:
             raise APIError(400, f"the prompt is {len(prompt_ids)} tokens long; the model has {positions} positions",
                            param=prompt_param, code="context_length_exceeded")
+        if body.n > limits.max_streams:
+            raise APIError(400, f"n is {body.n}; this server generates at most {limits.max_streams} rows at once",
+                           param="n", code="invalid_value")
+        if body.routing and body.n > 1:
+            raise APIError(400, "routing describes one choice: ask for it with n=1", param="routing",
+                           code="invalid_value")
         max_new_tokens = min(requested_tokens or limits.max_tokens, engine.room(len(prompt_ids)))
-        sampling = Sampling(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, seed=body.seed)
-        job = Job(prompt_ids, sampling, max_new_tokens, body.stop_strings(), body.routing, asyncio.get_running_loop())
+        sampling = Sampling(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, seed=body.seed,
+                            presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+                            logit_bias=body.token_biases(config.vocab_size))
+        job = Job(prompt_ids, sampling, max_new_tokens, body.stop_strings(), body.routing, asyncio.get_running_loop(),
+                  n=body.n, top_logprobs=body.top_logprobs_asked())
+        metrics.watch(job)
         try:
             scheduler.submit(job)
         except QueueFull as error:
@@ -158,6 +179,7 @@ def create_app(model, tokenizer, *, model_name: str = "tinyseek", limits: Limits
         return FileResponse(STATIC / "index.html")
 
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
+    install_exposure(app, limits, exposure, metrics)
     return app
 
 
@@ -203,8 +225,13 @@ async def until_disconnected(request: Request) -> None:
         pass
 
 
+def finite(logprob: float) -> float:
+    """A log-probability for JSON: OpenAI's floor of -9999 for a token the sampling settings rule out (-inf)."""
+    return max(logprob, -9999.0)
+
+
 class Reply:
-    """Turns a job's token events into OpenAI response objects: whole, or as stream chunks."""
+    """Turns a job's token events into OpenAI response objects: whole, or as stream chunks; one choice per row."""
 
     object_name: str
     chunk_object_name: str
@@ -215,7 +242,7 @@ class Reply:
         self.completion_tokens = 0
 
     async def events(self) -> AsyncIterator:
-        """The job's token events (one per step: the request is one row), until it finishes."""
+        """The job's token events (each step's events of its rows), until it finishes."""
         while True:
             item = await self.job.events.get()
             if item is FINISHED:
@@ -240,27 +267,33 @@ class Reply:
         return usage(len(self.job.prompt_ids), self.completion_tokens)
 
     async def collect(self) -> dict:
-        pieces, routing, finish_reason = [], [], None
+        choices = range(self.job.n)
+        pieces, tokens, reasons, routing = [[] for _ in choices], [[] for _ in choices], [None for _ in choices], []
         async for event in self.events():
-            pieces.append(event.text)
-            finish_reason = event.finish_reason or finish_reason
+            pieces[event.row].append(event.text)
+            reasons[event.row] = event.finish_reason or reasons[event.row]
+            if event.logprobs is not None:
+                tokens[event.row].append(event.logprobs)
             if self.routing:
                 routing.append(self.token_routing(event))
-        response = {**self.head(chunk=False), "choices": [self.choice("".join(pieces), finish_reason)],
-                    "usage": self.usage()}
+        response = {**self.head(chunk=False), "usage": self.usage(), "choices": [
+            self.choice(index, "".join(pieces[index]), reasons[index], self.logprobs(index, tokens[index]))
+            for index in choices
+        ]}
         if self.routing:
             response["tinyseek"] = {"tokens": routing}
         return response
 
     async def chunks(self, include_usage: bool) -> AsyncIterator[dict]:
-        first = self.first_chunk()
-        if first is not None:
+        for first in self.first_chunks():
             yield first
         try:
             async for event in self.events():
-                if not (event.text or event.finish_reason or self.routing):
+                if not (event.text or event.finish_reason or self.routing or event.logprobs):
                     continue
-                chunk = {**self.head(chunk=True), "choices": [self.delta(event.text, event.finish_reason)]}
+                logprobs = self.logprobs(event.row, [event.logprobs] if event.logprobs is not None else [])
+                chunk = {**self.head(chunk=True),
+                         "choices": [self.delta(event.row, event.text, event.finish_reason, logprobs)]}
                 if self.routing:
                     chunk["tinyseek"] = {"tokens": [self.token_routing(event)]}
                 yield chunk
@@ -270,21 +303,42 @@ class Reply:
         if include_usage:
             yield {**self.head(chunk=True), "choices": [], "usage": self.usage()}
 
-    def first_chunk(self) -> dict | None:
-        return None
+    def first_chunks(self) -> list[dict]:
+        return []
 
-    def choice(self, text: str, finish_reason: str | None) -> dict:
+    def logprobs(self, index: int, tokens: list[TokenLogprobs]) -> dict | None:
+        """The choice's `logprobs` object for these tokens (None when the request did not ask for logprobs)."""
         raise NotImplementedError
 
-    def delta(self, text: str, finish_reason: str | None) -> dict:
+    def choice(self, index: int, text: str, finish_reason: str | None, logprobs: dict | None) -> dict:
+        raise NotImplementedError
+
+    def delta(self, index: int, text: str, finish_reason: str | None, logprobs: dict | None) -> dict:
         raise NotImplementedError
 
 
 class CompletionReply(Reply):
     object_name = chunk_object_name = "text_completion"
 
-    def choice(self, text: str, finish_reason: str | None) -> dict:
-        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.text_offsets = [0] * self.job.n  # where each choice's next token starts in its text
+
+    def logprobs(self, index: int, tokens: list[TokenLogprobs]) -> dict | None:
+        if self.job.top_logprobs is None:
+            return None
+        offsets = []
+        for token in tokens:
+            offsets.append(self.text_offsets[index])
+            self.text_offsets[index] += len(token.text)
+        return {
+            "tokens": [token.text for token in tokens], "token_logprobs": [finite(token.logprob) for token in tokens],
+            "top_logprobs": [{text: finite(logprob) for _, text, logprob in token.top} for token in tokens],
+            "text_offset": offsets,
+        }
+
+    def choice(self, index: int, text: str, finish_reason: str | None, logprobs: dict | None) -> dict:
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
     delta = choice
 
@@ -292,15 +346,29 @@ class CompletionReply(Reply):
 class ChatReply(Reply):
     object_name, chunk_object_name = "chat.completion", "chat.completion.chunk"
 
-    def first_chunk(self) -> dict:
-        return {**self.head(chunk=True),
-                "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                             "finish_reason": None}]}
+    def first_chunks(self) -> list[dict]:
+        return [{**self.head(chunk=True),
+                 "choices": [{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                              "finish_reason": None}]}
+                for index in range(self.job.n)]
 
-    def choice(self, text: str, finish_reason: str | None) -> dict:
-        return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+    def logprobs(self, index: int, tokens: list[TokenLogprobs]) -> dict | None:
+        if self.job.top_logprobs is None:
+            return None
+        return {"content": [
+            {**self.token(token.text, token.logprob),
+             "top_logprobs": [self.token(text, logprob) for _, text, logprob in token.top]}
+            for token in tokens
+        ], "refusal": None}
+
+    @staticmethod
+    def token(text: str, logprob: float) -> dict:
+        return {"token": text, "logprob": finite(logprob), "bytes": list(text.encode())}
+
+    def choice(self, index: int, text: str, finish_reason: str | None, logprobs: dict | None) -> dict:
+        return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
                 "finish_reason": finish_reason}
 
-    def delta(self, text: str, finish_reason: str | None) -> dict:
-        return {"index": 0, "delta": {"content": text} if text else {}, "logprobs": None,
+    def delta(self, index: int, text: str, finish_reason: str | None, logprobs: dict | None) -> dict:
+        return {"index": index, "delta": {"content": text} if text else {}, "logprobs": logprobs,
                 "finish_reason": finish_reason}

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 
 from tinyseek.errors import ConfigError
 from tinyseek.loading import add_source_arguments, load_from_arguments
-from tinyseek.serve.limits import Limits
+from tinyseek.serve.limits import Exposure, Limits
+
+API_KEY_VARIABLE = "TINYSEEK_API_KEY"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,8 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto (default)")
     parser.add_argument(
         "--compile", action="store_true",
-        help="decode with the step compiled by torch.compile: faster tokens, but the first request of each size "
-             "(cache lengths go in powers of two) waits a few seconds while it compiles",
+        help="decode with the step compiled by torch.compile: faster tokens, but the first step at each batch size "
+             "(1, 8, 32, 64 rows) waits a few seconds while it compiles",
     )
     parser.add_argument(
         "--chat-template-for-base-model", action="store_true",
@@ -32,11 +36,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes,
                         help="largest request body accepted (413 beyond)")
     parser.add_argument("--max-streams", type=int, default=defaults.max_streams,
-                        help="generations advanced together, a token each in turn")
+                        help="rows decoded together in one batch (a request with n takes n)")
     parser.add_argument("--max-waiting", type=int, default=defaults.max_waiting,
                         help="requests waiting for a generation slot (503 beyond)")
     parser.add_argument("--max-tokens", type=int, default=defaults.max_tokens,
-                        help="most new tokens one request may ask for (422 beyond)")
+                        help="most new tokens one request may ask for (400 beyond)")
+    parser.add_argument("--request-timeout", type=float, default=defaults.request_timeout, metavar="SECONDS",
+                        help="wall-clock limit of one request, queueing included: then 504, or an error event "
+                             "ending a stream, and its generation stops (default %(default)g)")
+    parser.add_argument("--api-key", default=os.environ.get(API_KEY_VARIABLE),
+                        help="every endpoint but /health asks for `Authorization: Bearer KEY` (default: the "
+                             f"{API_KEY_VARIABLE} environment variable; unset: no key); the playground asks for it")
+    parser.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                        help="let browser pages from ORIGIN (e.g. https://app.example.com, or *) call the API; "
+                             "repeat for several (default: none, CORS off)")
+    parser.add_argument("--access-log", action="store_true",
+                        help="log one line per request to stderr: client, method, path, status, seconds, tokens")
     return parser
 
 
@@ -52,15 +67,30 @@ def main(argv: list[str]) -> int:
     if not 0 < args.port < 65536:
         raise ConfigError(f"--port must be in 1..65535, got {args.port}")
     try:
-        limits = Limits(args.max_body_bytes, args.max_streams, args.max_waiting, args.max_tokens)
+        limits = Limits(args.max_body_bytes, args.max_streams, args.max_waiting, args.max_tokens,
+                        args.request_timeout)
+        exposure = Exposure(args.api_key, tuple(args.cors_origin), args.access_log)
     except ConfigError as error:  # named after the flag that set it
         raise ConfigError(f"--{str(error).replace('_', '-')}") from None
+    if args.access_log:
+        log_access_to_stderr()
     from tinyseek.device import choose_device  # here, not at the top: `--help` answers without torch
 
     model, tokenizer = load_from_arguments(args, choose_device(args.device))
     name = args.model_name or (args.run_dir or args.model).resolve().name
-    app = create_app(model, tokenizer, model_name=name, limits=limits, compile=args.compile,
+    app = create_app(model, tokenizer, model_name=name, limits=limits, exposure=exposure, compile=args.compile,
                      chat_template_for_base_model=args.chat_template_for_base_model)
     print(f"serving {name} on http://{args.host}:{args.port}/ (playground) and /v1 (OpenAI API)", file=sys.stderr)
+    if args.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: {args.host} is reachable from other machines and no --api-key (or {API_KEY_VARIABLE}) "
+              "is set: anyone who reaches it can use it", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
+
+
+def log_access_to_stderr() -> None:
+    access = logging.getLogger("tinyseek.serve.access")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    access.addHandler(handler)
+    access.setLevel(logging.INFO)

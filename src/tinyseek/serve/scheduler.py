@@ -1,9 +1,9 @@
-"""One worker thread that owns the model: it advances every admitted generation by one token in turn.
+"""One worker thread that owns the model: it runs every admitted generation in one continuous batch.
 
-Each request gets its own `GenerationEngine.stream` (its own cache) and its own `torch.Generator`, and only this
-thread ever runs the model, so no two generations touch one cache at once and a seeded request samples the same
-tokens whatever else is running. Interleaving the streams step by step (rather than finishing one before starting
-the next) gives every client its first token soon; the event loop only ever waits on queues.
+Requests join the batch (`tinyseek.generate.batch.ContinuousBatch`) at step boundaries and leave it as they finish
+or as their clients go away; every running request advances by one token in each batched decode step, and a new
+prompt is prefilled in chunks between two steps. Each request's rows keep their own sampling settings and seeded
+`torch.Generator`, and only this thread ever touches the batch; the event loop only ever waits on queues.
 """
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import deque
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 
+from tinyseek.generate.batch import ContinuousBatch
 from tinyseek.generate.sampling import Sampling
 
 
@@ -29,7 +29,8 @@ FINISHED = object()
 
 @dataclass(eq=False)
 class Job:
-    """One request's generation, as the worker thread sees it; events arrive on `events` in the event loop."""
+    """One request's generation (``n`` rows of one prompt), as the worker thread sees it; lists of its rows' token
+    events arrive on `events` in the event loop."""
 
     prompt_ids: list[int]
     sampling: Sampling
@@ -37,29 +38,23 @@ class Job:
     stop: list[str]
     capture: bool
     loop: asyncio.AbstractEventLoop
+    n: int = 1
+    top_logprobs: int | None = None  # None: no logprobs; k: the token's and k alternatives'
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False
     released: bool = False
-    steps: Iterator | None = None
-
-    def generator(self, device: torch.device) -> torch.Generator:
-        """The request's own random stream: seeded as `tinyseek generate --seed` seeds it, else from the OS."""
-        generator = torch.Generator(device=device)
-        if self.sampling.seed is None:
-            generator.seed()
-        else:
-            generator.manual_seed(self.sampling.seed)
-        return generator
+    rows_left: int = 0  # rows still generating, once admitted
 
 
 class Scheduler:
-    """Admits up to `max_streams` generations at a time and keeps up to `max_waiting` more in line."""
+    """Admits generations while `max_streams` rows are free, and keeps up to `max_waiting` more in line."""
 
-    def __init__(self, engine, device: torch.device, *, max_streams: int, max_waiting: int):
+    def __init__(self, engine, device: torch.device, *, max_streams: int, max_waiting: int, compile: bool = False):
         self.engine, self.device = engine, device
         self.max_streams, self.max_waiting = max_streams, max_waiting
+        self.batch = ContinuousBatch(engine, max_streams, compiled=compile)
         self.waiting: deque[Job] = deque()
-        self.active: list[Job] = []
+        self.active: list[Job] = []  # admitted to the batch: prefilling or decoding
         self.held = 0  # jobs admitted or waiting and not yet released
         self.wakeup = threading.Condition()
         self.stopping = False
@@ -85,13 +80,14 @@ class Scheduler:
             self.wakeup.notify()
 
     def cancel(self, job: Job) -> None:
-        """Free the job's slot now (its client went away); the worker drops it before its next step."""
+        """Free the job's place now (its client went away); the worker drops its rows before its next step."""
         with self.wakeup:
             job.cancelled = True
             self.release(job)
+            self.wakeup.notify()
 
     def release(self, job: Job) -> None:
-        # Called with the lock held; a job finishing and being cancelled at once must free one slot, not two.
+        # Called with the lock held; a job finishing and being cancelled at once must free one place, not two.
         if not job.released:
             job.released = True
             self.held -= 1
@@ -101,6 +97,11 @@ class Scheduler:
         with self.wakeup:
             return self.held
 
+    def rows_running(self) -> int:
+        """Rows in the batch now (decoding, or prefilling to join it); safe to ask from any thread."""
+        prefills = list(self.batch.prefills)  # one copy under the GIL: the worker may change the queue meanwhile
+        return len(self.batch.running) + sum(prefill.copies for prefill in prefills)
+
     def run(self) -> None:
         while True:
             with self.wakeup:
@@ -108,39 +109,54 @@ class Scheduler:
                     self.wakeup.wait()
                 if self.stopping:
                     return
-                while self.waiting and len(self.active) < self.max_streams:
+                cancelled = [job for job in self.active if job.cancelled]
+                self.active = [job for job in self.active if not job.cancelled]
+            for job in cancelled:  # their rows leave the batch before this step
+                self.batch.cancel(job)
+            with self.wakeup:
+                admitted = []
+                room = self.batch.room()
+                while self.waiting and (self.waiting[0].cancelled or self.waiting[0].n <= room):
                     job = self.waiting.popleft()
                     if not job.cancelled:
-                        self.active.append(job)
-            for job in list(self.active):
-                if not self.advance(job):
-                    self.active.remove(job)
+                        admitted.append(job)
+                        room -= job.n
+            for job in admitted:
+                self.admit(job)
+            if self.active:
+                self.advance()
 
-    def advance(self, job: Job) -> bool:
-        """Run one step of the job; False once it is over (finished, failed or cancelled)."""
-        if job.cancelled:
-            if job.steps is not None:
-                job.steps.close()
-            return False
+    def admit(self, job: Job) -> None:
         try:
-            if job.steps is None:
-                job.steps = self.engine.stream(
-                    [job.prompt_ids], job.sampling, job.max_new_tokens, stop=job.stop, capture=job.capture,
-                    generator=job.generator(self.device),
-                )
-            events = next(job.steps)
-        except StopIteration:
-            self.finish(job, FINISHED)
-            return False
-        except Exception as error:  # a bug in generation: the request fails, the server keeps serving
+            self.batch.add(job, job.prompt_ids, job.sampling, job.max_new_tokens, stop=job.stop, capture=job.capture,
+                           top_logprobs=job.top_logprobs, copies=job.n)
+        except Exception as error:  # a request the batch cannot generate fails alone
             self.finish(job, error)
-            return False
-        self.deliver(job, events)
-        if any(event.finish_reason is not None for event in events):
-            job.steps.close()
-            self.finish(job, FINISHED)
-            return False
-        return True
+            return
+        job.rows_left = job.n
+        self.active.append(job)
+
+    def advance(self) -> None:
+        """One prefill chunk and one decode step; each job gets its rows' events of each as one list."""
+        try:
+            for events in self.batch.phases():
+                self.deliver_all(events)
+        except Exception as error:  # a bug in generation: the batch's requests fail, the server keeps serving
+            for job in self.active:
+                self.batch.cancel(job)
+                self.finish(job, error)
+            self.active = []
+
+    def deliver_all(self, events: list) -> None:
+        by_job: dict[Job, list] = {}
+        for job, event in events:
+            by_job.setdefault(job, []).append(event)
+        for job, job_events in by_job.items():
+            self.deliver(job, job_events)
+            job.rows_left -= sum(event.finish_reason is not None for event in job_events)
+            if job.rows_left == 0:
+                self.active.remove(job)
+                self.finish(job, FINISHED)
 
     def finish(self, job: Job, last) -> None:
         with self.wakeup:

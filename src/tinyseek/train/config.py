@@ -172,7 +172,8 @@ class TrainConfig(Section):
     """Optimizer steps; each consumes micro_batch_size * grad_accum * world_size windows."""
     time_budget: str | None = None
     """A wall-clock budget ("15m", "90s", "1h30m") that replaces max_steps: the first steps are timed, max_steps is
-    fixed once from the measured rate and kept by checkpoints, so a resumed run follows the same schedule."""
+    fixed from the measured rate and moved when the pace changes, and checkpoints keep it, so a resumed run follows
+    the same schedule."""
     seed: int = 0
     device: str = "auto"
     dtype: DType = "auto"

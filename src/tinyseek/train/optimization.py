@@ -15,6 +15,7 @@ from tinyseek.train import checkpoint as ckpt
 from tinyseek.train import optim
 from tinyseek.train.config import TrainConfig
 from tinyseek.train.model import Placement
+from tinyseek.train.budget import Horizon
 from tinyseek.train.schedule import build_scheduler, set_horizon
 
 
@@ -81,8 +82,8 @@ class Optimization:
     def learning_rate(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
-    def set_horizon(self, max_steps: int) -> None:
-        set_horizon(self.scheduler, self.config.schedule, max_steps)
+    def set_horizon(self, horizon: Horizon) -> None:
+        set_horizon(self.scheduler, self.config.schedule, horizon)
 
     def describe(self) -> str:
         return optim.describe(self.optimizer, self.config.optim)

@@ -14,7 +14,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from tinyseek import distributed, estimate_flops_per_token, faults, ops
 from tinyseek.train import checkpoint as ckpt
-from tinyseek.train.budget import TimeBudget
+from tinyseek.train.budget import Horizon, TimeBudget
 from tinyseek.train.checkpointing import Checkpointer, Progress, restore_rng_state, rng_state
 from tinyseek.train.config import TrainConfig
 from tinyseek.train.data import TrainingData, continue_data_order, write_resolved_config
@@ -25,6 +25,7 @@ from tinyseek.train.metrics import (
 )
 from tinyseek.train.model import Placement, build_model, build_model_config
 from tinyseek.train.optimization import Optimization
+from tinyseek.train.schedule import moved_horizon
 from tinyseek.train.signals import StopRequest
 from tinyseek.train.stage import PRETRAINING, Stage
 
@@ -75,9 +76,9 @@ class Trainer:
             return None
         self.checkpointer.check_fits(found, self.model_config, self.data.tokenizer_id)
         self.optimization.load(found.path, found.blobs)
-        saved_steps = self.budget.saved_steps(found.state)
-        if saved_steps is not None:
-            self.fix_max_steps(saved_steps)
+        saved_horizon = self.budget.saved_horizon(found.state)
+        if saved_horizon is not None:
+            self.fix_horizon(saved_horizon)
         self.optimization.apply_current_hyperparameters()
         self.progress = Progress.from_state(found.state)
         continue_data_order(self.sampler, found.state, self.progress.step, self.config.data.grad_accum, self.world.size)
@@ -85,10 +86,15 @@ class Trainer:
         return found.path
 
     def fix_max_steps(self, max_steps: int) -> None:
-        """The time budget's step count, from now on the run's max_steps (config.yaml and checkpoints keep it)."""
-        self.config.max_steps = max_steps
-        self.optimization.set_horizon(max_steps)
-        self.budget.fixed = True
+        """The time budget's step count, from now on the run's max_steps (config.yaml and checkpoints keep it), with
+        the learning rate continuous at the current step."""
+        current = self.budget.horizon or Horizon(self.config.max_steps)
+        self.fix_horizon(moved_horizon(self.config.schedule, current, self.progress.step, max_steps))
+
+    def fix_horizon(self, horizon: Horizon) -> None:
+        self.config.max_steps = horizon.max_steps
+        self.optimization.set_horizon(horizon)
+        self.budget.horizon = horizon
 
     def save(self) -> Path | None:
         """Every rank takes part (FSDP gathers the full state); the main process writes."""
@@ -97,7 +103,7 @@ class Trainer:
         if not self.world.is_main:
             return None
         trainer_state = {
-            **self.progress.state(), "budget": self.budget.state(self.config.max_steps),
+            **self.progress.state(), "budget": self.budget.state(),
             "sampler": self.sampler.state_dict(), "rng": rng_state(self.device), **self.data.checkpoint_state(),
             "config": self.config.to_dict(),
         }
@@ -107,6 +113,7 @@ class Trainer:
     def train_step(self) -> dict[str, Any]:
         """One optimizer step over grad_accum micro-batches of the stage's data, minimising the stage's loss."""
         accum, progress = self.config.data.grad_accum, self.progress
+        faults.point("train.step", index=progress.step + 1)
         self.model.train()
         reported, total = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
         with self.memory.gradient_accumulation(defer_head_gradients=not self.world.is_distributed):
@@ -192,7 +199,7 @@ class Trainer:
             interval.add(result["lm_loss"].item())
             progress.train_seconds = seconds_before + time.perf_counter() - loop_start
             fixed = self.budget.observe(progress.step, time.perf_counter() - step_start, progress.train_seconds,
-                                        self.placement.largest_across_ranks)
+                                        config.max_steps, self.placement.largest_across_ranks)
             if fixed is not None:
                 self.fix_max_steps(fixed)
                 report.set_total(fixed)

@@ -1,4 +1,6 @@
-// The tinyseek playground: streams a completion from /v1/completions with tinyseek's `routing` field and draws,
+// The tinyseek playground. Completion mode streams a continuation from /v1/completions; chat mode holds a
+// conversation through /v1/chat/completions, which renders it with the model's chat template (the same ids as the
+// trainer, `tinyseek chat` and transformers' apply_chat_template). Both ask for tinyseek's `routing` field and draw,
 // per generated token, the experts each MoE layer routed it to. Plain browser JavaScript: no build step, no CDN.
 "use strict";
 
@@ -7,12 +9,25 @@ const $ = (id) => document.getElementById(id);
 const PALETTE = ["#8ecae6", "#ffb703", "#90be6d", "#f4978e", "#b8a1e3", "#f9c74f", "#84dcc6", "#ffafcc",
                  "#a3c4f3", "#e9c46a", "#c7e9b0", "#fbc4ab", "#cdb4db", "#ffd6a5", "#bde0fe", "#d0f4de"];
 const STRIP = "strip";
+// Where the API key lives once given (a server started with --api-key): this tab only, never sent elsewhere.
+const KEY_STORAGE = "tinyseek-api-key";
+const MODES = ["completion", "chat"];
 
 const state = {
   model: null,        // the /v1/models entry, with its `tinyseek` description
-  tokens: [],         // {text, experts: [[ids] per MoE layer], alternatives: [[text, p]]} per generated token
+  mode: "completion",
+  // Per mode, per generated token: {text, experts: [[ids] per MoE layer], alternatives: [[text, p]]}.
+  tokens: {completion: [], chat: []},
+  messages: [],       // chat mode: the conversation the model is sent (OpenAI messages, the system message aside)
   controller: null,   // aborts the running request
 };
+
+class RequestError extends Error {
+  constructor(message, code) {
+    super(message);
+    this.code = code;
+  }
+}
 
 function expertColour(expert) {
   if (expert < PALETTE.length) return PALETTE[expert];
@@ -23,15 +38,39 @@ function moeLayers() {
   return state.model ? state.model.tinyseek.moe_layers : [];
 }
 
+function outputOf(mode) {
+  return $(mode === "chat" ? "conversation" : "output");
+}
+
 function setStatus(text, stateName) {
   const status = $("status");
   status.textContent = text;
   status.dataset.state = stateName;
 }
 
+// fetch() with the API key; when the server answers 401, the page asks for the key once and tries again.
+async function apiFetch(url, options = {}) {
+  for (let asked = false; ; asked = true) {
+    const key = sessionStorage.getItem(KEY_STORAGE);
+    const headers = {...(options.headers || {}), ...(key ? {Authorization: `Bearer ${key}`} : {})};
+    const response = await fetch(url, {...options, headers});
+    if (response.status !== 401 || asked) return response;
+    const entered = window.prompt("This server asks for an API key (tinyseek serve --api-key):");
+    if (entered === null) return response;
+    sessionStorage.setItem(KEY_STORAGE, entered.trim());
+  }
+}
+
+function showChatNotice(text) {
+  const notice = $("chat-notice");
+  notice.textContent = text;
+  notice.hidden = !text || state.mode !== "chat";
+}
+
 async function loadModel() {
-  const response = await fetch("/v1/models");
+  const response = await apiFetch("/v1/models");
   const body = await response.json();
+  if (!response.ok) throw new Error(body.error.message);
   state.model = body.data[0];
   const info = state.model.tinyseek;
   const kind = info.moe_layers.length
@@ -39,6 +78,10 @@ async function loadModel() {
     : "dense feed-forward";
   $("model-name").textContent = `${state.model.id} · ${info.attention_type} attention · ${kind}`;
   $("max-tokens").max = info.max_tokens;
+  if (info.chat === false) {
+    showChatNotice(`This model does not answer chat: ${info.chat_refused}. Completion mode continues ` +
+      "plain text.");
+  }
   const picker = $("layer");
   picker.replaceChildren();
   if (!info.moe_layers.length) {
@@ -61,10 +104,23 @@ async function loadModel() {
   legend.hidden = true;
 }
 
-function requestBody() {
+function setMode(mode) {
+  state.mode = mode;
+  for (const name of MODES) {
+    const selected = name === mode;
+    $(`mode-${name}`).setAttribute("aria-selected", String(selected));
+    $(`${name}-controls`).hidden = !selected;
+    outputOf(name).hidden = !selected;
+  }
+  $("generate").hidden = mode !== "completion";
+  $("send").hidden = $("reset").hidden = mode !== "chat";
+  showChatNotice($("chat-notice").textContent);
+  drawHistograms();
+}
+
+function sampling() {
   const body = {
     model: state.model.id,
-    prompt: $("prompt").value,
     temperature: Number($("temperature").value),
     top_p: Number($("top-p").value),
     max_tokens: Number($("max-tokens").value),
@@ -75,45 +131,47 @@ function requestBody() {
   return body;
 }
 
-async function generate() {
-  state.tokens = [];
-  const output = $("output");
-  output.replaceChildren();
-  const promptSpan = document.createElement("span");
-  promptSpan.className = "prompt-text";
-  promptSpan.textContent = $("prompt").value;
-  output.append(promptSpan);
-  drawHistograms();
-  $("generate").disabled = true;
+async function run(work) {
+  // Runs one streamed request with the buttons and status kept in step; returns the error it ended with, or null.
+  const buttons = ["generate", "send", "reset"];
+  for (const id of buttons) $(id).disabled = true;
   $("stop").disabled = false;
   setStatus("generating…", "running");
   state.controller = new AbortController();
   const started = performance.now();
+  const before = state.tokens[state.mode].length;
   try {
-    const response = await fetch("/v1/completions", {
-      method: "POST",
-      headers: {"Content-Type": "application/json"},
-      body: JSON.stringify(requestBody()),
-      signal: state.controller.signal,
-    });
-    if (!response.ok) {
-      const body = await response.json().catch(() => ({error: {message: response.statusText}}));
-      throw new Error(body.error.message);
-    }
-    const finish = await readEvents(response);
+    const finish = await work();
     const seconds = (performance.now() - started) / 1000;
-    setStatus(`${state.tokens.length} tokens in ${seconds.toFixed(2)} s (${finish})`, "done");
+    setStatus(`${state.tokens[state.mode].length - before} tokens in ${seconds.toFixed(2)} s (${finish})`, "done");
+    return null;
   } catch (error) {
-    if (error.name === "AbortError") setStatus(`stopped after ${state.tokens.length} tokens`, "done");
+    const count = state.tokens[state.mode].length - before;
+    if (error.name === "AbortError") setStatus(`stopped after ${count} tokens`, "done");
     else setStatus(`error: ${error.message}`, "error");
+    return error;
   } finally {
-    $("generate").disabled = false;
+    for (const id of buttons) $(id).disabled = false;
     $("stop").disabled = true;
     state.controller = null;
   }
 }
 
-async function readEvents(response) {
+async function streamTokens(url, body, into) {
+  const response = await apiFetch(url, {
+    method: "POST",
+    headers: {"Content-Type": "application/json"},
+    body: JSON.stringify(body),
+    signal: state.controller.signal,
+  });
+  if (!response.ok) {
+    const reply = await response.json().catch(() => ({error: {message: response.statusText}}));
+    throw new RequestError(reply.error.message, reply.error.code);
+  }
+  return readEvents(response, into);
+}
+
+async function readEvents(response, into) {
   // Server-sent events: "data: {json}" lines separated by blank lines, ending with "data: [DONE]".
   const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
   let buffer = "";
@@ -128,19 +186,99 @@ async function readEvents(response) {
       buffer = buffer.slice(end + 2);
       if (!event.startsWith("data: ") || event === "data: [DONE]") continue;
       const chunk = JSON.parse(event.slice(6));
-      if (chunk.error) throw new Error(chunk.error.message);
-      for (const token of chunk.tinyseek.tokens) addToken(token);
-      finish = chunk.choices[0].finish_reason || finish;
+      if (chunk.error) throw new RequestError(chunk.error.message, chunk.error.code);
+      // A chat stream's first chunk names the role only; every later one carries its token's routing.
+      if (chunk.tinyseek) for (const token of chunk.tinyseek.tokens) addToken(token, into);
+      finish = (chunk.choices[0] || {}).finish_reason || finish;
     }
   }
 }
 
-function addToken(token) {
-  const index = state.tokens.push(token) - 1;
+function generate() {
+  state.tokens.completion = [];
+  const output = $("output");
+  output.replaceChildren();
+  const promptSpan = document.createElement("span");
+  promptSpan.className = "prompt-text";
+  promptSpan.textContent = $("prompt").value;
+  output.append(promptSpan);
+  drawHistograms();
+  return run(() => streamTokens("/v1/completions", {...sampling(), prompt: $("prompt").value}, output));
+}
+
+function addTurn(role, text) {
+  const turn = document.createElement("div");
+  turn.className = `turn ${role}`;
+  const name = document.createElement("b");
+  name.className = "role";
+  name.textContent = role === "user" ? "you" : "model";
+  const body = document.createElement("span");
+  body.className = "text";
+  body.textContent = text;
+  turn.append(name, body);
+  $("conversation").append(turn);
+  return turn;
+}
+
+function conversation() {
+  const system = $("system").value;
+  return (system ? [{role: "system", content: system}] : []).concat(state.messages);
+}
+
+async function chatReply(into) {
+  // As `tinyseek chat` does, the oldest exchanges go when the conversation no longer fits the model's positions.
+  for (;;) {
+    try {
+      return await streamTokens("/v1/chat/completions", {...sampling(), messages: conversation()}, into);
+    } catch (error) {
+      if (error.code !== "context_length_exceeded" || state.messages.length < 3) throw error;
+      state.messages.splice(0, 2);
+      const kept = $("conversation").querySelectorAll(".turn:not(.dropped)");
+      for (const turn of Array.from(kept).slice(0, 2)) turn.classList.add("dropped");
+      showChatNotice("The oldest exchange no longer fits the model's positions: the model does not see the dimmed " +
+        "turns.");
+    }
+  }
+}
+
+async function send() {
+  const text = $("message").value;
+  if (!text.trim()) return;
+  state.messages.push({role: "user", content: text});
+  const asked = addTurn("user", text);
+  const reply = addTurn("assistant", "").querySelector(".text");
+  $("message").value = "";
+  const first = state.tokens.chat.length;
+  const error = await run(() => chatReply(reply));
+  const written = state.tokens.chat.slice(first);
+  if (error && error.name !== "AbortError" && !written.length) {
+    // Nothing was said: the message goes back to the box, and out of the conversation.
+    state.messages.pop();
+    asked.remove();
+    reply.parentElement.remove();
+    $("message").value = text;
+    if (error.code === "model_not_chat_trained") showChatNotice(error.message);
+    return;
+  }
+  state.messages.push({role: "assistant", content: written.map((token) => token.text).join("")});
+}
+
+function resetConversation() {
+  state.messages = [];
+  state.tokens.chat = [];
+  $("conversation").replaceChildren();
+  if (state.model && state.model.tinyseek.chat !== false) showChatNotice("");
+  setStatus("", "idle");
+  drawHistograms();
+}
+
+function addToken(token, into) {
+  const mode = into.closest(".output").dataset.mode;
+  const index = state.tokens[mode].push(token) - 1;
   const span = document.createElement("span");
   span.className = "token";
   span.dataset.index = String(index);
-  $("output").append(span);
+  into.append(span);
   paintToken(span, token);
   drawHistograms();
 }
@@ -172,12 +310,16 @@ function paintToken(span, token) {
 }
 
 function repaint() {
-  const output = $("output");
   const colouring = $("colour-experts").checked && moeLayers().length > 0;
-  output.classList.toggle("coloured", colouring);
-  output.classList.toggle("strip", colouring && $("layer").value === STRIP);
   $("legend").hidden = !colouring;
-  for (const span of output.querySelectorAll(".token")) paintToken(span, state.tokens[Number(span.dataset.index)]);
+  for (const mode of MODES) {
+    const output = outputOf(mode);
+    output.classList.toggle("coloured", colouring);
+    output.classList.toggle("strip", colouring && $("layer").value === STRIP);
+    for (const span of output.querySelectorAll(".token")) {
+      paintToken(span, state.tokens[mode][Number(span.dataset.index)]);
+    }
+  }
 }
 
 function drawHistograms() {
@@ -187,7 +329,7 @@ function drawHistograms() {
   if (!info || !info.moe_layers.length) return;
   info.moe_layers.forEach((layer, position) => {
     const counts = new Array(info.n_routed_experts).fill(0);
-    for (const token of state.tokens) for (const expert of token.experts[position]) counts[expert] += 1;
+    for (const token of state.tokens[state.mode]) for (const expert of token.experts[position]) counts[expert] += 1;
     const total = counts.reduce((a, b) => a + b, 0);
     const mean = total / counts.length;
     const maxVio = mean > 0 ? (Math.max(...counts) - mean) / mean : 0;
@@ -220,7 +362,7 @@ function visible(text) {
 }
 
 function showTooltip(span, event) {
-  const token = state.tokens[Number(span.dataset.index)];
+  const token = state.tokens[span.closest(".output").dataset.mode][Number(span.dataset.index)];
   const tooltip = $("tooltip");
   tooltip.replaceChildren();
   const title = document.createElement("h4");
@@ -273,19 +415,33 @@ function moveTooltip(event) {
   tooltip.style.top = `${y}px`;
 }
 
+$("mode-completion").addEventListener("click", () => setMode("completion"));
+$("mode-chat").addEventListener("click", () => setMode("chat"));
 $("generate").addEventListener("click", generate);
+$("send").addEventListener("click", send);
+$("reset").addEventListener("click", resetConversation);
 $("stop").addEventListener("click", () => state.controller && state.controller.abort());
 $("colour-experts").addEventListener("change", repaint);
 $("layer").addEventListener("change", repaint);
 $("prompt").addEventListener("keydown", (event) => {
   if (event.key === "Enter" && (event.ctrlKey || event.metaKey) && !$("generate").disabled) generate();
 });
-$("output").addEventListener("mouseover", (event) => {
-  const span = event.target.closest(".token");
-  if (span) showTooltip(span, event);
+$("message").addEventListener("keydown", (event) => {
+  // Enter sends, as in chat applications; Shift+Enter starts a new line.
+  if (event.key === "Enter" && !event.shiftKey && !$("send").disabled) {
+    event.preventDefault();
+    send();
+  }
 });
-$("output").addEventListener("mousemove", (event) => { if (!$("tooltip").hidden) moveTooltip(event); });
-$("output").addEventListener("mouseout", (event) => {
-  if (event.target.closest(".token")) $("tooltip").hidden = true;
-});
+for (const mode of MODES) {
+  const output = outputOf(mode);
+  output.addEventListener("mouseover", (event) => {
+    const span = event.target.closest(".token");
+    if (span) showTooltip(span, event);
+  });
+  output.addEventListener("mousemove", (event) => { if (!$("tooltip").hidden) moveTooltip(event); });
+  output.addEventListener("mouseout", (event) => {
+    if (event.target.closest(".token")) $("tooltip").hidden = true;
+  });
+}
 loadModel().catch((error) => setStatus(`cannot reach the server: ${error.message}`, "error"));
