@@ -118,6 +118,9 @@ BLOCKS = [
           (PY, "benchmarks/quality.py", "--runs", "reference,cpu-15min", "--quick", "--threads", "2", "--out", "{out}"),
           threads=2, body_file="quality.md", artifacts=("quality.png", "quality_samples.json"),
           needs_shared_data=True),
+    Block("chat", "docs/chat.md",
+          (PY, "benchmarks/chat.py", "--threads", "2"), (PY, "benchmarks/chat.py", "--quick", "--threads", "2"),
+          threads=2, stdout_format="markdown", env={"HF_HUB_OFFLINE": "1"}),
 ]
 BY_NAME = {block.name: block for block in BLOCKS}
 

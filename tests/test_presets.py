@@ -4,6 +4,8 @@ documentation names. Every run is two steps of a tiny model."""
 
 from __future__ import annotations
 
+import io
+import json
 import re
 import shutil
 import subprocess
@@ -15,9 +17,10 @@ import yaml
 
 from tinyseek import TinySeekConfig
 from tinyseek.cli import main as tinyseek
+from tinyseek.data.chat import is_chat_trained
 from tinyseek.testing import tiny_training_flags
 from tinyseek.report import format_parameter_report, meta_model, parameter_report
-from tinyseek.train import load_config
+from tinyseek.train import latest_checkpoint, load_config
 from tinyseek.train.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -181,3 +184,25 @@ def test_gitignore_covers_what_the_documented_commands_write():
     )
     for code in ("src/tinyseek/data/prepare.py", "docs/quality.png"):
         assert subprocess.run(["git", "check-ignore", "-q", "--no-index", code], cwd=REPO).returncode == 1
+
+
+def test_cpu_chat_pretrains_then_fine_tunes_into_a_model_that_tinyseek_chat_talks_to(
+    tmp_path, data_cache, monkeypatch, capsys
+):
+    run = tmp_path / "cpu-chat"
+    arguments = ["train", "--config", "cpu-chat", "--out-dir", str(run), *TINY_RUN, "--set", "data.seq_len=64",
+                 "--set", f"data.cache_dir={data_cache}"]
+    assert tinyseek(arguments) == 0
+    err = capsys.readouterr().err
+    assert "max_steps 2 from the command line replaces the config's time_budget 9m" in err
+    assert "sft.max_steps 2 from the command line replaces the config's sft.time_budget 4m" in err
+    assert train_steps(run / "pretrain") == [2] and train_steps(run) == [2]
+    base, chat = (json.loads((latest_checkpoint(folder) / "config.json").read_text()) for folder in (run / "pretrain", run))
+    assert not is_chat_trained(base) and is_chat_trained(chat)
+    assert chat["attention_type"] == "mla" and chat["ffn_type"] == "moe"  # an architecture that exports
+    written = yaml.safe_load((run / "config.yaml").read_text())
+    assert written["stages"] == ["sft"] and written["data"]["seq_len"] == 1280 and written["optim"]["lr"] == 1e-3
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("Write a story about a dog named Max.\n"))
+    assert tinyseek(["chat", "--run-dir", str(run), "--temperature", "0", "--max-new-tokens", "4"]) == 0
+    assert "base model" not in capsys.readouterr().err

@@ -8,6 +8,7 @@ file or folder called `builtin` exists in the current directory.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,22 @@ BUILTIN_TOKENIZER = BUILTIN_ROOT / "deepseek-coder"
 
 def is_builtin(spec) -> bool:
     return isinstance(spec, str) and spec == BUILTIN
+
+
+def is_builtin_corpus(file: Path) -> bool:
+    return file.resolve() == BUILTIN_CORPUS
+
+
+def without_held_out_stories(rows: Iterable[tuple[str, int, dict]]) -> Iterator[tuple[str, int, dict]]:
+    """The built-in corpus's rows as training reads them: without the stories held out for measuring instruction
+    following (`tinyseek.data.instruct.is_held_out_story`), which the chat data leaves out too, so that no model
+    tinyseek trains on the built-in data has seen them."""
+    from tinyseek.data.instruct import is_held_out_story  # which reads the corpus's path from here
+
+    for where, number, row in rows:
+        text = row.get("text")
+        if not (isinstance(text, str) and is_held_out_story(text)):
+            yield where, number, row
 
 
 @dataclass(frozen=True)

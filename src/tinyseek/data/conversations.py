@@ -37,6 +37,7 @@ class Conversation:
     messages: list[dict[str, str]]  # OpenAI form, roles among tinyseek.data.chat.ROLES
     where: str  # the file or Hub dataset and split
     row: int  # 1-based; in a .jsonl file, the line
+    ids: list[int] | None = None  # rendered with the chat template, when read with a tokenizer
 
 
 def read_conversations(
@@ -47,22 +48,22 @@ def read_conversations(
     tokenizer=None,
     window: int | None = None,
 ) -> Iterator[Conversation]:
-    """The conversations of local files, `builtin-chat` or a Hub dataset, in source order. Given a tokenizer and a
-    window, a conversation whose rendering is longer than the window is an InputError too."""
-    if (tokenizer is None) != (window is None):
-        raise ValueError("the window check needs both a tokenizer and a window")
+    """The conversations of local files, `builtin-chat` or a Hub dataset, in source order. Given a tokenizer, each
+    comes with its ids; given a window too, a conversation whose rendering is longer than the window is an
+    InputError."""
+    if window is not None and tokenizer is None:
+        raise ValueError("the window check needs a tokenizer")
     specs = [spec] if isinstance(spec, (str, Path)) else list(spec)
     specs = [BUILTIN_INSTRUCT if isinstance(one, str) and one == BUILTIN_CHAT else one for one in specs]
     # No text column: a conversation is the whole row, whichever of the forms it takes.
     source = open_source(specs, text_column=None, split=split, streaming=streaming)
     for where, row_number, row in source.read_rows():
         messages = normalise_row(row, f"{where} row {row_number}")
-        if window is not None:
-            length = len(render_chat(tokenizer, messages))
-            if length > window:
-                raise InputError(f"{where} row {row_number}: the conversation is {length} tokens long, longer than "
-                                 f"the window of {window}; shorten it or drop the row")
-        yield Conversation(messages, where, row_number)
+        ids = render_chat(tokenizer, messages) if tokenizer is not None else None
+        if window is not None and len(ids) > window:
+            raise InputError(f"{where} row {row_number}: the conversation is {len(ids)} tokens long, longer than "
+                             f"the window of {window}; shorten it or drop the row")
+        yield Conversation(messages, where, row_number, ids)
 
 
 def normalise_row(row: dict, where: str) -> list[dict[str, str]]:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from tinyseek.data.builtin import BUILTIN_CORPUS, is_builtin
+from tinyseek.data.builtin import BUILTIN_CORPUS, is_builtin, is_builtin_corpus, without_held_out_stories
 from tinyseek.data.hub import first_line, require_hub
 from tinyseek.errors import ConfigError, FileError, InputError
 
@@ -139,7 +139,8 @@ def _content_sha256(files: list[Path]) -> str:
 def _local_source(specs, files: list[Path], text_column: str, group_column: str | None) -> Source:
     def read_rows() -> Iterator[tuple[str, int, dict]]:
         for file in files:
-            yield from _read_file(file, text_column)
+            rows = _read_file(file, text_column)
+            yield from without_held_out_stories(rows) if is_builtin_corpus(file) else rows
 
     name = files[0].name.split(".")[0] if len(files) == 1 else Path(str(specs[0])).name.split(".")[0] or "corpus"
     identity = {
@@ -149,6 +150,8 @@ def _local_source(specs, files: list[Path], text_column: str, group_column: str 
         "text_column": text_column,
         "group_column": group_column,
     }
+    if any(map(is_builtin_corpus, files)):
+        identity["held_out_stories"] = "left out"  # a cache prepared before they were is not reused
     return Source(slug(name), identity, [str(file) for file in files], read_rows, text_column, group_column)
 
 

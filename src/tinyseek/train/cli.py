@@ -13,8 +13,9 @@ FLAG_KEYS = {
     "data": "data.source",
     "tokenizer": "data.tokenizer",
     "out_dir": "out_dir",
-    "max_steps": "max_steps",
-    "time_budget": "time_budget",
+    "stages": "stages",
+    "init_from": "init_from",
+    "conversations": "sft.conversations",
     "checkpoint_every": "checkpoint.every",
     "keep": "checkpoint.keep",
     "seed": "seed",
@@ -26,6 +27,12 @@ FLAG_KEYS = {
     "tensorboard": "logging.tensorboard",
     "peak_flops": "logging.peak_flops",
 }
+# Flags that set every stage's own key: a run of several stages takes each one's steps or budget from them.
+STAGE_FLAG_KEYS = {"max_steps": ("max_steps", "sft.max_steps"), "time_budget": ("time_budget", "sft.time_budget")}
+
+
+def stage_names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,10 +44,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", help="Hub dataset name, local file(s)/directory, or a `tinyseek prepare` directory")
     parser.add_argument("--tokenizer", help="tokenizer directory or tokenizer.json")
     parser.add_argument("--out-dir", help="run directory: checkpoints, metrics.jsonl, train.log, config.yaml")
-    parser.add_argument("--max-steps", type=int, help="optimizer steps (raise it to continue a finished run)")
+    parser.add_argument(
+        "--stage", dest="stages", type=stage_names, metavar="NAME[,NAME]",
+        help="pretrain (default), sft (chat fine-tuning on conversations, from --init-from), or pretrain,sft",
+    )
+    parser.add_argument("--init-from", metavar="PATH",
+                        help="start from these weights: a pre-training run directory, a checkpoint or an exported model")
+    parser.add_argument("--conversations", metavar="SPEC",
+                        help="chat data for --stage sft: builtin-chat (default), local JSONL/Parquet, or a Hub dataset")
+    parser.add_argument("--max-steps", type=int,
+                        help="optimizer steps of each stage (raise it to continue a finished run)")
     parser.add_argument(
         "--time-budget", metavar="DURATION",
-        help="train for a wall-clock budget (15m, 90s, 1h30m): max_steps is fixed from the first steps' speed",
+        help="train each stage for a wall-clock budget (15m, 90s, 1h30m): max_steps is fixed from the first steps' "
+             "speed",
     )
     parser.add_argument("--checkpoint-every", type=int, help="save a checkpoint every N optimizer steps")
     parser.add_argument("--keep", type=int, help="how many of the latest checkpoints to keep")
@@ -69,10 +86,18 @@ def main(argv: list[str]) -> int:
     overrides = [
         (key.split("."), getattr(args, flag)) for flag, key in FLAG_KEYS.items() if getattr(args, flag) is not None
     ]
+    overrides += [(key.split("."), getattr(args, flag)) for flag, keys in STAGE_FLAG_KEYS.items()
+                  if getattr(args, flag) is not None for key in keys]
     overrides += [parse_assignment(assignment) for assignment in args.assignments]
     config = load_config(args.config, overrides)
 
-    from tinyseek.train.trainer import Trainer  # torch and the model load only once the config is known to be good
+    # torch and the model load only once the config is known to be good
+    from tinyseek.train.stages import stage_runs
+    from tinyseek.train.trainer import Trainer
 
-    return Trainer(config).train()
+    for settings, stage in stage_runs(config):
+        status = Trainer(settings, stage).train()
+        if status != 0:
+            return status
+    return 0
 

@@ -116,6 +116,23 @@ class ScheduleConfig(Section):
     decay_fraction: Annotated[Number, Field(gt=0, le=1)] = 0.2
 
 
+class ChatStageConfig(Section):
+    """The chat fine-tuning stage (`stages: [sft]`, `tinyseek train --stage sft`): its conversations, window and
+    learning-rate schedule. Optimizer kind, batch shape, logging and checkpoints are the run's own sections."""
+
+    conversations: str = "builtin-chat"
+    """Chat data (tinyseek.data.conversations): `builtin-chat`, local .jsonl/.jsonl.gz/.json/.parquet files or a
+    folder of them, or a Hub dataset name; OpenAI `messages`, ShareGPT `conversations` or prompt/response rows."""
+    seq_len: Positive | None = None
+    """The window conversations are packed into (each conversation whole, several per window); None: the model's
+    max_position_embeddings."""
+    max_steps: Positive = 300
+    time_budget: str | None = None
+    """As the top-level time_budget, for this stage."""
+    lr: Annotated[Number, Field(gt=0)] = 3e-4
+    schedule: ScheduleConfig = ScheduleConfig(kind="cosine", warmup_steps=20, min_lr_ratio=0.1)
+
+
 class CheckpointConfig(Section):
     every: Positive = 100
     keep: Positive = 1
@@ -172,6 +189,13 @@ class TrainConfig(Section):
     parallel: ParallelStrategy = "ddp"
     """Data parallelism under torchrun: "ddp" (DistributedDataParallel) or "fsdp" (FSDP2, parameters sharded per
     decoder layer). A single process ignores it."""
+    stages: Annotated[list[str], Field(min_length=1)] = ["pretrain"]
+    """The training stages to run, in order (tinyseek.train.stages.STAGES: "pretrain", "sft"). The last writes to
+    out_dir, each earlier one to out_dir/NAME, and each later one starts from the one before."""
+    init_from: str | None = None
+    """Start the (first) stage from these weights instead of a random initialisation: a run directory (its latest
+    checkpoint; its data and tokenizer become this run's defaults), a checkpoint or an exported model. The model's
+    architecture is the one saved there. A run directory that has checkpoints of its own resumes from them instead."""
     model: dict[str, Any] = {"preset": DEFAULT_MODEL_PRESET}
     """`preset` (a name in tinyseek.PRESETS, default "seed"; null for TinySeekConfig's own defaults) plus any
     TinySeekConfig field, which overrides the preset."""
@@ -181,6 +205,7 @@ class TrainConfig(Section):
     checkpoint: CheckpointConfig = CheckpointConfig()
     logging: LoggingConfig = LoggingConfig()
     sample: SampleConfig = SampleConfig()
+    sft: ChatStageConfig = ChatStageConfig()
     # Set by load_config, not config keys: lines for the run's log, and the keys a preset chose rather than the user.
     _notes: tuple[str, ...] = PrivateAttr(default=())
     _preset_keys: frozenset[str] = PrivateAttr(default=frozenset())
@@ -293,6 +318,10 @@ def set_nested(tree: dict[str, Any], path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
+# Where a stage keeps its step count and time budget: the top level (pre-training) and the chat stage's section.
+STEP_SECTIONS = ("", "sft")
+
+
 def load_config(
     config: str | None = None, overrides: list[tuple[list[str], Any]] = (), *, look_up_tokenizer: bool = True
 ) -> TrainConfig:
@@ -308,14 +337,18 @@ def load_config(
     tree = read_config_file(path) if path is not None else {}
     given = {".".join(key): value for key, value in overrides}
     notes = []
-    if "max_steps" in given:
-        if given.get("time_budget") is not None:
+    for section in STEP_SECTIONS:
+        steps_key, budget_key = (f"{section}.{key}" if section else key for key in ("max_steps", "time_budget"))
+        if steps_key not in given:
+            continue
+        if given.get(budget_key) is not None:
             raise ConfigError("--max-steps and --time-budget: give one of them (a time budget sets max_steps from the "
                               "first steps' speed)")
-        if tree.get("time_budget") is not None and "time_budget" not in given:
-            notes.append(f"max_steps {given['max_steps']} from the command line replaces the config's time_budget "
-                         f"{tree['time_budget']}")
-            tree["time_budget"] = None
+        holder = tree.get(section) if section else tree
+        if isinstance(holder, dict) and holder.get("time_budget") is not None and budget_key not in given:
+            notes.append(f"{steps_key} {given[steps_key]} from the command line replaces the config's {budget_key} "
+                         f"{holder['time_budget']}")
+            holder["time_budget"] = None
     preset_keys = dotted_keys(tree) - set(given) if path is not None and is_preset(path) else set()
     for key, value in overrides:
         set_nested(tree, key, value)
@@ -399,13 +432,18 @@ def validate(config: TrainConfig) -> None:
     """The rules between keys (each key's own type and range are the schema's): the registries' names, what the
     chosen optimizer asks of the run, and what the model must hold."""
     from tinyseek.train.optim import CONFIG_RULES, MUON_MULTIPLIER, OPTIMIZERS, ROLES  # torch: after the CLI parses
+    from tinyseek.train.stages import STAGES
 
     def require(condition: bool, message: str):
         if not condition:
             raise ConfigError(message)
 
-    if config.time_budget is not None:
-        parse_duration(config.time_budget)
+    for time_budget in (config.time_budget, config.sft.time_budget):
+        if time_budget is not None:
+            parse_duration(time_budget)
+    for name in config.stages:
+        require(name in STAGES, f"stages: unknown stage {name!r}; choose among {', '.join(STAGES)}")
+    require(len(set(config.stages)) == len(config.stages), f"stages: a stage is named twice in {config.stages}")
     require(not config.data.mixture or config.data.split_by is not None,
             "data.mixture: needs data.split_by, so that no validation group is trained on from another source")
     require(config.optim.name in OPTIMIZERS,
@@ -421,7 +459,16 @@ def validate(config: TrainConfig) -> None:
         config.sample.sampling(config.seed)
     except ValueError as error:
         raise ConfigError(f"sample.{error}") from None
-    positions = config.build_model_config().max_position_embeddings
-    if config.data.seq_len > positions:
-        raise ConfigError(f"data.seq_len: {config.data.seq_len} is longer than the model's max_position_embeddings="
-                          f"{positions}; lower data.seq_len or raise model.max_position_embeddings")
+    if config.init_from is None:  # else the model is the saved one, whose length the trainer checks
+        check_window_fits(config, config.build_model_config().max_position_embeddings)
+
+
+def check_window_fits(config: TrainConfig, positions: int) -> None:
+    """Every window the run's stages train on fits the model's positions."""
+    windows = {"data.seq_len": config.data.seq_len}
+    if "sft" in config.stages and config.sft.seq_len is not None:
+        windows["sft.seq_len"] = config.sft.seq_len
+    for key, length in windows.items():
+        if length > positions:
+            raise ConfigError(f"{key}: {length} is longer than the model's max_position_embeddings={positions}; lower "
+                              f"{key} or raise model.max_position_embeddings")

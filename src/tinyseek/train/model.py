@@ -4,6 +4,7 @@ data-parallel from outside by `tinyseek.distributed.parallelize`)."""
 
 from __future__ import annotations
 
+import copy
 import random
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -13,12 +14,14 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from tinyseek import TinySeekConfig, TinySeekForCausalLM, distributed, ops
-from tinyseek.data import check_tokenizer_fits
+from tinyseek.data import check_tokenizer_fits, tokenizer_identity
 from tinyseek.device import choose_device
 from tinyseek.distributed import World
 from tinyseek.report import check_model_fits
 from tinyseek.train.compile import compile_decoder_layers
-from tinyseek.train.config import TrainConfig
+from tinyseek.errors import ConfigError
+from tinyseek.train.config import TrainConfig, check_window_fits
+from tinyseek.train.initial import InitialModel
 
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -39,12 +42,22 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_model_config(config: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> TinySeekConfig:
-    """The model's configuration for this tokenizer, refused before any corpus is tokenized for a model that the
-    tokenizer does not fit or that cannot be trained here anyway."""
-    model_config = config.build_model_config(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
+def build_model_config(config: TrainConfig, tokenizer: PreTrainedTokenizerBase,
+                       initial: InitialModel | None = None) -> TinySeekConfig:
+    """The model's configuration for this tokenizer (the saved model's, when the run starts from one), refused before
+    any corpus is tokenized for a model that the tokenizer does not fit or that cannot be trained here anyway."""
+    if initial is None:
+        model_config = config.build_model_config(
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    else:
+        if tokenizer_identity(tokenizer) != initial.tokenizer_id:
+            raise ConfigError(f"init_from {initial.folder} was trained with tokenizer {initial.tokenizer_id}, this run "
+                              f"uses {config.data.tokenizer} ({tokenizer_identity(tokenizer)}); leave --tokenizer out "
+                              "to use the model's own")
+        model_config = copy.deepcopy(initial.config)
+        check_window_fits(config, model_config.max_position_embeddings)
     check_tokenizer_fits(tokenizer, model_config.vocab_size)
     check_model_fits(model_config, choose_device(config.device))
     return model_config
@@ -86,10 +99,14 @@ class BuiltModel:
     compile_path: str  # how the decoder layers run: "off", compiled, or eager and why
 
 
-def build_model(config: TrainConfig, model_config: TinySeekConfig, placement: Placement) -> BuiltModel:
-    """The model, initialised from the config's seed, then made data-parallel under torchrun."""
+def build_model(config: TrainConfig, model_config: TinySeekConfig, placement: Placement,
+                initial_weights: dict[str, torch.Tensor] | None = None) -> BuiltModel:
+    """The model, initialised from the config's seed (or given its initial weights), then made data-parallel under
+    torchrun."""
     seed_everything(config.seed)
     model = TinySeekForCausalLM(model_config).to(placement.device)
+    if initial_weights is not None:
+        model.load_state_dict(initial_weights)
     if not placement.world.is_distributed:  # DDP and FSDP reduce dense gradient buckets
         for module in model.modules():
             if isinstance(module, ops.Embedding):

@@ -19,6 +19,7 @@ from tinyseek.train.checkpointing import Checkpointer, Progress, restore_rng_sta
 from tinyseek.train.config import TrainConfig
 from tinyseek.train.data import TrainingData, continue_data_order, write_resolved_config
 from tinyseek.train.evaluator import Evaluator
+from tinyseek.train.initial import load_initial_model
 from tinyseek.train.metrics import (
     Interval, RunReport, announce, log, memory_in_use_gb, peak_flops, remove_handlers, setup_logging, synchronize,
 )
@@ -45,8 +46,10 @@ class Trainer:
         self.stop = StopRequest()
         # Each component reads what the ones before it set up, in this order. The corpus is prepared before any
         # process group exists, so no collective waits with a timeout while the first process tokenizes it.
+        initial = load_initial_model(config) if config.init_from is not None else None
         self.data = TrainingData(config.data, self.run_dir)
-        self.model_config = build_model_config(config, self.data.tokenizer)
+        self.model_config = build_model_config(config, self.data.tokenizer, initial)
+        stage.mark(self.model_config)
         self.data.prepare(self.model_config.vocab_size, split_by_fallback="data.split_by" in config.preset_keys)
         self.placement = Placement.join(config)
         self.world, self.device = self.placement.world, self.placement.device
@@ -54,7 +57,8 @@ class Trainer:
         self.data.open()
         self.sampler = stage.batches(self.data, config, self.world)
         self.tokens_per_step = self.data.tokens_per_step(self.world.size)
-        built = build_model(config, self.model_config, self.placement)
+        built = build_model(config, self.model_config, self.placement,
+                            initial.weights if initial is not None else None)
         self.model, self.forward_model, self.compile_path = built.model, built.forward_model, built.compile_path
         # With a time budget, max_steps is unknown until the first steps are timed (or a checkpoint says it).
         self.budget = TimeBudget(config.time_budget)
@@ -166,7 +170,7 @@ class Trainer:
             f"device {self.device} | precision {self.placement.precision} | optimizer "
             f"{self.optimization.describe()} | gradient checkpointing {config.gradient_checkpointing} | compile "
             f"{self.compile_path}",
-            *self.data.describe(self.sampler), self.data.describe_batch(self.world.size, config.max_steps),
+            *self.data.describe(self.sampler), *self.stage.describe(self.sampler), self.data.describe_batch(self.world.size, config.max_steps),
         ]
         announce(self.run_dir, self.model, setup + self.checkpointer.describe_resume(self.resumed_from, progress))
 
