@@ -12,6 +12,10 @@ microseconds of dispatch, and GEMM calls in the shape BLAS is slow at. So every 
 * RoPE is x * cos + (x @ R) * sin with R rotate-half's signed permutation, from tables built once;
 * caches are preallocated and written in place at the step's column; nothing grows, nothing is concatenated.
 
+A step is built once from its module as ``Step(module, weights_dtype)``: the GEMM weights it arranges are stored in
+``weights_dtype`` (fp32, or bf16 to halve the bytes a step reads; see `project`), and everything else (norms, biases,
+the router, RoPE tables, its caches) in the model's dtype, its ``dtype``, which is also the residual stream's.
+
 An attention step has ``new_cache(batch, capacity)``, ``load(cache, cache_layer, length)`` (copy the prefill's
 `TinySeekCache` entry in) and ``__call__(x, step, cache, rotary)``; a feed-forward step has ``new_cache(batch,
 capacity)`` (None when it needs none) and ``__call__(x, cache, routed)``, appending its routed experts to ``routed``
@@ -25,9 +29,9 @@ from dataclasses import dataclass
 import torch
 
 
-def transposed(*weights: torch.Tensor) -> torch.Tensor:
-    """[in, out] contiguous copy of nn.Linear weights [out, in] stacked along out."""
-    return torch.cat([w.detach() for w in weights]).t().contiguous()
+def transposed(*weights: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """[in, out] contiguous copy of nn.Linear weights [out, in] stacked along out, in ``dtype`` (default: theirs)."""
+    return torch.cat([w.detach() for w in weights]).t().to(dtype or weights[0].dtype).contiguous()
 
 
 def joined_bias(layers) -> torch.Tensor | None:
@@ -38,6 +42,12 @@ def joined_bias(layers) -> torch.Tensor | None:
 
 
 def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight (+ bias) in x's dtype. Against weights stored narrower (bf16), x is rounded to the weights' dtype and
+    the bf16 GEMM (oneDNN on CPUs with AVX512-BF16 or AMX, cuBLAS on GPUs) multiplies and accumulates in fp32; its
+    result, rounded to bf16 on the way out, returns to x's dtype before the bias (kept in x's dtype) is added."""
+    if weight.dtype != x.dtype:
+        output = (x.to(weight.dtype) @ weight).to(x.dtype)
+        return output if bias is None else output + bias
     return x @ weight if bias is None else torch.addmm(bias, x, weight)
 
 

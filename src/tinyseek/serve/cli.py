@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from tinyseek.errors import ConfigError
+from tinyseek.generate.cli import add_weights_argument
 from tinyseek.loading import add_source_arguments, load_from_arguments
 from tinyseek.serve.limits import Limits
 
@@ -24,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="decode with the step compiled by torch.compile: faster tokens, but the first request of each size "
              "(cache lengths go in powers of two) waits a few seconds while it compiles",
     )
+    add_weights_argument(parser)
     parser.add_argument(
         "--chat-template-for-base-model", action="store_true",
         help="answer /v1/chat/completions with the tokenizer's chat template even when the model was not "
@@ -59,7 +61,7 @@ def main(argv: list[str]) -> int:
 
     model, tokenizer = load_from_arguments(args, choose_device(args.device))
     name = args.model_name or (args.run_dir or args.model).resolve().name
-    app = create_app(model, tokenizer, model_name=name, limits=limits, compile=args.compile,
+    app = create_app(model, tokenizer, model_name=name, limits=limits, compile=args.compile, weights=args.weights,
                      chat_template_for_base_model=args.chat_template_for_base_model)
     print(f"serving {name} on http://{args.host}:{args.port}/ (playground) and /v1 (OpenAI API)", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
