@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tinyseek.config import ARCHITECTURE_CHECKS, TinySeekConfig, registered, require_non_negative, require_positive
-from tinyseek.decoding import joined_bias, project, transposed
+from tinyseek.decoding import arranged, joined_bias, project, transposed
 from tinyseek.errors import ConfigError
 # A drop-in nn.Linear / F.linear whose bf16-autocast matmuls avoid torch's slow CPU fallback (see tinyseek.ops).
 from tinyseek.ops import Linear, fused_linear, linear
@@ -259,18 +259,18 @@ class DeepSeekMoEStep:
         self.top_k, self.score = router.top_k, SCORING_FUNCTIONS[router.scoring_func]
         self.norm_topk_prob, self.routed_scaling_factor = router.norm_topk_prob, router.routed_scaling_factor
         self.num_experts, intermediate = experts.num_experts, experts.intermediate_size
-        experts_gate_up = experts.gate_up_proj.detach().to(weights_dtype).transpose(1, 2)  # [E, hidden, 2I]
+        experts_gate_up = experts.gate_up_proj.detach().transpose(1, 2)  # [E, hidden, 2I]
         self.experts_down = experts.down_proj.detach().to(weights_dtype).transpose(1, 2).contiguous()  # [E, I, hidden]
         # Gathering copies the chosen weights (a read and a write) and the GEMMs read the copy: about 3k/E of the
         # bytes that running every expert reads, which at batch 1 is what a step costs.
         self.gather = 3 * self.top_k < self.num_experts
         if self.gather:
-            self.experts_gate_up_by_input = experts_gate_up.permute(1, 0, 2).contiguous()  # [hidden, E, 2I]
+            self.experts_gate_up_by_input = experts_gate_up.permute(1, 0, 2).to(weights_dtype).contiguous()  # [hidden, E, 2I]
         self.shared = SwiGLUStep(module.shared_experts, weights_dtype) if module.shared_experts is not None else None
         # Every expert at once: columns [shared | expert 0 | expert 1 | ...] of the gate and of the up projection.
         gates = [experts_gate_up[..., :intermediate].permute(1, 0, 2).flatten(1)]
         ups = [experts_gate_up[..., intermediate:].permute(1, 0, 2).flatten(1)]
-        downs = [self.experts_down.flatten(0, 1)]
+        downs = [experts.down_proj.detach().transpose(1, 2).flatten(0, 1)]
         column_gate = torch.arange(self.num_experts).repeat_interleave(intermediate)
         if self.shared is not None:
             shared_gate, shared_up = self.shared.gate_up.chunk(2, dim=1)
@@ -278,8 +278,8 @@ class DeepSeekMoEStep:
             ups.insert(0, shared_up)
             downs.insert(0, self.shared.down)
             column_gate = torch.cat((column_gate.new_full((shared_gate.shape[1],), self.num_experts), column_gate))
-        self.all_gate_up = torch.cat(gates + ups, dim=1).contiguous()
-        self.all_down = torch.cat(downs).contiguous()
+        self.all_gate_up = arranged(torch.cat(gates + ups, dim=1), weights_dtype)
+        self.all_down = arranged(torch.cat(downs), weights_dtype)
         self.column_gate = column_gate.to(self.all_down.device)
 
     def new_cache(self, batch: int, capacity: int) -> torch.Tensor:

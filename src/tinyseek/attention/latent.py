@@ -10,7 +10,7 @@ from transformers.cache_utils import DynamicLayer
 
 from tinyseek.attention.registry import AttentionSpec, causal_mask, mean_causal_context, register_attention
 from tinyseek.config import TinySeekConfig, require_positive
-from tinyseek.decoding import Rotary, Step, joined_bias, project, rotated_rows, transposed
+from tinyseek.decoding import Rotary, Step, arranged, joined_bias, project, rotated_rows, transposed
 from tinyseek.errors import ConfigError
 from tinyseek.layers import RMSNorm, apply_rotary
 # A drop-in nn.Linear whose bf16-autocast matmuls avoid torch's slow CPU fallback (see tinyseek.ops).
@@ -170,7 +170,7 @@ class LatentAttentionStep:
             self.split = [query_rows.shape[0], rank, rope, rope]
         self.kv_norm, self.kv_norm_eps = module.kv_a_layernorm.weight.detach().contiguous(), module.kv_a_layernorm.eps
         out = module.o_proj.weight.detach().view(-1, heads, v_dim)
-        self.out = torch.einsum("ohv,hvr->hro", out, up_value).flatten(0, 1).to(weights_dtype).contiguous()
+        self.out = arranged(torch.einsum("ohv,hvr->hro", out, up_value).flatten(0, 1), weights_dtype)
         self.out_bias = joined_bias([module.o_proj])
 
     def new_cache(self, batch: int, capacity: int) -> torch.Tensor:

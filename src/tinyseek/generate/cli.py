@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 WEIGHT_CHOICES = ("auto", "fp32", "bf16")  # tinyseek.device.WEIGHT_CHOICES, named here without importing torch
-DEFAULT_WEIGHTS = "auto"  # PLACEHOLDER: decided by the agreement rule
+# bf16 stays opt-in until the decode-bf16 block (docs/decode.md) shows it meets the agreement rule there.
+DEFAULT_WEIGHTS = "fp32"
 
 
 def add_weights_argument(parser: argparse.ArgumentParser) -> None:
