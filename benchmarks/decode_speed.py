@@ -7,6 +7,7 @@ The three presets are the three attention types: ``seed`` (linear attention, MoE
 
     python benchmarks/decode_speed.py [--threads 2] [--quick]
     python benchmarks/decode_speed.py --compare-ref REV [--rounds 7] [--quick]   # REV's tree vs this one, no docs written
+    python benchmarks/decode_speed.py --weights [--run-dir PRESET=RUN] [--quick]  # bf16 vs fp32 weights
 
 Decode tokens/s are (new tokens - 1) x batch / (time from the first new token to the last), best of --repeats
 (for `model.generate()`, which cannot stream: the time for N new tokens minus the time for 1), so a prefill is
@@ -14,6 +15,10 @@ never counted as decoding. The speculative section trains a small MTP model firs
 
 ``--llama-cpp`` adds llama.cpp (llama-cpp-python, ``pip install -e '.[llama-cpp]'``) on the same weights exported by
 ``tinyseek export --format gguf``: F32 against tinyseek's lean and compiled steps, Q8_0 against tinyseek's fastest.
+
+``--weights`` measures the compiled step with its weights in bf16 against fp32 ones: tokens/s at batch 1 (also in a
+subprocess that sees an AVX2-only CPU), and, through checkpoints of the `cpu-quick` recipe (trained first unless
+``--run-dir`` names them), top-1 agreement over held-out tokens and the identical prefix of greedy continuations.
 """
 
 from __future__ import annotations
@@ -163,7 +168,8 @@ def cli_rate(model, tokenizer, prompt_ids: list[int], new_tokens: int, threads: 
     prompt_file = work / "prompt.txt"
     prompt_file.write_text(tokenizer.decode(prompt_ids, skip_special_tokens=True))
     command = [sys.executable, "-m", "tinyseek", "generate", "--model", str(folder), "--prompt-file", str(prompt_file),
-               "--max-new-tokens", str(new_tokens), "--temperature", "0", "--device", "cpu"] + (["--compile"] if compiled else [])
+               "--max-new-tokens", str(new_tokens), "--temperature", "0", "--device", "cpu", "--weights", "fp32"]
+    command += ["--compile"] if compiled else []
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": os.pathsep.join(sys.path)}
     result = subprocess.run(command, capture_output=True, text=True, env=env)
     if result.returncode != 0:
@@ -177,20 +183,22 @@ def prefill_seconds(engine, prompt, repeats: int) -> float:
     return best_time(lambda: engine.generate([prompt], GREEDY, 1), repeats)
 
 
-def train_mtp_model(work: Path, steps: int, threads: int) -> Path:
-    run = work / f"mtp-deepseek-v3-tiny-{steps}"
+def train_quick_model(work: Path, preset: str, steps: int, threads: int, *settings: str) -> Path:
+    """A run of the `cpu-quick` recipe on the built-in TinyStories sample (fp32), kept in ``work`` for later runs;
+    ``settings``: extra ``--set`` overrides."""
+    run = work / "-".join([preset, *(setting.split("=")[0].split(".")[-1] for setting in settings), str(steps)])
     if latest_checkpoint(run) is None:
         command = [sys.executable, "-m", "tinyseek", "train", "--config", "cpu-quick", "--data", "builtin",
                    "--tokenizer", "builtin", "--out-dir", str(run), "--max-steps", str(steps), "--dtype", "fp32",
-                   "--set", "model.preset=deepseek-v3-tiny", "--set", "model.num_nextn_predict_layers=1",
-                   "--set", "logging.progress_bar=false", "--set", "data.split_by=null"]
+                   "--set", f"model.preset={preset}", "--set", "logging.progress_bar=false", "--set", "data.split_by=null"]
+        command += [part for setting in settings for part in ("--set", setting)]
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": os.pathsep.join(sys.path)}
         subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
     return run
 
 
 def speculative_section(args, work: Path) -> dict:
-    run = train_mtp_model(work, args.mtp_steps, args.threads)
+    run = train_quick_model(work, "deepseek-v3-tiny", args.mtp_steps, args.threads, "model.num_nextn_predict_layers=1")
     model, tokenizer = load_model_and_tokenizer(run)
     from tinyseek.data.tokenizer import encode_prompt
 
@@ -213,6 +221,165 @@ def speculative_section(args, work: Path) -> dict:
         "speedup_previous": times["previous"] / times["speculative"], "speedup_lean": times["lean"] / times["speculative"],
         "equal": f"{equal}/{len(prompts)}", "tokens": args.spec_tokens,
     }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --weights: the decode step with bf16 weights against fp32 ones
+
+WEIGHTS_PRESETS = {"mla": "deepseek-v3-tiny", "mha": "llama-tiny"}
+# An AVX2-only x86 CPU, as far as torch's kernels can tell: ATen's and torch.compile's vector code, oneDNN (bf16
+# GEMMs) and MKL (fp32 GEMMs) all limited to AVX2.
+AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+AGREEMENT_RULE = 0.99  # bf16 may be `auto`'s choice only if it picks the fp32 step's top-1 token this often
+
+
+def weights_rates(args) -> dict[str, dict[str, float]]:
+    """Compiled-step tokens/s at batch 1 with fp32 and with bf16 weights, per attention type (random weights: the
+    rate does not depend on their values)."""
+    rates = {}
+    for attention, preset in WEIGHTS_PRESETS.items():
+        model = build_model(preset, args.target_prompt + args.target_tokens + 8)
+        (prompt,) = random_prompts(1, args.target_prompt, model.config.vocab_size)
+        rates[attention] = {}
+        for weights in ("fp32", "bf16"):
+            engine = GenerationEngine(model, eos_token_ids=[], decoder="compiled", weights=weights)
+            engine.generate([prompt], GREEDY, args.target_tokens)  # compiled outside the timing
+            rates[attention][weights] = streamed_rate(
+                lambda: [time.perf_counter() for _ in engine.stream([prompt], GREEDY, args.target_tokens)],
+                args.target_tokens, 1, args.repeats,
+            )
+    return rates
+
+
+def avx2_weights_rates(args) -> dict[str, dict[str, float]]:
+    """`weights_rates` in a subprocess that sees an AVX2-only CPU (`AVX2_ENV`)."""
+    command = [sys.executable, __file__, "--weights-rates", "--threads", str(args.threads), "--target-prompt",
+               str(args.target_prompt), "--target-tokens", str(args.target_tokens), "--repeats", str(args.repeats)]
+    env = {**os.environ, **AVX2_ENV, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": os.pathsep.join(sys.path)}
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        raise SystemExit(f"the AVX2 run failed: {result.stderr.strip()}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def held_out_tokens(run: Path) -> list[int]:
+    """The validation split of the corpus the run trained on (documents it never saw)."""
+    from tinyseek.data import TokenDataset
+    from tinyseek.runs import read_trainer_state
+
+    return TokenDataset(read_trainer_state(latest_checkpoint(run))["data_dir"], "val").tokens.tolist()
+
+
+def teacher_forced_top1(model, weights, tokens: list[int], capacity: int) -> tuple[list[int], list[float]]:
+    """The compiled step's top-1 token after each of ``tokens`` but the last (the first through the prefill), fed the
+    real tokens; and the gap between its two likeliest logits there. One ``capacity`` for every window: one compiled
+    step."""
+    from tinyseek.generate.lean import LeanDecoder
+
+    decoder = LeanDecoder(model, weights, 1, capacity, capture=False, compiled=True)
+    ids = torch.tensor([tokens])
+    with torch.no_grad():
+        logits = [decoder.prefill(ids[:, :1], torch.ones_like(ids[:, :1]))]
+        logits += [decoder.step(ids[:, index]) for index in range(1, len(tokens) - 1)]
+    top = torch.cat(logits).topk(2, dim=-1)
+    return top.indices[:, 0].tolist(), (top.values[:, 0] - top.values[:, 1]).tolist()
+
+
+def agreement(args, preset: str, run: Path) -> dict:
+    """Top-1 agreement of the bf16-weight step with the fp32 one over held-out text (teacher-forced, in windows of
+    the training context), and the identical prefixes of their free-running greedy continuations."""
+    from tinyseek.generate.lean import LeanWeights
+
+    model, _ = load_model_and_tokenizer(run)
+    held_out, window = held_out_tokens(run), min(128, model.config.max_position_embeddings)
+    fp32, bf16 = LeanWeights(model, torch.float32), LeanWeights(model, torch.bfloat16)
+    same = compared = 0
+    flips = []  # the fp32 top-2 gaps where bf16 chose otherwise
+    for start in range(0, len(held_out) - window, window):
+        if compared >= args.agreement_tokens:
+            break
+        tokens = held_out[start : start + window + 1][: args.agreement_tokens - compared + 1]
+        (reference, gaps), (ours, _) = (teacher_forced_top1(model, weights, tokens, window) for weights in (fp32, bf16))
+        same += sum(a == b for a, b in zip(reference, ours))
+        flips += [gap for a, b, gap in zip(reference, ours, gaps) if a != b]
+        compared += len(reference)
+    engines = [GenerationEngine(model, eos_token_ids=[], decoder="compiled", weights=name) for name in ("fp32", "bf16")]
+    prompts = [held_out[start : start + args.prefix_prompt] for start in range(0, args.prefix_prompts * window, window)]
+    prefixes = []
+    for prompt in prompts:
+        reference, ours = (engine.generate([prompt], GREEDY, args.prefix_tokens)[0].token_ids for engine in engines)
+        prefixes.append(next((index for index, (a, b) in enumerate(zip(reference, ours)) if a != b), len(reference)))
+    from tinyseek.runs import read_trainer_state
+
+    steps = read_trainer_state(latest_checkpoint(run))["step"]
+    return {"preset": preset, "steps": steps, "compared": compared, "same": same,
+            "widest_flip": max(flips, default=None), "prefixes": prefixes}
+
+
+def weights_section(args) -> dict:
+    runs = dict(spec.split("=", 1) for spec in args.run_dir)
+    results = {"rates": weights_rates(args), "avx2": avx2_weights_rates(args), "agreement": {}}
+    print("weights rates", json.dumps(results["rates"]), "avx2", json.dumps(results["avx2"]), flush=True)
+    for attention, preset in WEIGHTS_PRESETS.items():
+        given = runs.get(preset)
+        run = Path(given) if given else train_quick_model(args.work_dir, preset, args.train_steps, args.threads)
+        results["agreement"][attention] = agreement(args, preset, run)
+        print(attention, "agreement", json.dumps(results["agreement"][attention]), flush=True)
+    return results
+
+
+def weights_markdown(results: dict, args, started, load_average) -> str:
+    rates, avx2, agreements = results["rates"], results["avx2"], results["agreement"]
+    lines = [
+        "# bf16 weights",
+        "",
+        f"The compiled step at batch 1, a {args.target_prompt}-token prompt, {args.target_tokens} greedy tokens, "
+        f"{args.threads} torch thread(s), random weights; tokens/s as in the tables above. *AVX2* is the same run in "
+        "a subprocess that sees an AVX2-only CPU (" + ", ".join(f"`{k}={v}`" for k, v in AVX2_ENV.items()) + "), "
+        "the fallback of CPUs without bf16 units, where `--weights auto` keeps fp32.",
+        "",
+        "| preset | fp32 weights | bf16 weights | bf16 / fp32 | AVX2, fp32 weights | AVX2, bf16 weights |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for attention, row in rates.items():
+        lines.append(
+            f"| {LABELS[attention]} | {row['fp32']:,.0f} | {row['bf16']:,.0f} | {row['bf16'] / row['fp32']:.2f}x | "
+            f"{avx2[attention]['fp32']:,.0f} | {avx2[attention]['bf16']:,.0f} |"
+        )
+    lines += [
+        "",
+        "Target (issue): 1,000 tokens/s or more with bf16 weights for both presets, on one thread of a CPU with bf16 "
+        "units.",
+        "",
+        "Agreement with the fp32 step, through checkpoints of the `cpu-quick` recipe trained on the built-in "
+        f"TinyStories sample: the top-1 token after each of {args.agreement_tokens:,} held-out tokens (its validation "
+        "split, fed to both steps in windows of the training context), and the identical prefix of the two steps' "
+        f"greedy continuations of {args.prefix_prompts} held-out {args.prefix_prompt}-token prompts "
+        f"({args.prefix_tokens} new tokens each).",
+        "",
+        "| preset | training steps | top-1 agreement | widest fp32 top-2 gap where they differ | identical greedy prefix: "
+        "shortest / median / longest |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for attention, row in agreements.items():
+        prefixes = sorted(row["prefixes"])
+        widest = "-" if row["widest_flip"] is None else f"{row['widest_flip']:.3f}"
+        lines.append(
+            f"| {LABELS[attention]} | {row['steps']} | {row['same'] / row['compared']:.1%} ({row['same']:,} of "
+            f"{row['compared']:,}) | {widest} | {prefixes[0]} / {statistics.median(prefixes):.0f} / "
+            f"{prefixes[-1]} of {args.prefix_tokens} |"
+        )
+    short = [row["preset"] for row in agreements.values() if row["same"] / row["compared"] < AGREEMENT_RULE]
+    lines += [
+        "",
+        f"The rule (issue): bf16 may be `--weights auto`'s choice only where the agreement is at least "
+        f"{AGREEMENT_RULE:.0%}. This run: {'NOT met for ' + ', '.join(short) if short else 'met for both presets'}.",
+        "",
+        f"- {machine()}; torch {torch.__version__}; load average at start: {load_average}",
+        f"- date: {started:%Y-%m-%d %H:%M %Z}; git commit: {git_commit()}; {results['seconds']:.0f} s",
+        "",
+    ]
+    return "\n".join(lines)
 
 
 class CountOperators(TorchDispatchMode):
@@ -452,8 +619,8 @@ def markdown(results: dict, args, started, load_average) -> str:
         "hundred small operations, each a few microseconds of dispatch; the compiled step fuses the element-wise "
         "work into a few C++ kernels called from a C++ wrapper with no guard checks, so what is left is the GEMVs' "
         "memory traffic and torch.compile's per-call entry (~0.1 ms). Further speed would need fewer bytes per "
-        "token: the head in bf16 (half the traffic, but logits that differ from fp32's beyond the equality rule's "
-        "1e-4), or batching several sequences per step (the batch-16 rows).",
+        "token: weights in bf16 (`--weights bf16`, half the traffic, measured in the bf16 block), or batching several "
+        "sequences per step (the batch-16 rows).",
         "",
     ]
     if results.get("llama_cpp"):
@@ -600,6 +767,19 @@ def main() -> None:
                              "(a temporary worktree) and this one; prints a table, writes no docs")
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds of --compare-ref (median reported)")
     parser.add_argument("--compare-worker", help=argparse.SUPPRESS)
+    weights = parser.add_argument_group("--weights: the compiled step with bf16 weights against fp32 ones")
+    weights.add_argument("--weights", action="store_true",
+                         help="only this comparison (tokens/s, also as on an AVX2-only CPU, and agreement on trained "
+                              "checkpoints); writes decode_bf16.md")
+    weights.add_argument("--run-dir", action="append", default=[], metavar="PRESET=RUN",
+                         help="a trained run of deepseek-v3-tiny or llama-tiny to measure agreement on (default: "
+                              "train one with the cpu-quick recipe, kept in --work-dir)")
+    weights.add_argument("--train-steps", type=int, default=300, help="training steps of the runs trained for it")
+    weights.add_argument("--agreement-tokens", type=int, default=1000, help="held-out tokens, teacher-forced")
+    weights.add_argument("--prefix-prompts", type=int, default=8, help="held-out prompts continued greedily")
+    weights.add_argument("--prefix-prompt", type=int, default=16, help="tokens of each of those prompts")
+    weights.add_argument("--prefix-tokens", type=int, default=256, help="greedy tokens after each of those prompts")
+    weights.add_argument("--weights-rates", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.compare_worker:
         return compare_worker(json.loads(args.compare_worker))
@@ -607,12 +787,21 @@ def main() -> None:
         args.target_tokens, args.contexts, args.sweep_tokens, args.repeats = 8, [16, 64], 4, 1
         args.prefill_prompt, args.mtp_steps, args.spec_tokens, args.batch, args.batch_contexts = 64, 4, 8, 3, [16]
         args.rounds = 2
+        args.train_steps, args.agreement_tokens, args.prefix_prompts, args.prefix_tokens = 4, 64, 2, 8
     torch.set_num_threads(args.threads)
     if args.compare_ref:
         return compare_ref(args)
+    if args.weights_rates:
+        return print(json.dumps(weights_rates(args)))
     started, clock = datetime.datetime.now(datetime.timezone.utc), time.perf_counter()
     load_average = " / ".join(f"{value:.1f}" for value in os.getloadavg())
     args.work_dir.mkdir(parents=True, exist_ok=True)
+    if args.weights:
+        results = weights_section(args)
+        results["seconds"] = time.perf_counter() - clock
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        (args.out_dir / "decode_bf16.md").write_text(weights_markdown(results, args, started, load_average))
+        return print(f"wrote {args.out_dir / 'decode_bf16.md'} in {results['seconds']:.0f} s")
     results = {"targets": {}, "sweep": {}, "prefill": {}}
     tokenizer = load_tokenizer("builtin")
 

@@ -15,6 +15,7 @@ from dataclasses import replace
 from typing import TextIO
 
 from tinyseek.errors import ConfigError
+from tinyseek.generate.cli import add_weights_argument
 from tinyseek.generate.sampling import Sampling
 from tinyseek.loading import add_source_arguments, load_from_arguments
 
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-p", type=float, default=defaults.top_p)
     parser.add_argument("--seed", type=int, help="make sampling reproducible")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto (default)")
+    add_weights_argument(parser)
     parser.add_argument(
         "--chat-template-for-base-model", action="store_true",
         help="talk to a model that was not chat-trained, with the tokenizer's chat template anyway",
@@ -54,7 +56,7 @@ class ChatSession:
         from tinyseek.generate.engine import GenerationEngine  # torch: imported once the arguments parse
 
         self.tokenizer, self.out, self.log = tokenizer, out, log
-        self.engine = GenerationEngine(model, tokenizer)
+        self.engine = GenerationEngine(model, tokenizer, weights=args.weights)
         self.stop_ids = frozenset(end_of_turn_ids(tokenizer))
         self.sampling = Sampling(args.temperature, args.top_k, args.top_p, seed=args.seed)
         self.max_new_tokens = args.max_new_tokens

@@ -12,12 +12,17 @@ microseconds of dispatch, and GEMM calls in the shape BLAS is slow at. So every 
 * RoPE is x * cos + (x @ R) * sin with R rotate-half's signed permutation, from tables built once;
 * caches are preallocated and written in place at the step's column; nothing grows, nothing is concatenated.
 
+A step is built once from its module as ``Step(module, weights_dtype)``: the GEMM weights it arranges are stored in
+``weights_dtype`` (fp32, or bf16 to halve the bytes a step reads; see `project`), and everything else (norms, biases,
+the router, RoPE tables, its caches) in the model's dtype, its ``dtype``, which is also the residual stream's.
+
 An attention step has ``new_cache(batch, capacity)``, ``load(cache, cache_layer, length)`` (copy the prefill's
 `TinySeekCache` entry in) and ``__call__(x, step, cache, rotary)``; a feed-forward step has ``new_cache(batch,
 capacity)`` (None when it needs none) and ``__call__(x, cache, routed)``, appending its routed experts to ``routed``
-when that is a list. Every tensor a step holds is contiguous, which the compiled step relies on. Every cache tensor
-has the batch row as its leading dimension (alone, or times a per-row count such as heads), so that a continuous
-batch (`tinyseek.generate.batch`) can load, move and step any row's slice without knowing the type.
+when that is a list. Every tensor a step holds is contiguous, or (narrower weights) a transposed view of a contiguous
+tensor: its layout is fixed by the configuration and the weights' dtype, which the compiled step relies on. Every
+cache tensor has the batch row as its leading dimension (alone, or times a per-row count such as heads), so that a
+continuous batch (`tinyseek.generate.batch`) can load, move and step any row's slice without knowing the type.
 """
 
 from __future__ import annotations
@@ -27,9 +32,18 @@ from dataclasses import dataclass
 import torch
 
 
-def transposed(*weights: torch.Tensor) -> torch.Tensor:
-    """[in, out] contiguous copy of nn.Linear weights [out, in] stacked along out."""
-    return torch.cat([w.detach() for w in weights]).t().contiguous()
+def arranged(weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A copy of ``weight`` [in, out] as a step stores it in ``dtype`` (default: its own). In its own dtype it is
+    contiguous. Narrower (bf16), each output's inputs lie side by side ([out, in] contiguous, seen as [in, out]): a
+    compiled step then reads every weight once, in order, summing along it (`project`)."""
+    if dtype is None or dtype == weight.dtype:
+        return weight.contiguous()
+    return weight.t().to(dtype).contiguous().t()
+
+
+def transposed(*weights: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """nn.Linear weights [out, in] stacked along out, `arranged` as [in, out] in ``dtype``."""
+    return arranged(torch.cat([w.detach() for w in weights]).t(), dtype)
 
 
 def joined_bias(layers) -> torch.Tensor | None:
@@ -40,7 +54,22 @@ def joined_bias(layers) -> torch.Tensor | None:
 
 
 def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    return x @ weight if bias is None else torch.addmm(bias, x, weight)
+    """x @ weight (+ bias) in x's dtype. Against weights stored narrower (bf16), products and sums are in fp32:
+
+    * in a compiled step, one row is a broadcast product summed over the input dimension, which torch.compile turns
+      into one loop that widens each weight as it reads it; torch's bf16 GEMM would round x and the result to bf16,
+      and costs more per call for a single row than the bytes it saves;
+    * otherwise x is rounded to bf16 and torch's bf16 GEMM (oneDNN with AVX512-BF16 or AMX on CPUs, cuBLAS on GPUs)
+      accumulates in fp32; its result, rounded to bf16, returns to x's dtype.
+
+    The bias stays in x's dtype and is added after."""
+    if weight.dtype == x.dtype:
+        return x @ weight if bias is None else torch.addmm(bias, x, weight)
+    if torch.compiler.is_compiling() and x.shape[0] == 1:
+        output = (x[..., None] * weight).sum(dim=-2)
+    else:
+        output = (x.to(weight.dtype) @ weight).to(x.dtype)
+    return output if bias is None else output + bias
 
 
 def write_columns(cache: torch.Tensor, dim: int, column: torch.Tensor, values: torch.Tensor) -> None:

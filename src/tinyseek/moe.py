@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tinyseek.config import ARCHITECTURE_CHECKS, TinySeekConfig, registered, require_non_negative, require_positive
-from tinyseek.decoding import joined_bias, project, transposed
+from tinyseek.decoding import arranged, joined_bias, project, transposed
 from tinyseek.errors import ConfigError
 # A drop-in nn.Linear / F.linear whose bf16-autocast matmuls avoid torch's slow CPU fallback (see tinyseek.ops).
 from tinyseek.ops import Linear, fused_linear, linear
@@ -230,16 +230,16 @@ class SwiGLUStep:
 
     decodes = SwiGLU
 
-    def __init__(self, module: SwiGLU):
-        self.gate_up = transposed(module.gate_proj.weight, module.up_proj.weight)
-        self.down = transposed(module.down_proj.weight)
+    def __init__(self, module: SwiGLU, weights_dtype: torch.dtype | None = None):
+        self.gate_up = transposed(module.gate_proj.weight, module.up_proj.weight, dtype=weights_dtype)
+        self.down = transposed(module.down_proj.weight, dtype=weights_dtype)
 
     def new_cache(self, batch: int, capacity: int) -> None:
         return None
 
     def __call__(self, x: torch.Tensor, cache=None, routed: list | None = None) -> torch.Tensor:
-        gate, up = (x @ self.gate_up).chunk(2, dim=-1)
-        return (F.silu(gate) * up) @ self.down
+        gate, up = project(x, self.gate_up).chunk(2, dim=-1)
+        return project(F.silu(gate) * up, self.down)
 
 
 class DeepSeekMoEStep:
@@ -249,25 +249,28 @@ class DeepSeekMoEStep:
 
     decodes = DeepSeekMoE
 
-    def __init__(self, module: DeepSeekMoE):
+    def __init__(self, module: DeepSeekMoE, weights_dtype: torch.dtype | None = None):
         router, experts = module.gate, module.experts
+        self.dtype = router.weight.dtype
+        weights_dtype = weights_dtype or self.dtype
+        # The router stays in the model's dtype, as in training (`Router`): its choices are discrete.
         self.router, self.router_bias = transposed(router.weight), joined_bias([router])
         self.e_score_correction_bias = router.e_score_correction_bias.detach().clone()
         self.top_k, self.score = router.top_k, SCORING_FUNCTIONS[router.scoring_func]
         self.norm_topk_prob, self.routed_scaling_factor = router.norm_topk_prob, router.routed_scaling_factor
         self.num_experts, intermediate = experts.num_experts, experts.intermediate_size
         experts_gate_up = experts.gate_up_proj.detach().transpose(1, 2)  # [E, hidden, 2I]
-        self.experts_down = experts.down_proj.detach().transpose(1, 2).contiguous()  # [E, I, hidden]
+        self.experts_down = experts.down_proj.detach().to(weights_dtype).transpose(1, 2).contiguous()  # [E, I, hidden]
         # Gathering copies the chosen weights (a read and a write) and the GEMMs read the copy: about 3k/E of the
         # bytes that running every expert reads, which at batch 1 is what a step costs.
         self.gather = 3 * self.top_k < self.num_experts
         if self.gather:
-            self.experts_gate_up_by_input = experts.gate_up_proj.detach().permute(2, 0, 1).contiguous()  # [hidden, E, 2I]
-        self.shared = SwiGLUStep(module.shared_experts) if module.shared_experts is not None else None
+            self.experts_gate_up_by_input = experts_gate_up.permute(1, 0, 2).to(weights_dtype).contiguous()  # [hidden, E, 2I]
+        self.shared = SwiGLUStep(module.shared_experts, weights_dtype) if module.shared_experts is not None else None
         # Every expert at once: columns [shared | expert 0 | expert 1 | ...] of the gate and of the up projection.
         gates = [experts_gate_up[..., :intermediate].permute(1, 0, 2).flatten(1)]
         ups = [experts_gate_up[..., intermediate:].permute(1, 0, 2).flatten(1)]
-        downs = [self.experts_down.flatten(0, 1)]
+        downs = [experts.down_proj.detach().transpose(1, 2).flatten(0, 1)]
         column_gate = torch.arange(self.num_experts).repeat_interleave(intermediate)
         if self.shared is not None:
             shared_gate, shared_up = self.shared.gate_up.chunk(2, dim=1)
@@ -275,13 +278,13 @@ class DeepSeekMoEStep:
             ups.insert(0, shared_up)
             downs.insert(0, self.shared.down)
             column_gate = torch.cat((column_gate.new_full((shared_gate.shape[1],), self.num_experts), column_gate))
-        self.all_gate_up = torch.cat(gates + ups, dim=1).contiguous()
-        self.all_down = torch.cat(downs).contiguous()
+        self.all_gate_up = arranged(torch.cat(gates + ups, dim=1), weights_dtype)
+        self.all_down = arranged(torch.cat(downs), weights_dtype)
         self.column_gate = column_gate.to(self.all_down.device)
 
     def new_cache(self, batch: int, capacity: int) -> torch.Tensor:
         """The gates of [routed experts | shared experts (always 1)], rewritten each step."""
-        gates = self.all_down.new_zeros(batch, self.num_experts + 1)
+        gates = self.all_down.new_zeros(batch, self.num_experts + 1, dtype=self.dtype)
         gates[:, -1] = 1.0
         return gates
 
@@ -294,18 +297,18 @@ class DeepSeekMoEStep:
         gates = gates[: x.shape[0]]
         gates[:, :-1] = 0
         gates.scatter_(1, chosen, weights)
-        gate, up = (x @ self.all_gate_up).chunk(2, dim=-1)
-        return (F.silu(gate) * up * gates[:, self.column_gate]) @ self.all_down
+        gate, up = project(x, self.all_gate_up).chunk(2, dim=-1)
+        return project(F.silu(gate) * up * gates[:, self.column_gate], self.all_down)
 
     def chosen_experts(self, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """One token [1, hidden] through its experts: two GEMMs against the chosen experts' weights side by side (a
         compiled step turns a single-row batched matmul into a slow reduction, so these are plain GEMMs)."""
         gate_up = self.experts_gate_up_by_input.index_select(1, chosen).view(x.shape[-1], -1)
-        gate, up = (x @ gate_up).view(self.top_k, -1).chunk(2, dim=-1)
+        gate, up = project(x, gate_up).view(self.top_k, -1).chunk(2, dim=-1)
         activation = (F.silu(gate) * up * weights[:, None]).view(1, -1)
         # Scaled by their gates, the experts' activations against their down projections stacked along the inner
         # dimension give the gate-weighted sum of the experts' outputs.
-        output = activation @ self.experts_down.index_select(0, chosen).view(-1, x.shape[-1])
+        output = project(activation, self.experts_down.index_select(0, chosen).view(-1, x.shape[-1]))
         return output + self.shared(x) if self.shared is not None else output
 
 

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tinyseek.device import BF16_CPU_FLAGS, cpu_flags
+
 IGNORE_INDEX = -100
 DEFAULT_CHUNK_ROWS = 256
 """Tokens per chunk of ``linear_cross_entropy``: at vocab 32256 one fp32 chunk is 33 MB (two are kept: the logits and
@@ -43,14 +45,10 @@ def cpu_has_native_bf16_matmul() -> bool:
 
 @functools.cache
 def _cpu_has_native_bf16_matmul() -> bool:
-    machine = platform.machine().lower()
-    if machine in ("x86_64", "amd64", "i386", "i686"):
-        try:
-            with open("/proc/cpuinfo") as f:
-                flags = next((line for line in f if line.startswith("flags")), "").split()
-        except OSError:
-            return True  # unknown platform: trust torch's own kernel choice
-        return "avx512_bf16" in flags or "amx_bf16" in flags
+    if platform.machine().lower() in ("x86_64", "amd64", "i386", "i686"):
+        flags = cpu_flags()
+        # No /proc/cpuinfo (not Linux): trust torch's own kernel choice.
+        return not flags or any(flag in flags for flag in BF16_CPU_FLAGS)
     return True
 
 

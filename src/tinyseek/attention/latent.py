@@ -10,7 +10,7 @@ from transformers.cache_utils import DynamicLayer
 
 from tinyseek.attention.registry import AttentionSpec, causal_mask, mean_causal_context, register_attention
 from tinyseek.config import TinySeekConfig, require_positive
-from tinyseek.decoding import Rotary, Step, joined_bias, project, rotated_rows, transposed, write_columns
+from tinyseek.decoding import Rotary, Step, arranged, joined_bias, project, rotated_rows, transposed, write_columns
 from tinyseek.errors import ConfigError
 from tinyseek.layers import RMSNorm, apply_rotary
 # A drop-in nn.Linear whose bf16-autocast matmuls avoid torch's slow CPU fallback (see tinyseek.ops).
@@ -130,7 +130,9 @@ class LatentAttentionStep:
 
     decodes = MultiHeadLatentAttention
 
-    def __init__(self, module: MultiHeadLatentAttention):
+    def __init__(self, module: MultiHeadLatentAttention, weights_dtype: torch.dtype | None = None):
+        self.dtype = module.kv_b_proj.weight.dtype
+        weights_dtype = weights_dtype or self.dtype
         heads, nope, rope, v_dim = module.num_heads, module.nope_dim, module.rope_dim, module.v_dim
         rank = module.kv_lora_rank
         self.heads, self.rank, self.rope = heads, rank, rope
@@ -151,28 +153,28 @@ class LatentAttentionStep:
             compress_bias = torch.cat((compress_bias.detach(), rotated_rows(compress_bias.detach()[rank:, None], rope)[:, 0]))
         self.q_lora = module.q_lora_rank is not None
         if self.q_lora:  # x -> [q latent | c_kv | k_rope | rot]; normalised q latent -> query rows
-            self.first = transposed(module.q_a_proj.weight, compress_rows)
+            self.first = transposed(module.q_a_proj.weight, compress_rows, dtype=weights_dtype)
             self.first_bias = joined_bias([module.q_a_proj, module.kv_a_proj_with_mqa])
             if self.first_bias is not None:
                 self.first_bias = torch.cat((self.first_bias, self.first_bias.new_zeros(rope)))
                 if compress_bias is not None:
                     self.first_bias[module.q_lora_rank :] = compress_bias
             self.q_norm, self.q_norm_eps = module.q_a_layernorm.weight.detach().contiguous(), module.q_a_layernorm.eps
-            self.query = transposed(query_rows)
+            self.query = transposed(query_rows, dtype=weights_dtype)
             self.split = [module.q_lora_rank, rank, rope, rope]
         else:  # x -> [query rows | c_kv | k_rope | rot] in one GEMM
-            self.first = transposed(query_rows, compress_rows)
+            self.first = transposed(query_rows, compress_rows, dtype=weights_dtype)
             self.first_bias = None
             if compress_bias is not None:
                 self.first_bias = torch.cat((compress_bias.new_zeros(query_rows.shape[0]), compress_bias))
             self.split = [query_rows.shape[0], rank, rope, rope]
         self.kv_norm, self.kv_norm_eps = module.kv_a_layernorm.weight.detach().contiguous(), module.kv_a_layernorm.eps
         out = module.o_proj.weight.detach().view(-1, heads, v_dim)
-        self.out = torch.einsum("ohv,hvr->hro", out, up_value).flatten(0, 1).contiguous()
+        self.out = arranged(torch.einsum("ohv,hvr->hro", out, up_value).flatten(0, 1), weights_dtype)
         self.out_bias = joined_bias([module.o_proj])
 
     def new_cache(self, batch: int, capacity: int) -> torch.Tensor:
-        return self.out.new_zeros(batch, capacity, self.rank + self.rope)
+        return self.out.new_zeros(batch, capacity, self.rank + self.rope, dtype=self.dtype)
 
     def load(self, cache, cache_layer, length: int) -> None:
         cache[:, :length, : self.rank] = cache_layer.keys[:, 0]
@@ -182,7 +184,7 @@ class LatentAttentionStep:
         batch, heads, rank, rope = x.shape[0], self.heads, self.rank, self.rope
         query, latent, k_rope, k_rotated = project(x, self.first, self.first_bias).split(self.split, dim=-1)
         if self.q_lora:
-            query = F.rms_norm(query, query.shape[-1:], self.q_norm, self.q_norm_eps) @ self.query
+            query = project(F.rms_norm(query, query.shape[-1:], self.q_norm, self.q_norm_eps), self.query)
         q_latent = query[:, : heads * rank].view(batch, heads, rank)
         q_rope = query[:, heads * rank :].view(batch, 2, heads, rope)
         q_rope = Rotary.apply(q_rope[:, 0], q_rope[:, 1], step.cos, step.sin)

@@ -193,21 +193,22 @@ class LinearAttentionStep:
 
     decodes = LinearAttention
 
-    def __init__(self, module: LinearAttention):
+    def __init__(self, module: LinearAttention, weights_dtype: torch.dtype | None = None):
         heads, dim = module.num_heads, module.head_dim
+        self.dtype = module.q_proj.weight.dtype
         self.heads, self.dim = heads, dim
         hidden = module.q_proj.weight.shape[1]
         value = module.v_proj.weight.detach().view(heads, dim, hidden)
         value = torch.cat((value, value.new_zeros(heads, 1, hidden)), dim=1).flatten(0, 1)
-        self.qkv = transposed(module.q_proj.weight, module.k_proj.weight, value)
+        self.qkv = transposed(module.q_proj.weight, module.k_proj.weight, value, dtype=weights_dtype)
         zeros = value.new_zeros(heads * dim)
         biases = [p.bias.detach() if p.bias is not None else zeros for p in (module.q_proj, module.k_proj, module.v_proj)]
         value_bias = torch.cat((biases[2].view(heads, dim), zeros.new_ones(heads, 1)), dim=1).flatten()
         self.qkv_bias = torch.cat((biases[0], biases[1], value_bias))
-        self.out, self.out_bias = transposed(module.o_proj.weight), joined_bias([module.o_proj])
+        self.out, self.out_bias = transposed(module.o_proj.weight, dtype=weights_dtype), joined_bias([module.o_proj])
 
     def new_cache(self, batch: int, capacity: int) -> torch.Tensor:
-        return self.qkv.new_zeros(batch * self.heads, self.dim, self.dim + 1)
+        return self.qkv.new_zeros(batch * self.heads, self.dim, self.dim + 1, dtype=self.dtype)
 
     def load(self, cache, cache_layer, length: int) -> None:
         state = cache.view(-1, self.heads, self.dim, self.dim + 1)
@@ -216,7 +217,7 @@ class LinearAttentionStep:
 
     def __call__(self, x: torch.Tensor, step: Step, cache, rotary) -> torch.Tensor:
         batch, heads, dim = x.shape[0], self.heads, self.dim
-        qkv = torch.addmm(self.qkv_bias, x, self.qkv)
+        qkv = project(x, self.qkv, self.qkv_bias)
         features = F.elu(qkv[:, : 2 * heads * dim]) + 1
         query, key = features.view(batch, 2, heads * dim).unbind(1)
         value = qkv[:, 2 * heads * dim :].reshape(batch * heads, 1, dim + 1)

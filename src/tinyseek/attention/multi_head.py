@@ -68,24 +68,25 @@ class MultiHeadAttentionStep:
 
     decodes = MultiHeadAttention
 
-    def __init__(self, module: MultiHeadAttention):
+    def __init__(self, module: MultiHeadAttention, weights_dtype: torch.dtype | None = None):
         self.heads, self.kv_heads, self.head_dim = module.num_heads, module.num_kv_heads, module.head_dim
+        self.dtype = module.q_proj.weight.dtype
         # x -> [q | k | v | rotate_half(q) | rotate_half(k)] in one GEMM, with the softmax scale folded into q.
         scale = self.head_dim**-0.5
         layers = (module.q_proj, module.k_proj, module.v_proj)
         q_and_k = torch.cat((module.q_proj.weight.detach() * scale, module.k_proj.weight.detach()))
-        self.qkv = transposed(q_and_k, module.v_proj.weight, rotated_rows(q_and_k, self.head_dim))
+        self.qkv = transposed(q_and_k, module.v_proj.weight, rotated_rows(q_and_k, self.head_dim), dtype=weights_dtype)
         bias = joined_bias(layers)
         if bias is not None:
             bias[: self.heads * self.head_dim] *= scale
             q_and_k_bias = bias[: (self.heads + self.kv_heads) * self.head_dim]
             bias = torch.cat((bias, rotated_rows(q_and_k_bias[:, None], self.head_dim)[:, 0]))
         self.qkv_bias = bias
-        self.out, self.out_bias = transposed(module.o_proj.weight), joined_bias([module.o_proj])
+        self.out, self.out_bias = transposed(module.o_proj.weight, dtype=weights_dtype), joined_bias([module.o_proj])
 
     def new_cache(self, batch: int, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
         shape = (batch, self.kv_heads, capacity, self.head_dim)
-        return self.qkv.new_zeros(shape), self.qkv.new_zeros(shape)
+        return self.qkv.new_zeros(shape, dtype=self.dtype), self.qkv.new_zeros(shape, dtype=self.dtype)
 
     def load(self, cache, cache_layer, length: int) -> None:
         cache[0][:, :, :length] = cache_layer.keys

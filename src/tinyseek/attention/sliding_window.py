@@ -54,14 +54,14 @@ class SlidingWindowAttentionStep(MultiHeadAttentionStep):
 
     decodes = SlidingWindowAttention
 
-    def __init__(self, module: SlidingWindowAttention):
-        super().__init__(module)
+    def __init__(self, module: SlidingWindowAttention, weights_dtype: torch.dtype | None = None):
+        super().__init__(module, weights_dtype)
         self.window = module.window
 
     def attention_bias(self, step: Step) -> torch.Tensor:
         columns = torch.arange(step.length, device=step.column.device)
         too_old = columns <= step.column[:, None] - self.window  # [B, length]: each row from its own column
-        bias = torch.zeros(too_old.shape, dtype=self.qkv.dtype, device=self.qkv.device).masked_fill(too_old, float("-inf"))
+        bias = torch.zeros(too_old.shape, dtype=self.dtype, device=self.qkv.device).masked_fill(too_old, float("-inf"))
         bias = bias[:, None, None]
         return bias if step.mask is None else step.mask + bias
 

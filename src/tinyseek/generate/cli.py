@@ -38,7 +38,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--compile", action="store_true",
         help="compile the decode step with torch.compile: seconds once, then faster tokens (long outputs)",
     )
+    add_weights_argument(parser)
     return parser
+
+
+WEIGHT_CHOICES = ("auto", "fp32", "bf16")  # tinyseek.device.WEIGHT_CHOICES, named here without importing torch
+# bf16 stays opt-in until the decode-bf16 block (docs/decode.md) shows it meets the agreement rule there.
+DEFAULT_WEIGHTS = "fp32"
+
+
+def add_weights_argument(parser: argparse.ArgumentParser) -> None:
+    """`--weights`, for every command that decodes (generate, chat, serve)."""
+    parser.add_argument(
+        "--weights", choices=WEIGHT_CHOICES, default=DEFAULT_WEIGHTS,
+        help="the dtype the decode step keeps its weights in: bf16 reads half the bytes per token (fp32 accumulation; "
+             "docs/decode.md gives its agreement with fp32); auto picks bf16 on CPUs with avx512_bf16 or amx_bf16 "
+             "and GPUs with bf16, fp32 elsewhere (default: %(default)s)",
+    )
 
 
 class Session:
@@ -48,7 +64,8 @@ class Session:
         from tinyseek.generate.engine import GenerationEngine  # torch: imported once the arguments parse
 
         self.tokenizer, self.sampling, self.args = tokenizer, sampling, args
-        self.engine = GenerationEngine(model, tokenizer, decoder="compiled" if args.compile else "lean")
+        decoder = "compiled" if args.compile else "lean"
+        self.engine = GenerationEngine(model, tokenizer, decoder=decoder, weights=args.weights)
         self.positions = model.config.max_position_embeddings
 
     def continue_prompt(self, prompt: str) -> str:

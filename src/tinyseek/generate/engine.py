@@ -20,7 +20,8 @@ import torch
 from tinyseek.config import registered
 from tinyseek.errors import ConfigError, InputError
 from tinyseek.generate.forward import CachedForward, Decoder
-from tinyseek.generate.lean import LeanDecoder, LeanWeights, supports_lean_decoding, weights_version
+from tinyseek.device import decode_weights_dtype
+from tinyseek.generate.lean import LeanDecoder, LeanWeights, supports_lean_decoding
 from tinyseek.generate.sampling import Sampling
 from tinyseek.generate.speculative import SpeculativeForward
 from tinyseek.generate.streaming import TextStream
@@ -133,10 +134,16 @@ class GenerationEngine:
 
     ``tokenizer`` may be None (then events carry no text and stop strings are unavailable); EOS comes from
     ``eos_token_ids``, else the tokenizer, else the model's config. ``decoder`` names how to decode, one of
-    `DECODERS`.
+    `DECODERS`. ``weights`` is the dtype the lean steps keep their GEMM weights in: "fp32" (the default), "bf16"
+    (half the bytes a step reads, fp32 accumulation; docs/decode.md gives its agreement with fp32), or "auto" (bf16
+    where the device has bf16 units, `tinyseek.device.has_bf16_units`). The model's own forward (prefill, and the
+    decoders that use it) is unchanged.
     """
 
-    def __init__(self, model, tokenizer=None, *, decoder: str = "lean", eos_token_ids=None, pad_token_id=None):
+    def __init__(
+        self, model, tokenizer=None, *, decoder: str = "lean", weights: str = "fp32", eos_token_ids=None,
+        pad_token_id=None,
+    ):
         self.decoder_choice = registered(DECODERS, "decoder", "decoder", decoder)
         refusal = self.decoder_choice.refuse(model)
         if refusal is not None:
@@ -145,6 +152,7 @@ class GenerationEngine:
         self.cached_lean_weights: LeanWeights | None = None
         self.decoder: Decoder | None = None
         self.device = model.device
+        self.weights_dtype = decode_weights_dtype(weights, self.device)
         if eos_token_ids is None:
             eos_token_ids = tokenizer.eos_token_id if tokenizer is not None else model.config.eos_token_id
         if isinstance(eos_token_ids, int):
@@ -156,9 +164,9 @@ class GenerationEngine:
         self.pad_token_id = pad_token_id if pad_token_id is not None else min(self.eos_token_ids, default=0)
 
     def lean_weights(self) -> LeanWeights:
-        """The model's weights arranged for the lean step, rearranged only when a weight changed."""
-        if self.cached_lean_weights is None or self.cached_lean_weights.version != weights_version(self.model):
-            self.cached_lean_weights = LeanWeights(self.model)
+        """The model's weights arranged for the lean step, rearranged only when a weight or their dtype changed."""
+        if self.cached_lean_weights is None or not self.cached_lean_weights.fits(self.model, self.weights_dtype):
+            self.cached_lean_weights = LeanWeights(self.model, self.weights_dtype)
         return self.cached_lean_weights
 
     def stream(

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
-from tinyseek.decoding import Rotary, Step, transposed
+from tinyseek.decoding import Rotary, Step, project, transposed
+from tinyseek.device import WEIGHT_DTYPES
 from tinyseek.generate.forward import CachedForward
 
 
@@ -49,12 +50,14 @@ def supports_lean_decoding(model) -> bool:
 
 
 class LeanWeights:
-    """The model's weights rearranged for the lean step; rebuilt only when a parameter or buffer changed. Every
-    tensor is contiguous, which the compiled step relies on."""
+    """The model's weights rearranged for the lean step, its GEMM weights (projections, experts, head) stored in
+    ``dtype`` (default: the model's); rebuilt only when a parameter or buffer changed, or another dtype is asked for
+    (`fits`). Every tensor is contiguous, which the compiled step relies on."""
 
-    def __init__(self, model):
+    def __init__(self, model, dtype: torch.dtype | None = None):
         decoder = model.model
         self.version = weights_version(model)
+        self.dtype = dtype or decoder.embed_tokens.weight.dtype
         device = decoder.embed_tokens.weight.device
         self.rotary = (
             Rotary(decoder.rotary_emb, model.config.max_position_embeddings, device)
@@ -64,10 +67,15 @@ class LeanWeights:
         self.layers = []
         for layer, (attention_step, feed_forward_step) in zip(decoder.layers, layer_decode_steps(model)):
             norms = [(norm.weight.detach().contiguous(), norm.eps) for norm in (layer.input_layernorm, layer.post_attention_layernorm)]
-            self.layers.append((norms[0], attention_step(layer.self_attn), norms[1], feed_forward_step(layer.mlp)))
+            attention, feed_forward = attention_step(layer.self_attn, self.dtype), feed_forward_step(layer.mlp, self.dtype)
+            self.layers.append((norms[0], attention, norms[1], feed_forward))
         self.embedding = decoder.embed_tokens.weight.detach().contiguous()
         self.final_norm = (decoder.norm.weight.detach().contiguous(), decoder.norm.eps)
-        self.head = transposed(model.lm_head.weight)
+        self.head = transposed(model.lm_head.weight, dtype=self.dtype)
+
+    def fits(self, model, dtype: torch.dtype) -> bool:
+        """Whether these are the model's current weights, arranged in ``dtype``."""
+        return self.dtype == dtype and self.version == weights_version(model)
 
 
 def weights_version(model) -> tuple:
@@ -90,7 +98,7 @@ def lean_step(weights: LeanWeights, caches: list, tokens: torch.Tensor, position
     for ((norm, eps), attention, (ffn_norm, ffn_eps), feed_forward), (cache, ffn_cache) in zip(weights.layers, caches):
         x = x + attention(F.rms_norm(x, x.shape[-1:], norm, eps), step, cache, rotary)
         x = x + feed_forward(F.rms_norm(x, x.shape[-1:], ffn_norm, ffn_eps), ffn_cache, routed)
-    logits = F.rms_norm(x, x.shape[-1:], *weights.final_norm) @ weights.head
+    logits = project(F.rms_norm(x, x.shape[-1:], *weights.final_norm), weights.head)
     return logits, (torch.stack(routed, dim=1) if routed else None)
 
 
@@ -103,7 +111,9 @@ def warn_compile_failed(error: Exception) -> None:
 
 
 @functools.cache
-def compiled_lean_step(structure: str, capture: bool, batch: int, capacity: int, device_type: str):
+def compiled_lean_step(
+    structure: str, capture: bool, batch: int, capacity: int, device_type: str, weights_dtype: torch.dtype
+):
     """`lean_step` through torch.compile for one decoder shape of models of one configuration (``structure``: the
     config as JSON): C++ kernels and a C++ wrapper that calls them on CPU, CUDA graphs on GPU. Compilation happens at
     the first call and takes seconds (docs/decode.md has the measured compile times).
@@ -111,10 +121,11 @@ def compiled_lean_step(structure: str, capture: bool, batch: int, capacity: int,
     Before every call torch.compile checks guards on everything the step reads; over the whole LeanWeights object
     graph that is a sizeable share of a step. This step checks none. That is sound because nothing it reads can
     change between calls: the configuration fixes every constant (norm epsilons, head counts, top-k, routing scale),
-    the key fixes ``capture`` and every shape, and `LeanDecoder` passes contiguous tensors only. Each key gets its own
-    copy of lean_step's code object, which is where torch.compile keeps its compiled graph. The weights are inputs,
-    not constants, so a retrained or reloaded model of the same configuration reuses the compiled step."""
-    del structure, capture, batch, capacity  # the cache key
+    the key fixes ``capture``, every shape and the weights' dtype, and `LeanDecoder` passes contiguous tensors only.
+    Each key gets its own copy of lean_step's code object, which is where torch.compile keeps its compiled graph. The
+    weights are inputs, not constants, so a retrained or reloaded model of the same configuration reuses the compiled
+    step."""
+    del structure, capture, batch, capacity, weights_dtype  # the cache key
     step = types.FunctionType(lean_step.__code__.replace(), lean_step.__globals__, lean_step.__name__)
     options = {"guard_filter_fn": torch.compiler.skip_all_guards_unsafe}
     options.update({"triton.cudagraphs": True} if device_type == "cuda" else {"cpp_wrapper": True})
@@ -142,7 +153,7 @@ class LeanDecoder:
         if compiled:
             capacity = static_capacity(capacity, model.config.max_position_embeddings)
             self.step_function = compiled_lean_step(
-                model.config.to_json_string(), capture, batch, capacity, weights.head.device.type
+                model.config.to_json_string(), capture, batch, capacity, weights.head.device.type, weights.dtype
             )
         self.weights, self.capacity, self.capture, self.batch = weights, capacity, capture, batch
         self.caches = self.new_caches()
@@ -168,7 +179,7 @@ class LeanDecoder:
         self.positions = attention_mask.sum(dim=1)
         self.width = width
         if self.static or not bool(attention_mask.all()):
-            self.mask = self.weights.head.new_full((input_ids.shape[0], 1, 1, self.capacity), float("-inf"))
+            self.mask = self.weights.embedding.new_full((input_ids.shape[0], 1, 1, self.capacity), float("-inf"))
             self.mask[:, 0, 0, :width].masked_fill_(attention_mask.bool(), 0.0)
         if self.static and self.step_function not in WARMED_UP:
             self.warm_up(input_ids[:, -1])
@@ -218,7 +229,11 @@ class LeanDecoder:
 
     @property
     def path(self) -> str:
-        return "compiled lean step" if self.static else "lean step"
+        path = "compiled lean step" if self.static else "lean step"
+        if self.weights.dtype == self.weights.embedding.dtype:
+            return path
+        names = {dtype: name for name, dtype in WEIGHT_DTYPES.items()}
+        return f"{path}, {names.get(self.weights.dtype, self.weights.dtype)} weights"
 
     def experts(self) -> list[list[list[int]]]:
         if self.prefilled:

@@ -38,7 +38,7 @@ ERROR_TYPES = {404: "not_found_error", 503: "server_overloaded"}
 
 
 def create_app(model, tokenizer, *, model_name: str = "tinyseek", limits: Limits = Limits(),
-               exposure: Exposure = Exposure(), compile: bool = False,
+               exposure: Exposure = Exposure(), compile: bool = False, weights: str = "fp32",
                chat_template_for_base_model: bool = False) -> FastAPI:
     """The server for one model. The generation thread starts and stops with the application's lifespan; `exposure`
     says who may call it and what it logs (tinyseek.serve.exposure).
@@ -48,7 +48,9 @@ def create_app(model, tokenizer, *, model_name: str = "tinyseek", limits: Limits
     generation stops at the end of a turn."""
     chat_refused = chat_refusal(model.config, tokenizer, base_model_allowed=chat_template_for_base_model)
     stop_ids = end_of_turn_ids(tokenizer) if chat_refused is None else None
-    engine = GenerationEngine(model, tokenizer, decoder="compiled" if compile else "lean", eos_token_ids=stop_ids)
+    engine = GenerationEngine(
+        model, tokenizer, decoder="compiled" if compile else "lean", weights=weights, eos_token_ids=stop_ids
+    )
     scheduler = Scheduler(engine, model.device, max_streams=limits.max_streams, max_waiting=limits.max_waiting,
                           compile=compile)
     metrics = ServerMetrics(scheduler)

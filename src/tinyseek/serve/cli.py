@@ -8,6 +8,7 @@ import os
 import sys
 
 from tinyseek.errors import ConfigError
+from tinyseek.generate.cli import add_weights_argument
 from tinyseek.loading import add_source_arguments, load_from_arguments
 from tinyseek.serve.limits import Exposure, Limits
 
@@ -28,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="decode with the step compiled by torch.compile: faster tokens, but the first step at each batch size "
              "(1, 8, 32, 64 rows) waits a few seconds while it compiles",
     )
+    add_weights_argument(parser)
     parser.add_argument(
         "--chat-template-for-base-model", action="store_true",
         help="answer /v1/chat/completions with the tokenizer's chat template even when the model was not "
@@ -79,7 +81,7 @@ def main(argv: list[str]) -> int:
     model, tokenizer = load_from_arguments(args, choose_device(args.device))
     name = args.model_name or (args.run_dir or args.model).resolve().name
     app = create_app(model, tokenizer, model_name=name, limits=limits, exposure=exposure, compile=args.compile,
-                     chat_template_for_base_model=args.chat_template_for_base_model)
+                     weights=args.weights, chat_template_for_base_model=args.chat_template_for_base_model)
     print(f"serving {name} on http://{args.host}:{args.port}/ (playground) and /v1 (OpenAI API)", file=sys.stderr)
     if args.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: {args.host} is reachable from other machines and no --api-key (or {API_KEY_VARIABLE}) "
