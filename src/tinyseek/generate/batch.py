@@ -300,7 +300,8 @@ class ContinuousBatch:
     def step_function(self, batch: int, capture: bool):
         if not self.compiled:
             return lean_step
-        return compiled_lean_step(self.model.config.to_json_string(), capture, batch, self.capacity, self.device.type)
+        return compiled_lean_step(self.model.config.to_json_string(), capture, batch, self.capacity, self.device.type,
+                                  self.weights.dtype)
 
     def choose(self, row: Row, logits: torch.Tensor, experts: list[list[int]]) -> TokenEvent:
         """The row's next token from its logits [1, V], through its own processors and generator."""
