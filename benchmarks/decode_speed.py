@@ -432,10 +432,10 @@ def step_profile(model, context: int, steps: int = 20) -> dict:
 
 def llama_cpp_rate(path: Path, prompt: list[int], new_tokens: int, threads: int, repeats: int) -> float:
     """llama.cpp's decode tokens/s after the first new token, greedy, through llama-cpp-python's own loop."""
-    import llama_cpp
+    from tinyseek.generate.gguf_export import open_in_llama_cpp
 
-    model = llama_cpp.Llama(model_path=str(path), n_ctx=len(prompt) + new_tokens + 8, n_batch=len(prompt),
-                            n_threads=threads, n_threads_batch=threads, verbose=False)
+    model = open_in_llama_cpp(path, n_ctx=len(prompt) + new_tokens + 8, n_batch=len(prompt), n_threads=threads,
+                              n_threads_batch=threads, verbose=False)
 
     def stamps() -> list[float]:
         tokens = model.generate(prompt, temp=0.0, top_k=1, reset=True)

@@ -251,7 +251,8 @@ def test_an_export_carries_a_model_card_and_the_licences_of_its_tokenizer_and_da
 
 
 def test_a_gguf_chat_model_answers_in_llama_cpp_as_tinyseek_chat_does(tmp_path, tiny_model):
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (.ci/run installs it)")
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (.ci/run installs it)")
+    from tinyseek.generate.gguf_export import open_in_llama_cpp
     from tinyseek.data.builtin import BUILTIN_ROOT
     from tinyseek.data.chat import END_OF_TURN_TOKEN, end_of_turn_ids, mark_chat_trained, render_chat
     from tinyseek.data.tokenizer import load_tokenizer
@@ -270,7 +271,7 @@ def test_a_gguf_chat_model_answers_in_llama_cpp_as_tinyseek_chat_does(tmp_path, 
     engine = GenerationEngine(model, tokenizer, eos_token_ids=end_of_turn_ids(tokenizer))
     (ours,) = engine.generate([prompt], Sampling(temperature=0), REPLY_TOKENS)
     assert ours.finish_reason == "stop" and len(ours.token_ids) > 3
-    runner = llama_cpp.Llama(model_path=str(out), n_ctx=256, n_threads=1, verbose=False)
+    runner = open_in_llama_cpp(out, n_ctx=256, n_threads=1, verbose=False)
     try:
         metadata = runner.metadata
         assert metadata["tinyseek.chat_trained"] == "true" and int(metadata["tokenizer.ggml.eot_token_id"]) == end_of_turn

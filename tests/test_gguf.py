@@ -21,6 +21,7 @@ from tinyseek.loading import load_model_and_tokenizer
 llama_cpp = pytest.importorskip(
     "llama_cpp", reason="llama-cpp-python is not installed: pip install -e '.[llama-cpp]' (.ci/run installs it)"
 )
+from tinyseek.generate.gguf_export import open_in_llama_cpp  # noqa: E402  (after the skip: it needs gguf)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -110,8 +111,8 @@ def exported(trained, tmp_path_factory):
 def llama(path, **options) -> Iterator["llama_cpp.Llama"]:
     # fp32 key/value cache: llama.cpp's default fp16 cache would round the keys and latents that tinyseek keeps in fp32.
     f32 = llama_cpp.GGML_TYPE_F32
-    runner = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_batch=256, n_threads=THREADS, logits_all=True,
-                             type_k=f32, type_v=f32, verbose=False, **options)
+    runner = open_in_llama_cpp(path, n_ctx=256, n_batch=256, n_threads=THREADS, logits_all=True, type_k=f32,
+                               type_v=f32, verbose=False, **options)
     try:
         yield runner
     finally:

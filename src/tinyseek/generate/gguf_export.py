@@ -403,3 +403,26 @@ def export_gguf(model: TinySeekForCausalLM, tokenizer: PreTrainedTokenizerFast |
         notes.append(f"left out {config.num_nextn_predict_layers} multi-token-prediction module(s): llama.cpp's "
                      f"{architecture.name} predicts one token per step")
     return notes
+
+
+def open_in_llama_cpp(path: Path | str, **options):
+    """A `llama_cpp.Llama` on a GGUF file, with llama.cpp's extra CPU buffer types off.
+
+    Where llama.cpp is built for a CPU with AMX (Sapphire Rapids and later), it places F16 and Q8_0 weights in AMX
+    buffers, and its scheduler then finds no backend for the ops that read them and aborts the process
+    (`GGML_ASSERT(*cur_backend_id != -1)` in ggml-backend.cpp, llama-cpp-python 0.3.36). llama-cpp-python's
+    constructor does not expose `use_extra_bufts`, so its default model parameters are replaced while it builds."""
+    import llama_cpp
+
+    default_parameters = llama_cpp.llama_cpp.llama_model_default_params
+
+    def without_extra_buffers():
+        parameters = default_parameters()
+        parameters.use_extra_bufts = False
+        return parameters
+
+    llama_cpp.llama_cpp.llama_model_default_params = without_extra_buffers
+    try:
+        return llama_cpp.Llama(model_path=str(path), **options)
+    finally:
+        llama_cpp.llama_cpp.llama_model_default_params = default_parameters
