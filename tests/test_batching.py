@@ -12,6 +12,8 @@ import httpx
 import pytest
 import torch
 
+from tinyseek.testing import EQUALITY_TIE, greedy_by_recomputation
+
 from tinyseek.data.chat import mark_chat_trained, render_chat
 from tinyseek.data.tokenizer import encode_prompt
 from tinyseek.generate import GenerationEngine, Sampling
@@ -27,7 +29,7 @@ from tinyseek.serve.background import BackgroundServer  # noqa: E402
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 PROMPTS = [[5, 17, 99], [40, 41, 42, 43, 44, 45, 46, 47], [200, 3, 3, 150, 7], [9, 8]]
-TIE = 1e-4  # the equality rule (docs/generation.md)
+TIE = EQUALITY_TIE
 TIMEOUT = 60
 LIMITS = Limits(max_body_bytes=1 << 20, max_streams=32, max_waiting=8, max_tokens=400)
 LONG = 400  # tokens of the streams that must still be running while another request comes and goes
@@ -38,17 +40,6 @@ LETTERS = {letter: 20.0 for letter in b"abcdefghijklmnopqrstuvwxyz"}
 
 # --- the batch itself, for every attention type ---------------------------------------------------------------
 
-
-def greedy_by_recomputation(model, prompt: list[int], new_tokens: int) -> list[int]:
-    """Each prompt alone, the whole sequence recomputed at every step; no step may be a near-tie."""
-    sequence = torch.tensor([prompt])
-    with torch.no_grad():
-        for _ in range(new_tokens):
-            logits = model(sequence).logits[0, -1]
-            top = logits.topk(2).values
-            assert top[0] - top[1] > TIE, "a near-tie: pick another seed or prompt"
-            sequence = torch.cat([sequence, logits.argmax().view(1, 1)], 1)
-    return sequence[0, len(prompt):].tolist()
 
 
 def run_schedule(batch: ContinuousBatch, schedule: dict[int, list[tuple]]) -> dict[object, list[int]]:

@@ -8,6 +8,8 @@ import warnings
 
 import pytest
 import torch
+
+from tinyseek.testing import EQUALITY_TIE, greedy_by_recomputation
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import GenerationMixin
 
@@ -16,23 +18,11 @@ from tinyseek.cli import main as tinyseek_main
 from tinyseek.generate import GenerationEngine, Sampling, TextStream, left_pad
 
 PROMPTS = [[5, 17, 99], [40, 41, 42, 43, 44, 45, 46, 47], [200, 3, 3, 150, 7]]
-TIE = 1e-4  # the equality rule (docs/generation.md): where the reference's top two logits are this close, either is right
+TIE = EQUALITY_TIE
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-def greedy_by_recomputation(model, prompt: list[int], new_tokens: int) -> list[int]:
-    """The reference: one unpadded prompt, the whole sequence recomputed without a cache at every step. Asserts
-    that no step was a near-tie, so every path must agree with it token for token."""
-    sequence = torch.tensor([prompt])
-    with torch.no_grad():
-        for _ in range(new_tokens):
-            logits = model(sequence).logits[0, -1]
-            top = logits.topk(2).values
-            assert top[0] - top[1] > TIE, "a near-tie: pick another seed or prompt"
-            sequence = torch.cat([sequence, logits.argmax().view(1, 1)], 1)
-    return sequence[0, len(prompt):].tolist()
 
 
 def assert_same_greedy(model, prompts, ours: list[list[int]], theirs: list[list[int]]) -> None:

@@ -44,3 +44,23 @@ async def streamed_chunks(lines: AsyncIterable[str]) -> AsyncIterator[dict[str, 
     async for line in lines:
         if line.startswith("data: ") and line != "data: [DONE]":
             yield json.loads(line.removeprefix("data: "))
+
+
+EQUALITY_TIE = 1e-4
+"""The equality rule's margin (docs/generation.md): where the reference's top two logits are this close, either is
+right."""
+
+
+def greedy_by_recomputation(model, prompt: list[int], new_tokens: int) -> list[int]:
+    """The reference for greedy decoding: one unpadded prompt, the whole sequence recomputed without a cache at every
+    step. Asserts that no step was a near-tie, so every path must agree with it token for token."""
+    import torch
+
+    sequence = torch.tensor([prompt])
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            logits = model(sequence).logits[0, -1]
+            top = logits.topk(2).values
+            assert top[0] - top[1] > EQUALITY_TIE, "a near-tie: pick another seed or prompt"
+            sequence = torch.cat([sequence, logits.argmax().view(1, 1)], 1)
+    return sequence[0, len(prompt):].tolist()
