@@ -127,7 +127,10 @@ def compiled_lean_step(
     step."""
     del structure, capture, batch, capacity, weights_dtype  # the cache key
     step = types.FunctionType(lean_step.__code__.replace(), lean_step.__globals__, lean_step.__name__)
-    options = {"guard_filter_fn": torch.compiler.skip_all_guards_unsafe}
+    # realize_acc_reads_threshold 1: a value that a reduction reads is computed once into a buffer. By default
+    # inductor inlines it, and with bf16 weights (`project` sums broadcast products) the LM head recomputed the final
+    # norm for each of its 32,256 rows (with it, deepseek-v3-tiny's bf16 step took 30% less time on one thread).
+    options = {"guard_filter_fn": torch.compiler.skip_all_guards_unsafe, "realize_acc_reads_threshold": 1}
     options.update({"triton.cudagraphs": True} if device_type == "cuda" else {"cpp_wrapper": True})
     return torch.compile(step, dynamic=False, options=options)
 
