@@ -153,7 +153,7 @@ def test_mla_decodes_from_the_latent_cache_without_expanding_per_head_keys_or_va
     assert any(s == (batch, 1, context, config.kv_lora_rank) for s in recorder.shapes)
 
 
-def test_seeded_sampling_is_reproducible_and_draws_like_transformers(attention_type, tiny_model):
+def test_seeded_sampling_is_reproducible_and_unseeded_sampling_draws_like_transformers(attention_type, tiny_model):
     model = tiny_model(attention_type=attention_type)
     sampling = Sampling(temperature=0.9, top_k=40, top_p=0.9, min_p=0.02, repetition_penalty=1.3, seed=7)
 
@@ -165,12 +165,29 @@ def test_seeded_sampling_is_reproducible_and_draws_like_transformers(attention_t
     assert sample(lean, sampling) == first
     assert sample(previous, sampling) == first
     assert sample(lean, Sampling(**{**vars(sampling), "seed": 8})) != first
+    # From torch's global stream the draws are transformers' own.
+    unseeded = Sampling(**{**vars(sampling), "seed": None})
+    torch.manual_seed(7)
+    ours = sample(lean, unseeded)
     input_ids, attention_mask = left_pad(PROMPTS, pad_token_id=0)
     torch.manual_seed(7)
     reference = transformers_generate(
         model, input_ids, attention_mask=attention_mask, max_new_tokens=12, pad_token_id=0, **sampling.generate_kwargs()
     )
-    assert reference[:, input_ids.shape[1]:].tolist() == first
+    assert reference[:, input_ids.shape[1]:].tolist() == ours
+
+
+def test_a_private_stream_samples_the_distribution_and_never_a_token_without_probability(monkeypatch):
+    probabilities = torch.tensor([0.0, 0.5, 0.0, 0.2, 0.3, 0.0])
+    scores = probabilities.log().expand(4, -1)
+    sampling, generator = Sampling(temperature=1.0, top_k=0), torch.Generator().manual_seed(0)
+    draws = torch.cat([sampling.choose(scores, generator) for _ in range(5000)])
+    frequencies = torch.bincount(draws, minlength=6) / len(draws)
+    assert frequencies[probabilities == 0].sum() == 0
+    assert torch.allclose(frequencies, probabilities, atol=0.015)  # 20,000 draws: over 4 standard deviations
+    # The largest uniform draw still lands on the last token with a probability, not past it.
+    monkeypatch.setattr(torch, "rand", lambda *args, **kwargs: torch.full((4, 1), 1 - 2**-24))
+    assert sampling.choose(scores, generator).tolist() == [4] * 4
 
 
 def test_top_k_of_one_is_greedy(tiny_model):
