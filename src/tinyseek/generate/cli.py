@@ -43,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 WEIGHT_CHOICES = ("auto", "fp32", "bf16")  # tinyseek.device.WEIGHT_CHOICES, named here without importing torch
-# bf16 stays opt-in until the decode-bf16 block (docs/decode.md) shows it meets the agreement rule there.
+# bf16 meets the agreement rule (docs/decode.md, decode-bf16 block) and speeds up the compiled step, but the default
+# eager step decodes a single row slower with bf16 weights (the same block's eager columns), so it stays opt-in:
+# `--compile --weights auto` is the fast pair on CPUs with bf16 units.
 DEFAULT_WEIGHTS = "fp32"
 
 
