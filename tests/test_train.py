@@ -16,7 +16,6 @@ import yaml
 
 from tinyseek import TinySeekForCausalLM
 from tinyseek.cli import main as tinyseek_main
-from tinyseek.data.tokenizer import encode_prompt
 from tinyseek.loading import load_model_and_tokenizer
 from tinyseek.train import latest_checkpoint, load_config
 from tinyseek.train.checkpoint import list_checkpoints
@@ -392,9 +391,11 @@ def test_the_budget_holds_when_steps_slow_down_and_evaluations_take_time():
     assert run(keep_pace=True) == pytest.approx(1.0, abs=0.02)
 
 
-def test_trainer_samples_tinyseek_generate_and_model_generate_give_the_same_text(
+def test_trainer_samples_and_tinyseek_generate_draw_the_same_text_from_the_same_seed(
     tmp_path, tiny_corpus, capsys, tiny_trainer
 ):
+    # docs/generation.md: a seed starts a private stream, the trainer's samples and `tinyseek generate --seed` alike;
+    # model.generate() draws from torch's global stream as transformers does (tests/test_generate.py).
     sample = {"prompts": ["the cat"], "max_new_tokens": 8, "temperature": 0.8, "top_k": 50, "top_p": 0.95,
               "repetition_penalty": 1.1}
     trainer = tiny_trainer(tmp_path, tiny_corpus, max_steps=2, dtype="bf16", seed=5, sample=sample)
@@ -406,15 +407,8 @@ def test_trainer_samples_tinyseek_generate_and_model_generate_give_the_same_text
             "--temperature", "0.8", "--top-k", "50", "--top-p", "0.95", "--repetition-penalty", "1.1", "--seed", "5"]
     assert tinyseek_main(argv) == 0
     from_cli = capsys.readouterr().out
-
-    model, tokenizer = load_model_and_tokenizer(trainer.run_dir)
-    ids = torch.tensor([encode_prompt(tokenizer, "the cat")])
-    torch.manual_seed(5)
-    output = model.generate(ids, max_new_tokens=8, do_sample=True, temperature=0.8, top_k=50, top_p=0.95,
-                            repetition_penalty=1.1, eos_token_id=tokenizer.eos_token_id)
-    from_model = tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True)
-    assert from_trainer["continuation"] + "\n" == from_cli == from_model + "\n"
-    assert len(from_model) > 0
+    assert from_trainer["continuation"] + "\n" == from_cli
+    assert len(from_cli.strip()) > 0
 
 
 def test_resume_accepts_changed_training_knobs_and_logs_them_but_refuses_another_architecture(
