@@ -59,14 +59,18 @@ def run_schedule(batch: ContinuousBatch, schedule: dict[int, list[tuple]]) -> di
     return tokens
 
 
-def test_rows_that_join_and_leave_a_running_batch_each_decode_as_their_prompt_alone(attention_type, tiny_model):
+@pytest.mark.parametrize("join_by_steps", [0, 8], ids=["prefilled-in-chunks", "joining-by-decode-steps"])
+def test_rows_that_join_and_leave_a_running_batch_each_decode_as_their_prompt_alone(
+    attention_type, join_by_steps, tiny_model
+):
     model = tiny_model(2, attention_type=attention_type)
     lengths = [10, 6, 8, 7]
     expected = {owner: greedy_by_recomputation(model, PROMPTS[owner], lengths[owner]) for owner in range(4)}
     engine, greedy = GenerationEngine(model, eos_token_ids=[]), Sampling(temperature=0)
-    # Three rows at most: prompt 3 waits for a free row; the longer prompts are prefilled in chunks of 3 while the
-    # others keep decoding; rows leave at different steps, so rows move between slots.
-    batch = ContinuousBatch(engine, rows=3, prefill_chunk=3)
+    # Three rows at most: prompt 3 waits for a free row; the prompts that come while others decode are prefilled in
+    # chunks of 3 between the steps, or feed their tokens through the steps; rows leave at different steps, so rows
+    # move between slots.
+    batch = ContinuousBatch(engine, rows=3, prefill_chunk=3, join_by_steps=join_by_steps)
     tokens = run_schedule(batch, {
         0: [(0, PROMPTS[0], greedy, lengths[0])],
         2: [(1, PROMPTS[1], greedy, lengths[1]), (2, PROMPTS[2], greedy, lengths[2])],
@@ -91,6 +95,37 @@ def test_the_compiled_batch_decodes_as_each_prompt_alone(tiny_model):
     assert batch.compiled  # not fallen back to the eager step
 
 
+def test_a_compiled_server_compiles_each_batch_size_before_it_opens_and_never_while_serving(
+    tiny_model, letters_only, byte_tokenizer, monkeypatch
+):
+    from tinyseek.generate import batch as batch_module
+
+    first_calls = []  # batch sizes in the order their compiled step first ran: when it compiled
+    compile_step = batch_module.compiled_lean_step
+
+    def recording(*key):
+        step = compile_step(*key)
+
+        def call(*args):
+            if key not in [seen for seen, _ in first_calls]:
+                first_calls.append((key, key[2]))
+            return step(*args)
+        return call
+
+    monkeypatch.setattr(batch_module, "compiled_lean_step", recording)
+    model = letters_model(tiny_model, letters_only)
+    limits = Limits(max_body_bytes=1 << 20, max_streams=3, max_waiting=2, max_tokens=40)
+    app = create_app(model, byte_tokenizer, limits=limits, compile=True)
+    with LoopbackServer(app, start_timeout=600) as server:
+        assert [size for _, size in first_calls] == [1, 8]  # a batch of 3 rows runs on the 8-row step
+        before = list(first_calls)
+        choices = server.client().completions.create(model="tinyseek", prompt="ab", max_tokens=6, n=3,
+                                                     temperature=0).choices
+        assert first_calls == before and app.state.scheduler.batch.compiled
+    expected = bytes(greedy_by_recomputation(model, list(b"ab"), 6)).decode()
+    assert [choice.text for choice in choices] == [expected] * 3
+
+
 def test_a_seeded_row_draws_as_the_engine_alone_does_whatever_else_runs(tiny_model):
     model = tiny_model(3, attention_type="mla")
     engine = GenerationEngine(model, eos_token_ids=[])
@@ -100,6 +135,28 @@ def test_a_seeded_row_draws_as_the_engine_alone_does_whatever_else_runs(tiny_mod
     others = [(f"other {index}", PROMPTS[index % 4], Sampling(temperature=1.0, seed=index), 20) for index in range(7)]
     tokens = run_schedule(batch, {0: others[:4], 3: [("seeded", PROMPTS[2], sampling, 12)], 5: others[4:]})
     assert tokens["seeded"] == alone
+
+
+def test_copies_of_a_prompt_that_joins_by_decode_steps_start_from_its_cache_when_its_prompt_is_read(tiny_model):
+    model = tiny_model(4, attention_type="linear")  # a recurrent state: copied, not recomputed, for each copy
+    batch = ContinuousBatch(GenerationEngine(model, eos_token_ids=[]), rows=4)
+    greedy = Sampling(temperature=0)
+    tokens: dict[tuple, list[int]] = {}
+
+    def advance() -> None:
+        for owner, event in batch.advance():
+            tokens.setdefault((owner, event.row), []).append(event.token_id)
+
+    batch.add("running", PROMPTS[0], greedy, 12)
+    advance()
+    batch.add("copies", PROMPTS[1], greedy, 6, copies=3)
+    advance()
+    assert len(batch.running) == 2 and batch.room() == 0  # the copies' rows are held while the first reads the prompt
+    while batch.running or batch.prefills:
+        advance()
+    expected = greedy_by_recomputation(model, PROMPTS[1], 6)
+    assert [tokens[("copies", row)] for row in range(3)] == [expected] * 3
+    assert tokens[("running", 0)] == greedy_by_recomputation(model, PROMPTS[0], 12)
 
 
 def test_cancel_frees_the_rows_of_a_prefilling_or_running_owner_at_once(tiny_model):

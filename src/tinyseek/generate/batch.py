@@ -3,22 +3,25 @@ advances in one lean decode step per token (`tinyseek serve` runs its requests t
 
 Each row has a slot in caches preallocated for the whole batch, with its own length and position: it writes its own
 cache column and attends to its own columns (`tinyseek.decoding.Step`), so rows of any lengths share a step whatever
-the attention type. New prompts are prefilled through the model's forward, one chunk of at most ``prefill_chunk``
-tokens between two steps, so the running rows wait for one chunk at most: short prompts that arrived together go
-left-padded into one chunk (padding columns stay masked, as in `GenerationEngine.stream`), a long one goes alone
-in several. The caches are then copied into free slots (a prompt's ``copies``, OpenAI's ``n``, share its prefill). Rows keep their own sampling settings, logits
+the attention type. A prompt of at most ``join_by_steps`` tokens that arrives while rows are decoding joins at once
+and feeds its tokens through the decode steps, one a step, so the running rows never wait for it. Other prompts are
+prefilled through the model's forward, one chunk of at most ``prefill_chunk`` tokens between two steps, so the
+running rows wait for one chunk at most: short prompts that arrived together go left-padded into one chunk (padding
+columns stay masked, as in `GenerationEngine.stream`), a long one goes alone in several. A prompt's ``copies``
+(OpenAI's ``n``) share its prefill: its cache is copied into free slots. Rows keep their own sampling settings, logits
 processors, stop strings and random generator, so a seeded row draws the same tokens alone and among others unless
 batching's rounding moved its logits across a sampling boundary (docs/generation.md). A row that finishes or is
 cancelled frees its slot at once: the last running row moves into it, so the running rows always fill the first
 slots and the step runs on those alone (the compiled step on the smallest of `BATCH_SIZES` that holds them, each
-size compiled once).
+size compiled once: by `compile_steps` before the first request, where a server starts).
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -31,6 +34,12 @@ from tinyseek.generate.streaming import TextStream
 
 # Prompt tokens (padding included) prefilled between two steps: what the running rows wait for at most.
 PREFILL_CHUNK = 256
+# Prompts up to this many tokens that arrive while rows are decoding join the batch at once and feed their prompt
+# through its decode steps, one token a step, instead of a prefill between two steps. A prefill through the model's
+# forward costs the running rows a whole step's worth of waiting even for a few tokens (about 8 ms on the seed model,
+# one CPU thread, against a 32-row step of about 8 ms), while a joining row costs each step what one more row does.
+# A longer prompt would wait one step per token for its first one, and is prefilled in chunks instead.
+JOIN_BY_STEPS = 32
 # The batch sizes the compiled step is compiled for (a few compilations, not one per number of running rows).
 BATCH_SIZES = (1, 8, 32, 64)
 
@@ -73,6 +82,8 @@ class Row:
     generated: int = 0
     pending: int = 0
     finished: bool = False
+    feeding: deque[int] = field(default_factory=deque)  # prompt tokens still to feed after `pending`
+    joining: Prompt | None = None  # the prompt a row joining by decode steps feeds: its copies start with its 1st token
 
 
 @dataclass(eq=False)
@@ -120,11 +131,12 @@ class ContinuousBatch:
     ask for them. Only one thread may call these."""
 
     def __init__(self, engine: GenerationEngine, rows: int, *, compiled: bool = False,
-                 prefill_chunk: int = PREFILL_CHUNK):
+                 prefill_chunk: int = PREFILL_CHUNK, join_by_steps: int = JOIN_BY_STEPS):
         if not supports_lean_decoding(engine.model):
             raise ConfigError("continuous batching steps through the decode step of each layer's type; this model has "
                               "a layer whose type declares none, or is sharded")
-        self.engine, self.model, self.rows, self.prefill_chunk = engine, engine.model, rows, prefill_chunk
+        self.engine, self.model, self.rows = engine, engine.model, rows
+        self.prefill_chunk, self.join_by_steps = prefill_chunk, join_by_steps
         self.model.eval()  # a batch only decodes
         self.weights = engine.lean_weights()
         self.device = self.weights.head.device
@@ -147,7 +159,8 @@ class ContinuousBatch:
     def room(self) -> int:
         """Rows still free, counting those of the prompts waiting or being prefilled."""
         waiting = list(self.queued) + (self.prefilling.prompts if self.prefilling is not None else [])
-        return self.rows - len(self.running) - sum(prompt.copies for prompt in waiting)
+        copies_to_come = sum(row.joining.copies - 1 for row in self.running if row.joining is not None)
+        return self.rows - len(self.running) - sum(prompt.copies for prompt in waiting) - copies_to_come
 
     @property
     def prefills(self) -> list[Prompt]:
@@ -182,6 +195,10 @@ class ContinuousBatch:
     def phases(self) -> Iterator[list[tuple[object, TokenEvent]]]:
         """`advance`'s events as they come: the first tokens of the rows that joined, then the step's tokens (a
         server hands the first ones over before the step runs)."""
+        while self.prefilling is None and self.queued and self.running and (
+            len(self.queued[0].ids) <= self.join_by_steps
+        ):
+            self.join_by_steps_of(self.queued.popleft())
         if self.prefilling is None and self.queued:
             self.prefilling = self.next_prefill()
         if self.prefilling is not None:
@@ -246,6 +263,18 @@ class ContinuousBatch:
         self.free_finished()
         return [(owner, event) for owner, event in events if owner is not CANCELLED]
 
+    def join_by_steps_of(self, prompt: Prompt) -> None:
+        """The prompt's first copy takes the next slot, emptied, and feeds its prompt through the decode steps."""
+        slot = len(self.running)
+        for layer in self.caches:  # a recurrent state starts from zero; cache columns are written before they are read
+            map_tensors(layer, lambda tensor: slot_rows(tensor, self.slots, slot, slot + 1).zero_())
+        self.mask[slot] = float("-inf")
+        self.lengths[slot] = self.positions[slot] = 0
+        row = self.new_row(prompt, 0)
+        row.pending, row.feeding = prompt.ids[0], deque(prompt.ids[1:])
+        row.joining = prompt
+        self.running.append(row)
+
     def new_row(self, prompt: Prompt, index: int) -> Row:
         length = len(prompt.ids)
         sequence = torch.zeros(length + prompt.max_new_tokens, dtype=torch.long, device=self.device)
@@ -263,9 +292,49 @@ class ContinuousBatch:
     def step(self) -> list[tuple[object, TokenEvent]]:
         """One decode step of every running row, and each row's next token."""
         count = len(self.running)
-        batch = count
-        if self.compiled:
-            batch = next(size for size in (*(s for s in BATCH_SIZES if s < self.slots), self.slots) if size >= count)
+        batch = next(size for size in self.batch_sizes() if size >= count) if self.compiled else count
+        logits, routed = self.decode(batch, [row.pending for row in self.running],
+                                     any(row.capture for row in self.running))
+        for slot in range(count):
+            self.lengths[slot] += 1
+            self.positions[slot] += 1
+        experts = routed.tolist() if routed is not None else [[] for _ in range(batch)]
+        events = []
+        for slot, row in enumerate(self.running[:count]):
+            if row.feeding:  # still reading its prompt: no token yet
+                row.pending = row.feeding.popleft()
+                continue
+            joined = [row]
+            if row.joining is not None:  # its prompt is read: its copies start from its cache, with its logits
+                for copy in range(1, row.joining.copies):
+                    self.copy_slot(slot, len(self.running))
+                    self.running.append(self.new_row(row.joining, copy))
+                    joined.append(self.running[-1])
+                row.joining = None
+            events += [(each.owner, self.choose(each, logits[slot : slot + 1], experts[slot])) for each in joined]
+        self.free_finished()
+        return events
+
+    def batch_sizes(self) -> list[int]:
+        """The numbers of rows a compiled step runs on: the sizes of `BATCH_SIZES` below the slots, and the slots."""
+        return [*(size for size in BATCH_SIZES if size < self.slots), self.slots]
+
+    def compile_steps(self, announce: Callable[[int, float], None] = lambda rows, seconds: None) -> None:
+        """Compile the step for every batch size now, before any row runs (a server's startup), so that no request
+        waits seconds while its batch size compiles; ``announce(rows, seconds)`` follows each. The steps run on free
+        slots, which write their column 0 and are never read before a prompt is loaded into them."""
+        for size in self.batch_sizes():
+            if not self.compiled:  # compilation failed and was reported: the eager step needs none
+                return
+            start = time.perf_counter()
+            with fp32_inference(self.device.type):
+                self.decode(size, [], capture=False)
+            announce(size, time.perf_counter() - start)
+
+    def decode(self, batch: int, tokens: list[int], capture: bool) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """The logits (and routed experts, where captured) of one step of the first ``batch`` slots, fed
+        ``tokens`` (slots beyond them are free and fed token 0); None where a compile-only step (no tokens) found
+        that the step cannot compile."""
         columns = self.lengths[:batch]  # a free slot in a compiled batch writes its column 0, never read
         column = torch.tensor(columns, dtype=torch.long, device=self.device)
         positions = torch.tensor(self.positions[:batch], dtype=torch.long, device=self.device)
@@ -275,27 +344,17 @@ class ContinuousBatch:
         else:
             length = max(columns) + 1
             mask = self.mask[:batch, ..., :length]
-        tokens = torch.tensor([row.pending for row in self.running] + [0] * (batch - count), device=self.device)
+        fed = torch.tensor(tokens + [0] * (batch - len(tokens)), device=self.device)
         caches = [map_tensors(layer, lambda tensor: slot_rows(tensor, self.slots, 0, batch)) for layer in self.caches]
-        capture = any(row.capture for row in self.running)
         try:
-            logits, routed = self.step_function(batch, capture)(
-                self.weights, caches, tokens, positions, column, mask, length, capture
-            )
+            return self.step_function(batch, capture)(self.weights, caches, fed, positions, column, mask, length,
+                                                      capture)
         except Exception as error:  # noqa: BLE001 - whatever stops compilation (no C++ compiler, an unsupported op)
             if not self.compiled:
                 raise
             warn_compile_failed(error)
             self.compiled = False
-            return self.step()
-        for slot in range(count):
-            self.lengths[slot] += 1
-            self.positions[slot] += 1
-        experts = routed.tolist() if routed is not None else [[] for _ in range(batch)]
-        events = [(row.owner, self.choose(row, logits[slot : slot + 1], experts[slot]))
-                  for slot, row in enumerate(self.running)]
-        self.free_finished()
-        return events
+            return self.decode(len(tokens), tokens, capture) if tokens else None
 
     def step_function(self, batch: int, capture: bool):
         if not self.compiled:

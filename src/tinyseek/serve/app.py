@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from importlib import resources
@@ -37,6 +38,11 @@ STATIC = resources.files("tinyseek.serve") / "static"
 ERROR_TYPES = {404: "not_found_error", 503: "server_overloaded"}
 
 
+def announce_compiled(rows: int, seconds: float) -> None:
+    print(f"  compiled the decode step for {rows} row{'s' if rows > 1 else ''} in {seconds:.1f} s", file=sys.stderr,
+          flush=True)
+
+
 def create_app(model, tokenizer, *, model_name: str = "tinyseek", limits: Limits = Limits(),
                exposure: Exposure = Exposure(), compile: bool = False, weights: str = "fp32",
                chat_template_for_base_model: bool = False) -> FastAPI:
@@ -52,7 +58,7 @@ def create_app(model, tokenizer, *, model_name: str = "tinyseek", limits: Limits
         model, tokenizer, decoder="compiled" if compile else "lean", weights=weights, eos_token_ids=stop_ids
     )
     scheduler = Scheduler(engine, model.device, max_streams=limits.max_streams, max_waiting=limits.max_waiting,
-                          compile=compile)
+                          compile=compile, announce_compiled=announce_compiled)
     metrics = ServerMetrics(scheduler)
     config = model.config
     moe_layers = [index for index, layer in enumerate(model.model.layers) if layer.feed_forward_spec.routes]
@@ -60,6 +66,10 @@ def create_app(model, tokenizer, *, model_name: str = "tinyseek", limits: Limits
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         scheduler.start()
+        if compile:
+            print(f"compiling the decode step for {', '.join(map(str, scheduler.batch.batch_sizes()))} rows before "
+                  "serving", file=sys.stderr, flush=True)
+        await asyncio.to_thread(scheduler.ready.wait)  # the socket opens once no request would wait for a compile
         yield
         scheduler.stop()
 

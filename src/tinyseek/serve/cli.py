@@ -26,8 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto (default)")
     parser.add_argument(
         "--compile", action="store_true",
-        help="decode with the step compiled by torch.compile: faster tokens, but the first step at each batch size "
-             "(1, 8, 32, 64 rows) waits a few seconds while it compiles",
+        help="decode with the step compiled by torch.compile: faster tokens, after a startup that compiles the step "
+             "once per batch size (1, 8, 32, 64 rows; seconds each) before it opens the port",
     )
     add_weights_argument(parser)
     parser.add_argument(
