@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import multiprocessing
 import socket
 import time
 from collections import Counter
@@ -27,8 +26,10 @@ import httpx
 import psutil
 import torch
 
-from tinyseek.serve.app import Limits, create_app
+from tinyseek.serve.app import Limits
 from tinyseek.testing import streamed_chunks
+
+from server_process import server_process  # benchmarks/, beside this script
 
 ROUNDS = 3
 RSS_TOLERANCE_MIB = 16
@@ -58,23 +59,6 @@ def bodies() -> list[tuple[str, bytes, Iterable[bytes]]]:
          [b"%x\r\n%s\r\n" % (len(piece), piece) for _ in range(MAX_BODY_BYTES // len(piece) + 2)] + [b"0\r\n\r\n"]),
         ("not HTTP", b"\x16\x03\x01\x02\x00 hello\r\n\r\n", []),
     ]
-
-
-def serve(args, load_model: Callable, limits: Limits, port: int) -> None:
-    """The server process: the model and uvicorn, on `port` of the loopback interface, until terminated."""
-    import uvicorn
-
-    torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(args)
-    config = uvicorn.Config(create_app(model, tokenizer, limits=limits), host="127.0.0.1", port=port,
-                            log_level="error", timeout_graceful_shutdown=5)
-    uvicorn.Server(config).run()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 async def slow_reader(port: int, bound: float, max_tokens: int) -> int:
@@ -169,20 +153,7 @@ def run(args, load_model: Callable, well_behaved: Callable) -> int:
     limits = Limits(max_body_bytes=MAX_BODY_BYTES, max_streams=args.max_streams,
                     max_waiting=args.streams + plan["slow"] + plan["disconnecting"],
                     max_tokens=max(args.max_tokens, plan["slow_tokens"]))
-    port = free_port()
-    server = multiprocessing.get_context("spawn").Process(target=serve, args=(args, load_model, limits, port))
-    server.start()
-    try:
-        deadline = time.monotonic() + args.timeout
-        while True:
-            try:
-                httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"prompt": "hi", "max_tokens": 2},
-                           timeout=args.timeout).raise_for_status()  # also pays the one-off costs
-                break
-            except httpx.TransportError:
-                if not server.is_alive() or time.monotonic() > deadline:
-                    raise RuntimeError("the server did not start") from None
-                time.sleep(0.2)
+    with server_process(args, load_model, limits) as (port, server):
         memory = psutil.Process(server.pid)
         print(f"hostile load, {ROUNDS} rounds against one server process: --max-streams {args.max_streams}, "
               f"{args.threads} torch threads; each round at once: {args.streams} well-behaved streams x "
@@ -205,8 +176,3 @@ def run(args, load_model: Callable, well_behaved: Callable) -> int:
         health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=args.timeout).json()
         print(f"after the rounds the server holds {health['requests']} requests")
         return 1 if failed or not steady or health["requests"] else 0
-    finally:
-        server.terminate()
-        server.join(30)
-        if server.is_alive():
-            server.kill()

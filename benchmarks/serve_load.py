@@ -1,8 +1,8 @@
 """Load on `tinyseek serve`: 1, 8, 32 and 64 concurrent streaming completions against one server, eager and compiled.
 
-For each path (the default eager step, and `--compile`'s compiled step) it starts one server in this process (its
-generation thread and the HTTP event loop, on a loopback port) with `--max-streams 64`, and fires each number of
-streams at it in turn from an asynchronous client, each stream asking for `--max-tokens` tokens (sampled with its own
+For each path (the default eager step, and `--compile`'s compiled step) it starts one server in a child process, as
+`tinyseek serve` runs (its generation thread and the HTTP event loop, on a loopback port), with `--max-streams 64`,
+and fires each number of streams at it in turn from an asynchronous client in this process, each stream asking for `--max-tokens` tokens (sampled with its own
 seed; EOS can end one early, and the count says so). Per number of streams it prints the total generated tokens per
 second, time to first token and inter-token latency (p50 and p99) and errors; per path, the total at 32 streams over
 the total at 1 (target: at least 5x) and the p99 inter-token latency at 32 streams over the time of one batched
@@ -35,9 +35,10 @@ from tinyseek.generate.batch import ContinuousBatch
 from tinyseek.generate.engine import GenerationEngine
 from tinyseek.generate.sampling import Sampling
 from tinyseek.loading import load_from_arguments
-from tinyseek.serve.app import Limits, create_app
-from tinyseek.serve.background import BackgroundServer
+from tinyseek.serve.app import Limits
 from tinyseek.testing import streamed_chunks
+
+from server_process import server_process  # benchmarks/, beside this script
 
 PROMPT = "Once upon a time there was a little dog who"
 MAX_STREAMS = 64
@@ -145,12 +146,12 @@ def batch_step_seconds(engine: GenerationEngine, tokenizer, rows: int, compiled:
     return (time.perf_counter() - start) / steps
 
 
-def measure_path(model, tokenizer, compiled: bool, args) -> list[tuple[int, list[StreamResult], float]]:
+def measure_path(compiled: bool, args) -> list[tuple[int, list[StreamResult], float]]:
     limits = Limits(max_streams=MAX_STREAMS, max_waiting=max(args.streams), max_tokens=args.max_tokens)
-    with BackgroundServer(create_app(model, tokenizer, limits=limits, compile=compiled)) as server:
-        url = f"{server.url}/v1/completions"
-        # One round first, at the most streams: the measured ones pay no one-off costs (the compiled step compiles
-        # once per batch size, and a ramp to the most streams passes through every size).
+    with server_process(args, load_model, limits, compile=compiled) as (port, _):
+        url = f"http://127.0.0.1:{port}/v1/completions"
+        # One round first, at the most streams: the measured ones pay no one-off costs (the first prefill of each
+        # shape, the allocator's first growth).
         asyncio.run(asyncio.wait_for(well_behaved_streams(url, max(args.streams), 4), args.timeout))
         return [(streams, *asyncio.run(asyncio.wait_for(well_behaved_streams(url, streams, args.max_tokens),
                                                         args.timeout)))
@@ -201,7 +202,7 @@ def main() -> None:
           f"{len(encode_prompt(tokenizer, PROMPT))} tokens; latencies in seconds")
     engine = GenerationEngine(model, tokenizer)
     for path in args.paths:
-        rows = measure_path(model, tokenizer, PATHS[path], args)
+        rows = measure_path(PATHS[path], args)
         step_32 = batch_step_seconds(engine, tokenizer, 32, PATHS[path]) if 32 in args.streams else None
         report_path(path, rows, step_32)
 
