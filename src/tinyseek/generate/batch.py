@@ -36,9 +36,10 @@ from tinyseek.generate.streaming import TextStream
 PREFILL_CHUNK = 256
 # Prompts up to this many tokens that arrive while rows are decoding join the batch at once and feed their prompt
 # through its decode steps, one token a step, instead of a prefill between two steps. A prefill through the model's
-# forward costs the running rows a whole step's worth of waiting even for a few tokens (about 8 ms on the seed model,
-# one CPU thread, against a 32-row step of about 8 ms), while a joining row costs each step what one more row does.
-# A longer prompt would wait one step per token for its first one, and is prefilled in chunks instead.
+# forward stalls the running rows for a large part of a step even for a few tokens (seed model, one CPU thread: about
+# 4 ms for one 11-token prompt and 7 ms for five, against about 9 ms for a 32-row step), while a joining row costs
+# each step what one more row does. A longer prompt would wait one step per token for its first one, and is prefilled
+# in chunks instead.
 JOIN_BY_STEPS = 32
 # The batch sizes the compiled step is compiled for (a few compilations, not one per number of running rows).
 BATCH_SIZES = (1, 8, 32, 64)
@@ -252,10 +253,7 @@ class ContinuousBatch:
             joined.append((self.new_row(prompt, 0), index))
         self.running += [row for row, _ in joined]
         for row, index in list(joined):
-            for copy in range(1, prefill.prompts[index].copies):
-                self.copy_slot(first + index, len(self.running))
-                self.running.append(self.new_row(prefill.prompts[index], copy))
-                joined.append((self.running[-1], index))
+            joined += [(copy, index) for copy in self.start_copies(prefill.prompts[index], first + index)]
         events = [(row.owner, self.choose(row, logits[index : index + 1], experts[index] if experts else []))
                   for row, index in joined]
         for row in self.running:
@@ -274,6 +272,16 @@ class ContinuousBatch:
         row.pending, row.feeding = prompt.ids[0], deque(prompt.ids[1:])
         row.joining = prompt
         self.running.append(row)
+
+    def start_copies(self, prompt: Prompt, slot: int) -> list[Row]:
+        """Copies 1.. of a prompt whose first copy's cache in ``slot`` holds the whole prompt: each runs from a
+        copy of that cache, in the next free slot."""
+        copies = []
+        for copy in range(1, prompt.copies):
+            self.copy_slot(slot, len(self.running))
+            self.running.append(self.new_row(prompt, copy))
+            copies.append(self.running[-1])
+        return copies
 
     def new_row(self, prompt: Prompt, index: int) -> Row:
         length = len(prompt.ids)
@@ -306,10 +314,7 @@ class ContinuousBatch:
                 continue
             joined = [row]
             if row.joining is not None:  # its prompt is read: its copies start from its cache, with its logits
-                for copy in range(1, row.joining.copies):
-                    self.copy_slot(slot, len(self.running))
-                    self.running.append(self.new_row(row.joining, copy))
-                    joined.append(self.running[-1])
+                joined += self.start_copies(row.joining, slot)
                 row.joining = None
             events += [(each.owner, self.choose(each, logits[slot : slot + 1], experts[slot])) for each in joined]
         self.free_finished()

@@ -58,18 +58,18 @@ def create_app(model, tokenizer, *, model_name: str = "tinyseek", limits: Limits
         model, tokenizer, decoder="compiled" if compile else "lean", weights=weights, eos_token_ids=stop_ids
     )
     scheduler = Scheduler(engine, model.device, max_streams=limits.max_streams, max_waiting=limits.max_waiting,
-                          compile=compile, announce_compiled=announce_compiled)
+                          compile=compile)
     metrics = ServerMetrics(scheduler)
     config = model.config
     moe_layers = [index for index, layer in enumerate(model.model.layers) if layer.feed_forward_spec.routes]
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        scheduler.start()
-        if compile:
+        if compile:  # before the generation thread starts and the socket opens: no request waits for a compile
             print(f"compiling the decode step for {', '.join(map(str, scheduler.batch.batch_sizes()))} rows before "
                   "serving", file=sys.stderr, flush=True)
-        await asyncio.to_thread(scheduler.ready.wait)  # the socket opens once no request would wait for a compile
+            await asyncio.to_thread(scheduler.batch.compile_steps, announce_compiled)
+        scheduler.start()
         yield
         scheduler.stop()
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -50,11 +49,8 @@ class Job:
 class Scheduler:
     """Admits generations while `max_streams` rows are free, and keeps up to `max_waiting` more in line."""
 
-    def __init__(self, engine, device: torch.device, *, max_streams: int, max_waiting: int, compile: bool = False,
-                 announce_compiled: Callable[[int, float], None] = lambda rows, seconds: None):
+    def __init__(self, engine, device: torch.device, *, max_streams: int, max_waiting: int, compile: bool = False):
         self.engine, self.device = engine, device
-        self.announce_compiled = announce_compiled
-        self.ready = threading.Event()  # set once every compiled batch size is compiled: requests may come
         self.max_streams, self.max_waiting = max_streams, max_waiting
         self.batch = ContinuousBatch(engine, max_streams, compiled=compile)
         self.waiting: deque[Job] = deque()
@@ -107,11 +103,6 @@ class Scheduler:
         return len(self.batch.running) + sum(prefill.copies for prefill in prefills)
 
     def run(self) -> None:
-        try:
-            if self.batch.compiled:
-                self.batch.compile_steps(self.announce_compiled)
-        finally:
-            self.ready.set()
         while True:
             with self.wakeup:
                 while not self.stopping and not self.waiting and not self.active:
