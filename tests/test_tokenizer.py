@@ -54,6 +54,25 @@ def test_trained_tokenizer_round_trips_and_has_its_special_tokens_where_its_meta
         assert tokenizer.decode(ids) == text
 
 
+def test_the_shipped_tinystories_bpe_is_what_tokenizer_train_makes_from_the_builtin_stories(tmp_path):
+    from tinyseek.data.builtin import BUILTIN_STORIES_TOKENIZER
+    from tinyseek.data.chat import CHAT_TOKENS
+    from tinyseek.data.instruct import held_out_stories
+
+    assert tinyseek(["tokenizer", "train", "--data", "builtin", "--vocab-size", "4096", "--out", str(tmp_path)]) == 0
+    for shipped in BUILTIN_STORIES_TOKENIZER.iterdir():
+        if shipped.name != "README.md":
+            assert (tmp_path / shipped.name).read_bytes() == shipped.read_bytes(), shipped.name
+    tokenizer = load_tokenizer("builtin-tinystories-bpe")
+    assert len(tokenizer) == 4096 and tokenizer.convert_tokens_to_ids(list(CHAT_TOKENS)) == [3, 4, 5]
+    # Fewer tokens per byte than DeepSeek-Coder's 32k vocabulary, on stories it was not trained on.
+    stories = held_out_stories()
+    counts = [sum(len(one.encode(text, add_special_tokens=False)) for text in stories)
+              for one in (tokenizer, load_tokenizer("builtin"))]
+    assert counts[0] < counts[1]
+    assert all(tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)) == text for text in stories)
+
+
 def test_training_refuses_a_vocabulary_smaller_than_the_byte_alphabet(tmp_path):
     with pytest.raises(ValueError, match="--vocab-size must exceed 262"):
         train_bpe_tokenizer(write_corpus(tmp_path / "corpus.jsonl"), 100, tmp_path / "bpe")

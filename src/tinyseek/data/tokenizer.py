@@ -12,14 +12,15 @@ from pathlib import Path
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from transformers.utils import logging as transformers_logging
 
-from tinyseek.data.builtin import BUILTIN_TOKENIZER, is_builtin
+from tinyseek.data.builtin import builtin_tokenizer
 from tinyseek.data.hub import first_line, require_hub
 from tinyseek.data.sources import open_source
 from tinyseek.durable import staging_directory
 from tinyseek.errors import ConfigError, FileError, InputError, TinySeekError
 
 LOCAL_TOKENIZER_HINT = (
-    "for a local tokenizer pass --tokenizer PATH (a tokenizer directory or tokenizer.json), or --tokenizer builtin"
+    "for a local tokenizer pass --tokenizer PATH (a tokenizer directory or tokenizer.json), or --tokenizer builtin "
+    "(or builtin-tinystories-bpe)"
 )
 # A bare tokenizer.json names no EOS token; these are the usual ones, in order of preference.
 EOS_CANDIDATES = ("<｜end▁of▁sentence｜>", "<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<|eos|>")
@@ -43,9 +44,10 @@ def _looks_like_path(spec: str) -> bool:
 
 
 def load_tokenizer(spec: str | Path) -> PreTrainedTokenizerFast:
-    """A fast tokenizer with an EOS token, from a Hub name, a local directory, a tokenizer.json file or `builtin`."""
+    """A fast tokenizer with an EOS token, from a Hub name, a local directory, a tokenizer.json file or a built-in
+    name (`builtin`, `builtin-tinystories-bpe`)."""
     spec = str(spec)
-    path = BUILTIN_TOKENIZER if is_builtin(spec) else Path(spec).expanduser()
+    path = builtin_tokenizer(spec) or Path(spec).expanduser()
     if path.is_file() and path.name == "tokenizer.json" and (path.parent / "tokenizer_config.json").is_file():
         path = path.parent
     try:

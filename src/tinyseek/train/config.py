@@ -26,7 +26,7 @@ from pydantic import (
     field_validator,
 )
 
-from tinyseek.data.builtin import is_builtin
+from tinyseek.data.builtin import builtin_tokenizer
 from tinyseek.errors import ConfigError, FileError
 from tinyseek.generate.sampling import Sampling
 from tinyseek.train.budget import parse_duration
@@ -384,7 +384,7 @@ def find_relative_tokenizer(tree: dict[str, Any], config_path: Path) -> None:
     neither is an error that says where it looked; anything else may still be a Hub name."""
     data = tree.get("data")
     spec = data.get("tokenizer") if isinstance(data, dict) else None
-    if not isinstance(spec, str) or is_builtin(spec) or Path(spec).expanduser().is_absolute():
+    if not isinstance(spec, str) or builtin_tokenizer(spec) or Path(spec).expanduser().is_absolute():
         return
     places = [Path.cwd() / spec, config_path.resolve().parent / spec]
     found = next((place for place in places if place.exists()), None)
