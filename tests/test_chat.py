@@ -172,6 +172,26 @@ def test_the_shipped_instruction_data_is_what_the_script_makes(tmp_path):
     assert any("tinyseek developers" in row["messages"][1]["content"] for row in rows if row["kind"] == "self")
 
 
+def test_each_about_conversation_also_comes_renamed_to_another_introduced_name():
+    from tinyseek.data.instruct import RENAMED_COPIES
+
+    with gzip.open(BUILTIN_INSTRUCT, "rt", encoding="utf-8") as handle:
+        about = [row for row in map(json.loads, handle) if row["kind"] == "about"]
+    originals = [row for row in about if "renamed_from" not in row]
+    assert len(about) == (1 + RENAMED_COPIES) * len(originals)
+    assert len({row["name"] for row in about}) > 100  # far more than the handful of names TinyStories repeats
+    source = None
+    for row in about:
+        if "renamed_from" not in row:
+            source = row
+            continue
+        assert row["renamed_from"] == source["name"] != row["name"]
+        old = re.compile(rf"\b{source['name']}\b")
+        for before, after in zip(source["messages"], row["messages"], strict=True):
+            assert after["content"] == old.sub(row["name"], before["content"])
+            assert row["name"] in after["content"] and not old.search(after["content"])
+
+
 def test_held_out_stories_are_a_stable_share_and_give_no_conversation():
     stories, held_out = builtin_stories(), held_out_stories()
     assert 0.03 * len(stories) < len(held_out) < 0.07 * len(stories)

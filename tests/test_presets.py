@@ -194,14 +194,14 @@ def test_cpu_chat_pretrains_then_fine_tunes_into_a_model_that_tinyseek_chat_talk
                  "--set", f"data.cache_dir={data_cache}"]
     assert tinyseek(arguments) == 0
     err = capsys.readouterr().err
-    assert "max_steps 2 from the command line replaces the config's time_budget 9m" in err
-    assert "sft.max_steps 2 from the command line replaces the config's sft.time_budget 4m" in err
+    assert "max_steps 2 from the command line replaces the config's time_budget 4m" in err
+    assert "sft.max_steps 2 from the command line replaces the config's sft.time_budget 9m" in err
     assert train_steps(run / "pretrain") == [2] and train_steps(run) == [2]
     base, chat = (json.loads((latest_checkpoint(folder) / "config.json").read_text()) for folder in (run / "pretrain", run))
     assert not is_chat_trained(base) and is_chat_trained(chat)
     assert chat["attention_type"] == "mla" and chat["ffn_type"] == "moe"  # an architecture that exports
     written = yaml.safe_load((run / "config.yaml").read_text())
-    assert written["stages"] == ["sft"] and written["data"]["seq_len"] == 1280 and written["optim"]["lr"] == 1e-3
+    assert written["stages"] == ["sft"] and written["data"]["seq_len"] == 1280 and written["optim"]["lr"] == 2e-3
 
     monkeypatch.setattr("sys.stdin", io.StringIO("Write a story about a dog named Max.\n"))
     assert tinyseek(["chat", "--run-dir", str(run), "--temperature", "0", "--max-new-tokens", "4"]) == 0

@@ -28,6 +28,11 @@ HELD_OUT_PER_THOUSAND = 50  # 5% of the stories, about 115 of the sample's 2,316
 MIN_STORY_SENTENCES = 4
 CONTINUE_PROMPT_SENTENCES = 2
 REQUIRED_WORDS = 3
+# Each `about` conversation is also written twice with its character renamed, to names drawn from those the training
+# stories introduce. TinyStories reuses a few names (Lily, Tim, Ben, ...), so a model can pass "a story about Lily"
+# by writing the names it writes anyway; the renamed copies make copying the requested name the only way to be right.
+RENAMED_COPIES = 2
+RENAME_STREAM = 0x6E616D65  # keeps the renaming's draws apart from the story's own chooser
 
 # Adjectives that, between an article and a noun, make a thing worth naming in "a story about Lily and a red ball".
 THING_ADJECTIVES = frozenset(
@@ -221,11 +226,25 @@ def tinyseek_conversations() -> Iterator[dict]:
                         break
 
 
+def renamed(made: dict, new_name: str) -> dict:
+    """An `about` conversation with its character's name replaced by `new_name` in the request and the story."""
+    old_name = re.compile(rf"\b{re.escape(made['name'])}\b")
+    messages = [{**message, "content": old_name.sub(new_name, message["content"])} for message in made["messages"]]
+    return {**made, "messages": messages, "name": new_name, "renamed_from": made["name"]}
+
+
 def instruct_conversations() -> Iterator[dict]:
-    """The built-in instruction set, in a fixed order: the stories' conversations, then tinyseek's."""
-    for text in builtin_stories():
-        if not is_held_out_story(text):
-            yield from story_conversations(text)
+    """The built-in instruction set, in a fixed order: each training story's conversations with the renamed copies
+    of its `about` one, then tinyseek's."""
+    made_by_story = [(text, story_conversations(text)) for text in builtin_stories() if not is_held_out_story(text)]
+    # Names a story introduces ("a girl named Mia"): a capitalised word said twice may be "Good" or "Truck".
+    names = sorted({introduced.group(2) for text, _ in made_by_story if (introduced := NAMED.search(text))})
+    for text, made in made_by_story:
+        yield from made
+        chooser = random.Random(text_hash(text) ^ RENAME_STREAM)
+        others = sorted(set(names) - set(re.findall(r"[A-Za-z]+", text)))  # no namesake of anyone in the story
+        for about in (one for one in made if one["kind"] == ABOUT_KIND):
+            yield from (renamed(about, new_name) for new_name in chooser.sample(others, RENAMED_COPIES))
     yield from tinyseek_conversations()
 
 
