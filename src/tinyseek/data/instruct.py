@@ -238,11 +238,11 @@ def instruct_conversations() -> Iterator[dict]:
     of its `about` one, then tinyseek's."""
     made_by_story = [(text, story_conversations(text)) for text in builtin_stories() if not is_held_out_story(text)]
     # Names a story introduces ("a girl named Mia"): a capitalised word said twice may be "Good" or "Truck".
-    names = sorted({introduced.group(2) for text, _ in made_by_story if (introduced := NAMED.search(text))})
+    names = {introduced.group(2) for text, _ in made_by_story if (introduced := NAMED.search(text))}
     for text, made in made_by_story:
         yield from made
         chooser = random.Random(text_hash(text) ^ RENAME_STREAM)
-        others = sorted(set(names) - set(re.findall(r"[A-Za-z]+", text)))  # no namesake of anyone in the story
+        others = sorted(names - set(re.findall(r"[A-Za-z]+", text)))  # no namesake of anyone in the story
         for about in (one for one in made if one["kind"] == ABOUT_KIND):
             yield from (renamed(about, new_name) for new_name in chooser.sample(others, RENAMED_COPIES))
     yield from tinyseek_conversations()
