@@ -3,11 +3,11 @@
 For each path (the default eager step, and `--compile`'s compiled step) it starts one server in a child process, as
 `tinyseek serve` runs (its generation thread and the HTTP event loop, on a loopback port), with `--max-streams 64`,
 and fires each number of streams at it in turn from an asynchronous client in this process, each stream asking for
-`--max-tokens` tokens (sampled with its own seed; EOS can end one early, and the count says so). Per number of streams it prints the total generated tokens per
-second, time to first token and inter-token latency (p50 and p99) and errors; per path, the total at 32 streams over
-the total at 1 (target: at least 5x) and the p99 inter-token latency at 32 streams over the time of one batched
-decode step of 32 rows, measured alone in the same process (target: at most 1.5x, so no request stalls behind
-another's prefill).
+`--max-tokens` tokens (sampled with its own seed; EOS can end one early, and the count says so). Per number of
+streams it prints the total generated tokens per second, time to first token and inter-token latency (p50 and p99)
+and errors; per path, the total at 32 streams over the total at 1 (target: at least 5x) and the p99 inter-token
+latency at 32 streams over the time of one batched decode step of 32 rows, measured alone in the same process
+(target: at most 1.5x, so no request stalls behind another's prefill).
 
     python benchmarks/serve_load.py [--run-dir DIR | --model DIR] [--paths eager,compiled] [--max-tokens 64]
                                     [--threads N] [--quick]
