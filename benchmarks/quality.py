@@ -44,8 +44,9 @@ import torch
 from tinyseek.data import TokenDataset, load_tokenizer, open_source, resolve_data, train_bpe_tokenizer
 from tinyseek.evaluation import continuations, score_split
 from tinyseek.train.budget import Horizon, TimeBudget, parse_duration
-from tinyseek.train.config import DataConfig, ScheduleConfig, load_config
+from tinyseek.train.config import DataConfig, OptimConfig, ScheduleConfig, load_config
 from tinyseek.train.metrics import read_metrics
+from tinyseek.train.optim import build_optimizer
 from tinyseek.train.schedule import lr_multiplier, moved_horizon
 from tinyseek.train.trainer import Trainer
 
@@ -64,6 +65,12 @@ EVAL_SEQ_LEN = 256
 THROUGHPUT_WARMUP_STEPS = 6
 SPLIT = {"split_by": "title", "val_fraction": 0.05}  # the same held-out books for every run and tokenizer
 REFERENCE = "reference"
+# The reference with a lever of tinyseek's recipe, to check whether the lever helps it too (then it gets it): name ->
+# the optimizer settings of tinyseek's registered builder that replace its AdamW.
+REFERENCE_VARIANTS = {
+    REFERENCE: None,
+    "reference-muon": {"name": "muon", "lr_multipliers": {"muon": 3.0}},
+}
 SCREENING_HEADING = "## Screening"
 
 # name -> (preset, overrides). Screening variants change one lever of their base at a time. A run whose overrides
@@ -111,10 +118,29 @@ RUNS: dict[str, tuple[str, dict]] = {
     "screen-mla-moe-batch-32": (
         "cpu-15min", {"model": {"preset": "deepseek-v3-tiny"}, "data": {"micro_batch_size": 32}}),
     "screen-mla-moe-layers-6": ("cpu-15min", {"model": {"preset": "deepseek-v3-tiny", "num_hidden_layers": 6}}),
+    # Issue 24's screens on the same base: the MoE's own knobs (the active width per token kept at 4 x 64 unless the
+    # lever is the width itself) and the shape of the schedule.
+    "screen-mla-moe-experts-8": ("cpu-15min", {"model": {"preset": "deepseek-v3-tiny", "n_routed_experts": 8}}),
+    "screen-mla-moe-experts-32": ("cpu-15min", {"model": {"preset": "deepseek-v3-tiny", "n_routed_experts": 32}}),
+    "screen-mla-moe-experts-32-of-32": ("cpu-15min", {"model": {
+        "preset": "deepseek-v3-tiny", "n_routed_experts": 32, "moe_intermediate_size": 32, "num_experts_per_tok": 8}}),
+    "screen-mla-moe-top-2": ("cpu-15min", {"model": {"preset": "deepseek-v3-tiny", "num_experts_per_tok": 2}}),
+    "screen-mla-moe-top-6": ("cpu-15min", {"model": {"preset": "deepseek-v3-tiny", "num_experts_per_tok": 6}}),
+    "screen-mla-moe-bias-speed-1e-2": (
+        "cpu-15min", {"model": {"preset": "deepseek-v3-tiny", "bias_update_speed": 1e-2}}),
+    "screen-mla-moe-bias-speed-1e-4": (
+        "cpu-15min", {"model": {"preset": "deepseek-v3-tiny", "bias_update_speed": 1e-4}}),
+    "screen-mla-moe-no-seq-aux": ("cpu-15min", {"model": {"preset": "deepseek-v3-tiny", "seq_aux_loss_coef": 0.0}}),
+    "screen-mla-moe-decay-0.5": (
+        "cpu-15min", {"model": {"preset": "deepseek-v3-tiny"}, "schedule": {"decay_fraction": 0.5}}),
+    "screen-mla-moe-floor-0": (
+        "cpu-15min", {"model": {"preset": "deepseek-v3-tiny"}, "schedule": {"min_lr_ratio": 0.0}}),
     # The finalist from that screening, for the 15-minute side-by-side with cpu-15min: the two levers that won per
     # token at unchanged speed.
     "cpu-15min-muon-batch-8": (
         "cpu-15min", {"optim": {"name": "muon", "lr_multipliers": {"muon": 3.0}}, "data": {"micro_batch_size": 8}}),
+    # The recipe before Muon shipped in cpu-15min (AdamW for every parameter), for the side-by-side that confirmed it.
+    "cpu-15min-adamw": ("cpu-15min", {"optim": {"name": "adamw", "lr_multipliers": {}}}),
     # Earlier presets and architectures at cpu-quick's recipe.
     "cpu-quick": ("cpu-quick", {}),
     "seed-recipe": ("seed", {}),
@@ -129,7 +155,7 @@ class ReferenceRun:
 
     MICRO_BATCH, SEQ_LEN, LR, WARMUP = 16, 256, 3e-3, 100
 
-    def __init__(self, data_dir: Path, tokenizer, seed: int = 0):
+    def __init__(self, data_dir: Path, tokenizer, seed: int = 0, optimizer: dict | None = None):
         from transformers import LlamaConfig, LlamaForCausalLM
 
         torch.manual_seed(seed)
@@ -141,19 +167,25 @@ class ReferenceRun:
         config._attn_implementation = "sdpa"
         self.model = LlamaForCausalLM(config)
         self.tokenizer = tokenizer
-        matrices = [p for p in self.model.parameters() if p.ndim >= 2]
-        others = [p for p in self.model.parameters() if p.ndim < 2]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": matrices, "weight_decay": 0.1}, {"params": others, "weight_decay": 0.0}],
-            lr=self.LR, betas=(0.9, 0.95), fused=True,
-        )
+        if optimizer is None:
+            matrices = [p for p in self.model.parameters() if p.ndim >= 2]
+            others = [p for p in self.model.parameters() if p.ndim < 2]
+            self.optimizer = torch.optim.AdamW(
+                [{"params": matrices, "weight_decay": 0.1}, {"params": others, "weight_decay": 0.0}],
+                lr=self.LR, betas=(0.9, 0.95), fused=True,
+            )
+        else:  # a variant: tinyseek's builder, at the reference's rate, betas and decay
+            settings = OptimConfig(lr=self.LR, weight_decay=0.1, betas=[0.9, 0.95], **optimizer)
+            self.optimizer = build_optimizer(self.model, settings, torch.device("cpu"))
+        self.peak_lrs = [group["lr"] for group in self.optimizer.param_groups]
         self.train = TokenDataset(data_dir, "train").tokens
         self.generator = torch.Generator().manual_seed(seed)
         self.schedule = ScheduleConfig(kind="cosine", warmup_steps=self.WARMUP, min_lr_ratio=0.1)
 
     def step(self, step: int, horizon: Horizon) -> float:
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.LR * lr_multiplier(step, self.schedule, *horizon)
+        multiplier = lr_multiplier(step, self.schedule, *horizon)
+        for group, peak_lr in zip(self.optimizer.param_groups, self.peak_lrs):
+            group["lr"] = peak_lr * multiplier
         offsets = torch.randint(0, len(self.train) - self.SEQ_LEN - 1, (self.MICRO_BATCH,), generator=self.generator)
         windows = [self.train[o : o + self.SEQ_LEN + 1] for o in offsets.tolist()]
         batch = torch.from_numpy(np.stack(windows).astype(np.int64))
@@ -261,10 +293,10 @@ def run_tinyseek(name: str, args, budget_s: float | None) -> tuple[dict, object,
 
 
 def measure(name: str, args, budget_s: float | None) -> dict:
-    if name == REFERENCE:
+    if name in REFERENCE_VARIANTS:
         tokenizer = load_tokenizer(args.tokenizer)
         data_dir = primary_data_dir(args)
-        reference = ReferenceRun(data_dir, tokenizer)
+        reference = ReferenceRun(data_dir, tokenizer, optimizer=REFERENCE_VARIANTS[name])
         result = reference.run(args.time_budget if budget_s else None, args.tokens)
         model, val_set = reference.model, TokenDataset(data_dir, "val")
     else:
@@ -292,8 +324,9 @@ def side_by_side_throughput(names: list[str], args, rounds: int, steps: int = 2)
     each in turn), so every run sees the same share of a busy machine; as a markdown table."""
     steppers, tokens_per_step, tokens_per_byte = {}, {}, {}
     for name in names:
-        if name == REFERENCE:
-            reference = ReferenceRun(primary_data_dir(args), load_tokenizer(args.tokenizer))
+        if name in REFERENCE_VARIANTS:
+            reference = ReferenceRun(primary_data_dir(args), load_tokenizer(args.tokenizer),
+                                     optimizer=REFERENCE_VARIANTS[name])
             reference.model.train()
             steppers[name] = lambda step, reference=reference: reference.step(step, Horizon(10**9))
             tokens_per_step[name] = reference.MICRO_BATCH * reference.SEQ_LEN
@@ -342,13 +375,11 @@ def table(results: list[dict]) -> str:
 
 
 def ratios(results: list[dict]) -> str:
-    reference = next((r for r in results if r["name"] == REFERENCE), None)
-    if reference is None:
-        return ""
-    lines = [f"- {r['name']}: bits per byte {r['bits_per_byte'] / reference['bits_per_byte']:.3f}x the reference's "
-             f"({100 * (1 - r['bits_per_byte'] / reference['bits_per_byte']):+.1f}% lower), "
-             f"tokens/s {r['tokens_per_s'] / reference['tokens_per_s']:.2f}x"
-             for r in results if r is not reference]
+    """Every run against every reference variant listed before it in the invocation."""
+    lines = [f"- {r['name']}: bits per byte {r['bits_per_byte'] / ref['bits_per_byte']:.3f}x {ref['name']}'s "
+             f"({100 * (1 - r['bits_per_byte'] / ref['bits_per_byte']):+.1f}% lower), "
+             f"tokens/s {r['tokens_per_s'] / ref['tokens_per_s']:.2f}x"
+             for number, ref in enumerate(results) if ref["name"] in REFERENCE_VARIANTS for r in results[number + 1:]]
     return "\n".join(lines)
 
 
@@ -437,7 +468,8 @@ Continuations of the first three prompts (all in `quality_samples.json`):
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", default=f"{REFERENCE},cpu-15min",
-                        help=f"comma-separated, from: {REFERENCE}, {', '.join(RUNS)} (default: {REFERENCE},cpu-15min)")
+                        help=f"comma-separated, from: {', '.join([*REFERENCE_VARIANTS, *RUNS])} "
+                             f"(default: {REFERENCE},cpu-15min)")
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--time-budget", default=None, help="wall-clock training budget per run, e.g. 15m (default)")
     budget.add_argument("--tokens", type=int, help="a fixed number of training tokens per run instead")
@@ -455,9 +487,9 @@ def main() -> int:
     if args.tokens is None and args.time_budget is None:
         args.time_budget = "15m"
     names = [name.strip() for name in args.runs.split(",") if name.strip()]
-    unknown = [name for name in names if name != REFERENCE and name not in RUNS]
+    unknown = [name for name in names if name not in REFERENCE_VARIANTS and name not in RUNS]
     if unknown:
-        parser.error(f"unknown run {unknown[0]!r}; choose from {REFERENCE}, {', '.join(RUNS)}")
+        parser.error(f"unknown run {unknown[0]!r}; choose from {', '.join([*REFERENCE_VARIANTS, *RUNS])}")
     if not Path(args.data).exists():
         sys.exit(f"quality: corpus {args.data} not found; pass --data or set TINYSEEK_SHARED_DATA")
     torch.set_num_threads(args.threads)
