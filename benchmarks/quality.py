@@ -66,10 +66,12 @@ THROUGHPUT_WARMUP_STEPS = 6
 SPLIT = {"split_by": "title", "val_fraction": 0.05}  # the same held-out books for every run and tokenizer
 REFERENCE = "reference"
 # The reference with a lever of tinyseek's recipe, to check whether the lever helps it too (then it gets it): name ->
-# the optimizer settings of tinyseek's registered builder that replace its AdamW.
-REFERENCE_VARIANTS = {
-    REFERENCE: None,
-    "reference-muon": {"name": "muon", "lr_multipliers": {"muon": 3.0}},
+# {"optimizer": settings of tinyseek's registered builder that replace its AdamW, "schedule": ScheduleConfig fields
+# that replace its cosine's}.
+REFERENCE_VARIANTS: dict[str, dict] = {
+    REFERENCE: {},
+    "reference-muon": {"optimizer": {"name": "muon", "lr_multipliers": {"muon": 3.0}}},
+    "reference-wsd": {"schedule": {"kind": "wsd", "decay_fraction": 0.3}},
 }
 SCREENING_HEADING = "## Screening"
 
@@ -131,6 +133,11 @@ RUNS: dict[str, tuple[str, dict]] = {
     "screen-mla-moe-bias-speed-1e-4": (
         "cpu-15min", {"model": {"preset": "deepseek-v3-tiny", "bias_update_speed": 1e-4}}),
     "screen-mla-moe-no-seq-aux": ("cpu-15min", {"model": {"preset": "deepseek-v3-tiny", "seq_aux_loss_coef": 0.0}}),
+    # The GPT-2 speedrun's levers that keep the model exportable (issue 24): ReLU-squared gates, PaLM's z-loss at its
+    # coefficient, a zero-initialised untied head.
+    "screen-mla-moe-relu2": ("cpu-15min", {"model": {"preset": "deepseek-v3-tiny", "hidden_act": "relu2"}}),
+    "screen-mla-moe-z-loss": ("cpu-15min", {"model": {"preset": "deepseek-v3-tiny", "z_loss_coef": 1e-4}}),
+    "screen-mla-moe-zero-head": ("cpu-15min", {"model": {"preset": "deepseek-v3-tiny", "zero_init_lm_head": True}}),
     "screen-mla-moe-decay-0.5": (
         "cpu-15min", {"model": {"preset": "deepseek-v3-tiny"}, "schedule": {"decay_fraction": 0.5}}),
     "screen-mla-moe-floor-0": (
@@ -155,7 +162,8 @@ class ReferenceRun:
 
     MICRO_BATCH, SEQ_LEN, LR, WARMUP = 16, 256, 3e-3, 100
 
-    def __init__(self, data_dir: Path, tokenizer, seed: int = 0, optimizer: dict | None = None):
+    def __init__(self, data_dir: Path, tokenizer, seed: int = 0, optimizer: dict | None = None,
+                 schedule: dict | None = None):
         from transformers import LlamaConfig, LlamaForCausalLM
 
         torch.manual_seed(seed)
@@ -180,7 +188,8 @@ class ReferenceRun:
         self.peak_lrs = [group["lr"] for group in self.optimizer.param_groups]
         self.train = TokenDataset(data_dir, "train").tokens
         self.generator = torch.Generator().manual_seed(seed)
-        self.schedule = ScheduleConfig(kind="cosine", warmup_steps=self.WARMUP, min_lr_ratio=0.1)
+        self.schedule = ScheduleConfig(**{"kind": "cosine", "warmup_steps": self.WARMUP, "min_lr_ratio": 0.1,
+                                          **(schedule or {})})
 
     def step(self, step: int, horizon: Horizon) -> float:
         multiplier = lr_multiplier(step, self.schedule, *horizon)
@@ -199,10 +208,12 @@ class ReferenceRun:
 
     def run(self, time_budget: str | None, tokens: int | None) -> dict:
         """Train for the time budget, kept as tinyseek's trainer keeps it (the same calibration and pace), or for
-        `tokens`."""
+        `tokens` (then with a warmup of at most a tenth of the steps, as the tinyseek runs get)."""
         tokens_per_step = self.MICRO_BATCH * self.SEQ_LEN
         budget = TimeBudget(time_budget)
         horizon = Horizon(budget.initial_max_steps(max(1, (tokens or 0) // tokens_per_step)))
+        if tokens:
+            self.schedule.warmup_steps = min(self.schedule.warmup_steps, max(1, horizon.max_steps // 10))
         budget.start()
         self.model.train()
         curve, step, start = [], 0, time.perf_counter()
@@ -296,7 +307,7 @@ def measure(name: str, args, budget_s: float | None) -> dict:
     if name in REFERENCE_VARIANTS:
         tokenizer = load_tokenizer(args.tokenizer)
         data_dir = primary_data_dir(args)
-        reference = ReferenceRun(data_dir, tokenizer, optimizer=REFERENCE_VARIANTS[name])
+        reference = ReferenceRun(data_dir, tokenizer, **REFERENCE_VARIANTS[name])
         result = reference.run(args.time_budget if budget_s else None, args.tokens)
         model, val_set = reference.model, TokenDataset(data_dir, "val")
     else:
@@ -325,8 +336,7 @@ def side_by_side_throughput(names: list[str], args, rounds: int, steps: int = 2)
     steppers, tokens_per_step, tokens_per_byte = {}, {}, {}
     for name in names:
         if name in REFERENCE_VARIANTS:
-            reference = ReferenceRun(primary_data_dir(args), load_tokenizer(args.tokenizer),
-                                     optimizer=REFERENCE_VARIANTS[name])
+            reference = ReferenceRun(primary_data_dir(args), load_tokenizer(args.tokenizer), **REFERENCE_VARIANTS[name])
             reference.model.train()
             steppers[name] = lambda step, reference=reference: reference.step(step, Horizon(10**9))
             tokens_per_step[name] = reference.MICRO_BATCH * reference.SEQ_LEN

@@ -36,6 +36,30 @@ def test_fused_linear_cross_entropy_matches_the_plain_path_in_fp32(chunk_rows, s
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("chunk_rows", [16, 1000], ids=["chunked", "one-chunk-deferred"])
+def test_fused_z_loss_matches_autograd_of_the_plain_objective_and_reports_the_plain_cross_entropy(chunk_rows):
+    hidden, weight, targets = inputs()
+    coef = 0.05  # large enough that its gradient shows
+
+    def plain_objective(h, w, t):
+        logits = F.linear(h, w).float().flatten(0, -2)
+        counted = t.flatten() != -100
+        return plain_loss(h, w, t) + coef * logits.logsumexp(-1)[counted].square().mean()
+
+    reported = []
+
+    def fused(h, w, t):
+        objective, cross_entropy = ops.linear_cross_entropy_with_z_loss(h, w, t, coef, chunk_rows=chunk_rows)
+        reported.append(cross_entropy)
+        return objective
+
+    expected = loss_and_grads(plain_objective, hidden, weight, targets, 0.5)
+    for got, want in zip(loss_and_grads(fused, hidden, weight, targets, 0.5), expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(reported[0], plain_loss(hidden, weight, targets), rtol=1e-6, atol=1e-6)
+    assert not reported[0].requires_grad
+
+
 @pytest.mark.parametrize("sync_free", [False, True], ids=["cpu-check", "accelerator-form"])
 def test_fused_linear_cross_entropy_is_exact_for_far_off_targets(monkeypatch, sync_free):
     # The accelerator form (no host synchronisation per chunk) runs here on the CPU by declaring syncs expensive.

@@ -63,7 +63,8 @@ def test_lean_previous_and_transformers_paths_equal_recomputation_batched_and_al
 def test_lean_step_handles_grouped_query_heads_biases_shared_experts_and_a_dense_first_layer(
     attention_type, tiny_model
 ):
-    overrides = dict(num_key_value_heads=2, attention_bias=True, n_shared_experts=1, first_k_dense_replace=1, scoring_func="sigmoid")
+    overrides = dict(num_key_value_heads=2, attention_bias=True, n_shared_experts=1, first_k_dense_replace=1, scoring_func="sigmoid",
+                     hidden_act="relu2")
     model = tiny_model(2, attention_type=attention_type, **overrides)
     expected = [greedy_by_recomputation(model, prompt, 8) for prompt in PROMPTS]
     assert greedy(GenerationEngine(model, eos_token_ids=[]), PROMPTS, 8) == expected

@@ -18,6 +18,11 @@ CONVERTIBLE = {
                              routed_scaling_factor=2.5), DeepseekV3ForCausalLM),
     "mla+dense": (dict(attention_type="mla", ffn_type="dense"), DeepseekV3ForCausalLM),
     "mha+dense": (dict(attention_type="mha", ffn_type="dense", num_key_value_heads=2), LlamaForCausalLM),
+    # ReLU-squared gates (the speedrun's activation): transformers' twins take any ACT2FN name as hidden_act.
+    "mla+sigmoid-moe+relu2": (dict(attention_type="mla", ffn_type="moe", scoring_func="sigmoid", n_routed_experts=8,
+                                   num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=24,
+                                   hidden_act="relu2"), DeepseekV3ForCausalLM),
+    "mha+dense+relu2": (dict(attention_type="mha", ffn_type="dense", hidden_act="relu2"), LlamaForCausalLM),
 }
 
 

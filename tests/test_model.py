@@ -144,6 +144,24 @@ def test_multi_token_prediction_adds_a_weighted_loss_without_touching_the_logits
         assert torch.equal(model(inputs).logits, before)
 
 
+def test_z_loss_joins_the_training_loss_only_and_a_zero_initialised_head_starts_uniform(tiny_model):
+    model = tiny_model(z_loss_coef=1e-2, zero_init_lm_head=True, ffn_type="dense").train()
+    assert torch.equal(model.lm_head.weight, torch.zeros_like(model.lm_head.weight))
+    assert model.model.embed_tokens.weight.abs().sum() > 0
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 1.0)  # a head whose log-partition is far from log(vocab)
+    tokens = torch.randint(0, 101, (2, 10))
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    out = model(input_ids=inputs, shift_labels=targets)
+    logits = model.lm_head(model.model(inputs).last_hidden_state).float().flatten(0, 1)
+    torch.testing.assert_close(out.lm_loss, torch.nn.functional.cross_entropy(logits, targets.flatten()))
+    torch.testing.assert_close(out.loss, out.lm_loss + 1e-2 * logits.logsumexp(-1).square().mean())
+    model.eval()
+    with torch.no_grad():
+        evaluated = model(input_ids=inputs, shift_labels=targets)
+    torch.testing.assert_close(evaluated.loss, evaluated.lm_loss)
+
+
 BAD_CONFIGS = [
     ({"hidden_size": 30, "attention_type": "mha"}, "hidden_size"),
     ({"num_experts_per_tok": 5}, "num_experts_per_tok"),
@@ -159,6 +177,9 @@ BAD_CONFIGS = [
     ({"attention_dropout": 1.5}, "attention_dropout"),
     ({"bias_update_speed": -1.0}, "bias_update_speed"),
     ({"vocab_size": 0}, "vocab_size"),
+    ({"hidden_act": "gelu_new"}, "hidden_act"),
+    ({"z_loss_coef": -1e-4}, "z_loss_coef"),
+    ({"zero_init_lm_head": True, "tie_word_embeddings": True}, "zero_init_lm_head"),
 ]
 
 

@@ -12,6 +12,10 @@ from tinyseek.errors import ConfigError
 TYPE_SPECIFIC_SIZES = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
                        "num_key_value_heads", "linear_attention_chunk_size", "moe_intermediate_size", "n_routed_experts",
                        "n_shared_experts", "num_experts_per_tok")
+GATE_ACTIVATIONS = ("silu", "relu2")
+"""The activations of the feed-forward blocks' gates (``hidden_act``, transformers' ``ACT2FN`` names): SiLU, as in
+DeepSeek and LLaMA (SwiGLU), or ReLU squared, the GPT-2 speedrun's activation, here as a gate (transformers' twins
+express both; llama.cpp's graphs only SiLU)."""
 ARCHITECTURE_CHECKS: list[Callable[["TinySeekConfig"], None]] = []
 """The checks that belong to a registered type: the attention and feed-forward registries (built from this config,
 so this module cannot import them) each add one when they load, which `import tinyseek` arranges as soon as this
@@ -33,7 +37,7 @@ class TinySeekConfig(PretrainedConfig):
     keys_to_ignore_at_inference = ["cache"]
     TRAINING_KNOBS = (
         "attention_dropout", "mtp_loss_weight", "seq_aux_loss_coef", "bias_update_speed",
-        "linear_attention_chunk_size", "initializer_range",
+        "linear_attention_chunk_size", "initializer_range", "z_loss_coef", "zero_init_lm_head",
     )
     """Fields that change how the weights are trained (or, for the chunk size, only how fast the same function is
     computed), not their shapes or the function they compute: a run may resume with other values. Every other field
@@ -62,6 +66,7 @@ class TinySeekConfig(PretrainedConfig):
         num_key_value_heads: int | None = None,
         sliding_window: int = 256,
         ffn_type: str = "moe",
+        hidden_act: str = "silu",
         intermediate_size: int = 256,
         moe_intermediate_size: int = 256,
         n_routed_experts: int = 4,
@@ -76,6 +81,8 @@ class TinySeekConfig(PretrainedConfig):
         router_bias: bool = False,
         num_nextn_predict_layers: int = 0,
         mtp_loss_weight: float = 0.3,
+        z_loss_coef: float = 0.0,
+        zero_init_lm_head: bool = False,
         bos_token_id: int | None = None,
         eos_token_id: int | None = None,
         pad_token_id: int | None = None,
@@ -101,6 +108,7 @@ class TinySeekConfig(PretrainedConfig):
         self.num_key_value_heads = num_key_value_heads if num_key_value_heads is not None else num_attention_heads
         self.sliding_window = sliding_window
         self.ffn_type = ffn_type
+        self.hidden_act = hidden_act
         self.intermediate_size = intermediate_size
         self.moe_intermediate_size = moe_intermediate_size
         self.n_routed_experts = n_routed_experts
@@ -115,6 +123,10 @@ class TinySeekConfig(PretrainedConfig):
         self.router_bias = router_bias
         self.num_nextn_predict_layers = num_nextn_predict_layers
         self.mtp_loss_weight = mtp_loss_weight
+        # Two training levers of the GPT-2 speedrun: a z-loss on the LM head's log-partition (the trained function
+        # is unchanged, so exports are too) and an untied head that starts at zero (every first prediction uniform).
+        self.z_loss_coef = z_loss_coef
+        self.zero_init_lm_head = zero_init_lm_head
         try:
             super().__init__(
                 tie_word_embeddings=tie_word_embeddings,
@@ -158,9 +170,16 @@ class TinySeekConfig(PretrainedConfig):
         if self.rope_theta <= 0:
             fail("rope_theta", f"must be positive, got {self.rope_theta}")
         require_positive(self, "intermediate_size")
+        if self.hidden_act not in GATE_ACTIVATIONS:
+            fail("hidden_act", f"unknown gate activation {self.hidden_act!r}; choose one of {tuple(GATE_ACTIVATIONS)}")
         require_non_negative(self, "first_k_dense_replace", "num_nextn_predict_layers")
         if self.mtp_loss_weight < 0:
             fail("mtp_loss_weight", f"must be non-negative, got {self.mtp_loss_weight}")
+        if self.z_loss_coef < 0:
+            fail("z_loss_coef", f"must be non-negative, got {self.z_loss_coef}")
+        if self.zero_init_lm_head and self.tie_word_embeddings:
+            fail("zero_init_lm_head", "a tied head is the embedding, which must not start at zero; untie it "
+                                      "(tie_word_embeddings=False) or leave the head's initialisation alone")
         for check in ARCHITECTURE_CHECKS:
             check(self)
 

@@ -25,7 +25,7 @@ from tinyseek.config import TinySeekConfig
 from tinyseek.errors import InputError
 from tinyseek.layers import RMSNorm, RotaryEmbedding
 from tinyseek.moe import DeepSeekMoE, RoutedExperts, Router, feed_forward_spec
-from tinyseek.ops import Embedding, Linear, StepMemory, linear_cross_entropy
+from tinyseek.ops import Embedding, Linear, StepMemory, linear_cross_entropy, linear_cross_entropy_with_z_loss
 
 IGNORE_INDEX = -100
 
@@ -81,7 +81,10 @@ class TinySeekPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
         if isinstance(module, (nn.Linear, nn.Embedding)):
-            init.normal_(module.weight, mean=0.0, std=std)
+            if self.config.zero_init_lm_head and module is getattr(self, "lm_head", None):
+                init.zeros_(module.weight)
+            else:
+                init.normal_(module.weight, mean=0.0, std=std)
             if getattr(module, "bias", None) is not None:
                 init.zeros_(module.bias)
         elif isinstance(module, RMSNorm):
@@ -266,11 +269,14 @@ class TinySeekForCausalLM(TinySeekPreTrainedModel, GenerationMixin):
 
         loss = lm_loss = mtp_loss = None
         if shift_labels is not None:
-            if fused_loss:
-                lm_loss = self.lm_loss(hidden_states, shift_labels, step_memory)
+            if fused_loss and self.config.z_loss_coef:  # lm_loss is then the reported cross-entropy, no gradient
+                loss, lm_loss = linear_cross_entropy_with_z_loss(
+                    hidden_states, self.lm_head.weight, shift_labels, self.config.z_loss_coef, IGNORE_INDEX,
+                    memory=step_memory,
+                )
             else:
-                lm_loss = cross_entropy(logits, shift_labels)
-            loss = lm_loss
+                loss = lm_loss = (self.lm_loss(hidden_states, shift_labels, step_memory) if fused_loss
+                                  else cross_entropy(logits, shift_labels))
             if outputs.balance_loss is not None:
                 loss = loss + outputs.balance_loss
             if self.mtp is not None and self.training:

@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.activations import ACT2FN
 
 from tinyseek.config import ARCHITECTURE_CHECKS, TinySeekConfig, registered, require_non_negative, require_positive
 from tinyseek.decoding import arranged, joined_bias, project, transposed
@@ -23,15 +24,18 @@ from tinyseek.ops import Linear, fused_linear, linear
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int):
+    """down(act(gate(x)) * up(x)): SwiGLU with the default SiLU gate (``hidden_act``; ReLU squared is the other)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str = "silu"):
         super().__init__()
+        self.act = ACT2FN[hidden_act]
         self.gate_proj = Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = fused_linear(x, (self.gate_proj, self.up_proj))
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.act(gate) * up)
 
 
 class Router(nn.Linear):
@@ -88,9 +92,10 @@ class RoutedExperts(nn.Module):
     """E SwiGLU experts stored as stacked tensors (transformers' DeepseekV3 layout) so tokens can be grouped by
     expert and each group multiplied at once: one grouped matmul where torch has one, else one matmul per expert."""
 
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, hidden_act: str = "silu"):
         super().__init__()
         self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
+        self.act = ACT2FN[hidden_act]
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
 
@@ -113,7 +118,7 @@ class RoutedExperts(nn.Module):
         gates = torch.zeros(tokens, self.num_experts, dtype=weights.dtype, device=x.device).scatter(1, expert_indices, weights)
         gate_up = linear(x, self.gate_up_proj.view(-1, self.hidden_size)).view(tokens, self.num_experts, -1)
         gate, up = gate_up.chunk(2, dim=-1)
-        activation = F.silu(gate) * up * gates[..., None].to(gate.dtype)
+        activation = self.act(gate) * up * gates[..., None].to(gate.dtype)
         # Summing the experts' down projections is one GEMM over the concatenated [E * I] activations.
         down = self.down_proj.permute(1, 0, 2).reshape(self.hidden_size, -1)
         return linear(activation.reshape(tokens, -1), down).to(x.dtype)
@@ -125,25 +130,27 @@ class RoutedExperts(nn.Module):
         order = flat_experts.argsort(stable=True)
         token_of_slot = order // top_k
         tokens_per_expert = torch.bincount(flat_experts, minlength=self.num_experts)
-        grouped = expert_swiglu(x[token_of_slot], self.gate_up_proj, self.down_proj, tokens_per_expert)
+        grouped = expert_swiglu(x[token_of_slot], self.gate_up_proj, self.down_proj, tokens_per_expert, self.act)
         grouped = grouped * weights.flatten()[order, None].to(grouped.dtype)
         return torch.zeros_like(x).index_add_(0, token_of_slot, grouped.to(x.dtype))
 
 
 def expert_swiglu(
-    x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, tokens_per_expert: torch.Tensor
+    x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, tokens_per_expert: torch.Tensor,
+    act: Callable[[torch.Tensor], torch.Tensor],
 ) -> torch.Tensor:
-    """SwiGLU of rows of x already sorted by expert, with tokens_per_expert[e] rows for expert e."""
+    """The gated MLP (gate activation `act`) of rows of x already sorted by expert, with tokens_per_expert[e] rows for
+    expert e."""
     dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
     x, gate_up_proj, down_proj = x.to(dtype), gate_up_proj.to(dtype), down_proj.to(dtype)
     if grouped_mm_supported(x, gate_up_proj, down_proj):
         offsets = tokens_per_expert.cumsum(0).to(torch.int32)
         gate, up = torch._grouped_mm(x, gate_up_proj.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
-        return torch._grouped_mm(F.silu(gate) * up, down_proj.transpose(1, 2), offs=offsets)
+        return torch._grouped_mm(act(gate) * up, down_proj.transpose(1, 2), offs=offsets)
     outputs = []
     for expert, rows in enumerate(x.split(tokens_per_expert.tolist())):
         gate, up = linear(rows, gate_up_proj[expert]).chunk(2, dim=-1)
-        outputs.append(linear(F.silu(gate) * up, down_proj[expert]))
+        outputs.append(linear(act(gate) * up, down_proj[expert]))
     return torch.cat(outputs)
 
 
@@ -170,9 +177,10 @@ class DeepSeekMoE(nn.Module):
         self.bias_update_speed = config.bias_update_speed
         self.seq_aux_loss_coef = config.seq_aux_loss_coef
         self.gate = Router(config)
-        self.experts = RoutedExperts(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size)
+        self.experts = RoutedExperts(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size,
+                                     config.hidden_act)
         self.shared_experts = (
-            SwiGLU(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
+            SwiGLU(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts, config.hidden_act)
             if config.n_shared_experts
             else None
         )
@@ -231,6 +239,7 @@ class SwiGLUStep:
     decodes = SwiGLU
 
     def __init__(self, module: SwiGLU, weights_dtype: torch.dtype | None = None):
+        self.act = module.act
         self.gate_up = transposed(module.gate_proj.weight, module.up_proj.weight, dtype=weights_dtype)
         self.down = transposed(module.down_proj.weight, dtype=weights_dtype)
 
@@ -239,7 +248,7 @@ class SwiGLUStep:
 
     def __call__(self, x: torch.Tensor, cache=None, routed: list | None = None) -> torch.Tensor:
         gate, up = project(x, self.gate_up).chunk(2, dim=-1)
-        return project(F.silu(gate) * up, self.down)
+        return project(self.act(gate) * up, self.down)
 
 
 class DeepSeekMoEStep:
@@ -259,6 +268,7 @@ class DeepSeekMoEStep:
         self.top_k, self.score = router.top_k, SCORING_FUNCTIONS[router.scoring_func]
         self.norm_topk_prob, self.routed_scaling_factor = router.norm_topk_prob, router.routed_scaling_factor
         self.num_experts, intermediate = experts.num_experts, experts.intermediate_size
+        self.act = experts.act  # the shared experts' too: one hidden_act per model
         experts_gate_up = experts.gate_up_proj.detach().transpose(1, 2)  # [E, hidden, 2I]
         self.experts_down = experts.down_proj.detach().to(weights_dtype).transpose(1, 2).contiguous()  # [E, I, hidden]
         # Gathering copies the chosen weights (a read and a write) and the GEMMs read the copy: about 3k/E of the
@@ -298,14 +308,14 @@ class DeepSeekMoEStep:
         gates[:, :-1] = 0
         gates.scatter_(1, chosen, weights)
         gate, up = project(x, self.all_gate_up).chunk(2, dim=-1)
-        return project(F.silu(gate) * up * gates[:, self.column_gate], self.all_down)
+        return project(self.act(gate) * up * gates[:, self.column_gate], self.all_down)
 
     def chosen_experts(self, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """One token [1, hidden] through its experts: two GEMMs against the chosen experts' weights side by side (a
         compiled step turns a single-row batched matmul into a slow reduction, so these are plain GEMMs)."""
         gate_up = self.experts_gate_up_by_input.index_select(1, chosen).view(x.shape[-1], -1)
         gate, up = project(x, gate_up).view(self.top_k, -1).chunk(2, dim=-1)
-        activation = (F.silu(gate) * up * weights[:, None]).view(1, -1)
+        activation = (self.act(gate) * up * weights[:, None]).view(1, -1)
         # Scaled by their gates, the experts' activations against their down projections stacked along the inner
         # dimension give the gate-weighted sum of the experts' outputs.
         output = project(activation, self.experts_down.index_select(0, chosen).view(-1, x.shape[-1]))
@@ -401,12 +411,13 @@ def all_parameters(module: nn.Module) -> int:
 
 
 register_feed_forward("dense", FeedForwardSpec(
-    build=lambda config: SwiGLU(config.hidden_size, config.intermediate_size),
+    build=lambda config: SwiGLU(config.hidden_size, config.intermediate_size, config.hidden_act),
     decode_step=SwiGLUStep,
     routes=False,
     parameters_per_token=all_parameters,
     validate=lambda config: None,  # intermediate_size is checked for every model: DeepSeek's first layers are dense
-    transformers_problem=lambda config, model_type: None,  # Llama's MLP and DeepseekV3's dense layers are SwiGLU
+    # Llama's MLP and DeepseekV3's dense layers are gated MLPs with the config's hidden_act, as here.
+    transformers_problem=lambda config, model_type: None,
 ))
 register_feed_forward("moe", FeedForwardSpec(
     build=DeepSeekMoE,

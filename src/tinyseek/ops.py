@@ -307,13 +307,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
     mean loss wrt the logits is (p - onehot) / n_valid, so grad_h_c = (p - onehot) W / n and
     grad_W += (p - onehot)^T h_c / n are accumulated right away. Backward only scales them by the incoming gradient.
 
+    With a z-loss (PaLM's, coefficient c > 0) the objective adds c * mean(lse^2), lse = the log-partition
+    logsumexp(logits) = logit[target] - log p[target]; its gradient wrt the logits is 2 c lse p / n, so each row of p
+    is scaled by (1 + 2 c lse) before the one-hot is subtracted, and the products above are unchanged.
+
     When all tokens fit in one chunk (a 32-token micro-batch), the two gradient products wait for backward instead,
     on the kept p - onehot: there the incoming gradient (1 / accumulation steps in the trainer) folds into the small
     operands, where scaling the finished [V, H] head gradient would be one more full pass over it per micro-batch.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index, chunk_rows, operand_dtype, memory):
+    def forward(ctx, hidden, weight, targets, ignore_index, chunk_rows, operand_dtype, memory, z_loss_coef):
         # operand_dtype: None = fp32 throughout; bf16 = operands rounded to bf16 (autocast), multiplied in bf16
         # where the hardware has it, else by the fp32 GEMM (exact products, fp32 sums).
         num_tokens, vocab = hidden.shape[0], weight.shape[0]
@@ -344,6 +348,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             # Written by the first chunk's product (no zero-fill pass over [V, H]), accumulated by the others.
             grad_w = torch.empty(weight.shape, dtype=torch.float32, device=device) if need_grad_w and not deferred else None
             loss_sum = torch.zeros((), dtype=torch.float32, device=device)
+            z_sum = torch.zeros((), dtype=torch.float32, device=device)
 
             for start in range(0, num_tokens, rows):
                 stop = min(start + rows, num_tokens)
@@ -368,8 +373,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     exact = torch.logsumexp(logits, 1) - logits[arange, t_c]
                     token_loss = torch.where(underflow, exact, token_loss)
                 loss_sum += (token_loss * valid[start:stop]).sum()
+                if z_loss_coef:
+                    log_partition = logits[arange, t_c] + token_loss
+                    z_sum += (log_partition.square() * valid[start:stop]).sum()
                 if not (need_grad_h or need_grad_w):
                     continue
+                if z_loss_coef:
+                    probs.mul_((1 + 2 * z_loss_coef * log_partition)[:, None])
                 probs[arange, t_c] -= 1.0  # p - onehot; the 1/n and ignore mask are applied to the small operands
                 grad_logits = probs.to(operand_dtype) if bf16_native else probs
                 if deferred:
@@ -400,11 +410,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
         ctx.deferred = (grad_logits, h_op, w_op, row_scale, weight, memory) if deferred else None
         ctx.needs = (need_grad_h, need_grad_w)
         ctx.dtypes = (hidden.dtype, weight.dtype)
-        return loss_sum / num_valid  # NaN when every target is ignored, as F.cross_entropy gives
+        # NaN when every target is ignored, as F.cross_entropy gives. The plain cross-entropy is reported beside the
+        # objective (what is back-propagated), so logs and bits per byte never include the z-loss.
+        cross_entropy = loss_sum / num_valid
+        ctx.mark_non_differentiable(cross_entropy)
+        return (loss_sum + z_loss_coef * z_sum) / num_valid, cross_entropy
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_loss, _grad_cross_entropy):
         if ctx.grads is None:
             raise RuntimeError("linear_cross_entropy computes its gradients once; it cannot be back-propagated twice")
         grads, ctx.grads = ctx.grads, None
@@ -415,7 +429,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             unit = grad_loss.device.type == "cpu" and grad_loss.numel() == 1 and float(grad_loss) == 1.0
             grads = [None if g is None else (g if unit else g.mul_(grad_loss)) for g in grads]
         grad_h, grad_w = (None if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes))
-        return grad_h, grad_w, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None
 
 
 def _deferred_head_gradients(grad_logits, h_op, w_op, row_scale, weight, memory, grad_loss, need_grad_h, need_grad_w):
@@ -447,10 +461,24 @@ def linear_cross_entropy(
     over non-ignored targets) without materialising the logits. Under bf16 autocast the operands are rounded to
     bf16 as autocast would; the logits stay in fp32 (the plain path rounds them to bf16 first). ``memory``: the
     training steps' `StepMemory` (its scratch buffers and accumulation window), else buffers of this call's own."""
+    return linear_cross_entropy_with_z_loss(hidden, weight, targets, 0.0, ignore_index, chunk_rows, memory)[0]
+
+
+def linear_cross_entropy_with_z_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    z_loss_coef: float,
+    ignore_index: int = IGNORE_INDEX,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    memory: StepMemory | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """As `linear_cross_entropy`: (the cross-entropy plus ``z_loss_coef`` x the mean squared log-partition of the
+    counted tokens' logits, to back-propagate; the cross-entropy alone, without gradient, to report)."""
     hidden_size = hidden.shape[-1]
     flat_hidden = hidden.reshape(-1, hidden_size)
     operand_dtype = autocast_dtype(hidden.device.type)
     memory = memory if memory is not None else StepMemory(tune_allocator=False)
     return _LinearCrossEntropy.apply(
-        flat_hidden, weight, targets.reshape(-1), ignore_index, chunk_rows, operand_dtype, memory
+        flat_hidden, weight, targets.reshape(-1), ignore_index, chunk_rows, operand_dtype, memory, float(z_loss_coef)
     )

@@ -164,6 +164,8 @@ def gguf_problem(config: TinySeekConfig) -> str | None:
         return NO_GGUF_REASONS.get(config.attention_type, f"llama.cpp has no {config.attention_type} attention")
     if config.attention_bias:
         return "llama.cpp's attention projections here have no bias (attention_bias=True)"
+    if config.hidden_act != "silu":
+        return f"llama.cpp's feed-forward gates are SiLU (SwiGLU); this model's hidden_act is {config.hidden_act}"
     return architecture.problem(config)
 
 
