@@ -7,6 +7,7 @@ way, in one invocation:
               embedding rows, SDPA) in a plain loop: 256-token windows at random offsets, micro-batch 16, fused AdamW
               lr 3e-3, betas (0.9, 0.95), weight decay 0.1 on 2-D parameters, 100 warmup steps then cosine to 10%,
               fp32, gradient clipping at 1.0
+  reference-* the reference with a lever of tinyseek's recipe (REFERENCE_VARIANTS below): one that helps it, it gets
   cpu-15min   configs/cpu-15min.yaml: the preset this benchmark's screening chose
   cpu-quick   configs/cpu-quick.yaml (the seed architecture)
   ...         the screening variants in RUNS below
@@ -18,7 +19,7 @@ share of distinct 4-grams in greedy and sampled 200-token continuations of 5 fix
 Writes docs/quality.md (or --out), quality.png (training loss in bits per byte against training time) and
 quality_samples.json.
 
-    python benchmarks/quality.py --runs reference,cpu-15min --time-budget 15m --threads 2    # the headline, ~35 min
+    python benchmarks/report.py quality-15min    # the headline: four 15-minute runs, ~65 min
     python benchmarks/quality.py --runs screen-dense,screen-mla-moe --tokens 250000 --threads 1   # screening
     python benchmarks/quality.py --runs reference,cpu-15min,screen-dense --throughput 2      # tokens/s side by side
 """
@@ -72,9 +73,12 @@ REFERENCE_VARIANTS: dict[str, dict] = {
     REFERENCE: {},
     "reference-muon": {"optimizer": {"name": "muon", "lr_multipliers": {"muon": 3.0}}},
     "reference-wsd": {"schedule": {"kind": "wsd", "decay_fraction": 0.3}},
+    "reference-muon-wsd": {"optimizer": {"name": "muon", "lr_multipliers": {"muon": 3.0}},
+                           "schedule": {"kind": "wsd", "decay_fraction": 0.3}},
 }
 SCREENING_HEADING = "## Screening"
 
+ADAMW = {"name": "adamw", "lr_multipliers": {}}  # the optimizer settings of cpu-15min before Muon shipped
 # name -> (preset, overrides). Screening variants change one lever of their base at a time. A run whose overrides
 # name `data.tokenizer: bpe-N` gets a byte-level BPE of N tokens trained here on the training split (never on the
 # held-out books), as `tinyseek tokenizer train` trains one.
@@ -95,13 +99,13 @@ RUNS: dict[str, tuple[str, dict]] = {
         "model": {"preset": "llama-tiny"},
         "data": {"mixture": {str(SHARED / "corpus" / "library_of_phi_gpt35_wiki.jsonl.gz"): 1.0}},
     }),
-    # The preset's other levers, one at a time from its own base (screen-mla-moe: MLA + MoE, 8k BPE). Window and
-    # batch variants keep the other of the two, so the total tokens stay fixed through the step count.
-    "screen-mla-moe-muon": ("cpu-15min", {"model": {"preset": "deepseek-v3-tiny"}, "optim": {"name": "muon"}}),
-    # Muon's update is scaled to AdamW's RMS, so AdamW's lr is Moonshot's choice for it; x3 gives the step of Keller
-    # Jordan's usual lr 0.02 under his own scaling on matrices with 128 inputs (most of them here).
-    "screen-mla-moe-muon-lr-3x": ("cpu-15min", {
-        "model": {"preset": "deepseek-v3-tiny"}, "optim": {"name": "muon", "lr_multipliers": {"muon": 3.0}}}),
+    # The preset's other levers, one at a time from its own base (screen-mla-moe: MLA + MoE, 8k BPE, Muon at x3 since
+    # Muon shipped). Window and batch variants keep the other of the two, so the total tokens stay fixed through the
+    # step count. Muon's update is scaled to AdamW's RMS, so AdamW's lr is Moonshot's choice for it; the preset's x3
+    # gives the step of Keller Jordan's usual lr 0.02 under his own scaling on matrices with 128 inputs (most here).
+    "screen-mla-moe-adamw": ("cpu-15min", {"model": {"preset": "deepseek-v3-tiny"}, "optim": ADAMW}),
+    "screen-mla-moe-muon-lr-x1": (
+        "cpu-15min", {"model": {"preset": "deepseek-v3-tiny"}, "optim": {"lr_multipliers": {"muon": 1.0}}}),
     "screen-mla-moe-vocab-16k": ("cpu-15min", {
         "data": {"tokenizer": "bpe-16384"}, "model": {"preset": "deepseek-v3-tiny", "vocab_size": 16384}}),
     "screen-mla-moe-wiki-mix": ("cpu-15min", {
@@ -142,12 +146,8 @@ RUNS: dict[str, tuple[str, dict]] = {
         "cpu-15min", {"model": {"preset": "deepseek-v3-tiny"}, "schedule": {"decay_fraction": 0.5}}),
     "screen-mla-moe-floor-0": (
         "cpu-15min", {"model": {"preset": "deepseek-v3-tiny"}, "schedule": {"min_lr_ratio": 0.0}}),
-    # The finalist from that screening, for the 15-minute side-by-side with cpu-15min: the two levers that won per
-    # token at unchanged speed.
-    "cpu-15min-muon-batch-8": (
-        "cpu-15min", {"optim": {"name": "muon", "lr_multipliers": {"muon": 3.0}}, "data": {"micro_batch_size": 8}}),
     # The recipe before Muon shipped in cpu-15min (AdamW for every parameter), for the side-by-side that confirmed it.
-    "cpu-15min-adamw": ("cpu-15min", {"optim": {"name": "adamw", "lr_multipliers": {}}}),
+    "cpu-15min-adamw": ("cpu-15min", {"optim": ADAMW}),
     # Earlier presets and architectures at cpu-quick's recipe.
     "cpu-quick": ("cpu-quick", {}),
     "seed-recipe": ("seed", {}),
