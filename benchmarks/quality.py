@@ -66,15 +66,16 @@ EVAL_SEQ_LEN = 256
 THROUGHPUT_WARMUP_STEPS = 6
 SPLIT = {"split_by": "title", "val_fraction": 0.05}  # the same held-out books for every run and tokenizer
 REFERENCE = "reference"
+MUON_X3 = {"name": "muon", "lr_multipliers": {"muon": 3.0}}  # cpu-15min's optimizer
+WSD = {"kind": "wsd", "decay_fraction": 0.3}  # cpu-15min's schedule (the warmup and floor are the reference's too)
 # The reference with a lever of tinyseek's recipe, to check whether the lever helps it too (then it gets it): name ->
 # {"optimizer": settings of tinyseek's registered builder that replace its AdamW, "schedule": ScheduleConfig fields
 # that replace its cosine's}.
 REFERENCE_VARIANTS: dict[str, dict] = {
     REFERENCE: {},
-    "reference-muon": {"optimizer": {"name": "muon", "lr_multipliers": {"muon": 3.0}}},
-    "reference-wsd": {"schedule": {"kind": "wsd", "decay_fraction": 0.3}},
-    "reference-muon-wsd": {"optimizer": {"name": "muon", "lr_multipliers": {"muon": 3.0}},
-                           "schedule": {"kind": "wsd", "decay_fraction": 0.3}},
+    "reference-muon": {"optimizer": MUON_X3},
+    "reference-wsd": {"schedule": WSD},
+    "reference-muon-wsd": {"optimizer": MUON_X3, "schedule": WSD},
 }
 SCREENING_HEADING = "## Screening"
 

@@ -24,9 +24,9 @@ from tinyseek.ops import Linear, fused_linear, linear
 
 
 class SwiGLU(nn.Module):
-    """down(act(gate(x)) * up(x)): SwiGLU with the default SiLU gate (``hidden_act``; ReLU squared is the other)."""
+    """down(act(gate(x)) * up(x)), the gate's activation named by ``hidden_act``: SiLU (SwiGLU) or ReLU squared."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str = "silu"):
+    def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str):
         super().__init__()
         self.act = ACT2FN[hidden_act]
         self.gate_proj = Linear(hidden_size, intermediate_size, bias=False)
@@ -92,7 +92,7 @@ class RoutedExperts(nn.Module):
     """E SwiGLU experts stored as stacked tensors (transformers' DeepseekV3 layout) so tokens can be grouped by
     expert and each group multiplied at once: one grouped matmul where torch has one, else one matmul per expert."""
 
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, hidden_act: str = "silu"):
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, hidden_act: str):
         super().__init__()
         self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
         self.act = ACT2FN[hidden_act]
