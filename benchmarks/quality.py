@@ -1,7 +1,7 @@
 """Model quality for the same wall-clock (or token) budget: tinyseek presets against a plain transformers reference.
 
-Every run trains on the same data (library_of_phi_gpt4, whole books held out by title) and is evaluated the same
-way, in one invocation:
+Every run trains on the same data (library_of_phi_gpt4, whole books held out by title; a run named *-mix* draws on
+the other two textbook corpora too) and is evaluated the same way, in one invocation:
 
   reference   transformers' LlamaForCausalLM (hidden 128, 4 layers, 4 heads, intermediate 256, untied, 32,256
               embedding rows, SDPA) in a plain loop: 256-token windows at random offsets, micro-batch 16, fused AdamW
@@ -14,7 +14,9 @@ way, in one invocation:
 
 Reported per run: tokens seen, tokens/s, training time and the share of the budget it used, validation bits per byte
 (summed cross-entropy of every held-out document token, separators excluded, over the documents' UTF-8 bytes: the
-same for every tokenizer) and nats per token on the whole held-out books with 256-token windows, MoE MaxVio, and the
+same for every tokenizer) and nats per token on the whole held-out books with 256-token windows, bits per byte on
+the held-out books of each other textbook corpus (split alike: a book held out in one is held out in all, whatever
+the run trained on, see tinyseek.data.mixture), MoE MaxVio, and the
 share of distinct 4-grams in greedy and sampled 200-token continuations of 5 fixed prompts (no repetition penalty).
 Writes docs/quality.md (or --out), quality.png (training loss in bits per byte against training time) and
 quality_samples.json.
@@ -43,6 +45,7 @@ import numpy as np
 import torch
 
 from tinyseek.data import TokenDataset, load_tokenizer, open_source, resolve_data, train_bpe_tokenizer
+from tinyseek.data.mixture import prepare_extra_sources
 from tinyseek.evaluation import continuations, score_split
 from tinyseek.train.budget import Horizon, TimeBudget, parse_duration
 from tinyseek.train.config import DataConfig, OptimConfig, ScheduleConfig, load_config
@@ -53,6 +56,10 @@ from tinyseek.train.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("TINYSEEK_SHARED_DATA") or REPO.parent / "shared" / "data")
+WIKI = SHARED / "corpus" / "library_of_phi_gpt35_wiki.jsonl.gz"
+SYNTH = SHARED / "corpus" / "library_of_phi_gpt35_synth.jsonl.gz"
+# Every run is scored on the held-out books of these too (those present), whatever it trained on.
+OTHER_SOURCES = (WIKI, SYNTH)
 PROMPTS = [
     "The study of economics",
     "In this chapter, we will",
@@ -70,7 +77,7 @@ MUON_X3 = {"name": "muon", "lr_multipliers": {"muon": 3.0}}  # cpu-15min's optim
 WSD = {"kind": "wsd", "decay_fraction": 0.3}  # cpu-15min's schedule (the warmup and floor are the reference's too)
 # The reference with a lever of tinyseek's recipe, to check whether the lever helps it too (then it gets it): name ->
 # {"optimizer": settings of tinyseek's registered builder that replace its AdamW, "schedule": ScheduleConfig fields
-# that replace its cosine's}.
+# that replace its cosine's, "mixture": other training sources and their weights, relative to the primary's 1}.
 REFERENCE_VARIANTS: dict[str, dict] = {
     REFERENCE: {},
     "reference-muon": {"optimizer": MUON_X3},
@@ -96,10 +103,7 @@ RUNS: dict[str, tuple[str, dict]] = {
     "screen-dense-hidden-192": (
         "cpu-15min", {"model": {"preset": "llama-tiny", "hidden_size": 192, "intermediate_size": 512}}),
     "screen-dense-mtp": ("cpu-15min", {"model": {"preset": "llama-tiny", "num_nextn_predict_layers": 1}}),
-    "screen-dense-wiki-mix": ("cpu-15min", {
-        "model": {"preset": "llama-tiny"},
-        "data": {"mixture": {str(SHARED / "corpus" / "library_of_phi_gpt35_wiki.jsonl.gz"): 1.0}},
-    }),
+    "screen-dense-wiki-mix": ("cpu-15min", {"model": {"preset": "llama-tiny"}, "data": {"mixture": {str(WIKI): 1.0}}}),
     # The preset's other levers, one at a time from its own base (screen-mla-moe: MLA + MoE, 8k BPE, Muon at x3 since
     # Muon shipped). Window and batch variants keep the other of the two, so the total tokens stay fixed through the
     # step count. Muon's update is scaled to AdamW's RMS, so AdamW's lr is Moonshot's choice for it; the preset's x3
@@ -109,10 +113,8 @@ RUNS: dict[str, tuple[str, dict]] = {
         "cpu-15min", {"model": {"preset": "deepseek-v3-tiny"}, "optim": {"lr_multipliers": {"muon": 1.0}}}),
     "screen-mla-moe-vocab-16k": ("cpu-15min", {
         "data": {"tokenizer": "bpe-16384"}, "model": {"preset": "deepseek-v3-tiny", "vocab_size": 16384}}),
-    "screen-mla-moe-wiki-mix": ("cpu-15min", {
-        "model": {"preset": "deepseek-v3-tiny"},
-        "data": {"mixture": {str(SHARED / "corpus" / "library_of_phi_gpt35_wiki.jsonl.gz"): 1.0}},
-    }),
+    "screen-mla-moe-wiki-mix": (
+        "cpu-15min", {"model": {"preset": "deepseek-v3-tiny"}, "data": {"mixture": {str(WIKI): 1.0}}}),
     "screen-mla-moe-lr-1.5e-3": ("cpu-15min", {"model": {"preset": "deepseek-v3-tiny"}, "optim": {"lr": 1.5e-3}}),
     "screen-mla-moe-lr-6e-3": ("cpu-15min", {"model": {"preset": "deepseek-v3-tiny"}, "optim": {"lr": 6e-3}}),
     "screen-mla-moe-cosine": ("cpu-15min", {"model": {"preset": "deepseek-v3-tiny"}, "schedule": {"kind": "cosine"}}),
@@ -147,6 +149,13 @@ RUNS: dict[str, tuple[str, dict]] = {
         "cpu-15min", {"model": {"preset": "deepseek-v3-tiny"}, "schedule": {"decay_fraction": 0.5}}),
     "screen-mla-moe-floor-0": (
         "cpu-15min", {"model": {"preset": "deepseek-v3-tiny"}, "schedule": {"min_lr_ratio": 0.0}}),
+    # More text (issue 24): the other textbook corpora mixed in (with screen-mla-moe-wiki-mix, 1:1), screened at a
+    # token count that repeats the primary (its training split is 3.7M tokens of the 8k BPE). gpt35_wiki alone has
+    # 3.2 times the primary's text, so wiki-3 reads the two about as they are.
+    "screen-mla-moe-mix-wiki-3": (
+        "cpu-15min", {"model": {"preset": "deepseek-v3-tiny"}, "data": {"mixture": {str(WIKI): 3.0}}}),
+    "screen-mla-moe-mix-wiki-synth": (
+        "cpu-15min", {"model": {"preset": "deepseek-v3-tiny"}, "data": {"mixture": {str(WIKI): 1.0, str(SYNTH): 0.5}}}),
     # The recipe before Muon shipped in cpu-15min (AdamW for every parameter), for the side-by-side that confirmed it.
     "cpu-15min-adamw": ("cpu-15min", {"optim": ADAMW}),
     # Earlier presets and architectures at cpu-quick's recipe.
@@ -163,11 +172,12 @@ class ReferenceRun:
 
     MICRO_BATCH, SEQ_LEN, LR, WARMUP = 16, 256, 3e-3, 100
 
-    def __init__(self, data_dir: Path, tokenizer, seed: int = 0, optimizer: dict | None = None,
-                 schedule: dict | None = None):
+    def __init__(self, data_dir: Path, tokenizer_spec: str, seed: int = 0, optimizer: dict | None = None,
+                 schedule: dict | None = None, mixture: dict[str, float] | None = None):
         from transformers import LlamaConfig, LlamaForCausalLM
 
         torch.manual_seed(seed)
+        tokenizer = load_tokenizer(tokenizer_spec)
         config = LlamaConfig(
             vocab_size=32256, hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
             intermediate_size=256, tie_word_embeddings=False, max_position_embeddings=512,
@@ -187,7 +197,13 @@ class ReferenceRun:
             settings = OptimConfig(lr=self.LR, weight_decay=0.1, betas=[0.9, 0.95], **optimizer)
             self.optimizer = build_optimizer(self.model, settings, torch.device("cpu"))
         self.peak_lrs = [group["lr"] for group in self.optimizer.param_groups]
-        self.train = TokenDataset(data_dir, "train").tokens
+        mixture = mixture or {}
+        extra_dirs = prepare_extra_sources(
+            data_dir, list(mixture), tokenizer_spec, cache_dir(), split_by=SPLIT["split_by"],
+            val_fraction=SPLIT["val_fraction"],
+        )
+        self.train_sources = [TokenDataset(folder, "train").tokens for folder in [data_dir, *extra_dirs]]
+        self.source_weights = torch.tensor([1.0, *mixture.values()])
         self.generator = torch.Generator().manual_seed(seed)
         self.schedule = ScheduleConfig(**{"kind": "cosine", "warmup_steps": self.WARMUP, "min_lr_ratio": 0.1,
                                           **(schedule or {})})
@@ -196,8 +212,12 @@ class ReferenceRun:
         multiplier = lr_multiplier(step, self.schedule, *horizon)
         for group, peak_lr in zip(self.optimizer.param_groups, self.peak_lrs):
             group["lr"] = peak_lr * multiplier
-        offsets = torch.randint(0, len(self.train) - self.SEQ_LEN - 1, (self.MICRO_BATCH,), generator=self.generator)
-        windows = [self.train[o : o + self.SEQ_LEN + 1] for o in offsets.tolist()]
+        sources = torch.multinomial(self.source_weights, self.MICRO_BATCH, replacement=True, generator=self.generator)
+        windows = []
+        for source in sources.tolist():
+            tokens = self.train_sources[source]
+            offset = torch.randint(0, len(tokens) - self.SEQ_LEN - 1, (), generator=self.generator).item()
+            windows.append(tokens[offset : offset + self.SEQ_LEN + 1])
         batch = torch.from_numpy(np.stack(windows).astype(np.int64))
         logits = self.model(input_ids=batch[:, :-1]).logits
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
@@ -232,8 +252,28 @@ class ReferenceRun:
                 "curve": curve, "maxvio": None}
 
 
+def cache_dir() -> Path:
+    return Path(DataConfig().cache_dir).expanduser()
+
+
 def primary_data_dir(args) -> Path:
-    return resolve_data(args.data, args.tokenizer, Path(DataConfig().cache_dir).expanduser(), **SPLIT)
+    return resolve_data(args.data, args.tokenizer, cache_dir(), **SPLIT)
+
+
+def source_label(path: str | Path) -> str:
+    return Path(path).name.split(".")[0].removeprefix("library_of_phi_")
+
+
+def held_out_sets(args, primary_dir: Path, tokenizer: str) -> dict[str, TokenDataset]:
+    """The held-out books of the primary and of each other source present that has some, tokenized with
+    `tokenizer`."""
+    others = [path for path in OTHER_SOURCES if path.exists()]
+    folders = prepare_extra_sources(primary_dir, [str(path) for path in others], tokenizer, cache_dir(),
+                                    split_by=SPLIT["split_by"], val_fraction=SPLIT["val_fraction"],
+                                    max_documents=args.other_documents)
+    sets = {source_label(path): TokenDataset(folder, "val")
+            for path, folder in [(args.data, primary_dir), *zip(others, folders)]}
+    return {source: held_out for source, held_out in sets.items() if len(held_out)}
 
 
 def training_split_tokenizer(args, vocab_size: int) -> tuple[str, float]:
@@ -289,7 +329,7 @@ def tinyseek_trainer(name: str, args, budget_s: float | None) -> tuple[Trainer, 
     return Trainer(config), tokenizer_s
 
 
-def run_tinyseek(name: str, args, budget_s: float | None) -> tuple[dict, object, object, TokenDataset]:
+def run_tinyseek(name: str, args, budget_s: float | None) -> tuple[dict, Trainer]:
     trainer, tokenizer_s = tinyseek_trainer(name, args, budget_s)
     config = trainer.config
     if trainer.train() != 0:
@@ -301,21 +341,24 @@ def run_tinyseek(name: str, args, budget_s: float | None) -> tuple[dict, object,
         "maxvio": records[-1].get("maxvio") if records else None,
         "tokenizer_s": tokenizer_s,
     }
-    return result, trainer.model, trainer.data.tokenizer, trainer.data.val_set
+    return result, trainer
 
 
 def measure(name: str, args, budget_s: float | None) -> dict:
     if name in REFERENCE_VARIANTS:
-        tokenizer = load_tokenizer(args.tokenizer)
-        data_dir = primary_data_dir(args)
-        reference = ReferenceRun(data_dir, tokenizer, **REFERENCE_VARIANTS[name])
+        data_dir, tokenizer_spec = primary_data_dir(args), args.tokenizer
+        reference = ReferenceRun(data_dir, tokenizer_spec, **REFERENCE_VARIANTS[name])
         result = reference.run(args.time_budget if budget_s else None, args.tokens)
-        model, val_set = reference.model, TokenDataset(data_dir, "val")
+        model, tokenizer = reference.model, reference.tokenizer
     else:
-        result, model, tokenizer, val_set = run_tinyseek(name, args, budget_s)
-    score = score_split(model, val_set, EVAL_SEQ_LEN)
+        result, trainer = run_tinyseek(name, args, budget_s)
+        model, tokenizer = trainer.model, trainer.data.tokenizer
+        data_dir, tokenizer_spec = trainer.data.data_dir, trainer.data.tokenizer_spec
+    scores = {source: score_split(model, held_out, EVAL_SEQ_LEN)
+              for source, held_out in held_out_sets(args, data_dir, tokenizer_spec).items()}
+    score = scores[source_label(args.data)]
     texts = continuations(model, tokenizer, PROMPTS)
-    meta = val_set.meta
+    meta = TokenDataset(data_dir, "val").meta
     return {
         "name": name,
         **result,
@@ -323,6 +366,7 @@ def measure(name: str, args, budget_s: float | None) -> dict:
         "budget_s": budget_s,
         "bits_per_byte": score.bits_per_byte,
         "nats_per_token": score.nats_per_token,
+        "held_out_bits_per_byte": {source: other.bits_per_byte for source, other in scores.items()},
         "train_tokens_per_byte": meta["train"]["tokens"] / meta["train"]["bytes"],
         "tokenizer": f"{Path(meta['tokenizer']['spec']).name} ({meta['tokenizer']['vocabulary_size']:,})",
         "greedy_distinct_4grams": float(np.mean([t["distinct_4grams"] for t in texts["greedy"]])),
@@ -337,7 +381,7 @@ def side_by_side_throughput(names: list[str], args, rounds: int, steps: int = 2)
     steppers, tokens_per_step, tokens_per_byte = {}, {}, {}
     for name in names:
         if name in REFERENCE_VARIANTS:
-            reference = ReferenceRun(primary_data_dir(args), load_tokenizer(args.tokenizer), **REFERENCE_VARIANTS[name])
+            reference = ReferenceRun(primary_data_dir(args), args.tokenizer, **REFERENCE_VARIANTS[name])
             reference.model.train()
             steppers[name] = lambda step, reference=reference: reference.step(step, Horizon(10**9))
             tokens_per_step[name] = reference.MICRO_BATCH * reference.SEQ_LEN
@@ -368,10 +412,12 @@ def side_by_side_throughput(names: list[str], args, rounds: int, steps: int = 2)
 
 
 def table(results: list[dict]) -> str:
+    primary, *others = results[0]["held_out_bits_per_byte"]
     lines = [
-        "| run | tokenizer | tokens | tokens/s | text bytes/s | training time | val bits/byte | val nats/token | MaxVio "
-        "| distinct 4-grams greedy | distinct 4-grams sampled |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| run | tokenizer | tokens | tokens/s | text bytes/s | training time | val bits/byte ({primary}) "
+        "| val nats/token | " + "".join(f"{source} held-out bits/byte | " for source in others)
+        + "MaxVio | distinct 4-grams greedy | distinct 4-grams sampled |",
+        "|---|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(others) + "---:|---:|---:|",
     ]
     for r in results:
         maxvio = "-" if r["maxvio"] is None else f"{r['maxvio']:.2f}"
@@ -379,18 +425,30 @@ def table(results: list[dict]) -> str:
         lines.append(
             f"| {r['name']} | {r['tokenizer']} | {r['tokens']:,} | {r['tokens_per_s']:,.0f} "
             f"| {r['tokens_per_s'] / r['train_tokens_per_byte']:,.0f} | {r['train_s'] / 60:.1f} min{used} "
-            f"| {r['bits_per_byte']:.4f} | {r['nats_per_token']:.3f} | {maxvio} | {r['greedy_distinct_4grams']:.2f} "
+            f"| {r['bits_per_byte']:.4f} | {r['nats_per_token']:.3f} | "
+            + "".join(f"{r['held_out_bits_per_byte'][source]:.4f} | " for source in others)
+            + f"{maxvio} | {r['greedy_distinct_4grams']:.2f} "
             f"| {r['sampled_distinct_4grams']:.2f} |"
         )
     return "\n".join(lines)
 
 
 def ratios(results: list[dict]) -> str:
-    """Every run against every reference variant listed before it in the invocation."""
-    lines = [f"- {r['name']}: bits per byte {r['bits_per_byte'] / ref['bits_per_byte']:.3f}x {ref['name']}'s "
-             f"({100 * (1 - r['bits_per_byte'] / ref['bits_per_byte']):+.1f}% lower), "
-             f"tokens/s {r['tokens_per_s'] / ref['tokens_per_s']:.2f}x"
-             for number, ref in enumerate(results) if ref["name"] in REFERENCE_VARIANTS for r in results[number + 1:]]
+    """Every run against every reference variant listed before it in the invocation: on the primary's held-out books,
+    then on each other source's, so a gain on one cannot hide a loss on another."""
+    def lower(run: dict, ref: dict, source: str) -> str:
+        ratio = run["held_out_bits_per_byte"][source] / ref["held_out_bits_per_byte"][source]
+        return f"{ratio:.3f}x {ref['name']}'s ({100 * (1 - ratio):+.1f}% lower)"
+
+    lines = []
+    for number, ref in enumerate(results):
+        if ref["name"] in REFERENCE_VARIANTS:
+            for run in results[number + 1:]:
+                primary, *others = run["held_out_bits_per_byte"]
+                lines.append(f"- {run['name']}: bits per byte {lower(run, ref, primary)}, tokens/s "
+                             f"{run['tokens_per_s'] / ref['tokens_per_s']:.2f}x"
+                             + "".join(f"; on {source}'s held-out books {lower(run, ref, source)}"
+                                       for source in others))
     return "\n".join(lines)
 
 
@@ -491,10 +549,13 @@ def main() -> int:
     parser.add_argument("--tokenizer", default=str(SHARED / "tokenizers" / "deepseek-coder"))
     parser.add_argument("--work-dir", default=str(REPO / "runs" / "quality"), help="where the runs are written")
     parser.add_argument("--out", default=str(REPO / "docs"), help="where the report goes")
-    parser.add_argument("--quick", action="store_true", help="4,096 training tokens a run (to check the script runs)")
+    parser.add_argument("--quick", action="store_true",
+                        help="4,096 training tokens a run, held-out books of the other sources' first 2,000 chapters "
+                             "(to check the script runs)")
     args = parser.parse_args()
     if args.quick:
         args.tokens, args.time_budget, args.throughput = 4096, None, args.throughput and 1
+    args.other_documents = 2000 if args.quick else None
     if args.tokens is None and args.time_budget is None:
         args.time_budget = "15m"
     names = [name.strip() for name in args.runs.split(",") if name.strip()]

@@ -1,4 +1,5 @@
-"""A weighted mixture of training sources: proportions, determinism, exact resume, and no held-out book trained on."""
+"""A weighted mixture of training sources: proportions, determinism, exact resume, no held-out book trained on, and
+every source's own held-out books."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from tinyseek.errors import TinySeekError
 from tinyseek.testing import write_jsonl
 
 TITLES = ["Algebra", "Botany", "Chemistry", "Dynamics", "Ecology"]
+# Books the primary lacks, shared by the two other sources: how a source splits them is decided by name alone.
+NEW_TITLES = [f"Topic {number}" for number in range(16)]
 
 
 def write_books(path: Path, marker: str, titles: list[str], chapters: int = 6) -> Path:
@@ -29,12 +32,14 @@ def two_sources(tmp_path_factory):
     """A primary corpus split by title and a second one that repeats its titles (as gpt35_wiki repeats gpt4's)."""
     root = tmp_path_factory.mktemp("mixture")
     primary = write_books(root / "primary.jsonl", "alpha", TITLES)
-    extra = write_books(root / "extra.jsonl", "beta", TITLES + ["Forestry"])
+    extra = write_books(root / "extra.jsonl", "beta", TITLES + NEW_TITLES)
+    third = write_books(root / "third.jsonl", "gamma", TITLES[:2] + NEW_TITLES[::-1], chapters=2)
     tokenizer = train_bpe_tokenizer([str(primary), str(extra)], 400, root / "tokenizer", min_frequency=1)
     primary_dir = prepare_corpus(str(primary), str(tokenizer), root / "cache", split_by="title", val_documents=1)
-    (extra_dir,) = prepare_extra_sources(primary_dir, [str(extra)], str(tokenizer), root / "cache", split_by="title")
-    return {"primary": primary_dir, "extra": extra_dir, "tokenizer": str(tokenizer), "extra_file": str(extra),
-            "cache": str(root / "cache")}
+    extra_dir, third_dir = prepare_extra_sources(
+        primary_dir, [str(extra), str(third)], str(tokenizer), root / "cache", split_by="title", val_fraction=0.3)
+    return {"primary": primary_dir, "extra": extra_dir, "third": third_dir, "tokenizer": str(tokenizer),
+            "extra_file": str(extra), "cache": str(root / "cache")}
 
 
 def test_a_validation_title_never_appears_in_a_training_source(two_sources):
@@ -46,7 +51,20 @@ def test_a_validation_title_never_appears_in_a_training_source(two_sources):
         train_text = tokenizer.decode(TokenDataset(folder, "train").tokens)
         assert held_out not in train_text
         assert all(title in train_text for title in TITLES if title != held_out)
-    assert len(TokenDataset(two_sources["extra"], "val")) == 0
+    extra_val = TokenDataset(two_sources["extra"], "val")
+    assert held_out in extra_val.meta["val"]["group_names"]
+    assert f"beta{held_out}" in tokenizer.decode(extra_val.tokens)
+
+
+def test_sources_split_the_books_the_primary_lacks_alike(two_sources):
+    """Each other source holds out some of the books only they have, the same ones in each, at about val_fraction."""
+    held_out = {name: set(TokenDataset(two_sources[name], "val").meta["val"]["group_names"]) & set(NEW_TITLES)
+                for name in ("extra", "third")}
+    trained = {name: set(TokenDataset(two_sources[name], "train").meta["train"]["group_names"]) & set(NEW_TITLES)
+               for name in ("extra", "third")}
+    assert held_out["extra"] == held_out["third"] and trained["extra"] == trained["third"]
+    assert 0 < len(held_out["extra"]) < len(NEW_TITLES) / 2
+    assert held_out["extra"].isdisjoint(trained["extra"])
 
 
 def test_block_quota_is_proportional_and_fills_the_block():

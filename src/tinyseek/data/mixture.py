@@ -1,8 +1,10 @@
-"""Training on a weighted mixture of sources, with validation from the first source only.
+"""Training on a weighted mixture of sources, each with its own held-out books.
 
-The first source is split into train and validation as usual (whole books with `split_by`); every other source is
-training-only and leaves out the documents of the first source's validation groups, so no held-out book is ever
-trained on, whichever source repeats it. Windows are drawn from each source in proportion to its weight, in an order
+The first source is split into train and validation as usual (whole books with `split_by`). Every other source puts
+the books it shares with the first where the first put them, so no held-out book is ever trained on, whichever
+source repeats it; its other books are held out by a hash of their title, so sources that share a book the first
+lacks decide it alike too. The trainer validates on the first source; each source's held-out books can be scored on
+their own (benchmarks/quality.py does). Windows are drawn from each source in proportion to its weight, in an order
 that is a pure function of (seed, window position), so resumed runs read exactly what uninterrupted ones do.
 """
 
@@ -23,15 +25,20 @@ MIX_STREAM = 0x6D6978  # keeps the mixture's random stream apart from the window
 
 
 def prepare_extra_sources(
-    primary_dir: Path, sources: list[str], tokenizer: str, cache_root: Path, *, split_by: str | None, **prepare_kwargs
+    primary_dir: Path, sources: list[str], tokenizer: str, cache_root: Path, *, split_by: str | None,
+    val_fraction: float, **prepare_kwargs
 ) -> list[Path]:
-    """Prepare each extra source as training data only, without the primary's validation groups."""
-    held_out = read_meta(primary_dir)["val"].get("group_names", [])
-    if held_out and split_by is None:
-        raise ConfigError("data.mixture: the validation groups can only be kept out of other sources with split_by")
+    """Prepare each extra source, split as the primary was: its groups where the primary put them, others held out
+    by name at `val_fraction`."""
+    meta = read_meta(primary_dir)
+    if split_by is None or "group_names" not in meta["train"]:
+        raise ConfigError("data.mixture: the sources can only be split alike by a column that names the books "
+                          "(data.split_by)")
+    pinned = {group: False for group in meta["train"]["group_names"]}
+    pinned |= {group: True for group in meta["val"]["group_names"]}
     return [
         prepare_corpus(
-            source, tokenizer, cache_root, split_by=split_by, val_fraction=0.0, exclude_groups=held_out,
+            source, tokenizer, cache_root, split_by=split_by, val_fraction=val_fraction, pinned_groups=pinned,
             **prepare_kwargs,
         )
         for source in sources

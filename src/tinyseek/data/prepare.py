@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -39,7 +39,9 @@ from tinyseek.data.tokenizer import (
 from tinyseek.durable import fsync_path, staging_directory
 from tinyseek.errors import ConfigError, FileError, InputError
 
-FORMAT_VERSION = 3  # 2: UTF-8 bytes per split and the validation groups in meta.json; 3: BOS before each document
+# 2: UTF-8 bytes per split and the validation groups in meta.json; 3: BOS before each document; 4: the training
+# groups too, so that a mixture's other sources can split alike (tinyseek.data.mixture)
+FORMAT_VERSION = 4
 META_FILE = "meta.json"
 SPLITS = ("train", "val")
 BATCH_CHARACTERS = 1 << 20  # per worker task: large enough to amortise pickling, small enough for a smooth bar
@@ -175,11 +177,24 @@ def _encode_all(documents: Iterable[Document], encoder_args: tuple, num_workers:
         pool.shutdown(cancel_futures=True)
 
 
+def held_out_by_name(group: str, val_fraction: float, seed: int) -> bool:
+    """Whether a group that no other source has decided is held out: a pure function of its name, so every source
+    that has the group decides alike, without knowing the others."""
+    digest = hashlib.sha256(f"{seed}:{group}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < val_fraction
+
+
 def _validation_mask(
     source: str,
-    groups: list[str] | None, num_documents: int, val_fraction: float, val_documents: int | None, seed: int
+    groups: list[str] | None, num_documents: int, val_fraction: float, val_documents: int | None, seed: int,
+    pinned_groups: Mapping[str, bool] | None = None,
 ) -> np.ndarray:
-    """Which documents go to validation: whole groups (or whole documents), chosen by a seeded permutation."""
+    """Which documents go to validation: whole groups (or whole documents), chosen by a seeded permutation; or, with
+    `pinned_groups`, each group where the mapping says and any other by `held_out_by_name`."""
+    if pinned_groups is not None:
+        decided = {group: pinned_groups.get(group, held_out_by_name(group, val_fraction, seed))
+                   for group in set(groups)}
+        return np.array([decided[group] for group in groups], dtype=bool)
     if groups is None:
         unit_of_document, num_units, unit_name = np.arange(num_documents), num_documents, "documents"
     else:
@@ -274,20 +289,21 @@ def prepare_corpus(
     max_documents: int | None = None,
     streaming: bool | None = None,
     vocab_size: int | None = None,
-    exclude_groups: Sequence[str] = (),
+    pinned_groups: Mapping[str, bool] | None = None,
     split_by_fallback: bool = False,
 ) -> Path:
     """Tokenize `source` with `tokenizer` into `<out>/<name>-<hash>/` and return that folder (reused when it exists).
 
     The validation split takes `val_documents` documents (or `split_by` groups) when given, else `val_fraction`
     of them (at least one when the fraction is positive). `vocab_size`, when given, refuses a tokenizer too large
-    for the model before any work is done. Documents whose `split_by` group is in `exclude_groups` are left out
-    altogether (another source's validation books, kept out of this one's training data). With `split_by_fallback`,
+    for the model before any work is done. `pinned_groups` (group -> held out?) splits a mixture's other source as
+    its primary was split: the groups the primary has go where it put them, so no held-out book is trained on from
+    any source, and the rest by `held_out_by_name` at `val_fraction`. With `split_by_fallback`,
     a source without the `split_by` column is split by document instead, with a note (a preset's choice that does
     not fit the data); without it, that is an InputError (the user asked for that column).
     """
-    if exclude_groups and split_by is None:
-        raise ConfigError("excluding groups from a source needs split_by (the column that names the groups)")
+    if pinned_groups is not None and split_by is None:
+        raise ConfigError("splitting a source as another was split needs split_by (the column that names the groups)")
     if not 0 <= val_fraction < 1:
         raise ConfigError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     if val_documents is not None and val_documents < 0:
@@ -310,7 +326,7 @@ def prepare_corpus(
         "split_by": split_by,
         "seed": seed,
         "max_documents": max_documents,
-        **({"exclude_groups": sorted(exclude_groups)} if exclude_groups else {}),
+        **({"pinned_groups": sorted(pinned_groups.items())} if pinned_groups is not None else {}),
     }
     identity = tokenizer_identity(loaded)
     key_material = {
@@ -335,8 +351,7 @@ def prepare_corpus(
         encoder_args = (loaded.backend_tokenizer.to_str(), document_start_id(loaded), loaded.eos_token_id, dtype.name)
         workers = num_workers or _available_cores()
         lengths: list[np.ndarray] = []
-        excluded = set(exclude_groups)
-        documents = (document for document in corpus.documents(max_documents) if document.group not in excluded)
+        documents = corpus.documents(max_documents)
         text_bytes: list[int] = []
         groups: list[str] | None = [] if split_by is not None else None
         all_tokens = staging / "documents.tmp"
@@ -354,15 +369,17 @@ def prepare_corpus(
         document_lengths = np.concatenate(lengths) if lengths else np.empty(0, np.int64)
         if not len(document_lengths):
             raise InputError(f"the corpus {source} has no non-blank documents in column {text_column!r}")
-        is_val = _validation_mask(str(source), groups, len(document_lengths), val_fraction, val_documents, seed)
+        is_val = _validation_mask(
+            str(source), groups, len(document_lengths), val_fraction, val_documents, seed, pinned_groups
+        )
         counts = _split_files(staging, all_tokens, dtype, document_lengths, np.array(text_bytes, np.int64), is_val)
         all_tokens.unlink()
         if groups is not None:
             group_array = np.array(groups, dtype=object).astype(str)
-            counts["train"]["groups"] = len(np.unique(group_array[~is_val]))
-            counts["val"]["groups"] = len(np.unique(group_array[is_val]))
-            # Named, so that other training sources can leave these groups out (tinyseek.data.mixture).
-            counts["val"]["group_names"] = sorted(np.unique(group_array[is_val]).tolist())
+            # Named, so that a mixture's other sources can split alike (tinyseek.data.mixture).
+            for split, mask in (("train", ~is_val), ("val", is_val)):
+                counts[split]["groups"] = len(np.unique(group_array[mask]))
+                counts[split]["group_names"] = sorted(np.unique(group_array[mask]).tolist())
         meta = {
             "format_version": FORMAT_VERSION,
             "cache_key": cache_key,

@@ -78,7 +78,8 @@ class TrainingData:
             )
             self.extra_data_dirs = prepare_extra_sources(
                 self.data_dir, list(settings.mixture), self.tokenizer_spec, cache_dir,
-                split_by=settings.split_by, text_column=settings.text_column, vocab_size=vocab_size,
+                split_by=settings.split_by, val_fraction=settings.val_fraction, text_column=settings.text_column,
+                vocab_size=vocab_size,
             ) if settings.mixture else []
 
     def open(self) -> None:
@@ -86,6 +87,7 @@ class TrainingData:
         self.train_set = TokenDataset(self.data_dir, "train")
         self.val_set = TokenDataset(self.data_dir, "val")
         self.extra_train_sets = [TokenDataset(folder, "train") for folder in self.extra_data_dirs]
+        self.extra_val_sets = [TokenDataset(folder, "val") for folder in self.extra_data_dirs]
 
     def checkpoint_state(self) -> dict[str, str]:
         return {"tokenizer": self.tokenizer_id, "tokenizer_spec": self.tokenizer_spec, "data_dir": str(self.data_dir)}
