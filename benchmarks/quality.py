@@ -127,6 +127,8 @@ RUNS: dict[str, tuple[str, dict]] = {
     "screen-mla-moe-batch-32": (
         "cpu-15min", {"model": {"preset": "deepseek-v3-tiny"}, "data": {"micro_batch_size": 32}}),
     "screen-mla-moe-layers-6": ("cpu-15min", {"model": {"preset": "deepseek-v3-tiny", "num_hidden_layers": 6}}),
+    "screen-mla-moe-hidden-192": ("cpu-15min", {"model": {  # every feed-forward width scaled with the hidden size
+        "preset": "deepseek-v3-tiny", "hidden_size": 192, "intermediate_size": 768, "moe_intermediate_size": 96}}),
     # Issue 24's screens on the same base: the MoE's own knobs (the active width per token kept at 4 x 64 unless the
     # lever is the width itself) and the shape of the schedule.
     "screen-mla-moe-experts-8": ("cpu-15min", {"model": {"preset": "deepseek-v3-tiny", "n_routed_experts": 8}}),
