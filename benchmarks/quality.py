@@ -24,6 +24,11 @@ quality_samples.json.
     python benchmarks/report.py quality-15min    # the headline: four 15-minute runs, ~65 min
     python benchmarks/quality.py --runs screen-dense,screen-mla-moe --tokens 250000 --threads 1   # screening
     python benchmarks/quality.py --runs reference,cpu-15min,screen-dense --throughput 2      # tokens/s side by side
+    python benchmarks/quality.py --budgets 5m,15m,60m    # each budget's preset and the reference at it, ~3 h
+
+With --budgets, each budget's own preset (BUDGET_PRESETS) and the reference (--reference) train for that budget, and
+quality_budgets.md and quality_budgets.png (bits per byte against minutes, on each source's held-out books) are
+written instead.
 """
 
 from __future__ import annotations
@@ -85,13 +90,16 @@ REFERENCE_VARIANTS: dict[str, dict] = {
     "reference-muon-wsd": {"optimizer": MUON_X3, "schedule": WSD},
 }
 SCREENING_HEADING = "## Screening"
+BUDGET_PRESETS = {"5m": "cpu-5min", "15m": "cpu-15min", "60m": "cpu-60min"}  # --budgets: the preset for each
 
 ADAMW = {"name": "adamw", "lr_multipliers": {}}  # the optimizer settings of cpu-15min before Muon shipped
 # name -> (preset, overrides). Screening variants change one lever of their base at a time. A run whose overrides
 # name `data.tokenizer: bpe-N` gets a byte-level BPE of N tokens trained here on the training split (never on the
 # held-out books), as `tinyseek tokenizer train` trains one.
 RUNS: dict[str, tuple[str, dict]] = {
+    "cpu-5min": ("cpu-5min", {}),
     "cpu-15min": ("cpu-15min", {}),
+    "cpu-60min": ("cpu-60min", {}),
     # The screening (docs/quality.md): the preset's recipe with one lever moved from a dense 8k-vocabulary base.
     "screen-dense": ("cpu-15min", {"model": {"preset": "llama-tiny"}}),
     "screen-dense-vocab-32k": (
@@ -296,7 +304,7 @@ def training_split_tokenizer(args, vocab_size: int) -> tuple[str, float]:
     return str(out), time.perf_counter() - start
 
 
-def tinyseek_trainer(name: str, args, budget_s: float | None) -> tuple[Trainer, float]:
+def tinyseek_trainer(name: str, args, budget: str | None) -> tuple[Trainer, float]:
     """The run's Trainer, fresh, and the seconds spent training its tokenizer."""
     preset, overrides = RUNS[name]
     # The held-out split comes first: a run with a mixture is only valid with it.
@@ -320,8 +328,8 @@ def tinyseek_trainer(name: str, args, budget_s: float | None) -> tuple[Trainer, 
     }
     override_list += [(key.split("."), value) for key, value in settings.items()]
     config = load_config(preset, override_list)
-    if budget_s:
-        config.time_budget = args.time_budget
+    if budget:
+        config.time_budget = budget
     else:  # a fixed token budget (screening): the steps it takes, with a warmup of at most a tenth of them
         config.time_budget = None
         data = config.data
@@ -331,8 +339,8 @@ def tinyseek_trainer(name: str, args, budget_s: float | None) -> tuple[Trainer, 
     return Trainer(config), tokenizer_s
 
 
-def run_tinyseek(name: str, args, budget_s: float | None) -> tuple[dict, Trainer]:
-    trainer, tokenizer_s = tinyseek_trainer(name, args, budget_s)
+def run_tinyseek(name: str, args, budget: str | None) -> tuple[dict, Trainer]:
+    trainer, tokenizer_s = tinyseek_trainer(name, args, budget)
     config = trainer.config
     if trainer.train() != 0:
         raise SystemExit(f"run {name} stopped before the end")
@@ -346,14 +354,15 @@ def run_tinyseek(name: str, args, budget_s: float | None) -> tuple[dict, Trainer
     return result, trainer
 
 
-def measure(name: str, args, budget_s: float | None) -> dict:
+def measure(name: str, args, budget: str | None) -> dict:
+    """Train run `name` for the wall-clock `budget` (None: for --tokens), then score it."""
     if name in REFERENCE_VARIANTS:
         data_dir, tokenizer_spec = primary_data_dir(args), args.tokenizer
         reference = ReferenceRun(data_dir, tokenizer_spec, **REFERENCE_VARIANTS[name])
-        result = reference.run(args.time_budget if budget_s else None, args.tokens)
+        result = reference.run(budget, args.tokens)
         model, tokenizer = reference.model, reference.tokenizer
     else:
-        result, trainer = run_tinyseek(name, args, budget_s)
+        result, trainer = run_tinyseek(name, args, budget)
         model, tokenizer = trainer.model, trainer.data.tokenizer
         data_dir, tokenizer_spec = trainer.data.data_dir, trainer.data.tokenizer_spec
     scores = {source: score_split(model, held_out, EVAL_SEQ_LEN)
@@ -365,7 +374,7 @@ def measure(name: str, args, budget_s: float | None) -> dict:
         "name": name,
         **result,
         "tokens_per_s": result["tokens"] / result["train_s"],
-        "budget_s": budget_s,
+        "budget_s": parse_duration(budget) if budget else None,
         "bits_per_byte": score.bits_per_byte,
         "nats_per_token": score.nats_per_token,
         "held_out_bits_per_byte": {source: other.bits_per_byte for source, other in scores.items()},
@@ -490,6 +499,75 @@ def commit() -> str:
     return result.stdout.strip() or "unknown"
 
 
+def method(command: str, measured_at: str, threads: int, budget: str) -> str:
+    """Where, how and with what a report's runs were measured and scored."""
+    return f"""Measured {datetime.date.today()} at commit `{measured_at}` on {machine()}, {threads} threads
+(`torch.set_num_threads`).
+
+```bash
+{command}
+```
+
+Each run trains for {budget} on `library_of_phi_gpt4.jsonl` (whole books held out by title: the same held-out
+documents for every run and tokenizer; a run named `*-mix*` also on the other textbook corpora) and is evaluated on
+all held-out documents: bits per byte (summed cross-entropy of every document token, separators excluded, over the
+documents' UTF-8 bytes; comparable across tokenizers), on gpt4's held-out books and on those of each other corpus
+(split alike, whatever the run trained on), nats per token (not comparable across tokenizers) with
+{EVAL_SEQ_LEN}-token windows, and the share of distinct 4-grams in 200-token greedy and sampled (temperature 0.8,
+top-p 0.95) continuations of 5 fixed prompts, no repetition penalty. Training time is the training loop's wall clock;
+in parentheses the share of the budget used."""
+
+
+def budget_ratios(results: list[dict]) -> str:
+    """At each budget, its preset against the reference."""
+    return "\n".join(f"- at {pair[0]['budget']}: " + ratios(pair).removeprefix("- ")
+                     for pair in zip(results[::2], results[1::2]))
+
+
+def plot_budgets(results: list[dict], path: Path) -> None:
+    """Bits per byte against the budget's minutes: the reference and the presets, on each source's held-out books."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(8, 5))
+    for runs, color in ((results[::2], "tab:gray"), (results[1::2], "tab:blue")):  # the reference, the presets
+        minutes = [parse_duration(run["budget"]) / 60 for run in runs]
+        for source, style in zip(runs[0]["held_out_bits_per_byte"], ("-", "--", ":")):
+            axis.plot(minutes, [run["held_out_bits_per_byte"][source] for run in runs], style, marker="o",
+                      color=color, label=f"{', '.join(dict.fromkeys(run['name'] for run in runs))}, {source}")
+    axis.set_xscale("log")
+    axis.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())  # the budgets are the only ticks
+    axis.set_xticks([parse_duration(run["budget"]) / 60 for run in results[::2]],
+                    [run["budget"] for run in results[::2]])
+    axis.set_xlabel("training budget (wall clock, log scale)")
+    axis.set_ylabel("held-out bits per byte")
+    axis.set_title("Bits per byte against the training budget")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def write_budget_report(results: list[dict], command: str, out: Path, measured_at: str, threads: int) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    plot_budgets(results, out / "quality_budgets.png")
+    presets = ", ".join(f"`{BUDGET_PRESETS[run['budget']]}` for {run['budget']}" for run in results[1::2])
+    budget = f"its budget: {presets}, and the reference `{results[0]['name']}` for each"
+    (out / "quality_budgets.md").write_text(f"""# Quality against the budget
+
+{method(command, measured_at, threads, budget)}
+
+{table(results)}
+
+{budget_ratios(results)}
+
+![held-out bits per byte against the training budget](quality_budgets.png)
+""")
+
+
 def write_report(results: list[dict], command: str, out: Path, measured_at: str, threads: int) -> None:
     out.mkdir(parents=True, exist_ok=True)
     plot(results, out / "quality.png")
@@ -507,19 +585,7 @@ def write_report(results: list[dict], command: str, out: Path, measured_at: str,
     budget = "the same wall-clock budget (`--time-budget`)" if timed else "the same number of tokens"
     report = f"""# Quality for the same budget
 
-Measured {datetime.date.today()} at commit `{measured_at}` on {machine()}, {threads} threads
-(`torch.set_num_threads`).
-
-```bash
-{command}
-```
-
-Each run trains for {budget} on `library_of_phi_gpt4.jsonl` (whole books held out by title: the same held-out
-documents for every run and tokenizer) and is evaluated on all held-out documents: bits per byte (summed
-cross-entropy of every document token, separators excluded, over the documents' UTF-8 bytes; comparable across
-tokenizers), nats per token (not comparable across tokenizers) with {EVAL_SEQ_LEN}-token windows, and the share of
-distinct 4-grams in 200-token greedy and sampled (temperature 0.8, top-p 0.95) continuations of 5 fixed prompts, no
-repetition penalty. Training time is the training loop's wall clock; in parentheses the share of the budget used.
+{method(command, measured_at, threads, budget)}
 
 {table(results)}
 
@@ -544,6 +610,10 @@ def main() -> int:
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--time-budget", default=None, help="wall-clock training budget per run, e.g. 15m (default)")
     budget.add_argument("--tokens", type=int, help="a fixed number of training tokens per run instead")
+    budget.add_argument("--budgets", help=f"comma-separated budgets from {', '.join(BUDGET_PRESETS)}: at each, its "
+                                          "preset and the reference (--runs is not used)")
+    parser.add_argument("--reference", default=REFERENCE, choices=list(REFERENCE_VARIANTS),
+                        help=f"the reference variant --budgets compares with (default {REFERENCE})")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--throughput", type=int, metavar="ROUNDS",
                         help="only measure training speed side by side: ROUNDS interleaved rounds of 2 steps per run")
@@ -555,10 +625,13 @@ def main() -> int:
                         help="4,096 training tokens a run, held-out books of the other sources' first 2,000 chapters "
                              "(to check the script runs)")
     args = parser.parse_args()
+    budgets = [budget.strip() for budget in (args.budgets or "").split(",") if budget.strip()]
+    if any(budget not in BUDGET_PRESETS for budget in budgets):
+        parser.error(f"--budgets: choose from {', '.join(BUDGET_PRESETS)}")
     if args.quick:
         args.tokens, args.time_budget, args.throughput = 4096, None, args.throughput and 1
     args.other_documents = 2000 if args.quick else None
-    if args.tokens is None and args.time_budget is None:
+    if args.tokens is None and args.time_budget is None and not budgets:
         args.time_budget = "15m"
     names = [name.strip() for name in args.runs.split(",") if name.strip()]
     unknown = [name for name in names if name not in REFERENCE_VARIANTS and name not in RUNS]
@@ -571,13 +644,22 @@ def main() -> int:
         args.tokens = args.tokens or 10**9  # the schedule of a long run: the measured steps are its first
         print(f"threads: {args.threads}\n" + side_by_side_throughput(names, args, args.throughput))
         return 0
-    budget_s = parse_duration(args.time_budget) if args.time_budget else None
     measured_at = commit()  # the code the runs use is the code at the start
     command = "python benchmarks/quality.py " + " ".join(sys.argv[1:])
+    if budgets:
+        results = []
+        for budget in budgets:
+            for name in (args.reference, BUDGET_PRESETS[budget]):
+                print(f"== {name} for {budget} ({args.threads} threads)", flush=True)
+                results.append({**measure(name, args, None if args.quick else budget), "budget": budget})
+                print(table(results), flush=True)
+        write_budget_report(results, command, Path(args.out), measured_at, args.threads)
+        print(f"threads: {args.threads}\n{table(results)}\n{budget_ratios(results)}")
+        return 0
     results = []
     for name in names:
         print(f"== {name} ({args.threads} threads)", flush=True)
-        results.append(measure(name, args, budget_s))
+        results.append(measure(name, args, args.time_budget))
         print(table(results), flush=True)
     write_report(results, command, Path(args.out), measured_at, args.threads)
     print(f"threads: {args.threads}\n{table(results)}\n{ratios(results)}")

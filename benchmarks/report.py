@@ -43,6 +43,8 @@ CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
 # The quality side-by-side: the preset and the reference, each with and without the lever the preset adopted last
 # (a lever that helps the reference too is a lever it gets: docs/quality.md compares with both).
 QUALITY_RUNS = "reference,reference-muon,cpu-15min,cpu-15min-adamw"
+# The budget family against the reference with the levers that help it too.
+BUDGET_FAMILY = ("--budgets", "5m,15m,60m", "--reference", "reference-muon")
 
 
 @dataclass(frozen=True)
@@ -126,6 +128,10 @@ BLOCKS = [
           (PY, "benchmarks/quality.py", "--runs", QUALITY_RUNS, "--quick", "--threads", "2", "--out", "{out}"),
           threads=2, body_file="quality.md", artifacts=("quality.png", "quality_samples.json"),
           needs_shared_data=True),
+    Block("quality-budgets", "docs/quality.md",
+          (PY, "benchmarks/quality.py", *BUDGET_FAMILY, "--threads", "2", "--out", "{out}"),
+          (PY, "benchmarks/quality.py", *BUDGET_FAMILY, "--quick", "--threads", "2", "--out", "{out}"),
+          threads=2, body_file="quality_budgets.md", artifacts=("quality_budgets.png",), needs_shared_data=True),
     Block("chat", "docs/chat.md",
           (PY, "benchmarks/chat.py", "--threads", "2"), (PY, "benchmarks/chat.py", "--quick", "--threads", "2"),
           threads=2, stdout_format="markdown", env={"HF_HUB_OFFLINE": "1"}),

@@ -68,6 +68,26 @@ def test_max_steps_and_time_budget_together_is_an_error_naming_both(tmp_path, ca
     assert load_config("cpu-15min", [(["time_budget"], "2m")], look_up_tokenizer=False).time_budget == "2m"
 
 
+def test_a_config_extends_another_key_by_key(tmp_path):
+    """The budget family extends cpu-15min: same model and optimizer, its own budget and warmup."""
+    fifteen, five = (load_config(name, look_up_tokenizer=False) for name in ("cpu-15min", "cpu-5min"))
+    assert (five.time_budget, five.schedule.warmup_steps) == ("5m", 40)
+    assert five.model == fifteen.model and five.optim == fifteen.optim and five.data == fifteen.data
+    assert five.schedule.model_copy(update={"warmup_steps": 100}) == fifteen.schedule
+    assert "optim.lr_multipliers.muon" in five.preset_keys
+    # A user's file extends a preset by name or a file by a path relative to itself; its mappings merge.
+    (tmp_path / "mine.yaml").write_text("extends: cpu-5min\noptim: {lr: 1.0e-3, lr_multipliers: {head: 0.5}}\n")
+    (tmp_path / "nested").mkdir()
+    (tmp_path / "nested" / "longer.yaml").write_text("extends: ../mine.yaml\ntime_budget: 7m\n")
+    longer = load_config(str(tmp_path / "nested" / "longer.yaml"), look_up_tokenizer=False)
+    assert (longer.time_budget, longer.optim.lr, longer.schedule.warmup_steps) == ("7m", 1.0e-3, 40)
+    assert longer.optim.lr_multipliers == {"muon": 3.0, "head": 0.5}
+    (tmp_path / "loop.yaml").write_text("extends: nested/longer.yaml\n")
+    (tmp_path / "mine.yaml").write_text("extends: loop.yaml\n")
+    with pytest.raises(ValueError, match="leads back to itself"):
+        load_config(str(tmp_path / "loop.yaml"), look_up_tokenizer=False)
+
+
 @pytest.mark.parametrize("sources", [["--data", "builtin", "--tokenizer", "builtin"], []], ids=["builtin", "default"])
 def test_a_preset_split_by_a_column_the_data_lacks_falls_back_to_documents(
     tmp_path, sources, data_cache, unreachable_hub, capsys

@@ -273,7 +273,30 @@ def resolve_config_path(name_or_path: str) -> Path:
     raise FileError(f"config {name_or_path!r}: no such file, and not a preset (presets: {', '.join(known) or 'none'})")
 
 
-def read_config_file(path: Path) -> dict[str, Any]:
+def read_config_file(path: Path, extended_by: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config file's settings. A file may start from another, `extends: <preset or path>` (relative to the file):
+    its own settings replace the other's, section by section and key by key."""
+    raw = parse_config_file(path)
+    base = raw.pop("extends", None)
+    if base is None:
+        return raw
+    beside = path.parent / str(base)
+    base_path = resolve_config_path(str(beside) if beside.is_file() else str(base))
+    if base_path.resolve() in {p.resolve() for p in (path, *extended_by)}:
+        raise ConfigError(f"config {path}: `extends: {base}` leads back to itself")
+    return merged(read_config_file(base_path, (path, *extended_by)), raw)
+
+
+def merged(base: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
+    """`settings` over `base`: mappings merge, any other value replaces."""
+    result = dict(base)
+    for key, value in settings.items():
+        both_mappings = isinstance(value, dict) and isinstance(base.get(key), dict)
+        result[key] = merged(base[key], value) if both_mappings else value
+    return result
+
+
+def parse_config_file(path: Path) -> dict[str, Any]:
     try:
         if path.suffix == ".toml":
             raw = read_toml(path)
