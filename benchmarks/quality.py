@@ -25,6 +25,7 @@ quality_samples.json.
     python benchmarks/quality.py --runs screen-dense,screen-mla-moe --tokens 250000 --threads 1   # screening
     python benchmarks/quality.py --runs reference,cpu-15min,screen-dense --throughput 2      # tokens/s side by side
     python benchmarks/quality.py --budgets 5m,15m,60m    # each budget's preset and the reference at it, ~3 h
+    python benchmarks/quality.py --mixture gpt35_wiki=1 ...   # every run (the reference too) on a mixture
 
 With --budgets, each budget's own preset (BUDGET_PRESETS) and the reference (--reference) train for that budget, and
 quality_budgets.md and quality_budgets.png (bits per byte against minutes, on each source's held-out books) are
@@ -262,6 +263,18 @@ class ReferenceRun:
                 "curve": curve, "maxvio": None}
 
 
+def parse_mixture(text: str) -> dict[str, float]:
+    """`gpt35_wiki=1,gpt35_synth=0.5` -> {path of the corpus: weight}."""
+    sources = {source_label(path): path for path in OTHER_SOURCES}
+    mixture = {}
+    for item in filter(None, text.split(",")):
+        source, _, weight = item.partition("=")
+        if source not in sources:
+            raise argparse.ArgumentTypeError(f"unknown source {source!r}; choose from {', '.join(sources)}")
+        mixture[str(sources[source])] = float(weight or 1)
+    return mixture
+
+
 def cache_dir() -> Path:
     return Path(DataConfig().cache_dir).expanduser()
 
@@ -314,7 +327,10 @@ def tinyseek_trainer(name: str, args, budget: str | None) -> tuple[Trainer, floa
     tokenizer, tokenizer_s = preset_tokenizer or args.tokenizer, 0.0
     if re.fullmatch(r"bpe-\d+", Path(tokenizer).name):
         tokenizer, tokenizer_s = training_split_tokenizer(args, int(Path(tokenizer).name.removeprefix("bpe-")))
+    if args.mixture and "mixture" in overrides.get("data", {}):
+        raise SystemExit(f"quality: run {name} has its own mixture; leave out --mixture")
     settings = {
+        **({"data.mixture": args.mixture} if args.mixture else {}),
         "out_dir": str(Path(args.work_dir) / name),
         "seed": 0,
         "data.source": args.data,
@@ -354,11 +370,17 @@ def run_tinyseek(name: str, args, budget: str | None) -> tuple[dict, Trainer]:
     return result, trainer
 
 
+def reference_run(name: str, args) -> ReferenceRun:
+    """A reference variant, on --mixture when one is given."""
+    return ReferenceRun(primary_data_dir(args), args.tokenizer,
+                        **{**REFERENCE_VARIANTS[name], **({"mixture": args.mixture} if args.mixture else {})})
+
+
 def measure(name: str, args, budget: str | None) -> dict:
     """Train run `name` for the wall-clock `budget` (None: for --tokens), then score it."""
     if name in REFERENCE_VARIANTS:
         data_dir, tokenizer_spec = primary_data_dir(args), args.tokenizer
-        reference = ReferenceRun(data_dir, tokenizer_spec, **REFERENCE_VARIANTS[name])
+        reference = reference_run(name, args)
         result = reference.run(budget, args.tokens)
         model, tokenizer = reference.model, reference.tokenizer
     else:
@@ -392,7 +414,7 @@ def side_by_side_throughput(names: list[str], args, rounds: int, steps: int = 2)
     steppers, tokens_per_step, tokens_per_byte = {}, {}, {}
     for name in names:
         if name in REFERENCE_VARIANTS:
-            reference = ReferenceRun(primary_data_dir(args), args.tokenizer, **REFERENCE_VARIANTS[name])
+            reference = reference_run(name, args)
             reference.model.train()
             steppers[name] = lambda step, reference=reference: reference.step(step, Horizon(10**9))
             tokens_per_step[name] = reference.MICRO_BATCH * reference.SEQ_LEN
@@ -499,8 +521,10 @@ def commit() -> str:
     return result.stdout.strip() or "unknown"
 
 
-def method(command: str, measured_at: str, threads: int, budget: str) -> str:
+def method(command: str, measured_at: str, threads: int, budget: str, mixture: dict[str, float]) -> str:
     """Where, how and with what a report's runs were measured and scored."""
+    mixed = "".join(f", mixed with `{Path(path).name}` at weight {weight:g} to its 1"
+                    for path, weight in mixture.items())
     return f"""Measured {datetime.date.today()} at commit `{measured_at}` on {machine()}, {threads} threads
 (`torch.set_num_threads`).
 
@@ -508,7 +532,7 @@ def method(command: str, measured_at: str, threads: int, budget: str) -> str:
 {command}
 ```
 
-Each run trains for {budget} on `library_of_phi_gpt4.jsonl` (whole books held out by title: the same held-out
+Each run trains for {budget} on `library_of_phi_gpt4.jsonl`{mixed} (whole books held out by title: the same held-out
 documents for every run and tokenizer; a run named `*-mix*` also on the other textbook corpora) and is evaluated on
 all held-out documents: bits per byte (summed cross-entropy of every document token, separators excluded, over the
 documents' UTF-8 bytes; comparable across tokenizers), on gpt4's held-out books and on those of each other corpus
@@ -551,14 +575,15 @@ def plot_budgets(results: list[dict], path: Path) -> None:
     plt.close(figure)
 
 
-def write_budget_report(results: list[dict], command: str, out: Path, measured_at: str, threads: int) -> None:
+def write_budget_report(results: list[dict], command: str, out: Path, measured_at: str, threads: int,
+                        mixture: dict[str, float]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     plot_budgets(results, out / "quality_budgets.png")
     presets = ", ".join(f"`{BUDGET_PRESETS[run['budget']]}` for {run['budget']}" for run in results[1::2])
     budget = f"its budget: {presets}, and the reference `{results[0]['name']}` for each"
     (out / "quality_budgets.md").write_text(f"""# Quality against the budget
 
-{method(command, measured_at, threads, budget)}
+{method(command, measured_at, threads, budget, mixture)}
 
 {table(results)}
 
@@ -568,7 +593,8 @@ def write_budget_report(results: list[dict], command: str, out: Path, measured_a
 """)
 
 
-def write_report(results: list[dict], command: str, out: Path, measured_at: str, threads: int) -> None:
+def write_report(results: list[dict], command: str, out: Path, measured_at: str, threads: int,
+                 mixture: dict[str, float]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     plot(results, out / "quality.png")
     (out / "quality_samples.json").write_text(json.dumps(
@@ -585,7 +611,7 @@ def write_report(results: list[dict], command: str, out: Path, measured_at: str,
     budget = "the same wall-clock budget (`--time-budget`)" if timed else "the same number of tokens"
     report = f"""# Quality for the same budget
 
-{method(command, measured_at, threads, budget)}
+{method(command, measured_at, threads, budget, mixture)}
 
 {table(results)}
 
@@ -612,6 +638,10 @@ def main() -> int:
     budget.add_argument("--tokens", type=int, help="a fixed number of training tokens per run instead")
     budget.add_argument("--budgets", help=f"comma-separated budgets from {', '.join(BUDGET_PRESETS)}: at each, its "
                                           "preset and the reference (--runs is not used)")
+    parser.add_argument("--mixture", type=parse_mixture, default={},
+                        help="every run (the reference too) also trains on other corpora: comma-separated "
+                             f"SOURCE=WEIGHT from {', '.join(map(source_label, OTHER_SOURCES))}, relative to "
+                             "--data's 1")
     parser.add_argument("--reference", default=REFERENCE, choices=list(REFERENCE_VARIANTS),
                         help=f"the reference variant --budgets compares with (default {REFERENCE})")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
@@ -653,7 +683,7 @@ def main() -> int:
                 print(f"== {name} for {budget} ({args.threads} threads)", flush=True)
                 results.append({**measure(name, args, None if args.quick else budget), "budget": budget})
                 print(table(results), flush=True)
-        write_budget_report(results, command, Path(args.out), measured_at, args.threads)
+        write_budget_report(results, command, Path(args.out), measured_at, args.threads, args.mixture)
         print(f"threads: {args.threads}\n{table(results)}\n{budget_ratios(results)}")
         return 0
     results = []
@@ -661,7 +691,7 @@ def main() -> int:
         print(f"== {name} ({args.threads} threads)", flush=True)
         results.append(measure(name, args, args.time_budget))
         print(table(results), flush=True)
-    write_report(results, command, Path(args.out), measured_at, args.threads)
+    write_report(results, command, Path(args.out), measured_at, args.threads, args.mixture)
     print(f"threads: {args.threads}\n{table(results)}\n{ratios(results)}")
     return 0
 
