@@ -213,6 +213,7 @@ class ReferenceRun:
             data_dir, list(mixture), tokenizer_spec, cache_dir(), split_by=SPLIT["split_by"],
             val_fraction=SPLIT["val_fraction"],
         )
+        self.data_dir = data_dir
         self.train_sources = [TokenDataset(folder, "train").tokens for folder in [data_dir, *extra_dirs]]
         self.source_weights = torch.tensor([1.0, *mixture.values()])
         self.generator = torch.Generator().manual_seed(seed)
@@ -379,10 +380,10 @@ def reference_run(name: str, args) -> ReferenceRun:
 def measure(name: str, args, budget: str | None) -> dict:
     """Train run `name` for the wall-clock `budget` (None: for --tokens), then score it."""
     if name in REFERENCE_VARIANTS:
-        data_dir, tokenizer_spec = primary_data_dir(args), args.tokenizer
         reference = reference_run(name, args)
         result = reference.run(budget, args.tokens)
         model, tokenizer = reference.model, reference.tokenizer
+        data_dir, tokenizer_spec = reference.data_dir, args.tokenizer
     else:
         result, trainer = run_tinyseek(name, args, budget)
         model, tokenizer = trainer.model, trainer.data.tokenizer
@@ -676,23 +677,20 @@ def main() -> int:
         return 0
     measured_at = commit()  # the code the runs use is the code at the start
     command = "python benchmarks/quality.py " + " ".join(sys.argv[1:])
-    if budgets:
-        results = []
-        for budget in budgets:
-            for name in (args.reference, BUDGET_PRESETS[budget]):
-                print(f"== {name} for {budget} ({args.threads} threads)", flush=True)
-                results.append({**measure(name, args, None if args.quick else budget), "budget": budget})
-                print(table(results), flush=True)
-        write_budget_report(results, command, Path(args.out), measured_at, args.threads, args.mixture)
-        print(f"threads: {args.threads}\n{table(results)}\n{budget_ratios(results)}")
-        return 0
+    # (run, budget) in order: with --budgets, each budget's reference and preset; a run trains for its budget unless
+    # --tokens (or --quick) fixes its tokens instead.
+    plan = ([(name, budget) for budget in budgets for name in (args.reference, BUDGET_PRESETS[budget])] if budgets
+            else [(name, args.time_budget) for name in names])
     results = []
-    for name in names:
-        print(f"== {name} ({args.threads} threads)", flush=True)
-        results.append(measure(name, args, args.time_budget))
+    for name, budget in plan:
+        print(f"== {name} for {budget or f'{args.tokens:,} tokens'} ({args.threads} threads)", flush=True)
+        results.append({**measure(name, args, None if args.tokens else budget), "budget": budget})
         print(table(results), flush=True)
-    write_report(results, command, Path(args.out), measured_at, args.threads, args.mixture)
-    print(f"threads: {args.threads}\n{table(results)}\n{ratios(results)}")
+    if budgets:
+        write_budget_report(results, command, Path(args.out), measured_at, args.threads, args.mixture)
+    else:
+        write_report(results, command, Path(args.out), measured_at, args.threads, args.mixture)
+    print(f"threads: {args.threads}\n{table(results)}\n{budget_ratios(results) if budgets else ratios(results)}")
     return 0
 
 

@@ -192,8 +192,10 @@ def _validation_mask(
     """Which documents go to validation: whole groups (or whole documents), chosen by a seeded permutation; or, with
     `pinned_groups`, each group where the mapping says and any other by `held_out_by_name`."""
     if pinned_groups is not None:
-        decided = {group: pinned_groups.get(group, held_out_by_name(group, val_fraction, seed))
-                   for group in set(groups)}
+        decided = {
+            group: pinned_groups[group] if group in pinned_groups else held_out_by_name(group, val_fraction, seed)
+            for group in set(groups)
+        }
         return np.array([decided[group] for group in groups], dtype=bool)
     if groups is None:
         unit_of_document, num_units, unit_name = np.arange(num_documents), num_documents, "documents"

@@ -87,7 +87,6 @@ class TrainingData:
         self.train_set = TokenDataset(self.data_dir, "train")
         self.val_set = TokenDataset(self.data_dir, "val")
         self.extra_train_sets = [TokenDataset(folder, "train") for folder in self.extra_data_dirs]
-        self.extra_val_sets = [TokenDataset(folder, "val") for folder in self.extra_data_dirs]
 
     def checkpoint_state(self) -> dict[str, str]:
         return {"tokenizer": self.tokenizer_id, "tokenizer_spec": self.tokenizer_spec, "data_dir": str(self.data_dir)}
