@@ -117,6 +117,11 @@ def test_a_split_column_the_user_asked_for_is_still_required(tmp_path, data_cach
     own = tmp_path / "own.yaml"
     own.write_text(yaml.safe_dump({"data": {"split_by": "title"}}))
     assert "data.split_by" not in load_config(str(own)).preset_keys
+    # A file of the user's that extends the preset leaves the preset's keys the preset's, unless it sets them itself.
+    (tmp_path / "extending.yaml").write_text("extends: cpu-quick\ndata: {cache_dir: elsewhere}\n")
+    assert "data.split_by" in load_config(str(tmp_path / "extending.yaml")).preset_keys
+    (tmp_path / "extending.yaml").write_text("extends: cpu-quick\ndata: {split_by: title}\n")
+    assert "data.split_by" not in load_config(str(tmp_path / "extending.yaml")).preset_keys
     assert "data.split_by" in load_config("cpu-quick").preset_keys
     assert "data.split_by" not in load_config("cpu-quick", [(["data", "split_by"], "title")]).preset_keys
 

@@ -273,18 +273,21 @@ def resolve_config_path(name_or_path: str) -> Path:
     raise FileError(f"config {name_or_path!r}: no such file, and not a preset (presets: {', '.join(known) or 'none'})")
 
 
-def read_config_file(path: Path, extended_by: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """A config file's settings. A file may start from another, `extends: <preset or path>` (relative to the file):
-    its own settings replace the other's, section by section and key by key."""
+def read_config_file(path: Path, extended_by: tuple[Path, ...] = ()) -> tuple[dict[str, Any], set[str]]:
+    """A config file's settings, and the keys among them that a preset chose. A file may start from another,
+    `extends: <preset or path>` (relative to the file): its own settings replace the other's, section by section and
+    key by key, and a key a user's file inherits from a preset stays the preset's choice."""
     raw = parse_config_file(path)
     base = raw.pop("extends", None)
-    if base is None:
-        return raw
-    beside = path.parent / str(base)
-    base_path = resolve_config_path(str(beside) if beside.is_file() else str(base))
-    if base_path.resolve() in {p.resolve() for p in (path, *extended_by)}:
-        raise ConfigError(f"config {path}: `extends: {base}` leads back to itself")
-    return merged(read_config_file(base_path, (path, *extended_by)), raw)
+    settings, inherited_preset_keys = raw, set()
+    if base is not None:
+        beside = path.parent / str(base)
+        base_path = resolve_config_path(str(beside) if beside.is_file() else str(base))
+        if base_path.resolve() in {p.resolve() for p in (path, *extended_by)}:
+            raise ConfigError(f"config {path}: `extends: {base}` leads back to itself")
+        base_settings, inherited_preset_keys = read_config_file(base_path, (path, *extended_by))
+        settings = merged(base_settings, raw)
+    return settings, dotted_keys(settings) if is_preset(path) else inherited_preset_keys - dotted_keys(raw)
 
 
 def merged(base: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
@@ -357,7 +360,7 @@ def load_config(
     current directory, unless `look_up_tokenizer` is false (a report on the config, which needs no tokenizer).
     """
     path = resolve_config_path(config) if config is not None else None
-    tree = read_config_file(path) if path is not None else {}
+    tree, preset_keys = read_config_file(path) if path is not None else ({}, set())
     given = {".".join(key): value for key, value in overrides}
     notes = []
     for section in STEP_SECTIONS:
@@ -372,7 +375,7 @@ def load_config(
             notes.append(f"{steps_key} {given[steps_key]} from the command line replaces the config's {budget_key} "
                          f"{holder['time_budget']}")
             holder["time_budget"] = None
-    preset_keys = dotted_keys(tree) - set(given) if path is not None and is_preset(path) else set()
+    preset_keys -= set(given)
     for key, value in overrides:
         set_nested(tree, key, value)
     if path is not None and look_up_tokenizer and "data.tokenizer" not in given:
