@@ -156,6 +156,12 @@ RUNS: dict[str, tuple[str, dict]] = {
     "screen-mla-moe-relu2": ("cpu-15min", {"model": {"preset": "deepseek-v3-tiny", "hidden_act": "relu2"}}),
     "screen-mla-moe-z-loss": ("cpu-15min", {"model": {"preset": "deepseek-v3-tiny", "z_loss_coef": 1e-4}}),
     "screen-mla-moe-zero-head": ("cpu-15min", {"model": {"preset": "deepseek-v3-tiny", "zero_init_lm_head": True}}),
+    # The speedrun's logit soft-cap (its values over time: 30, then 15). It changes the function DeepseekV3 computes,
+    # so a winner could ship only as a separate preset without the transformers and GGUF exports.
+    "screen-mla-moe-softcap-15": (
+        "cpu-15min", {"model": {"preset": "deepseek-v3-tiny", "final_logit_softcapping": 15.0}}),
+    "screen-mla-moe-softcap-30": (
+        "cpu-15min", {"model": {"preset": "deepseek-v3-tiny", "final_logit_softcapping": 30.0}}),
     "screen-mla-moe-decay-0.5": (
         "cpu-15min", {"model": {"preset": "deepseek-v3-tiny"}, "schedule": {"decay_fraction": 0.5}}),
     "screen-mla-moe-floor-0": (

@@ -110,7 +110,8 @@ def test_transformers_format_loads_without_tinyseek_as_deepseek_v3_and_llama_wit
 
 @pytest.mark.parametrize(
     "overrides, reason",
-    [(dict(attention_type="linear"), "linear attention"), (dict(attention_type="mla", scoring_func="softmax"), "sigmoid")],
+    [(dict(attention_type="linear"), "linear attention"), (dict(attention_type="mla", scoring_func="softmax"), "sigmoid"),
+     (dict(attention_type="mla", scoring_func="sigmoid", final_logit_softcapping=15.0), "soft-capping")],
 )
 def test_transformers_format_is_refused_with_the_reason_where_there_is_no_twin(
     tmp_path, capsys, overrides, reason, tiny_model, byte_tokenizer, write_run

@@ -60,6 +60,27 @@ def test_fused_z_loss_matches_autograd_of_the_plain_objective_and_reports_the_pl
     assert not reported[0].requires_grad
 
 
+@pytest.mark.parametrize("chunk_rows", [16, 1000], ids=["chunked", "one-chunk-deferred"])
+@pytest.mark.parametrize("z_loss_coef", [0.0, 0.05])
+def test_fused_soft_capped_loss_matches_autograd_of_the_plain_soft_capped_objective(chunk_rows, z_loss_coef):
+    hidden, weight, targets = inputs()
+    cap = 2.0  # below the logits' spread (about 2.4), so the cap bends them
+
+    def plain_objective(h, w, t):
+        logits = ops.soft_capped(F.linear(h, w).float(), cap).flatten(0, -2)
+        counted = t.flatten() != -100
+        cross_entropy_ = F.cross_entropy(logits, t.flatten(), ignore_index=-100)
+        return cross_entropy_ + z_loss_coef * logits.logsumexp(-1)[counted].square().mean()
+
+    def fused(h, w, t):
+        return ops.linear_cross_entropy_with_z_loss(h, w, t, z_loss_coef, chunk_rows=chunk_rows, softcap=cap)[0]
+
+    expected = loss_and_grads(plain_objective, hidden, weight, targets, 0.5)
+    assert not torch.allclose(expected[0], loss_and_grads(plain_loss, hidden, weight, targets)[0])
+    for got, want in zip(loss_and_grads(fused, hidden, weight, targets, 0.5), expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("sync_free", [False, True], ids=["cpu-check", "accelerator-form"])
 def test_fused_linear_cross_entropy_is_exact_for_far_off_targets(monkeypatch, sync_free):
     # The accelerator form (no host synchronisation per chunk) runs here on the CPU by declaring syncs expensive.
@@ -155,7 +176,7 @@ def model_loss_and_grads(model, tokens, targets, fused, autocast=False):
         else:  # the plain path: full logits, F.cross_entropy
             model.train()
             outputs = model.model(input_ids=tokens)
-            out_loss = cross_entropy(model.lm_head(outputs.last_hidden_state), targets)
+            out_loss = cross_entropy(model.head_logits(outputs.last_hidden_state), targets)
             if outputs.balance_loss is not None:
                 out_loss = out_loss + outputs.balance_loss
             out = type("Out", (), {"loss": out_loss})
@@ -163,11 +184,11 @@ def model_loss_and_grads(model, tokens, targets, fused, autocast=False):
     return out.loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("ffn_type", ["moe", "dense"])
-def test_model_training_loss_and_gradients_match_the_plain_path(attention_type, ffn_type, tiny_config):
+@pytest.mark.parametrize("ffn_type, softcap", [("moe", None), ("dense", None), ("moe", 0.5)])
+def test_model_training_loss_and_gradients_match_the_plain_path(attention_type, ffn_type, softcap, tiny_config):
     torch.manual_seed(0)
     model = TinySeekForCausalLM(tiny_config(attention_type=attention_type, ffn_type=ffn_type, scoring_func="sigmoid",
-                                            seq_aux_loss_coef=0.01))
+                                            seq_aux_loss_coef=0.01, final_logit_softcapping=softcap))
     tokens, targets = torch.randint(0, 257, (2, 13)), torch.randint(0, 257, (2, 13))
     targets[0, -3:] = -100
     fast_loss, fast = model_loss_and_grads(model, tokens, targets, fused=True)

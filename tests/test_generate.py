@@ -154,8 +154,11 @@ def test_mla_decodes_from_the_latent_cache_without_expanding_per_head_keys_or_va
     assert any(s == (batch, 1, context, config.kv_lora_rank) for s in recorder.shapes)
 
 
-def test_seeded_sampling_is_reproducible_and_unseeded_sampling_draws_like_transformers(attention_type, tiny_model):
-    model = tiny_model(attention_type=attention_type)
+# A soft-capped head keeps the logits' order, so greedy decoding cannot tell whether a path applies the cap; sampling can.
+@pytest.mark.parametrize("softcap", [None, 0.5])
+def test_seeded_sampling_is_reproducible_and_unseeded_sampling_draws_like_transformers(attention_type, softcap,
+                                                                                      tiny_model):
+    model = tiny_model(attention_type=attention_type, final_logit_softcapping=softcap)
     sampling = Sampling(temperature=0.9, top_k=40, top_p=0.9, min_p=0.02, repetition_penalty=1.3, seed=7)
 
     def sample(engine, sampling):

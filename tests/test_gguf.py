@@ -301,6 +301,7 @@ def test_the_other_exportable_shapes_run_alike_in_llama_cpp(
     (dict(attention_type="mla", q_lora_rank=16, rms_norm_eps=1e-5), "one epsilon for every norm"),
     (dict(attention_type="mha", ffn_type="moe"), "Mixtral"),
     (dict(attention_type="mha", ffn_type="dense", hidden_act="relu2"), "hidden_act is relu2"),
+    (dict(attention_type="mha", ffn_type="dense", final_logit_softcapping=15.0), "soft-capping"),
     (dict(attention_type="mha", ffn_type="dense"), "the tokenizer has no merges"),  # the byte tokenizer
 ])
 def test_what_llama_cpp_cannot_run_is_refused_in_one_line_with_the_reason(

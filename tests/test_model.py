@@ -180,6 +180,7 @@ BAD_CONFIGS = [
     ({"hidden_act": "gelu_new"}, "hidden_act"),
     ({"z_loss_coef": -1e-4}, "z_loss_coef"),
     ({"zero_init_lm_head": True, "tie_word_embeddings": True}, "zero_init_lm_head"),
+    ({"final_logit_softcapping": 0.0}, "final_logit_softcapping"),
 ]
 
 

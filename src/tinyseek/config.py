@@ -83,6 +83,7 @@ class TinySeekConfig(PretrainedConfig):
         mtp_loss_weight: float = 0.3,
         z_loss_coef: float = 0.0,
         zero_init_lm_head: bool = False,
+        final_logit_softcapping: float | None = None,
         bos_token_id: int | None = None,
         eos_token_id: int | None = None,
         pad_token_id: int | None = None,
@@ -127,6 +128,9 @@ class TinySeekConfig(PretrainedConfig):
         # is unchanged, so exports are too) and an untied head that starts at zero (every first prediction uniform).
         self.z_loss_coef = z_loss_coef
         self.zero_init_lm_head = zero_init_lm_head
+        # The speedrun's logit soft-cap, c * tanh(logits / c) (Gemma 2's name for it). Unlike the two above it changes
+        # the function, which transformers' DeepseekV3 and Llama cannot compute, so a model with it does not export.
+        self.final_logit_softcapping = final_logit_softcapping
         try:
             super().__init__(
                 tie_word_embeddings=tie_word_embeddings,
@@ -177,6 +181,8 @@ class TinySeekConfig(PretrainedConfig):
             fail("mtp_loss_weight", f"must be non-negative, got {self.mtp_loss_weight}")
         if self.z_loss_coef < 0:
             fail("z_loss_coef", f"must be non-negative, got {self.z_loss_coef}")
+        if self.final_logit_softcapping is not None and not self.final_logit_softcapping > 0:
+            fail("final_logit_softcapping", f"must be positive (or None for no cap), got {self.final_logit_softcapping}")
         if self.zero_init_lm_head and self.tie_word_embeddings:
             fail("zero_init_lm_head", "a tied head is the embedding, which must not start at zero; untie it "
                                       "(tie_word_embeddings=False) or leave the head's initialisation alone")

@@ -101,6 +101,8 @@ def transformers_twin_problem(config: TinySeekConfig) -> str | None:
         return "multi-token-prediction modules have no counterpart in transformers' forward pass"
     if config.attention_bias:
         return "attention projections with bias are not supported by the conversion"
+    if config.final_logit_softcapping is not None:
+        return "transformers' DeepseekV3 and Llama have no final logit soft-capping (final_logit_softcapping)"
     attention = attention_spec(config.attention_type)
     if attention.transformers_export is None:
         return attention.no_export_reason

@@ -25,7 +25,9 @@ from tinyseek.config import TinySeekConfig
 from tinyseek.errors import InputError
 from tinyseek.layers import RMSNorm, RotaryEmbedding
 from tinyseek.moe import DeepSeekMoE, RoutedExperts, Router, feed_forward_spec
-from tinyseek.ops import Embedding, Linear, StepMemory, linear_cross_entropy, linear_cross_entropy_with_z_loss
+from tinyseek.ops import (
+    Embedding, Linear, StepMemory, linear_cross_entropy, linear_cross_entropy_with_z_loss, soft_capped,
+)
 
 IGNORE_INDEX = -100
 
@@ -265,14 +267,14 @@ class TinySeekForCausalLM(TinySeekPreTrainedModel, GenerationMixin):
         # Training with targets: the fused head + loss never materialises the B x T x vocab logits, which at the
         # seed's size cost more than the rest of the step (see tinyseek.ops); logits are then None.
         fused_loss = self.training and shift_labels is not None
-        logits = None if fused_loss else self.lm_head(hidden_states)
+        logits = None if fused_loss else self.head_logits(hidden_states)
 
         loss = lm_loss = mtp_loss = None
         if shift_labels is not None:
             if fused_loss and self.config.z_loss_coef:  # lm_loss is then the reported cross-entropy, no gradient
                 loss, lm_loss = linear_cross_entropy_with_z_loss(
                     hidden_states, self.lm_head.weight, shift_labels, self.config.z_loss_coef, IGNORE_INDEX,
-                    memory=step_memory,
+                    memory=step_memory, softcap=self.config.final_logit_softcapping,
                 )
             else:
                 loss = lm_loss = (self.lm_loss(hidden_states, shift_labels, step_memory) if fused_loss
@@ -328,7 +330,12 @@ class TinySeekForCausalLM(TinySeekPreTrainedModel, GenerationMixin):
         self, hidden_states: torch.Tensor, shift_labels: torch.Tensor, step_memory: StepMemory | None = None
     ) -> torch.Tensor:
         """Mean next-token cross-entropy of the LM head on these (normalised) hidden states, fused and chunked."""
-        return linear_cross_entropy(hidden_states, self.lm_head.weight, shift_labels, IGNORE_INDEX, memory=step_memory)
+        return linear_cross_entropy(hidden_states, self.lm_head.weight, shift_labels, IGNORE_INDEX, memory=step_memory,
+                                    softcap=self.config.final_logit_softcapping)
+
+    def head_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The LM head's logits for these (normalised) hidden states, soft-capped where the config says so."""
+        return soft_capped(self.lm_head(hidden_states), self.config.final_logit_softcapping)
 
     def moe_layers(self) -> list[nn.Module]:
         """The routing feed-forward modules, the MTP blocks' included."""

@@ -311,13 +311,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
     logsumexp(logits) = logit[target] - log p[target]; its gradient wrt the logits is 2 c lse p / n, so each row of p
     is scaled by (1 + 2 c lse) before the one-hot is subtracted, and the products above are unchanged.
 
+    With a logit soft-cap s > 0 the logits are s tanh(h W^T / s), and the gradient wrt the products is the one wrt the
+    logits times 1 - (logits / s)^2.
+
     When all tokens fit in one chunk (a 32-token micro-batch), the two gradient products wait for backward instead,
     on the kept p - onehot: there the incoming gradient (1 / accumulation steps in the trainer) folds into the small
     operands, where scaling the finished [V, H] head gradient would be one more full pass over it per micro-batch.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index, chunk_rows, operand_dtype, memory, z_loss_coef):
+    def forward(ctx, hidden, weight, targets, ignore_index, chunk_rows, operand_dtype, memory, z_loss_coef, softcap):
         # operand_dtype: None = fp32 throughout; bf16 = operands rounded to bf16 (autocast), multiplied in bf16
         # where the hardware has it, else by the fp32 GEMM (exact products, fp32 sums).
         num_tokens, vocab = hidden.shape[0], weight.shape[0]
@@ -359,6 +362,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     logits.copy_(h_c @ w_op.t())
                 else:
                     torch.mm(h_c, w_op.t(), out=logits)
+                if softcap:
+                    logits.div_(softcap).tanh_().mul_(softcap)
                 # One fused row-wise pass instead of max / exp / sum / log passes over the chunk.
                 torch.softmax(logits, 1, out=probs)
                 arange = torch.arange(n, device=device)
@@ -381,6 +386,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if z_loss_coef:
                     probs.mul_((1 + 2 * z_loss_coef * log_partition)[:, None])
                 probs[arange, t_c] -= 1.0  # p - onehot; the 1/n and ignore mask are applied to the small operands
+                if softcap:  # the logits are not read again: their buffer becomes the cap's derivative
+                    probs.mul_(logits.div_(softcap).square_().neg_().add_(1.0))
                 grad_logits = probs.to(operand_dtype) if bf16_native else probs
                 if deferred:
                     break
@@ -429,7 +436,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             unit = grad_loss.device.type == "cpu" and grad_loss.numel() == 1 and float(grad_loss) == 1.0
             grads = [None if g is None else (g if unit else g.mul_(grad_loss)) for g in grads]
         grad_h, grad_w = (None if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes))
-        return grad_h, grad_w, None, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None, None
 
 
 def _deferred_head_gradients(grad_logits, h_op, w_op, row_scale, weight, memory, grad_loss, need_grad_h, need_grad_w):
@@ -456,12 +463,14 @@ def linear_cross_entropy(
     ignore_index: int = IGNORE_INDEX,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     memory: StepMemory | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """``F.cross_entropy(F.linear(hidden, weight).float().flatten(0, -2), targets.flatten(), ignore_index)`` (mean
     over non-ignored targets) without materialising the logits. Under bf16 autocast the operands are rounded to
     bf16 as autocast would; the logits stay in fp32 (the plain path rounds them to bf16 first). ``memory``: the
-    training steps' `StepMemory` (its scratch buffers and accumulation window), else buffers of this call's own."""
-    return linear_cross_entropy_with_z_loss(hidden, weight, targets, 0.0, ignore_index, chunk_rows, memory)[0]
+    training steps' `StepMemory` (its scratch buffers and accumulation window), else buffers of this call's own.
+    ``softcap``: the logits are `soft_capped` first."""
+    return linear_cross_entropy_with_z_loss(hidden, weight, targets, 0.0, ignore_index, chunk_rows, memory, softcap)[0]
 
 
 def linear_cross_entropy_with_z_loss(
@@ -472,6 +481,7 @@ def linear_cross_entropy_with_z_loss(
     ignore_index: int = IGNORE_INDEX,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     memory: StepMemory | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """As `linear_cross_entropy`: (the cross-entropy plus ``z_loss_coef`` x the mean squared log-partition of the
     counted tokens' logits, to back-propagate; the cross-entropy alone, without gradient, to report)."""
@@ -480,5 +490,12 @@ def linear_cross_entropy_with_z_loss(
     operand_dtype = autocast_dtype(hidden.device.type)
     memory = memory if memory is not None else StepMemory(tune_allocator=False)
     return _LinearCrossEntropy.apply(
-        flat_hidden, weight, targets.reshape(-1), ignore_index, chunk_rows, operand_dtype, memory, float(z_loss_coef)
+        flat_hidden, weight, targets.reshape(-1), ignore_index, chunk_rows, operand_dtype, memory, float(z_loss_coef),
+        float(softcap or 0.0),
     )
+
+
+def soft_capped(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """``softcap * tanh(logits / softcap)``: logits bounded to (-softcap, softcap), in the same order; unchanged for
+    None."""
+    return logits if softcap is None else torch.tanh(logits / softcap) * softcap

@@ -166,6 +166,8 @@ def gguf_problem(config: TinySeekConfig) -> str | None:
         return "llama.cpp's attention projections here have no bias (attention_bias=True)"
     if config.hidden_act != "silu":
         return f"llama.cpp's feed-forward gates are SiLU (SwiGLU); this model's hidden_act is {config.hidden_act}"
+    if config.final_logit_softcapping is not None:
+        return f"llama.cpp's {architecture.name} architecture has no final logit soft-capping (final_logit_softcapping)"
     return architecture.problem(config)
 
 

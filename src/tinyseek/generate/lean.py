@@ -23,6 +23,7 @@ from torch.distributed.tensor import DTensor
 from tinyseek.decoding import Rotary, Step, project, transposed
 from tinyseek.device import WEIGHT_DTYPES
 from tinyseek.generate.forward import CachedForward
+from tinyseek.ops import soft_capped
 
 
 def layer_decode_steps(model) -> list[tuple[type, type]] | None:
@@ -72,6 +73,7 @@ class LeanWeights:
         self.embedding = decoder.embed_tokens.weight.detach().contiguous()
         self.final_norm = (decoder.norm.weight.detach().contiguous(), decoder.norm.eps)
         self.head = transposed(model.lm_head.weight, dtype=self.dtype)
+        self.softcap = model.config.final_logit_softcapping
 
     def fits(self, model, dtype: torch.dtype) -> bool:
         """Whether these are the model's current weights, arranged in ``dtype``."""
@@ -98,7 +100,7 @@ def lean_step(weights: LeanWeights, caches: list, tokens: torch.Tensor, position
     for ((norm, eps), attention, (ffn_norm, ffn_eps), feed_forward), (cache, ffn_cache) in zip(weights.layers, caches):
         x = x + attention(F.rms_norm(x, x.shape[-1:], norm, eps), step, cache, rotary)
         x = x + feed_forward(F.rms_norm(x, x.shape[-1:], ffn_norm, ffn_eps), ffn_cache, routed)
-    logits = project(F.rms_norm(x, x.shape[-1:], *weights.final_norm), weights.head)
+    logits = soft_capped(project(F.rms_norm(x, x.shape[-1:], *weights.final_norm), weights.head), weights.softcap)
     return logits, (torch.stack(routed, dim=1) if routed else None)
 
 

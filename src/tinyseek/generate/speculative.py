@@ -101,7 +101,7 @@ class SpeculativeForward:
         """(pre-norm hidden states, fp32 logits) of the new tokens, extending the main cache."""
         self.last_pair_first = input_ids[:, :1]
         output = self.model.model(input_ids, cache=self.cache, use_cache=True)
-        return output.pre_norm_hidden_state, self.model.lm_head(output.last_hidden_state).float()
+        return output.pre_norm_hidden_state, self.model.head_logits(output.last_hidden_state).float()
 
     def experts(self):
         raise NotImplementedError("the engine decodes captures without speculation")
