@@ -85,6 +85,7 @@ class SpeculativeForward:
             hidden, self.model.model.embed_tokens(tokens), rotary, causal_mask=causal_mask,
             cache_layer=self.mtp_cache.layers[0],
         )
+        # The raw head, not head_logits: a soft-cap keeps the logits' order, so the draft's argmax is the same.
         return int(self.model.lm_head(normed[:, -1]).argmax(-1))
 
     def drop_draft(self) -> None:
