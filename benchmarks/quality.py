@@ -25,11 +25,15 @@ quality_samples.json.
     python benchmarks/quality.py --runs screen-dense,screen-mla-moe --tokens 250000 --threads 1   # screening
     python benchmarks/quality.py --runs reference,cpu-15min,screen-dense --throughput 2      # tokens/s side by side
     python benchmarks/quality.py --budgets 5m,15m,60m    # each budget's preset and the reference at it, ~3 h
+    python benchmarks/quality.py --family docs           # the budget family from the budgets measured so far
     python benchmarks/quality.py --mixture gpt35_wiki=1 ...   # every run (the reference too) on a mixture
 
-With --budgets, each budget's own preset (BUDGET_PRESETS) and the reference (--reference) train for that budget, and
-quality_budgets.md and quality_budgets.png (bits per byte against minutes, on each source's held-out books) are
-written instead.
+Every time-budgeted invocation also writes quality_<budget>.json (its runs' figures, commit and command). With
+--budgets, each budget's own preset (BUDGET_PRESETS) and the reference (--reference) train for that budget, and
+quality_<budget>.md for each budget and the family, quality_budgets.md and quality_budgets.png (bits per byte against
+minutes, on each source's held-out books), are written instead. --family DIR draws the family from the
+quality_<budget>.json files in DIR, so its budgets can be measured by separate invocations, at different commits
+(each point names its own): the three budgets in one go take longer than an idle machine is often available.
 """
 
 from __future__ import annotations
@@ -549,6 +553,74 @@ top-p 0.95) continuations of 5 fixed prompts, no repetition penalty. Training ti
 in parentheses the share of the budget used."""
 
 
+def save_budgets(results: list[dict], out: Path, measured_at: str, command: str, threads: int,
+                 mixture: dict[str, float]) -> None:
+    """Each budget's runs as quality_<budget>.json, what --family reads back."""
+    for budget in dict.fromkeys(run["budget"] for run in results if run["budget"]):
+        runs = [{key: value for key, value in run.items() if key not in ("curve", "continuations")}
+                for run in results if run["budget"] == budget]
+        (out / f"quality_{budget}.json").write_text(json.dumps(
+            {"budget": budget, "measured_at": measured_at, "date": datetime.date.today().isoformat(),
+             "machine": machine(), "threads": threads, "command": command, "mixture": mixture, "runs": runs},
+            indent=1))
+
+
+def budget_block(budget: str) -> str:
+    return f"quality-{int(parse_duration(budget)) // 60}min"
+
+
+def budget_family(source: Path, reference: str) -> tuple[list[dict], list[str]]:
+    """The reference and the preset at each budget measured in `source`, alternating (as budget_ratios and
+    plot_budgets read them), each with the commit it was measured at; and a line for each budget not measured there."""
+    pairs, missing = [], []
+    for budget, preset in BUDGET_PRESETS.items():
+        path = source / f"quality_{budget}.json"
+        measured = json.loads(path.read_text()) if path.is_file() else {"runs": []}
+        runs = {run["name"]: {**run, "measured_at": measured.get("measured_at")} for run in measured["runs"]}
+        if reference in runs and preset in runs:
+            pairs += [runs[reference], runs[preset]]
+        else:
+            missing.append(f"- at {budget}: not measured yet (no {reference} and {preset} in `{path.name}`): "
+                           f"`python benchmarks/report.py {budget_block(budget)}`")
+    return pairs, missing
+
+
+def family_table(results: list[dict]) -> str:
+    sources = list(results[0]["held_out_bits_per_byte"])
+    lines = ["| budget | run | commit | tokens | tokens/s | training time | "
+             + "".join(f"{source} held-out bits/byte | " for source in sources) + "distinct 4-grams greedy |",
+             "|---|---|---|---:|---:|---:|" + "---:|" * len(sources) + "---:|"]
+    for r in results:
+        used = f" ({100 * r['train_s'] / r['budget_s']:.0f}%)" if r["budget_s"] else ""  # --quick: tokens, no budget
+        lines.append(f"| {r['budget']} | {r['name']} | `{r['measured_at']}` | {r['tokens']:,} | "
+                     f"{r['tokens_per_s']:,.0f} | {r['train_s'] / 60:.1f} min{used} | "
+                     + "".join(f"{r['held_out_bits_per_byte'][source]:.4f} | " for source in sources)
+                     + f"{r['greedy_distinct_4grams']:.2f} |")
+    return "\n".join(lines)
+
+
+def write_family(source: Path, out: Path, reference: str) -> None:
+    """quality_budgets.md and quality_budgets.png: every budget measured in `source`, preset against reference."""
+    results, missing = budget_family(source, reference)
+    if not results:
+        raise SystemExit(f"quality: no budget measured in {source} (quality_<budget>.json with {reference} and the "
+                         "budget's preset): run one first")
+    out.mkdir(parents=True, exist_ok=True)
+    plot_budgets(results, out / "quality_budgets.png")
+    (out / "quality_budgets.md").write_text(f"""# Quality against the budget
+
+Each budget's preset and the reference `{reference}`, trained for that budget one after the other in one invocation,
+at the commit in the table (the block `quality-<minutes>min` of each budget names the machine, threads, load and
+command), scored on every source's held-out books:
+
+{family_table(results)}
+
+{chr(10).join([budget_ratios(results), *missing])}
+
+![held-out bits per byte against the training budget](quality_budgets.png)
+""")
+
+
 def budget_ratios(results: list[dict]) -> str:
     """At each budget, its preset against the reference."""
     return "\n".join(f"- at {pair[0]['budget']}: " + ratios(pair).removeprefix("- ")
@@ -583,27 +655,29 @@ def plot_budgets(results: list[dict], path: Path) -> None:
 
 
 def write_budget_report(results: list[dict], command: str, out: Path, measured_at: str, threads: int,
-                        mixture: dict[str, float]) -> None:
+                        mixture: dict[str, float], reference: str) -> None:
+    """quality_<budget>.md and .json for each budget, then the family drawn from what is in `out`."""
     out.mkdir(parents=True, exist_ok=True)
-    plot_budgets(results, out / "quality_budgets.png")
-    presets = ", ".join(f"`{BUDGET_PRESETS[run['budget']]}` for {run['budget']}" for run in results[1::2])
-    budget = f"its budget: {presets}, and the reference `{results[0]['name']}` for each"
-    (out / "quality_budgets.md").write_text(f"""# Quality against the budget
+    save_budgets(results, out, measured_at, command, threads, mixture)
+    for pair in zip(results[::2], results[1::2]):
+        budget = pair[0]["budget"]
+        runs = f"{budget}: `{BUDGET_PRESETS[budget]}` and the reference `{reference}`"
+        (out / f"quality_{budget}.md").write_text(f"""# Quality at {budget}
 
-{method(command, measured_at, threads, budget, mixture)}
+{method(command, measured_at, threads, runs, mixture)}
 
-{table(results)}
+{table(list(pair))}
 
-{budget_ratios(results)}
-
-![held-out bits per byte against the training budget](quality_budgets.png)
+{ratios(list(pair))}
 """)
+    write_family(out, out, reference)
 
 
 def write_report(results: list[dict], command: str, out: Path, measured_at: str, threads: int,
                  mixture: dict[str, float]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     plot(results, out / "quality.png")
+    save_budgets(results, out, measured_at, command, threads, mixture)
     (out / "quality_samples.json").write_text(json.dumps(
         [{"run": r["name"], **r["continuations"]} for r in results], indent=1, ensure_ascii=False))
     samples = []
@@ -645,6 +719,8 @@ def main() -> int:
     budget.add_argument("--tokens", type=int, help="a fixed number of training tokens per run instead")
     budget.add_argument("--budgets", help=f"comma-separated budgets from {', '.join(BUDGET_PRESETS)}: at each, its "
                                           "preset and the reference (--runs is not used)")
+    budget.add_argument("--family", metavar="DIR", help="train nothing: draw the budget family from the "
+                                                        "quality_<budget>.json files in DIR (e.g. docs)")
     parser.add_argument("--mixture", type=parse_mixture, default={},
                         help="every run (the reference too) also trains on other corpora: comma-separated "
                              f"SOURCE=WEIGHT from {', '.join(map(source_label, OTHER_SOURCES))}, relative to "
@@ -674,6 +750,9 @@ def main() -> int:
     unknown = [name for name in names if name not in REFERENCE_VARIANTS and name not in RUNS]
     if unknown:
         parser.error(f"unknown run {unknown[0]!r}; choose from {', '.join([*REFERENCE_VARIANTS, *RUNS])}")
+    if args.family:
+        write_family(Path(args.family), Path(args.out), args.reference)
+        return 0
     if not Path(args.data).exists():
         sys.exit(f"quality: corpus {args.data} not found; pass --data or set TINYSEEK_SHARED_DATA")
     torch.set_num_threads(args.threads)
@@ -693,7 +772,8 @@ def main() -> int:
         results.append({**measure(name, args, None if args.tokens else budget), "budget": budget})
         print(table(results), flush=True)
     if budgets:
-        write_budget_report(results, command, Path(args.out), measured_at, args.threads, args.mixture)
+        write_budget_report(results, command, Path(args.out), measured_at, args.threads, args.mixture,
+                            args.reference)
     else:
         write_report(results, command, Path(args.out), measured_at, args.threads, args.mixture)
     print(f"threads: {args.threads}\n{table(results)}\n{budget_ratios(results) if budgets else ratios(results)}")
