@@ -112,8 +112,8 @@ def evaluate(folder: Path, instructions: list[Instruction], args) -> dict:
     }
 
 
-def percent(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.0f}%"
+def percent(value: float | None, decimals: int = 0) -> str:
+    return "-" if value is None else f"{100 * value:.{decimals}f}%"
 
 
 def report(base: dict, chat: dict, counts: dict[str, int], source: str) -> str:
@@ -138,10 +138,12 @@ def report(base: dict, chat: dict, counts: dict[str, int], source: str) -> str:
     ]
     name_chat, name_base = chat["rules"].get(ABOUT_KIND, 0.0), base["rules"].get(ABOUT_KIND, 0.0)
     targets = [
-        (f"name rule >= {percent(NAME_TARGET)} for the chat model", name_chat >= NAME_TARGET, percent(name_chat)),
+        # One decimal where a rate is held against its target: 79.8% must not read as 80%, NOT met.
+        (f"name rule >= {percent(NAME_TARGET)} for the chat model", name_chat >= NAME_TARGET, percent(name_chat, 1)),
         (f"name rule >= {100 * NAME_MARGIN:.0f} points above the base model", name_chat - name_base >= NAME_MARGIN,
          f"{100 * (name_chat - name_base):+.0f} points"),
-        (f"stops at end-of-turn >= {percent(STOP_TARGET)}", chat["stopped"] >= STOP_TARGET, percent(chat["stopped"])),
+        (f"stops at end-of-turn >= {percent(STOP_TARGET)}", chat["stopped"] >= STOP_TARGET,
+         percent(chat["stopped"], 1)),
     ]
     lines += [f"- target {what}: {'met' if met else 'NOT met'} ({measured})" for what, met, measured in targets]
     lines += ["", "Three exchanges with the chat model (greedy, unedited):", ""]
