@@ -455,6 +455,12 @@ def side_by_side_throughput(names: list[str], args, rounds: int, steps: int = 2)
     return "\n".join(lines)
 
 
+def training_time(run: dict) -> str:
+    """Minutes, and the share of the budget used (none with --tokens or --quick: no budget)."""
+    used = f" ({100 * run['train_s'] / run['budget_s']:.0f}%)" if run["budget_s"] else ""
+    return f"{run['train_s'] / 60:.1f} min{used}"
+
+
 def table(results: list[dict]) -> str:
     primary, *others = results[0]["held_out_bits_per_byte"]
     lines = [
@@ -465,10 +471,9 @@ def table(results: list[dict]) -> str:
     ]
     for r in results:
         maxvio = "-" if r["maxvio"] is None else f"{r['maxvio']:.2f}"
-        used = f" ({100 * r['train_s'] / r['budget_s']:.0f}%)" if r["budget_s"] else ""
         lines.append(
             f"| {r['name']} | {r['tokenizer']} | {r['tokens']:,} | {r['tokens_per_s']:,.0f} "
-            f"| {r['tokens_per_s'] / r['train_tokens_per_byte']:,.0f} | {r['train_s'] / 60:.1f} min{used} "
+            f"| {r['tokens_per_s'] / r['train_tokens_per_byte']:,.0f} | {training_time(r)} "
             f"| {r['bits_per_byte']:.4f} | {r['nats_per_token']:.3f} | "
             + "".join(f"{r['held_out_bits_per_byte'][source]:.4f} | " for source in others)
             + f"{maxvio} | {r['greedy_distinct_4grams']:.2f} "
@@ -576,7 +581,7 @@ def budget_family(source: Path, reference: str) -> tuple[list[dict], list[str]]:
     for budget, preset in BUDGET_PRESETS.items():
         path = source / f"quality_{budget}.json"
         measured = json.loads(path.read_text()) if path.is_file() else {"runs": []}
-        runs = {run["name"]: {**run, "measured_at": measured.get("measured_at")} for run in measured["runs"]}
+        runs = {run["name"]: {**run, "measured_at": measured["measured_at"]} for run in measured["runs"]}
         if reference in runs and preset in runs:
             pairs += [runs[reference], runs[preset]]
         else:
@@ -591,9 +596,8 @@ def family_table(results: list[dict]) -> str:
              + "".join(f"{source} held-out bits/byte | " for source in sources) + "distinct 4-grams greedy |",
              "|---|---|---|---:|---:|---:|" + "---:|" * len(sources) + "---:|"]
     for r in results:
-        used = f" ({100 * r['train_s'] / r['budget_s']:.0f}%)" if r["budget_s"] else ""  # --quick: tokens, no budget
         lines.append(f"| {r['budget']} | {r['name']} | `{r['measured_at']}` | {r['tokens']:,} | "
-                     f"{r['tokens_per_s']:,.0f} | {r['train_s'] / 60:.1f} min{used} | "
+                     f"{r['tokens_per_s']:,.0f} | {training_time(r)} | "
                      + "".join(f"{r['held_out_bits_per_byte'][source]:.4f} | " for source in sources)
                      + f"{r['greedy_distinct_4grams']:.2f} |")
     return "\n".join(lines)
