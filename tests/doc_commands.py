@@ -13,6 +13,10 @@ and a whole block carries it as an HTML comment on the line before its fence (th
 up a virtual environment and runs this very test suite):
 
     <!-- (not run by tests: REASON) -->
+
+The command inside a block that `benchmarks/report.py` generates (between its BEGIN and END markers) is skipped with
+its reason: `.ci/run` runs every generator at toy size (`python benchmarks/report.py --quick`), with the same
+arguments and `--quick`, so running it here as well would only repeat minutes of work.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ FENCE = re.compile(r"^```(?P<lang>\w*)\s*$")
 SHELL_LANGUAGES = {"bash", "sh", "shell"}
 SKIP_MARKER = re.compile(r"\(not run by tests: (?P<reason>[^)]+)\)")
 SHARED_VARIABLE = "$TINYSEEK_SHARED_DATA"
+REPORT_BLOCK = re.compile(r"^<!-- (?P<edge>BEGIN|END) report\.py \S+ -->$")
+REPORT_BLOCK_REASON = "a report block's own command; .ci/run runs its generator with `benchmarks/report.py --quick`"
 TRAINING = re.compile(r"(?:^|\s)(?:train\.py|tinyseek\s+train)(?:\s|$)")
 BENCHMARK = re.compile(r"(?:^|\s)(?:python\s+benchmarks/\S+\.py|bash\s+benchmarks/\S+\.sh)(?:\s|$)")
 SERVER = re.compile(r"(?:^|\s)tinyseek\s+serve(?:\s|$)")
@@ -68,7 +74,11 @@ def strip_comment(line: str) -> tuple[str, str]:
 def page_commands(path: Path, root: Path) -> list[Command]:
     """Every command of the page's bash blocks, in order."""
     commands, language, pending, start, comments, previous, block_marker = [], None, "", 0, "", "", None
+    in_report_block = False
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        edge = REPORT_BLOCK.match(line.strip()) if language is None else None
+        if edge:
+            in_report_block = edge.group("edge") == "BEGIN"
         fence = FENCE.match(line)
         if fence:
             opening = language is None
@@ -90,6 +100,7 @@ def page_commands(path: Path, root: Path) -> list[Command]:
         pending = ""
         if text:
             marker = SKIP_MARKER.search(comments) or block_marker
-            commands.append(Command(str(path.relative_to(root)), start, text, marker and marker.group("reason")))
+            reason = REPORT_BLOCK_REASON if in_report_block else marker and marker.group("reason")
+            commands.append(Command(str(path.relative_to(root)), start, text, reason))
             comments = ""  # a comment line above a command belongs to it
     return commands

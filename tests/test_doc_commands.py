@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from doc_commands import SHARED_VARIABLE, SKIPPED, Command, page_commands
+from doc_commands import REPORT_BLOCK_REASON, SHARED_VARIABLE, SKIPPED, Command, page_commands
 
 from tinyseek.testing import write_jsonl
 
@@ -181,10 +181,13 @@ def test_extractor_reads_continuations_comments_and_markers(tmp_path):
         "torchrun --nproc_per_node gpu train.py\n"
         "echo '# not a comment'  # (not run by tests: just an example)\n"
         "```\n\n```python\nprint('not shell')\n```\n"
+        "<!-- BEGIN report.py quality-15min -->\n```bash\npython benchmarks/quality.py --out /tmp/x\n```\n"
+        "<!-- END report.py quality-15min -->\n```bash\npython benchmarks/quality.py --quick\n```\n"
     )
-    training, gpu, echo = page_commands(page, tmp_path)
+    training, gpu, echo, in_report_block, after_report_block = page_commands(page, tmp_path)
     assert (training.text, training.line, training.kind, training.skip_reason) == (
         "python train.py --config cpu-quick --data DATA", 2, "training", None)
     assert shell_text(training).startswith("python train.py --config cpu-quick --data books.jsonl --max-steps 2")
     assert (gpu.kind, gpu.skip_reason) == ("training", "needs GPUs")
     assert (echo.text, echo.skip_reason) == ("echo '# not a comment'", "just an example")
+    assert in_report_block.skip_reason == REPORT_BLOCK_REASON and after_report_block.skip_reason is None
