@@ -117,7 +117,7 @@ def test_openai_client_gets_the_text_of_tinyseek_generate_alone_and_while_anothe
     # Another request streams throughout: its tokens are interleaved with ours, our text must not change.
     with client.completions.create(model="letters", prompt="a dog", max_tokens=40, stream=True) as other:
         first = next(iter(other))
-        assert first.choices[0].text
+        assert first.choices[0].index == 0  # its first token has come: it is streaming
         assert completion_texts(client, prompt="the cat", **SAMPLED) == (expected, expected)
         assert server.client().with_options(timeout=TIMEOUT).models.list()  # still answering
     assert httpx.get(f"{server.url}/health", timeout=TIMEOUT).json()["status"] == "ok"
@@ -133,6 +133,8 @@ def test_stream_usage_and_stop_strings_follow_openai(server, run_dir, capsys):
     assert text == greedy[: greedy.index(stop)]
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
     assert chunks[-1].choices == [] and chunks[-1].usage.prompt_tokens == 3
+    # One chunk per token, including those whose text waited to be told from the stop string.
+    assert len([chunk for chunk in chunks if chunk.choices]) == chunks[-1].usage.completion_tokens
 
 
 ERROR_CASES = [
@@ -184,7 +186,7 @@ def test_a_chat_trained_model_answers_with_its_template_alone_and_while_another_
     assert chat.choices[0].message.content == expected.text
     assert chat.usage.prompt_tokens == len(prompt_ids)
     with client.completions.create(model="letters", prompt="a dog", max_tokens=40, stream=True) as other:
-        assert next(iter(other)).choices[0].text
+        assert next(iter(other)).choices[0].index == 0  # its first token has come: it is streaming
         streamed = client.chat.completions.create(model="letters", messages=messages, stream=True, **SAMPLED)
         assert "".join(chunk.choices[0].delta.content or "" for chunk in streamed) == expected.text
 

@@ -300,9 +300,9 @@ class Reply:
         for first in self.first_chunks():
             yield first
         try:
+            # One chunk per token, even one whose text is held back (half a UTF-8 character, or what may begin a
+            # stop string), as vLLM streams: a client's inter-token gaps then measure the steps, not the text.
             async for event in self.events():
-                if not (event.text or event.finish_reason or self.routing or event.logprobs):
-                    continue
                 logprobs = self.logprobs(event.row, [event.logprobs] if event.logprobs is not None else [])
                 chunk = {**self.head(chunk=True),
                          "choices": [self.delta(event.row, event.text, event.finish_reason, logprobs)]}
