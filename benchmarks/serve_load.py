@@ -3,14 +3,15 @@
 For each path (the default eager step, and `--compile`'s compiled step) it starts one server in a child process, as
 `tinyseek serve` runs (its generation thread and the HTTP event loop, on a loopback port), with `--max-streams 64`,
 and fires each number of streams at it in turn from an asynchronous client in this process, each stream asking for
-`--max-tokens` tokens (sampled with its own seed; EOS can end one early, and the count says so). Per number of
-streams it prints the total generated tokens per second, time to first token and inter-token latency (p50 and p99)
+`--max-tokens` tokens (sampled with its own seed; EOS can end one early, and the count says so), `--rounds` times in
+turn. Per number of streams it prints the total generated tokens per second (the median round's: one stream of 64
+tokens lasts a quarter of a second, short enough for a shared host's noise to move one round's total visibly), time to first token and inter-token latency (p50 and p99)
 and errors; per path, the total at 32 streams over the total at 1 (target: at least 5x) and the p99 inter-token
 latency at 32 streams over the time of one batched decode step of 32 rows, measured alone in the same process
 (target: at most 1.5x, so no request stalls behind another's prefill).
 
     python benchmarks/serve_load.py [--run-dir DIR | --model DIR] [--paths eager,compiled] [--max-tokens 64]
-                                    [--threads N] [--quick]
+                                    [--rounds 3] [--threads N] [--quick]
     python benchmarks/serve_load.py --hostile    # 32 streams beside hostile clients (hostile_clients.py)
 
 Without a run or model it serves a randomly initialised `seed` preset with the built-in tokenizer (speed does not
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +56,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--streams", default="1,8,32,64", help="numbers of concurrent streams, comma-separated")
     parser.add_argument("--paths", default="eager,compiled", help="decode paths, comma-separated: eager, compiled")
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens each request asks for")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds per number of streams: the median round's total, every round's latencies "
+                             "(--hostile runs its own three rounds)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
     parser.add_argument("--timeout", type=float, default=600, help="give up on one load after this many seconds")
     parser.add_argument("--quick", action="store_true", help="1 and 2 streams of 4 tokens, eager (checks the script)")
@@ -66,7 +71,7 @@ def parse_args() -> argparse.Namespace:
     if unknown := set(args.paths) - set(PATHS):
         parser.error(f"--paths: unknown {sorted(unknown)}; choose from {sorted(PATHS)}")
     if args.quick:
-        args.streams, args.max_tokens, args.paths = [1, 2], 4, ["eager"]
+        args.streams, args.max_tokens, args.paths, args.rounds = [1, 2], 4, ["eager"], 1
     return args
 
 
@@ -146,28 +151,32 @@ def batch_step_seconds(engine: GenerationEngine, tokenizer, rows: int, compiled:
     return (time.perf_counter() - start) / steps
 
 
-def measure_path(compiled: bool, args) -> list[tuple[int, list[StreamResult], float]]:
+def measure_path(compiled: bool, args) -> list[tuple[int, list[tuple[list[StreamResult], float]]]]:
+    """Per number of streams, `args.rounds` rounds of (results, seconds until the last stream ended)."""
     limits = Limits(max_streams=MAX_STREAMS, max_waiting=max(args.streams), max_tokens=args.max_tokens)
     with server_process(args, load_model, limits, compile=compiled) as (port, _):
         url = f"http://127.0.0.1:{port}/v1/completions"
         # One round first, at the most streams: the measured ones pay no one-off costs (the first prefill of each
         # shape, the allocator's first growth).
         asyncio.run(asyncio.wait_for(well_behaved_streams(url, max(args.streams), 4), args.timeout))
-        return [(streams, *asyncio.run(asyncio.wait_for(well_behaved_streams(url, streams, args.max_tokens),
-                                                        args.timeout)))
+        return [(streams, [asyncio.run(asyncio.wait_for(well_behaved_streams(url, streams, args.max_tokens),
+                                                        args.timeout)) for _ in range(args.rounds)])
                 for streams in args.streams]
 
 
-def report_path(path: str, rows: list[tuple[int, list[StreamResult], float]], step_32: float | None) -> None:
+def report_path(path: str, rows: list[tuple[int, list[tuple[list[StreamResult], float]]]],
+                step_32: float | None) -> None:
     totals = {}
     p99_gaps = {}
     print(f"{path:9} {'streams':>7} {'tokens/s':>9} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8} "
           f"{'errors':>6}")
-    for streams, results, seconds in rows:
+    for streams, rounds in rows:
+        results = [result for round_results, _ in rounds for result in round_results]
         first = [result.ttft for result in results if result.ttft is not None]
         gaps = [gap for result in results for gap in result.gaps]
         errors = [result.error for result in results if result.error]
-        totals[streams] = sum(result.tokens for result in results) / seconds
+        totals[streams] = statistics.median(sum(result.tokens for result in round_results) / seconds
+                                            for round_results, seconds in rounds)
         p99_gaps[streams] = percentile(gaps, 0.99)
         print(f"{'':9} {streams:7d} {totals[streams]:9.1f} {percentile(first, 0.5):9.3f} {percentile(first, 0.99):9.3f} "
               f"{percentile(gaps, 0.5):8.4f} {p99_gaps[streams]:8.4f} {len(errors):6d}"
@@ -197,7 +206,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args)
     print(f"one server per path with --max-streams {MAX_STREAMS}; {args.max_tokens} tokens per stream (temperature "
-          f"{TEMPERATURE}, seeds 0..N-1); {args.threads} torch threads; model {model.config.attention_type}/"
+          f"{TEMPERATURE}, seeds 0..N-1); {args.rounds} rounds per number of streams (tokens/s: the median round's; "
+          f"latencies: every round's); {args.threads} torch threads; model {model.config.attention_type}/"
           f"{model.config.ffn_type} ({sum(p.numel() for p in model.parameters()):,} parameters); prompt "
           f"{len(encode_prompt(tokenizer, PROMPT))} tokens; latencies in seconds")
     engine = GenerationEngine(model, tokenizer)
