@@ -135,20 +135,25 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
-def batch_step_seconds(engine: GenerationEngine, tokenizer, rows: int, compiled: bool, steps: int = 20) -> float:
-    """Seconds per decode step (sampling included) of `rows` running rows, the server's batch without HTTP."""
+def batch_step_seconds(engine: GenerationEngine, tokenizer, rows: int, compiled: bool, steps: int = 20,
+                       windows: int = 5) -> float:
+    """Seconds per decode step (sampling included) of `rows` running rows, the server's batch without HTTP: the
+    median of `windows` windows of `steps` steps (one window moves with a shared host's noise)."""
     batch = ContinuousBatch(engine, rows, compiled=compiled)
     prompt = encode_prompt(tokenizer, PROMPT)
     for seed in range(rows):
-        batch.add(seed, prompt, Sampling(temperature=TEMPERATURE, top_k=0, seed=seed), 2 * steps + 8)
+        batch.add(seed, prompt, Sampling(temperature=TEMPERATURE, top_k=0, seed=seed), windows * steps + 8)
     while batch.prefills:
         batch.advance()
     for _ in range(3):  # the first steps of a compiled size compile it
         batch.advance()
-    start = time.perf_counter()
-    for _ in range(steps):
-        batch.advance()
-    return (time.perf_counter() - start) / steps
+    seconds = []
+    for _ in range(windows):
+        start = time.perf_counter()
+        for _ in range(steps):
+            batch.advance()
+        seconds.append((time.perf_counter() - start) / steps)
+    return statistics.median(seconds)
 
 
 def measure_path(compiled: bool, args) -> list[tuple[int, list[tuple[list[StreamResult], float]]]]:
