@@ -5,8 +5,8 @@ For each path (the default eager step, and `--compile`'s compiled step) it start
 and fires each number of streams at it in turn from an asynchronous client in this process, each stream asking for
 `--max-tokens` tokens (sampled with its own seed; EOS can end one early, and the count says so), `--rounds` times in
 turn. Per number of streams it prints the total generated tokens per second (the median round's: one stream of 64
-tokens lasts a quarter of a second, short enough for a shared host's noise to move one round's total visibly), time to first token and inter-token latency (p50 and p99)
-and errors; per path, the total at 32 streams over the total at 1 (target: at least 5x) and the p99 inter-token
+tokens lasts a quarter of a second, short enough for a shared host's noise to move one round's total visibly), time
+to first token and inter-token latency (p50 and p99, over every round) and errors; per path, the total at 32 streams over the total at 1 (target: at least 5x) and the p99 inter-token
 latency at 32 streams over the time of one batched decode step of 32 rows, measured alone in the same process
 (target: at most 1.5x, so no request stalls behind another's prefill).
 
