@@ -9,8 +9,9 @@ Each round fires, at once, against one server in a child process:
                                  beyond 64 bits, declare or send more than --max-body-bytes, or are not HTTP at all:
                                  each must be refused with a 4xx (or the connection closed), never a 5xx or a 200
     idle connections             opened, never used, closed at the end of the round
-and then reads the server's resident memory (psutil), which must not grow from the first round to the last by more
-than RSS_TOLERANCE_MIB. The server runs in its own process so that its memory is not the clients'.
+and then reads the server's resident memory (psutil: its process and its generation process, the model's shared
+tensors counted in each), which must not grow from the first round to the last by more than RSS_TOLERANCE_MIB. The
+server runs in its own process so that its memory is not the clients'.
 """
 
 from __future__ import annotations
@@ -143,6 +144,11 @@ def describe(result: dict) -> tuple[str, bool]:
     return line, not (errors or wrong)
 
 
+def resident_mib(server: psutil.Process) -> float:
+    """Resident memory of the server's process and its children (the generation process), in MiB."""
+    return sum(process.memory_info().rss for process in [server, *server.children(recursive=True)]) / 2**20
+
+
 def run(args, load_model: Callable, well_behaved: Callable) -> int:
     """Three rounds of hostile load; prints one line per round and the memory verdict. Exit status 1 if a
     well-behaved stream failed, a hostile request got a 5xx or 200, or memory grew beyond the tolerance."""
@@ -160,12 +166,12 @@ def run(args, load_model: Callable, well_behaved: Callable) -> int:
               f"{args.max_tokens} tokens, {plan['slow']} slow readers (1 byte/s for at most {plan['slow_bound']:g} s, "
               f"{plan['slow_tokens']} tokens with routing), {plan['disconnecting']} clients that hang up after the "
               f"first event, {len(bodies())} malformed or oversized requests, {plan['idle']} idle connections")
-        print(f"server resident memory before the first round: {memory.memory_info().rss / 2**20:.1f} MiB")
+        print(f"server resident memory before the first round: {resident_mib(memory):.1f} MiB")
         failed, rss = False, []
         for number in range(1, ROUNDS + 1):
             started = time.perf_counter()
             result = asyncio.run(asyncio.wait_for(one_round(port, args, well_behaved, plan), args.timeout))
-            rss.append(memory.memory_info().rss / 2**20)
+            rss.append(resident_mib(memory))
             line, ok = describe(result)
             failed |= not ok
             print(f"round {number} ({time.perf_counter() - started:.0f} s): {line}; server RSS {rss[-1]:.1f} MiB")

@@ -1,14 +1,17 @@
 """Load on `tinyseek serve`: 1, 8, 32 and 64 concurrent streaming completions against one server, eager and compiled.
 
 For each path (the default eager step, and `--compile`'s compiled step) it starts one server in a child process, as
-`tinyseek serve` runs (its generation thread and the HTTP event loop, on a loopback port), with `--max-streams 64`,
+`tinyseek serve` runs on a CPU (the HTTP event loop, on a loopback port, and generation in a process of its own),
+with `--max-streams 64`,
 and fires each number of streams at it in turn from an asynchronous client in this process, each stream asking for
 `--max-tokens` tokens (sampled with its own seed; EOS can end one early, and the count says so), `--rounds` times in
 turn. Per number of streams it prints the total generated tokens per second (the median round's: one stream of 64
 tokens lasts a quarter of a second, short enough for a shared host's noise to move one round's total visibly), time
-to first token and inter-token latency (p50 and p99, over every round) and errors; per path, the total at 32 streams over the total at 1 (target: at least 5x) and the p99 inter-token
-latency at 32 streams over the time of one batched decode step of 32 rows, measured alone in the same process
-(target: at most 1.5x, so no request stalls behind another's prefill).
+to first token and inter-token latency (p50 and p99, over every round) and errors; per path, the total at 32 streams
+over the total at 1 (target: at least 5x) and the p99 inter-token latency at 32 streams over the time of one batched
+decode step of 32 rows, measured alone in this process (target: at most 1.5x, so no request stalls behind another's
+prefill). The step alone is timed in windows right after each round of 32 streams, while the server idles, so that a
+shared host's slow minutes weigh on both sides of the ratio alike.
 
     python benchmarks/serve_load.py [--run-dir DIR | --model DIR] [--paths eager,compiled] [--max-tokens 64]
                                     [--rounds 3] [--threads N] [--quick]
@@ -106,6 +109,10 @@ async def one_stream(client: httpx.AsyncClient, url: str, seed: int, max_tokens:
                     else:
                         result.gaps.append(now - last)
                     last = now
+                    if chunk["choices"][0]["finish_reason"] is not None:
+                        # The other streams' last tokens come with this one: they are timed before this stream
+                        # spends the client's time on its end (32 clients would not wait for each other).
+                        await asyncio.sleep(0)
                 if chunk.get("usage"):
                     result.tokens = chunk["usage"]["completion_tokens"]
     except httpx.HTTPError as error:
@@ -135,38 +142,54 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
-def batch_step_seconds(engine: GenerationEngine, tokenizer, rows: int, compiled: bool, steps: int = 20,
-                       windows: int = 5) -> float:
-    """Seconds per decode step (sampling included) of `rows` running rows, the server's batch without HTTP: the
-    median of `windows` windows of `steps` steps (one window moves with a shared host's noise)."""
-    batch = ContinuousBatch(engine, rows, compiled=compiled)
-    prompt = encode_prompt(tokenizer, PROMPT)
-    for seed in range(rows):
-        batch.add(seed, prompt, Sampling(temperature=TEMPERATURE, top_k=0, seed=seed), windows * steps + 8)
-    while batch.prefills:
-        batch.advance()
-    for _ in range(3):  # the first steps of a compiled size compile it
-        batch.advance()
-    seconds = []
-    for _ in range(windows):
+class StepClock:
+    """Times the decode step (sampling included) of `rows` running rows: the server's batch without HTTP."""
+
+    def __init__(self, engine: GenerationEngine, tokenizer, rows: int, compiled: bool, windows: int, steps: int = 20):
+        self.batch = ContinuousBatch(engine, rows, compiled=compiled)
+        self.steps = steps
+        prompt = encode_prompt(tokenizer, PROMPT)
+        for seed in range(rows):
+            self.batch.add(seed, prompt, Sampling(temperature=TEMPERATURE, top_k=0, seed=seed), windows * steps + 8)
+        while self.batch.prefills:
+            self.batch.advance()
+        for _ in range(3):  # the first steps of a compiled size compile it
+            self.batch.advance()
+        self.seconds: list[float] = []
+
+    def window(self) -> None:
+        """Time one window of steps (their mean)."""
         start = time.perf_counter()
-        for _ in range(steps):
-            batch.advance()
-        seconds.append((time.perf_counter() - start) / steps)
-    return statistics.median(seconds)
+        for _ in range(self.steps):
+            self.batch.advance()
+        self.seconds.append((time.perf_counter() - start) / self.steps)
+
+    def step(self) -> float:
+        """Seconds per step: the median window."""
+        return statistics.median(self.seconds)
 
 
-def measure_path(compiled: bool, args) -> list[tuple[int, list[tuple[list[StreamResult], float]]]]:
-    """Per number of streams, `args.rounds` rounds of (results, seconds until the last stream ended)."""
+def measure_path(compiled: bool, args, clock: StepClock | None
+                 ) -> list[tuple[int, list[tuple[list[StreamResult], float]]]]:
+    """Per number of streams, `args.rounds` rounds of (results, seconds until the last stream ended); after each
+    round of 32 streams, two windows of `clock`."""
     limits = Limits(max_streams=MAX_STREAMS, max_waiting=max(args.streams), max_tokens=args.max_tokens)
     with server_process(args, load_model, limits, compile=compiled) as (port, _):
         url = f"http://127.0.0.1:{port}/v1/completions"
         # One round first, at the most streams: the measured ones pay no one-off costs (the first prefill of each
         # shape, the allocator's first growth).
         asyncio.run(asyncio.wait_for(well_behaved_streams(url, max(args.streams), 4), args.timeout))
-        return [(streams, [asyncio.run(asyncio.wait_for(well_behaved_streams(url, streams, args.max_tokens),
-                                                        args.timeout)) for _ in range(args.rounds)])
-                for streams in args.streams]
+        rows = []
+        for streams in args.streams:
+            rounds = []
+            for _ in range(args.rounds):
+                rounds.append(asyncio.run(asyncio.wait_for(well_behaved_streams(url, streams, args.max_tokens),
+                                                           args.timeout)))
+                if streams == 32 and clock is not None:
+                    clock.window()
+                    clock.window()
+            rows.append((streams, rounds))
+        return rows
 
 
 def report_path(path: str, rows: list[tuple[int, list[tuple[list[StreamResult], float]]]],
@@ -217,9 +240,9 @@ def main() -> None:
           f"{len(encode_prompt(tokenizer, PROMPT))} tokens; latencies in seconds")
     engine = GenerationEngine(model, tokenizer)
     for path in args.paths:
-        rows = measure_path(PATHS[path], args)
-        step_32 = batch_step_seconds(engine, tokenizer, 32, PATHS[path]) if 32 in args.streams else None
-        report_path(path, rows, step_32)
+        clock = StepClock(engine, tokenizer, 32, PATHS[path], windows=2 * args.rounds) if 32 in args.streams else None
+        rows = measure_path(PATHS[path], args, clock)
+        report_path(path, rows, clock.step() if clock is not None else None)
 
 
 if __name__ == "__main__":

@@ -22,8 +22,9 @@ def serve(args, load_model: Callable, limits: Limits, port: int, compile: bool) 
 
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args)
-    config = uvicorn.Config(create_app(model, tokenizer, limits=limits, compile=compile), host="127.0.0.1",
-                            port=port, log_level="error", timeout_graceful_shutdown=5)
+    # Generation in a process of its own, as `tinyseek serve` runs on a CPU.
+    app = create_app(model, tokenizer, limits=limits, compile=compile, generation_process=True)
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error", timeout_graceful_shutdown=5)
     uvicorn.Server(config).run()
 
 

@@ -306,6 +306,42 @@ def test_a_full_server_answers_503_and_a_client_that_goes_away_frees_its_slot_at
         assert server.client().completions.create(model="m", prompt="d", max_tokens=2).usage.completion_tokens == 2
 
 
+def test_a_generation_process_answers_as_the_generation_thread_does_and_its_loss_fails_requests_cleanly(
+    server, run_dir
+):
+    model, tokenizer = load_model_and_tokenizer(run_dir, "cpu")
+    requests = [
+        {"prompt": "the cat", **SAMPLED},
+        {"prompt": "a dog", "max_tokens": 9, "temperature": 0, "logprobs": 2},
+        {"prompt": "x", "max_tokens": 6, "temperature": 1.0, "seed": 3, "n": 2, "stop": ["q"]},
+    ]
+
+    def answers(running) -> list:
+        replies = []
+        for request in requests:
+            whole = httpx.post(f"{running.url}/v1/completions", json=request, timeout=TIMEOUT).json()
+            streamed = httpx.post(f"{running.url}/v1/completions", json={**request, "stream": True}, timeout=TIMEOUT)
+            chunks = [json.loads(line.removeprefix("data: "))["choices"] for line in streamed.iter_lines()
+                      if line.startswith("data: {")]
+            replies.append(([(choice["text"], choice["logprobs"], choice["finish_reason"]) for choice in
+                             whole["choices"]], whole["usage"], chunks))
+        return replies
+
+    app = create_app(model, tokenizer, model_name="letters", limits=LIMITS, generation_process=True)
+    with LoopbackServer(app) as separate:
+        assert answers(separate) == answers(server)
+        metrics = httpx.get(f"{separate.url}/metrics", timeout=TIMEOUT).text
+        assert "tinyseek_active_streams 0.0" in metrics and "tinyseek_waiting_streams 0.0" in metrics
+        assert httpx.get(f"{separate.url}/health", timeout=TIMEOUT).json()["requests"] == 0
+
+        worker = app.state.scheduler.process
+        worker.kill()
+        worker.join(TIMEOUT)
+        gone = httpx.post(f"{separate.url}/v1/completions", json={"prompt": "a"}, timeout=TIMEOUT)
+        assert gone.status_code == 503 and "the generation process has exited" in gone.json()["error"]["message"]
+        assert httpx.get(f"{separate.url}/health", timeout=TIMEOUT).json()["status"] == "ok"
+
+
 def test_routing_names_the_experts_of_every_moe_layer_and_does_not_depend_on_what_else_runs(server):
     def routed(**extra):
         response = httpx.post(f"{server.url}/v1/completions", timeout=TIMEOUT,
@@ -543,6 +579,10 @@ def test_serve_command_listens_on_loopback_by_default_and_refuses_bad_limits(run
                 assert process.poll() is None and time.monotonic() < deadline, "tinyseek serve did not start"
                 time.sleep(0.1)
         assert health == {"status": "ok", "model": "run", "requests": 0}
+        # On a CPU it generates in a process of its own (--worker auto).
+        reply = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"prompt": "a", "max_tokens": 3},
+                           timeout=TIMEOUT)
+        assert reply.json()["usage"]["completion_tokens"] == 3
         page = httpx.get(f"http://127.0.0.1:{port}/", timeout=TIMEOUT)
         assert page.status_code == 200 and "playground.js" in page.text
         assert httpx.get(f"http://127.0.0.1:{port}/static/playground.js", timeout=TIMEOUT).status_code == 200
@@ -551,6 +591,7 @@ def test_serve_command_listens_on_loopback_by_default_and_refuses_bad_limits(run
         _, err = process.communicate(timeout=TIMEOUT)
     assert f"http://127.0.0.1:{port}/" in err
     assert '127.0.0.1 "GET /static/playground.js" 200 ' in err  # --access-log: a line per request
+    assert "Traceback" not in err  # the generation process, too, stopped cleanly
 
     refused = subprocess.run([*command[:-2], "--max-streams", "0"], capture_output=True, text=True, timeout=TIMEOUT)
     assert refused.returncode == 2 and "--max-streams must be at least 1" in refused.stderr

@@ -343,6 +343,10 @@ class FeedForwardSpec:
     name: str = ""
     """Filled in by ``register_feed_forward``."""
 
+    def __reduce__(self):
+        # As AttentionSpec: it crosses to another process as its registered name.
+        return feed_forward_spec, (self.name,)
+
 
 FEED_FORWARD_REGISTRY: dict[str, FeedForwardSpec] = {}
 

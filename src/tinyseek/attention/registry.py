@@ -70,6 +70,11 @@ class AttentionSpec:
         if (self.transformers_export is None) == (self.no_export_reason is None):
             raise TypeError("an AttentionSpec names either its transformers_export target or its no_export_reason")
 
+    def __reduce__(self):
+        # Its fields are functions, lambdas among them: a model's spec crosses to another process (a server's
+        # generation process) as the name it is registered under.
+        return attention_spec, (next(name for name, spec in ATTENTION_REGISTRY.items() if spec is self),)
+
 
 ATTENTION_REGISTRY: dict[str, AttentionSpec] = {}
 

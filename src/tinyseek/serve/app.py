@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from importlib import resources
@@ -33,43 +32,38 @@ from tinyseek.serve.exposure import install as install_exposure
 from tinyseek.serve.limits import Exposure, Limits
 from tinyseek.serve.metrics import ServerMetrics
 from tinyseek.serve.scheduler import FINISHED, Job, QueueFull, Scheduler
+from tinyseek.serve.worker import GenerationProcess
 
 STATIC = resources.files("tinyseek.serve") / "static"
 ERROR_TYPES = {404: "not_found_error", 503: "server_overloaded"}
 
 
-def announce_compiled(rows: int, seconds: float) -> None:
-    print(f"  compiled the decode step for {rows} row{'s' if rows > 1 else ''} in {seconds:.1f} s", file=sys.stderr,
-          flush=True)
-
-
 def create_app(model, tokenizer, *, model_name: str = "tinyseek", limits: Limits = Limits(),
                exposure: Exposure = Exposure(), compile: bool = False, weights: str = "fp32",
-               chat_template_for_base_model: bool = False) -> FastAPI:
-    """The server for one model. The generation thread starts and stops with the application's lifespan; `exposure`
-    says who may call it and what it logs (tinyseek.serve.exposure).
+               chat_template_for_base_model: bool = False, generation_process: bool = False) -> FastAPI:
+    """The server for one model. The generation thread starts and stops with the application's lifespan, in this
+    process or, with `generation_process`, in a process of its own (tinyseek.serve.worker: what `tinyseek serve`
+    runs on a CPU); `exposure` says who may call it and what it logs (tinyseek.serve.exposure).
 
     Chat requests are rendered with the tokenizer's chat template when the model is chat-trained (or
     `chat_template_for_base_model` says to use it anyway) and refused otherwise; where chat is served, every
     generation stops at the end of a turn."""
     chat_refused = chat_refusal(model.config, tokenizer, base_model_allowed=chat_template_for_base_model)
     stop_ids = end_of_turn_ids(tokenizer) if chat_refused is None else None
-    engine = GenerationEngine(
-        model, tokenizer, decoder="compiled" if compile else "lean", weights=weights, eos_token_ids=stop_ids
-    )
-    scheduler = Scheduler(engine, model.device, max_streams=limits.max_streams, max_waiting=limits.max_waiting,
-                          compile=compile)
+    engine_options = {"decoder": "compiled" if compile else "lean", "weights": weights, "eos_token_ids": stop_ids}
+    engine = GenerationEngine(model, tokenizer, **engine_options)
+    room = {"max_streams": limits.max_streams, "max_waiting": limits.max_waiting, "compile": compile}
+    if generation_process:
+        scheduler = GenerationProcess(model, tokenizer, engine_options, **room)
+    else:
+        scheduler = Scheduler(engine, model.device, **room)
     metrics = ServerMetrics(scheduler)
     config = model.config
     moe_layers = [index for index, layer in enumerate(model.model.layers) if layer.feed_forward_spec.routes]
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        if compile:  # before the generation thread starts and the socket opens: no request waits for a compile
-            print(f"compiling the decode step for {', '.join(map(str, scheduler.batch.batch_sizes()))} rows before "
-                  "serving", file=sys.stderr, flush=True)
-            await asyncio.to_thread(scheduler.batch.compile_steps, announce_compiled)
-        scheduler.start()
+        await asyncio.to_thread(scheduler.start)  # it compiles first where asked, before the socket opens
         yield
         scheduler.stop()
 
@@ -258,6 +252,9 @@ class Reply:
         while True:
             item = await self.job.events.get()
             if item is FINISHED:
+                # Rows that end together (a step's last tokens) hand over their last chunks first, then end their
+                # responses: ending one takes longer than a chunk, and the others' last tokens would wait for it.
+                await asyncio.sleep(0)
                 return
             if isinstance(item, Exception):
                 raise APIError(500, f"generation failed: {item!r}", type="server_error")

@@ -31,6 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_weights_argument(parser)
     parser.add_argument(
+        "--worker", choices=("auto", "process", "thread"), default="auto",
+        help="where generation runs: 'process', a process of its own, so that HTTP work never holds the interpreter "
+             "lock the decode step needs (steadier token timing under load); 'thread', a thread of the server's "
+             "process; 'auto' (default): process on a CPU, thread on other devices",
+    )
+    parser.add_argument(
         "--chat-template-for-base-model", action="store_true",
         help="answer /v1/chat/completions with the tokenizer's chat template even when the model was not "
              "chat-trained (by default a base model's chat requests are refused)",
@@ -80,8 +86,10 @@ def main(argv: list[str]) -> int:
 
     model, tokenizer = load_from_arguments(args, choose_device(args.device))
     name = args.model_name or (args.run_dir or args.model).resolve().name
+    generation_process = args.worker == "process" or (args.worker == "auto" and model.device.type == "cpu")
     app = create_app(model, tokenizer, model_name=name, limits=limits, exposure=exposure, compile=args.compile,
-                     weights=args.weights, chat_template_for_base_model=args.chat_template_for_base_model)
+                     weights=args.weights, chat_template_for_base_model=args.chat_template_for_base_model,
+                     generation_process=generation_process)
     print(f"serving {name} on http://{args.host}:{args.port}/ (playground) and /v1 (OpenAI API)", file=sys.stderr)
     if args.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: {args.host} is reachable from other machines and no --api-key (or {API_KEY_VARIABLE}) "

@@ -33,16 +33,16 @@ CURRENT_REQUEST: ContextVar[RequestRecord | None] = ContextVar("tinyseek_current
 class ServerMetrics:
     """The server's metrics in a registry of their own (several apps may live in one process, as in the tests).
 
-    Active and waiting streams are read from the scheduler's `active` and `waiting` collections when scraped."""
+    Active and waiting streams are the scheduler's `streams()` when scraped."""
 
     def __init__(self, scheduler):
         self.registry = CollectorRegistry()
         self.tokens = Counter("tinyseek_generated_tokens", "Tokens generated (rate() gives tokens per second)",
                               registry=self.registry)
         Gauge("tinyseek_active_streams", "Generations advancing now", registry=self.registry).set_function(
-            lambda: len(scheduler.active))
+            lambda: scheduler.streams()[0])
         Gauge("tinyseek_waiting_streams", "Accepted requests waiting for a stream slot",
-              registry=self.registry).set_function(lambda: len(scheduler.waiting))
+              registry=self.registry).set_function(lambda: scheduler.streams()[1])
         self.time_to_first_token = Histogram(
             "tinyseek_time_to_first_token_seconds", "From a request's admission to its first generated token",
             buckets=FIRST_TOKEN_BUCKETS, registry=self.registry)

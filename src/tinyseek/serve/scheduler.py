@@ -3,15 +3,19 @@
 Requests join the batch (`tinyseek.generate.batch.ContinuousBatch`) at step boundaries and leave it as they finish
 or as their clients go away; every running request advances by one token in each batched decode step, and a new
 prompt is prefilled in chunks between two steps. Each request's rows keep their own sampling settings and seeded
-`torch.Generator`, and only this thread ever touches the batch; the event loop only ever waits on queues.
+`torch.Generator`, and only this thread ever touches the batch; the event loop only ever waits on queues. Where the
+thread runs is the server's choice: in the server's process, or in a process of its own (tinyseek.serve.worker).
 """
 
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import Enum
 
 import torch
 
@@ -23,8 +27,49 @@ class QueueFull(Exception):
     """Every stream slot and every waiting place is taken."""
 
 
-# Put on a job's queue after its last events.
-FINISHED = object()
+class End(Enum):
+    FINISHED = "finished"
+
+
+# Put on a job's queue after its last events (an enum member: it stays itself through a pipe).
+FINISHED = End.FINISHED
+
+
+class Places:
+    """The requests a server holds (running or waiting), at most `max_streams + max_waiting`; each job's place is
+    freed once, whether it finishes or is cancelled first."""
+
+    def __init__(self, max_streams: int, max_waiting: int):
+        self.max_streams, self.max_waiting = max_streams, max_waiting
+        self.held = 0
+        self.lock = threading.Lock()
+
+    def take(self) -> None:
+        with self.lock:
+            if self.held >= self.max_streams + self.max_waiting:
+                raise QueueFull(
+                    f"the server is busy: {self.max_streams} generations running and {self.max_waiting} waiting"
+                )
+            self.held += 1
+
+    def free(self, job: Job) -> None:
+        with self.lock:
+            if not job.released:
+                job.released = True
+                self.held -= 1
+
+
+def to_event_loop(job: Job, item) -> None:
+    """Hand a job's events (or its end) to the event loop that waits on its queue."""
+    try:
+        job.loop.call_soon_threadsafe(job.events.put_nowait, item)
+    except RuntimeError:  # the event loop has closed: the server is shutting down
+        job.cancelled = True
+
+
+def announce_compiled(rows: int, seconds: float) -> None:
+    print(f"  compiled the decode step for {rows} row{'s' if rows > 1 else ''} in {seconds:.1f} s", file=sys.stderr,
+          flush=True)
 
 
 @dataclass(eq=False)
@@ -37,30 +82,45 @@ class Job:
     max_new_tokens: int
     stop: list[str]
     capture: bool
-    loop: asyncio.AbstractEventLoop
+    loop: asyncio.AbstractEventLoop | None  # None in a generation process: its events go down a pipe
     n: int = 1
     top_logprobs: int | None = None  # None: no logprobs; k: the token's and k alternatives'
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False
     released: bool = False
     rows_left: int = 0  # rows still generating, once admitted
+    id: int = 0  # names the job between a server and its generation process
+
+    def request(self) -> dict:
+        """What a generation process needs to run the job (no event loop, no queue)."""
+        return {"prompt_ids": self.prompt_ids, "sampling": self.sampling, "max_new_tokens": self.max_new_tokens,
+                "stop": self.stop, "capture": self.capture, "loop": None, "n": self.n,
+                "top_logprobs": self.top_logprobs, "id": self.id}
 
 
 class Scheduler:
-    """Admits generations while `max_streams` rows are free, and keeps up to `max_waiting` more in line."""
+    """Admits generations while `max_streams` rows are free, and keeps up to `max_waiting` more in line; each job's
+    events go to `deliver(job, item)` (to its event loop, or down a generation process's pipe)."""
 
-    def __init__(self, engine, device: torch.device, *, max_streams: int, max_waiting: int, compile: bool = False):
+    def __init__(self, engine, device: torch.device, *, max_streams: int, max_waiting: int, compile: bool = False,
+                 deliver: Callable[[Job, object], None] = to_event_loop):
         self.engine, self.device = engine, device
-        self.max_streams, self.max_waiting = max_streams, max_waiting
+        self.places = Places(max_streams, max_waiting)
         self.batch = ContinuousBatch(engine, max_streams, compiled=compile)
+        self.deliver = deliver
         self.waiting: deque[Job] = deque()
         self.active: list[Job] = []  # admitted to the batch: prefilling or decoding
-        self.held = 0  # jobs admitted or waiting and not yet released
         self.wakeup = threading.Condition()
         self.stopping = False
         self.thread = threading.Thread(target=self.run, name="tinyseek-generation", daemon=True)
 
     def start(self) -> None:
+        """Compile the step for every batch size first, where asked (no request waits seconds for a compile), then
+        start the generation thread."""
+        if self.batch.compiled:
+            print(f"compiling the decode step for {', '.join(map(str, self.batch.batch_sizes()))} rows before "
+                  "serving", file=sys.stderr, flush=True)
+            self.batch.compile_steps(announce_compiled)
         self.thread.start()
 
     def stop(self) -> None:
@@ -70,32 +130,25 @@ class Scheduler:
         self.thread.join(timeout=30)
 
     def submit(self, job: Job) -> None:
+        self.places.take()
         with self.wakeup:
-            if self.held >= self.max_streams + self.max_waiting:
-                raise QueueFull(
-                    f"the server is busy: {self.max_streams} generations running and {self.max_waiting} waiting"
-                )
-            self.held += 1
             self.waiting.append(job)
             self.wakeup.notify()
 
     def cancel(self, job: Job) -> None:
         """Free the job's place now (its client went away); the worker drops its rows before its next step."""
+        self.places.free(job)
         with self.wakeup:
             job.cancelled = True
-            self.release(job)
             self.wakeup.notify()
-
-    def release(self, job: Job) -> None:
-        # Called with the lock held; a job finishing and being cancelled at once must free one place, not two.
-        if not job.released:
-            job.released = True
-            self.held -= 1
 
     def requests_held(self) -> int:
         """Requests accepted and not yet finished or cancelled."""
-        with self.wakeup:
-            return self.held
+        return self.places.held
+
+    def streams(self) -> tuple[int, int]:
+        """Requests (active, waiting) now: generating, or waiting for rows."""
+        return len(self.active), len(self.waiting)
 
     def rows_running(self) -> int:
         """Rows in the batch now (decoding, or prefilling to join it); safe to ask from any thread."""
@@ -159,13 +212,5 @@ class Scheduler:
                 self.finish(job, FINISHED)
 
     def finish(self, job: Job, last) -> None:
-        with self.wakeup:
-            self.release(job)
+        self.places.free(job)
         self.deliver(job, last)
-
-    @staticmethod
-    def deliver(job: Job, item) -> None:
-        try:
-            job.loop.call_soon_threadsafe(job.events.put_nowait, item)
-        except RuntimeError:  # the event loop has closed: the server is shutting down
-            job.cancelled = True
