@@ -226,7 +226,7 @@ def test_cpu_chat_pretrains_then_fine_tunes_into_a_model_that_tinyseek_chat_talk
     assert not is_chat_trained(base) and is_chat_trained(chat)
     assert chat["attention_type"] == "mla" and chat["ffn_type"] == "moe"  # an architecture that exports
     written = yaml.safe_load((run / "config.yaml").read_text())
-    assert written["stages"] == ["sft"] and written["data"]["seq_len"] == 1280 and written["optim"]["lr"] == 2e-3
+    assert written["stages"] == ["sft"] and written["data"]["seq_len"] == 640 and written["optim"]["lr"] == 2e-3
 
     monkeypatch.setattr("sys.stdin", io.StringIO("Write a story about a dog named Max.\n"))
     assert tinyseek(["chat", "--run-dir", str(run), "--temperature", "0", "--max-new-tokens", "4"]) == 0
