@@ -82,7 +82,7 @@ class Job:
     max_new_tokens: int
     stop: list[str]
     capture: bool
-    loop: asyncio.AbstractEventLoop | None  # None in a generation process: its events go down a pipe
+    loop: asyncio.AbstractEventLoop | None  # None in a generation process (and `events` too): they go down a pipe
     n: int = 1
     top_logprobs: int | None = None  # None: no logprobs; k: the token's and k alternatives'
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
@@ -91,11 +91,14 @@ class Job:
     rows_left: int = 0  # rows still generating, once admitted
     id: int = 0  # names the job between a server and its generation process
 
-    def request(self) -> dict:
-        """What a generation process needs to run the job (no event loop, no queue)."""
-        return {"prompt_ids": self.prompt_ids, "sampling": self.sampling, "max_new_tokens": self.max_new_tokens,
-                "stop": self.stop, "capture": self.capture, "loop": None, "n": self.n,
-                "top_logprobs": self.top_logprobs, "id": self.id}
+    def __getstate__(self) -> dict:
+        # A job crosses to a generation process without its event loop and queue: its events come back down a pipe.
+        return {**self.__dict__, "loop": None, "events": None}
+
+
+def ends_job(item) -> bool:
+    """Whether a delivered item is a job's last: its end marker, or the error it failed with."""
+    return item is FINISHED or isinstance(item, Exception)
 
 
 class Scheduler:

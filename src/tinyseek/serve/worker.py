@@ -23,7 +23,7 @@ import torch
 import torch.multiprocessing
 
 from tinyseek.generate.engine import GenerationEngine
-from tinyseek.serve.scheduler import FINISHED, Job, Places, QueueFull, Scheduler, to_event_loop
+from tinyseek.serve.scheduler import Job, Places, QueueFull, Scheduler, ends_job, to_event_loop
 
 
 class GenerationProcess:
@@ -73,7 +73,7 @@ class GenerationProcess:
         self.places.take()
         job.id = next(self.ids)
         self.jobs[job.id] = job
-        self.send(("submit", job.id, job.request()))
+        self.send(("submit", job.id, job))
 
     def cancel(self, job: Job) -> None:
         self.places.free(job)
@@ -98,19 +98,20 @@ class GenerationProcess:
                 job_id, item, self.counts = self.connection.recv()
             except (EOFError, OSError):
                 break
-            job = self.jobs.get(job_id)
-            if job is None:  # cancelled: nobody waits for its events
-                continue
-            if item is FINISHED or isinstance(item, Exception):
-                self.jobs.pop(job_id, None)
-                self.places.free(job)
-            to_event_loop(job, item)
+            self.hand_over(job_id, item)
         gone = RuntimeError(f"the generation process exited (exit code {self.process.exitcode})")
         for job_id in list(self.jobs):
-            job = self.jobs.pop(job_id, None)
-            if job is not None:
-                self.places.free(job)
-                to_event_loop(job, gone)
+            self.hand_over(job_id, gone)
+
+    def hand_over(self, job_id: int, item) -> None:
+        """One of a job's items to its event loop; its last one frees its place."""
+        job = self.jobs.get(job_id)
+        if job is None:  # cancelled: nobody waits for its events
+            return
+        if ends_job(item):
+            self.jobs.pop(job_id, None)
+            self.places.free(job)
+        to_event_loop(job, item)
 
 
 def run_generation(model, tokenizer, engine_options: dict, options: dict, threads: int, connection) -> None:
@@ -121,7 +122,7 @@ def run_generation(model, tokenizer, engine_options: dict, options: dict, thread
     sending = threading.Lock()
 
     def deliver(job: Job, item) -> None:
-        if item is FINISHED or isinstance(item, Exception):
+        if ends_job(item):
             jobs.pop(job.id, None)
         with sending:
             connection.send((job.id, picklable(item), scheduler.streams()))
@@ -132,13 +133,13 @@ def run_generation(model, tokenizer, engine_options: dict, options: dict, thread
     connection.send("ready")
     while True:
         try:
-            kind, job_id, request = connection.recv()
+            kind, job_id, job = connection.recv()
         except EOFError:  # the server has gone
             break
         if kind == "stop":
             break
         if kind == "submit":
-            job = jobs[job_id] = Job(**request)
+            jobs[job_id] = job
             try:
                 scheduler.submit(job)
             except QueueFull as error:  # cannot happen while the server counts first; fails the job alone if it does
